@@ -1,0 +1,192 @@
+"""The `datagen` command line.
+
+    datagen --help
+    datagen teacher "Name three primes." --backend local
+    datagen teacher "Hi" --backend openai --base-url http://127.0.0.1:8000/v1 --model NAME
+
+Bad input ends with one line on stderr (`error: ...`) and a non-zero exit (2 for
+usage and config errors); `--debug` shows the traceback instead. Only typer,
+pydantic and the config load on this path, so `--help` is instant: torch and vLLM
+are imported inside the backend that needs them.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import click
+import typer
+
+from datagen.errors import ConfigError, DatagenError
+
+app = typer.Typer(
+    name="datagen",
+    help="Synthetic instruction data from a teacher model: generate, filter, export, distil.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Teacher options shared by every command that talks to a teacher. Each maps onto a
+# dotted config path and overrides the YAML value when given.
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file.")]
+BackendOpt = Annotated[Optional[str], typer.Option("--backend", help="local | openai | vllm.")]
+ModelOpt = Annotated[
+    Optional[str], typer.Option("--model", help="Alias (smollm2-135m), model folder, .gguf or hub id.")
+]
+BaseUrlOpt = Annotated[
+    Optional[str], typer.Option("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1.")
+]
+ApiKeyEnvOpt = Annotated[
+    Optional[str], typer.Option("--api-key-env", help="Environment variable holding the API key.")
+]
+TemperatureOpt = Annotated[Optional[float], typer.Option("--temperature")]
+TopPOpt = Annotated[Optional[float], typer.Option("--top-p")]
+MaxTokensOpt = Annotated[Optional[int], typer.Option("--max-tokens")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Sampling seed (and sampling of seeds).")]
+ConcurrencyOpt = Annotated[Optional[int], typer.Option("--concurrency", help="Parallel API requests.")]
+TimeoutOpt = Annotated[Optional[float], typer.Option("--timeout", help="Seconds per API request.")]
+RetriesOpt = Annotated[Optional[int], typer.Option("--max-retries", help="Retries per API request.")]
+EngineArgOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--engine-arg", help="vLLM engine argument KEY=VALUE (repeatable)."),
+]
+CacheDirOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="Request cache folder.")]
+
+
+def teacher_overrides(**flags: Any) -> dict[str, tuple[str, Any]]:
+    """Dotted config paths -> (flag, value) for the shared teacher flags that were given."""
+    paths = {
+        "backend": ("teacher.backend", "--backend"),
+        "model": ("teacher.model", "--model"),
+        "base_url": ("teacher.base_url", "--base-url"),
+        "api_key_env": ("teacher.api_key_env", "--api-key-env"),
+        "temperature": ("teacher.sampling.temperature", "--temperature"),
+        "top_p": ("teacher.sampling.top_p", "--top-p"),
+        "max_tokens": ("teacher.sampling.max_tokens", "--max-tokens"),
+        "seed": ("teacher.sampling.seed", "--seed"),
+        "concurrency": ("teacher.max_concurrency", "--concurrency"),
+        "timeout": ("teacher.timeout_s", "--timeout"),
+        "max_retries": ("teacher.max_retries", "--max-retries"),
+        "cache_dir": ("teacher.cache_dir", "--cache-dir"),
+        "cache": ("teacher.cache", "--cache"),
+    }
+    overrides = {}
+    for key, value in flags.items():
+        if key == "engine_args":
+            if value:
+                overrides["teacher.engine_args"] = ("--engine-arg", _parse_engine_args(value))
+            continue
+        path, flag = paths[key]
+        overrides[path] = (flag, str(value) if isinstance(value, Path) else value)
+    return overrides
+
+
+def _parse_engine_args(pairs: list[str]) -> dict[str, Any]:
+    import yaml
+
+    parsed = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--engine-arg: expected KEY=VALUE, got {pair!r}")
+        parsed[key] = yaml.safe_load(raw)
+    return parsed
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+) -> None:
+    """datagen: Self-Instruct, Evol-Instruct and Orca data from a teacher model."""
+
+
+@app.command()
+def teacher(
+    prompt: Annotated[str, typer.Argument(help="The user message to send.")],
+    system: Annotated[Optional[str], typer.Option("--system", help="A system message.")] = None,
+    n: Annotated[int, typer.Option("--n", min=1, help="Samples to draw.")] = 1,
+    use_cache: Annotated[
+        bool, typer.Option("--cache/--no-cache", help="Answer from / store in the request cache.")
+    ] = False,
+    config: ConfigOpt = None,
+    backend: BackendOpt = None,
+    model: ModelOpt = None,
+    base_url: BaseUrlOpt = None,
+    api_key_env: ApiKeyEnvOpt = None,
+    temperature: TemperatureOpt = None,
+    top_p: TopPOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    seed: SeedOpt = None,
+    timeout: TimeoutOpt = None,
+    max_retries: RetriesOpt = None,
+    engine_args: EngineArgOpt = None,
+    cache_dir: CacheDirOpt = None,
+) -> None:
+    """Send one prompt to the configured teacher; print the reply, tokens and latency."""
+    from datagen.config import load_config
+    from datagen.teachers import make_teacher
+
+    overrides = teacher_overrides(
+        backend=backend, model=model, base_url=base_url, api_key_env=api_key_env,
+        temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed,
+        timeout=timeout, max_retries=max_retries, engine_args=engine_args,
+        cache_dir=cache_dir, cache="use" if use_cache else "off",
+    )
+    settings = load_config(config, overrides).teacher
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}
+    ]
+    started = time.monotonic()
+    with make_teacher(settings) as chosen:
+        loaded = time.monotonic()
+        [replies] = chosen.complete([messages], settings.sampling.model_copy(update={"n": n}))
+        done = time.monotonic()
+        for index, reply in enumerate(replies):
+            if n > 1:
+                typer.echo(f"--- sample {index}")
+            if not reply.ok:
+                raise DatagenError(f"the teacher failed: {reply.error}")
+            typer.echo(reply.text)
+            typer.echo(
+                f"[{chosen.name}] finish={reply.finish_reason} "
+                f"prompt_tokens={reply.prompt_tokens} completion_tokens={reply.completion_tokens}"
+                + (" (cached)" if reply.cached else ""),
+                err=True,
+            )
+    typer.echo(
+        f"[{chosen.name}] latency {done - loaded:.2f} s (load {loaded - started:.2f} s), "
+        f"retries {chosen.stats.retries}",
+        err=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `datagen` console script."""
+    args = sys.argv[1:] if argv is None else argv
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=args, prog_name="datagen", standalone_mode=False)
+    except click.exceptions.Exit as stop:
+        sys.exit(stop.exit_code)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except click.exceptions.Abort:
+        typer.echo("error: aborted", err=True)
+        sys.exit(130)
+    except DatagenError as error:
+        if "--debug" in args:
+            raise
+        typer.echo(f"error: {error}", err=True)
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted; rerun the same command to resume", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""Reading and writing JSONL and JSON without losing work.
+
+- `read_jsonl` / `read_tasks` report the file and line of a bad record as one line:
+  `seeds.jsonl:12: missing "instruction"`.
+- `JsonlAppender` appends records and flushes them to disk per batch, so a killed run
+  keeps everything it finished.
+- `atomic_write_text` / `atomic_write_json` write final files through a temp file and
+  a rename: a reader sees the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from datagen.errors import InputError
+from datagen.records import Task
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """The first problem of a pydantic error as `missing "instruction"` or `field x: why`."""
+    first = error.errors()[0]
+    location = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "missing":
+        return f'missing "{location}"'
+    if not location:
+        return first["msg"]
+    return f'field "{location}": {first["msg"]}'
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, object) for each non-blank line; bad JSON raises InputError."""
+    path = Path(path)
+    try:
+        handle = path.open(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory, expected a JSONL file") from None
+    with handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise InputError(f"{path}:{line_number}: invalid JSON ({error.msg})") from None
+            if not isinstance(value, dict):
+                raise InputError(
+                    f"{path}:{line_number}: expected a JSON object, got {type(value).__name__}"
+                )
+            yield line_number, value
+
+
+def read_records(path: str | Path, model: type[BaseModel]) -> Iterator[Any]:
+    """Yield `model` instances from a JSONL file, naming file and line on a bad record."""
+    for line_number, value in read_jsonl(path):
+        try:
+            yield model.model_validate(value)
+        except ValidationError as error:
+            raise InputError(
+                f"{path}:{line_number}: {describe_validation_error(error)}"
+            ) from None
+
+
+def read_tasks(path: str | Path) -> list[Task]:
+    """Load a task JSONL file (Self-Instruct seed format or ours); empty files are an error."""
+    tasks = list(read_records(path, Task))
+    if not tasks:
+        raise InputError(f"{path}: no tasks in file")
+    return tasks
+
+
+def as_jsonl_line(record: str | BaseModel) -> str:
+    """A record (task, other pydantic model or ready JSON text) as one line, no newline."""
+    if isinstance(record, Task):
+        return record.to_json()
+    if isinstance(record, BaseModel):
+        return record.model_dump_json()
+    return record.rstrip("\n")
+
+
+class JsonlAppender:
+    """Append JSONL lines to a file, flushed and fsynced per `write_many` call.
+
+    Opening in append mode means a rerun continues the file a killed run left.
+    A torn last line (the process died mid-write) is cut off on open, so the file
+    stays valid JSONL.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _drop_torn_last_line(self.path)
+        self._handle = self.path.open("a", encoding="utf-8")
+
+    def write_many(self, lines: Iterable[str | BaseModel]) -> None:
+        for line in lines:
+            self._handle.write(as_jsonl_line(line) + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> JsonlAppender:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _drop_torn_last_line(path: Path) -> None:
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with path.open("rb+") as handle:
+        handle.seek(-1, os.SEEK_END)
+        if handle.read(1) == b"\n":
+            return
+        handle.seek(0)
+        data = handle.read()
+        handle.truncate(data.rfind(b"\n") + 1)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `text` to `path` via a temp file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, value: Any) -> None:
+    atomic_write_text(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_jsonl_atomic(path: str | Path, lines: Iterable[str | BaseModel]) -> None:
+    """Write a whole JSONL file atomically (for final outputs such as kept.jsonl)."""
+    atomic_write_text(path, "".join(as_jsonl_line(line) + "\n" for line in lines))

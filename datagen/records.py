@@ -1,0 +1,80 @@
+"""Task records: the one shape every stage reads and writes, one JSONL line per task.
+
+The shape is the Self-Instruct seed format (`id`, `name`, `instruction`,
+`instances: [{input, output}]`, `is_classification`), so a standard `seed_tasks.jsonl`
+loads unchanged, extended with an Orca `system` message, per-instance `explanation`
+and a `lineage` that says exactly how the task was made. Flat SFT examples and
+Natural-Instructions files are views derived from this record.
+
+    from datagen.records import Task
+    task = Task.model_validate_json(line)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Instance(BaseModel):
+    """One input/output pair of a task; `explanation` holds an Orca-style rationale."""
+
+    model_config = ConfigDict(extra="allow")
+
+    input: str = ""
+    output: str
+    explanation: str | None = None
+
+
+class Usage(BaseModel):
+    """Tokens a teacher spent on a record (summed over every request that made it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, prompt_tokens: int, completion_tokens: int) -> None:
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
+
+
+class Lineage(BaseModel):
+    """How a task was produced: method, operation, round, parents, prompt and teacher."""
+
+    model_config = ConfigDict(extra="allow")
+
+    generator: str | None = None
+    operation: str | None = None
+    round: int | None = None
+    parent_ids: list[str] = Field(default_factory=list)
+    template: str | None = None
+    template_sha256: str | None = None
+    teacher_backend: str | None = None
+    teacher_model: str | None = None
+    sampling: dict[str, Any] | None = None
+    seed: int | None = None
+    usage: Usage = Field(default_factory=Usage)
+
+
+class Task(BaseModel):
+    """A task in the Self-Instruct seed shape plus `system` and `lineage`.
+
+    Unknown keys from other people's files are kept (extra="allow") so that a
+    filter pass never silently strips fields it does not understand.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    name: str = ""
+    instruction: str
+    instances: list[Instance] = Field(default_factory=list)
+    is_classification: bool = False
+    system: str | None = None
+    lineage: Lineage | None = None
+
+    def to_json(self) -> str:
+        """One compact JSONL line, leaving out unset optional fields."""
+        return self.model_dump_json(exclude_none=True)

@@ -1,0 +1,264 @@
+"""The `openai` backend: the official async client against any OpenAI-compatible server.
+
+Works with vLLM's server, OpenAI itself, or anything else that speaks
+`/v1/chat/completions`. What it adds over a bare `asyncio.gather`:
+
+- bounded concurrency (`max_concurrency`) and request/token-per-minute budgets;
+- retries with exponential backoff and jitter on 429, 5xx, timeouts, dropped
+  connections and unparseable bodies, honouring `Retry-After` / `retry-after-ms`;
+- a per-request timeout; a fatal error (unreachable server, bad key) stops the run
+  with one clear line instead of failing every request;
+- the API key is read from the environment variable `api_key_env` and never stored.
+
+    datagen teacher "Hi" --backend openai --base-url http://127.0.0.1:8000/v1 --model NAME
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import os
+import random
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlparse
+
+from datagen.config import TeacherConfig
+from datagen.errors import TeacherError
+from datagen.teachers.base import BackendCounters, Completion, Request, ResultCallback
+
+OPENAI_URL = "https://api.openai.com/v1"
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
+
+
+class RateLimiter:
+    """A token bucket refilled at `per_minute` units a minute (starts full).
+
+    Safe without a lock: asyncio runs one task at a time and nothing awaits between
+    the check and the take.
+    """
+
+    def __init__(self, per_minute: float):
+        self.capacity = per_minute
+        self.rate = per_minute / 60.0
+        self.tokens = per_minute
+        self.updated = time.monotonic()
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+
+    async def acquire(self, amount: float) -> None:
+        amount = min(amount, self.capacity)
+        while True:
+            self._refill()
+            if self.tokens >= amount:
+                self.tokens -= amount
+                return
+            await asyncio.sleep((amount - self.tokens) / self.rate)
+
+    def settle(self, estimated: float, actual: float) -> None:
+        """Correct an estimate once the real usage is known (may leave a debt)."""
+        self.tokens += estimated - actual
+
+
+def retry_after_seconds(headers) -> float | None:
+    """Seconds to wait from `retry-after-ms` or `Retry-After` (seconds or an HTTP date)."""
+    if headers is None:
+        return None
+    milliseconds = headers.get("retry-after-ms")
+    if milliseconds:
+        try:
+            return max(0.0, float(milliseconds) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        moment = email.utils.parsedate_to_datetime(value)
+        return max(0.0, moment.timestamp() - time.time()) if moment else None
+
+
+def backoff_seconds(attempt: int, base: float, cap: float, rng: random.Random) -> float:
+    """Exponential backoff with jitter: uniform in [half, full] of min(cap, base * 2^attempt)."""
+    ceiling = min(cap, base * (2**attempt))
+    return rng.uniform(ceiling / 2, ceiling)
+
+
+class OpenAIBackend:
+    name = "openai"
+
+    def __init__(self, config: TeacherConfig):
+        import openai  # noqa: F401  (fail here, clearly, if the client is missing)
+
+        self.config = config
+        self.model = config.model
+        self.base_url = (config.base_url or OPENAI_URL).rstrip("/")
+        self.counters = BackendCounters()
+        self._api_key = os.environ.get(config.api_key_env)
+        if not self._api_key:
+            if urlparse(self.base_url).hostname not in LOOPBACK_HOSTS:
+                raise TeacherError(
+                    f"the openai backend needs an API key for {self.base_url}: "
+                    f"set the environment variable {config.api_key_env}"
+                )
+            self._api_key = "EMPTY"  # local servers ignore the key but the client wants one
+        self._rng = random.Random(0)
+        self._requests_budget = (
+            RateLimiter(config.requests_per_minute) if config.requests_per_minute else None
+        )
+        self._tokens_budget = (
+            RateLimiter(config.tokens_per_minute) if config.tokens_per_minute else None
+        )
+        self._checked = False
+
+    # -- public --------------------------------------------------------------------------
+
+    def generate(self, requests: Sequence[Request], on_result: ResultCallback) -> None:
+        coroutine = self._generate_all(requests, on_result)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            asyncio.run(coroutine)
+            return
+        with ThreadPoolExecutor(max_workers=1) as pool:  # called from inside an event loop
+            pool.submit(asyncio.run, coroutine).result()
+
+    def close(self) -> None:
+        pass
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _client(self):
+        import httpx
+        from openai import AsyncOpenAI
+
+        limit = self.config.max_concurrency
+        return AsyncOpenAI(
+            base_url=self.base_url,
+            api_key=self._api_key,
+            max_retries=0,  # retries are ours: they honour Retry-After and are counted
+            timeout=self.config.timeout_s,
+            http_client=httpx.AsyncClient(
+                limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit),
+                timeout=self.config.timeout_s,
+            ),
+        )
+
+    async def _generate_all(self, requests: Sequence[Request], on_result: ResultCallback) -> None:
+        async with self._client() as client:
+            if not self._checked:
+                await self._check_server(client)
+                self._checked = True
+            slots = asyncio.Semaphore(self.config.max_concurrency)
+            await asyncio.gather(
+                *(self._answer(client, slots, i, r, on_result) for i, r in enumerate(requests))
+            )
+
+    async def _check_server(self, client) -> None:
+        """Fail fast, with one line, if the server is unreachable, refuses the key or lacks the model."""
+        import openai
+
+        try:
+            page = await client.models.list(timeout=min(30.0, self.config.timeout_s))
+        except openai.APIConnectionError as error:
+            cause = error.__cause__ or error
+            raise TeacherError(f"cannot reach the teacher at {self.base_url}: {cause}") from None
+        except openai.AuthenticationError:
+            raise TeacherError(
+                f"{self.base_url} refused the API key in {self.config.api_key_env}"
+            ) from None
+        except openai.APIError:
+            return  # some compatible servers have no /models; the first request will tell
+        served = [model.id for model in page.data]
+        if served and self.model not in served:
+            shown = ", ".join(served[:5]) + (" ..." if len(served) > 5 else "")
+            raise TeacherError(f"{self.base_url} does not serve model {self.model!r} (it serves: {shown})")
+
+    async def _answer(self, client, slots, index: int, request: Request, on_result) -> None:
+        import openai
+
+        params = request.params
+        estimate = sum(len(content) for _role, content in request.messages) / 4 + params.max_tokens
+        attempt = 0
+        while True:
+            if self._requests_budget:
+                await self._requests_budget.acquire(1)
+            if self._tokens_budget:
+                await self._tokens_budget.acquire(estimate)
+            try:
+                async with slots:
+                    response = await client.chat.completions.create(
+                        model=self.model,
+                        messages=request.chat(),
+                        temperature=params.temperature,
+                        top_p=params.top_p,
+                        max_tokens=params.max_tokens,
+                        stop=list(params.stop) or None,
+                        seed=params.seed,
+                        n=1,
+                    )
+                completion = _to_completion(response)
+            except openai.AuthenticationError:
+                raise TeacherError(
+                    f"{self.base_url} refused the API key in {self.config.api_key_env}"
+                ) from None
+            except Exception as error:  # noqa: BLE001 - sorted into retryable or not below
+                reason, wait = _classify(error, openai)
+                if reason is None or attempt >= self.config.max_retries:
+                    if self._tokens_budget:
+                        self._tokens_budget.settle(estimate, 0)
+                    on_result(index, Completion("", "error", error=f"{type(error).__name__}: {error}"[:500]))
+                    return
+                self.counters.count_retry(reason)
+                if wait is None:
+                    wait = backoff_seconds(
+                        attempt, self.config.backoff_base_s, self.config.backoff_max_s, self._rng
+                    )
+                await asyncio.sleep(min(wait, self.config.backoff_max_s))
+                attempt += 1
+                continue
+            if self._tokens_budget:
+                self._tokens_budget.settle(
+                    estimate, completion.prompt_tokens + completion.completion_tokens
+                )
+            on_result(index, completion)
+            return
+
+
+def _to_completion(response) -> Completion:
+    if not getattr(response, "choices", None):
+        raise ValueError("response has no choices")
+    choice = response.choices[0]
+    usage = response.usage
+    return Completion(
+        text=choice.message.content or "",
+        finish_reason=choice.finish_reason or "stop",
+        prompt_tokens=usage.prompt_tokens if usage else 0,
+        completion_tokens=usage.completion_tokens if usage else 0,
+    )
+
+
+def _classify(error: Exception, openai) -> tuple[str | None, float | None]:
+    """(retry reason, server-requested wait) for a failed call; reason None means give up."""
+    if isinstance(error, openai.APITimeoutError):
+        return "timeout", None
+    if isinstance(error, openai.APIConnectionError):
+        return "connection", None
+    if isinstance(error, openai.APIStatusError):
+        status = error.status_code
+        wait = retry_after_seconds(error.response.headers)
+        if status == 429:
+            return "429", wait
+        if status >= 500 or status in (408, 409):
+            return str(status), wait
+        return None, None
+    if isinstance(error, (openai.APIResponseValidationError, json.JSONDecodeError, ValueError)):
+        return "bad response", None
+    return None, None

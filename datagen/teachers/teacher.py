@@ -1,0 +1,186 @@
+"""The Teacher: a backend plus `n` samples per prompt, the request cache and run statistics.
+
+Generators only ever call `Teacher.complete(conversations, params)`; it answers from
+the cache what it can, sends the rest to the backend in one batch, stores each reply
+the moment it arrives, and counts requests, hits, retries, tokens, cost and failures.
+
+    from datagen.config import TeacherConfig
+    from datagen.teachers import make_teacher
+    with make_teacher(TeacherConfig(backend="local")) as teacher:
+        [[reply]] = teacher.complete([[{"role": "user", "content": "Hi"}]])
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datagen.config import SamplingParams, TeacherConfig
+from datagen.errors import TeacherError
+from datagen.teachers.base import Backend, Completion, Message, Request
+from datagen.teachers.cache import RequestCache, request_key
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DATAGEN_CACHE_DIR") or Path.home() / ".cache" / "datagen")
+
+
+@dataclass
+class RunStats:
+    """Counts for the run summary. Tokens and cost are for requests sent in this run."""
+
+    requests_sent: int = 0
+    cache_hits: int = 0
+    retries: int = 0
+    retry_reasons: dict[str, int] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float | None = None
+    failures: int = 0
+    failure_examples: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Teacher:
+    """Cache-aware, batch-first access to one backend."""
+
+    def __init__(self, backend: Backend, config: TeacherConfig):
+        self.backend = backend
+        self.config = config
+        self.stats = RunStats(cost=0.0 if config.prices else None)
+        self.cache: RequestCache | None = None
+        if config.cache != "off":
+            cache_dir = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
+            self.cache = RequestCache(cache_dir / "requests.sqlite")
+
+    @property
+    def name(self) -> str:
+        return f"{self.backend.name}:{self.backend.model}"
+
+    def complete(
+        self,
+        conversations: Sequence[Sequence[Message]],
+        params: SamplingParams | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[list[Completion]]:
+        """`params.n` completions for each conversation, in order.
+
+        Failed requests come back with finish_reason "error" and are counted, not raised.
+        `progress(k)` is called as k more requests finish (cache hits included).
+        """
+        params = params or self.config.sampling
+        requests = [
+            Request.build(messages, _single_sample(params, sample), sample)
+            for messages in conversations
+            for sample in range(params.n)
+        ]
+        results: list[Completion | None] = [None] * len(requests)
+        keys = [request_key(self.backend.name, self.backend.model, r) for r in requests]
+        missing = []
+        for index, key in enumerate(keys):
+            hit = self.cache.get(key) if self.cache else None
+            if hit is not None:
+                results[index] = hit
+                self.stats.cache_hits += 1
+            else:
+                missing.append(index)
+        if progress and len(missing) < len(requests):
+            progress(len(requests) - len(missing))
+        if missing and self.config.cache == "only":
+            raise TeacherError(
+                f"{len(missing)} of {len(requests)} requests are not in the cache "
+                "(cache: only replays offline; run with the cache on to fill it)"
+            )
+
+        def on_result(position: int, completion: Completion) -> None:
+            index = missing[position]
+            results[index] = completion
+            self._count(completion)
+            if self.cache is not None:
+                self.cache.put(keys[index], completion)
+            if progress:
+                progress(1)
+
+        if missing:
+            retries_before = self.backend.counters.retries
+            self.backend.generate([requests[i] for i in missing], on_result)
+            self.stats.retries += self.backend.counters.retries - retries_before
+            self.stats.retry_reasons = dict(self.backend.counters.retry_reasons)
+        for index in missing:
+            if results[index] is None:  # a backend bug, not a user error
+                raise RuntimeError(f"backend {self.backend.name} returned no result for request {index}")
+        return [
+            [results[i * params.n + s] for s in range(params.n)]  # type: ignore[misc]
+            for i in range(len(conversations))
+        ]
+
+    def _count(self, completion: Completion) -> None:
+        self.stats.requests_sent += 1
+        if not completion.ok:
+            self.stats.failures += 1
+            if len(self.stats.failure_examples) < 5 and completion.error:
+                self.stats.failure_examples.append(completion.error)
+            return
+        self.stats.prompt_tokens += completion.prompt_tokens
+        self.stats.completion_tokens += completion.completion_tokens
+        if self.config.prices:
+            self.stats.cost = (self.stats.cost or 0.0) + self.config.prices.cost(
+                completion.prompt_tokens, completion.completion_tokens
+            )
+
+    def close(self) -> None:
+        self.backend.close()
+        if self.cache is not None:
+            self.cache.close()
+
+    def __enter__(self) -> Teacher:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _single_sample(params: SamplingParams, sample: int) -> SamplingParams:
+    seed = None if params.seed is None else params.seed + sample
+    return params.model_copy(update={"n": 1, "seed": seed})
+
+
+def make_backend(config: TeacherConfig) -> Backend:
+    """The backend named by `config.backend`; its heavy imports happen here, not before."""
+    if config.backend == "local":
+        from datagen.teachers.local import LocalBackend
+
+        return LocalBackend(config)
+    if config.backend == "openai":
+        from datagen.teachers.openai_api import OpenAIBackend
+
+        return OpenAIBackend(config)
+    if config.backend == "vllm":
+        from datagen.teachers.vllm_engine import VLLMBackend
+
+        return VLLMBackend(config)
+    raise TeacherError(f"unknown backend {config.backend!r} (choose local, openai or vllm)")
+
+
+def make_teacher(config: TeacherConfig) -> Teacher:
+    return Teacher(make_backend(config), config)
+
+
+def summary_path(output: str | Path) -> Path:
+    """Where a run's summary JSON goes: `raw.jsonl` -> `raw.summary.json`."""
+    output = Path(output)
+    return output.with_name(output.stem + ".summary.json")
+
+
+def run_summary(teacher: Teacher, wall_seconds: float, **extra: Any) -> dict[str, Any]:
+    return {
+        "teacher": {"backend": teacher.backend.name, "model": teacher.backend.model},
+        **teacher.stats.as_dict(),
+        "wall_seconds": round(wall_seconds, 3),
+        **extra,
+    }
