@@ -40,7 +40,10 @@ from datagen.rouge import RougeLIndex  # noqa: E402
 THRESHOLD = 0.7
 TOP_K = 10
 
-VERBS = "Write Generate Create Compose Draft Explain Describe Summarize List Suggest Give Outline Design Plan Rewrite".split()
+VERBS = (
+    "Write Generate Create Compose Draft Explain Describe Summarize List Suggest Give Outline "
+    "Design Plan Rewrite"
+).split()
 PIECES = [
     "a poem", "a short story", "an email", "a tweet", "a product review", "a list of tips",
     "a recipe", "a haiku", "a cover letter", "a summary", "three questions", "a dialogue",
@@ -98,7 +101,8 @@ def instruction(rng: random.Random) -> str:
         first, second = rng.choice(LABELS)
         text = f"Classify the following {rng.choice(INPUTS)[2:]} about {topic} as {first} or {second}."
     elif template == 5:
-        text = f"What are the {rng.choice(['main', 'hidden', 'long-term', 'surprising'])} effects of {topic}?"
+        kind = rng.choice(["main", "hidden", "long-term", "surprising"])
+        text = f"What are the {kind} effects of {topic}?"
     else:
         text = f"Is this statement about {topic} true or false: {rng.choice(TOPICS)} is overrated?"
     for suffix in rng.sample(SUFFIXES, rng.choice([0, 0, 1, 1, 2, 3])):
@@ -190,8 +194,9 @@ def main() -> None:
 
     texts = build_instructions(args.n, args.seed)
     lengths = [len(t.split()) for t in texts]
-    print(f"ROUGE-L novelty filter (F1 > {THRESHOLD} rejects), {args.n} instructions, seed {args.seed}, "
-          f"{min(lengths)}-{max(lengths)} words; rouge-score {version('rouge-score')}, numpy {np.__version__}")
+    print(f"ROUGE-L novelty filter (F1 > {THRESHOLD} rejects), {args.n} instructions, "
+          f"seed {args.seed}, {min(lengths)}-{max(lengths)} words; "
+          f"rouge-score {version('rouge-score')}, numpy {np.__version__}")
 
     (ours, _), ours_time = timed(run_index, texts, False)
     (ours_full, ours_stats), ours_full_time = timed(run_index, texts, True)

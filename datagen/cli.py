@@ -164,6 +164,49 @@ def teacher(
     )
 
 
+@app.command()
+def generate(
+    method: Annotated[Optional[str], typer.Option("--method", help="self-instruct.")] = None,
+    seeds: Annotated[Optional[Path], typer.Option("--seeds", help="Seed task JSONL (default: bundled seeds).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output task JSONL (appended, resumable).")] = None,
+    num: Annotated[Optional[int], typer.Option("--num", "-n", help="Tasks to produce in total.")] = None,
+    instances_per_task: Annotated[
+        Optional[int], typer.Option("--instances-per-task", help="Instances wanted per task.")
+    ] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling prompts and the teacher.")] = None,
+    config: ConfigOpt = None,
+    backend: BackendOpt = None,
+    model: ModelOpt = None,
+    base_url: BaseUrlOpt = None,
+    api_key_env: ApiKeyEnvOpt = None,
+    concurrency: ConcurrencyOpt = None,
+    timeout: TimeoutOpt = None,
+    max_retries: RetriesOpt = None,
+    engine_args: EngineArgOpt = None,
+    cache_dir: CacheDirOpt = None,
+) -> None:
+    """Generate new tasks from seed tasks with a published method."""
+    from datagen.config import load_config
+    from datagen.generate import format_summary, run_generate
+
+    overrides = teacher_overrides(
+        backend=backend, model=model, base_url=base_url, api_key_env=api_key_env,
+        concurrency=concurrency, timeout=timeout, max_retries=max_retries,
+        engine_args=engine_args, cache_dir=cache_dir,
+    )
+    overrides.update({
+        "generate.method": ("--method", method),
+        "generate.seeds": ("--seeds", str(seeds) if seeds else None),
+        "generate.out": ("--out", str(out) if out else None),
+        "generate.num": ("--num", num),
+        "generate.instances_per_task": ("--instances-per-task", instances_per_task),
+        "generate.seed": ("--seed", seed),
+    })
+    settings = load_config(config, overrides)
+    summary = run_generate(settings, "datagen " + " ".join(sys.argv[1:]))
+    typer.echo(format_summary(summary), err=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `datagen` console script."""
     args = sys.argv[1:] if argv is None else argv

@@ -1,6 +1,7 @@
 """Configuration: YAML files validated into pydantic models, with CLI flags on top.
 
-Every model forbids unknown keys, so a typo in a config is an error, not a silent
+This module holds the shared sections (sampling, teacher); `datagen.settings.Config`
+assembles the whole file from them and the stage sections. Every model forbids unknown keys, so a typo in a config is an error, not a silent
 default. `load_config(path, overrides)` applies dotted-path overrides from CLI flags
 (`{"teacher.backend": "openai"}`) before validation, so a bad flag value is reported
 against the flag that set it:
@@ -82,12 +83,6 @@ class TeacherConfig(Strict):
     cache_dir: str | None = None
 
 
-class Config(Strict):
-    """The whole config file. Sections for later stages sit beside `teacher`."""
-
-    teacher: TeacherConfig = TeacherConfig()
-
-
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     for key in parents:
@@ -146,8 +141,15 @@ def validate_config(
 def load_config(
     path: str | Path | None = None,
     overrides: dict[str, tuple[str, Any]] | None = None,
-    model: type[Strict] = Config,
+    model: type[Strict] | None = None,
 ) -> Any:
-    """Load `path` (or defaults when None), apply CLI `overrides`, validate into `model`."""
+    """Load `path` (or defaults when None), apply CLI `overrides`, validate into `model`.
+
+    `model` defaults to the whole-file `datagen.settings.Config`.
+    """
+    if model is None:
+        from datagen.settings import Config
+
+        model = Config
     data = read_yaml(path) if path else {}
     return validate_config(model, data, str(path) if path else "config", overrides)

@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from datagen.errors import InputError
-from datagen.records import Task
+from datagen.records import Reject, Task
 
 
 def describe_validation_error(error: ValidationError) -> str:
@@ -79,7 +79,7 @@ def read_tasks(path: str | Path) -> list[Task]:
 
 def as_jsonl_line(record: str | BaseModel) -> str:
     """A record (task, other pydantic model or ready JSON text) as one line, no newline."""
-    if isinstance(record, Task):
+    if isinstance(record, (Task, Reject)):
         return record.to_json()
     if isinstance(record, BaseModel):
         return record.model_dump_json()

@@ -56,6 +56,11 @@ class Lineage(BaseModel):
     sampling: dict[str, Any] | None = None
     seed: int | None = None
     usage: Usage = Field(default_factory=Usage)
+    templates: dict[str, str] = Field(default_factory=dict)
+    """Every template used to make the record: name -> sha256."""
+    most_similar: dict[str, float] = Field(default_factory=dict)
+    """Self-Instruct: the closest existing instructions and their ROUGE-L F1."""
+    mean_similarity: float | None = None
 
 
 class Task(BaseModel):
@@ -77,4 +82,24 @@ class Task(BaseModel):
 
     def to_json(self) -> str:
         """One compact JSONL line, leaving out unset optional fields."""
+        return self.model_dump_json(exclude_none=True)
+
+
+class Reject(BaseModel):
+    """Something a generator or filter threw away, kept with its reason (never silently dropped).
+
+    `raw` holds the teacher's text when a reply could not be parsed; `task` the task
+    (or candidate) that was rejected; `duplicate_of` the id a duplicate repeats.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str
+    stage: str
+    detail: str | None = None
+    raw: str | None = None
+    task: Task | None = None
+    duplicate_of: str | None = None
+
+    def to_json(self) -> str:
         return self.model_dump_json(exclude_none=True)

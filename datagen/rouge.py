@@ -8,7 +8,7 @@ gives the same numbers, bit for bit, much faster:
 
     from datagen.rouge import RougeLIndex, rouge_l_f1
 
-    rouge_l_f1("Write a poem about cats.", "Write a short poem about dogs.")  # 0.6153...
+    rouge_l_f1("Write a poem about cats.", "Write a short poem about dogs.")  # 0.7272...
 
     index = RougeLIndex(seed_instructions)
     for text in generated:
@@ -205,7 +205,6 @@ class RougeLIndex:
         self._vocab: dict[str, int] = {}  # id 0 is the padding, which matches nothing
         self._lengths = np.zeros(64, dtype=np.int64)
         self._packed = np.zeros((64, 16), dtype=np.int32)  # rows of token ids, 0-padded
-        self._long: list[int] = []  # pool indices too long for the packed array
         self._first_with_tokens: dict[tuple[int, ...], int] = {}
         self._mask_table = np.zeros(1024, dtype=np.uint64)  # scratch, all 0 between calls
         for text in texts:
@@ -225,10 +224,8 @@ class RougeLIndex:
         self._texts.append(text)
         self._token_ids.append(ids)
         self._lengths[index] = len(ids)
-        if len(ids) <= _MAX_PACKED_TOKENS:
+        if len(ids) <= _MAX_PACKED_TOKENS:  # longer entries are scored with big ints
             self._packed[index, : len(ids)] = ids
-        else:
-            self._long.append(index)
         self._first_with_tokens.setdefault(tuple(ids), index)
         return index
 
@@ -309,7 +306,8 @@ class RougeLIndex:
         if candidate.length and candidate.masks and len(rows):
             in_lanes = (lengths <= _MAX_PACKED_TOKENS) & (candidate.length <= _LANE_BITS)
             if in_lanes.any():
-                lcs[in_lanes] = self._lcs_packed(candidate, rows[in_lanes], int(lengths[in_lanes].max()))
+                width = int(lengths[in_lanes].max())
+                lcs[in_lanes] = self._lcs_packed(candidate, rows[in_lanes], width)
             for i in np.flatnonzero(~in_lanes):
                 lcs[i] = _lcs_bits(candidate.masks, candidate.length, self._token_ids[rows[i]])
         return _f1_array(lcs, candidate.length, lengths)

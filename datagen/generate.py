@@ -1,0 +1,107 @@
+"""`datagen generate`: run a generation method with progress, resume and a closing summary.
+
+Accepted tasks stream to OUT, rejects to OUT's `.rejects.jsonl`, a progress marker to
+`.progress.json` and the run summary to `.summary.json`, all beside OUT. Kill the run
+and rerun the same command: it reads OUT back, skips the batches it finished, answers
+the interrupted batch from the request cache, and writes no task twice.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from datagen.errors import ConfigError
+from datagen.generators.common import TaskSink, rejects_path
+from datagen.io import atomic_write_json, read_tasks
+from datagen.records import Task
+from datagen.settings import Config
+from datagen.teachers.teacher import make_teacher, run_summary, summary_path
+
+
+def bundled_seeds_path() -> Path:
+    return Path(str(resources.files("datagen").joinpath("data/seed_tasks.jsonl")))
+
+
+def progress_path(output: Path) -> Path:
+    return output.with_name(output.stem + ".progress.json")
+
+
+def load_seeds(config: Config) -> list[Task]:
+    return read_tasks(config.generate.seeds or bundled_seeds_path())
+
+
+def _batches_done(output: Path, method: str) -> int:
+    path = progress_path(output)
+    if not path.exists() or not output.exists():
+        return 0
+    state = json.loads(path.read_text())
+    return state["batches_done"] if state.get("method") == method else 0
+
+
+def run_generate(config: Config, command_line: str) -> dict[str, Any]:
+    """Run `config.generate` and return the summary it also writes beside the output."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    settings = config.generate
+    if not settings.out:
+        raise ConfigError("--out: where to write the tasks is required")
+    output = Path(settings.out)
+    seeds = load_seeds(config)
+    started = time.monotonic()
+    with TaskSink(output) as sink, make_teacher(config.teacher) as teacher, Progress(
+        TextColumn(f"{settings.method}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        transient=False,
+    ) as bar:
+        bar_task = bar.add_task("tasks", total=settings.num, completed=min(len(sink.existing), settings.num))
+
+        def mark_done(batches: int) -> None:
+            atomic_write_json(progress_path(output), {"method": settings.method, "batches_done": batches})
+
+        resumed_from = len(sink.existing)
+        if settings.method == "self-instruct":
+            from datagen.generators.self_instruct import run_self_instruct
+
+            run_self_instruct(
+                seeds, teacher, sink, settings.self_instruct,
+                num=settings.num, seed=settings.seed, instances_per_task=settings.instances_per_task,
+                progress=lambda n: bar.advance(bar_task, n),
+                batches_done=_batches_done(output, settings.method), on_batch_done=mark_done,
+            )
+        summary = run_summary(
+            teacher,
+            time.monotonic() - started,
+            method=settings.method,
+            output=str(output),
+            rejects=str(rejects_path(output)),
+            tasks_total=resumed_from + sink.produced,
+            tasks_produced=sink.produced,
+            tasks_resumed=resumed_from,
+            parse_failures=sink.parse_failures,
+            rejects_by_reason=dict(sink.reject_reasons.most_common()),
+            command=command_line,
+            config=config.model_dump(mode="json"),
+        )
+    atomic_write_json(summary_path(output), summary)
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The closing one-screen summary."""
+    cost = summary["cost"]
+    lines = [
+        f"{summary['method']}: {summary['tasks_produced']} new tasks "
+        f"({summary['tasks_total']} in {summary['output']}, {summary['tasks_resumed']} from before)",
+        f"teacher {summary['teacher']['backend']}:{summary['teacher']['model']}: "
+        f"{summary['requests_sent']} requests, {summary['cache_hits']} cache hits, "
+        f"{summary['retries']} retries, {summary['failures']} failures",
+        f"tokens: {summary['prompt_tokens']} prompt + {summary['completion_tokens']} completion"
+        + (f", cost {cost:.4f}" if cost is not None else ""),
+        f"parse failures: {summary['parse_failures']}; rejects by reason:",
+    ]
+    lines += [f"  {count:6d}  {reason}" for reason, count in summary["rejects_by_reason"].items()] or ["  none"]
+    lines.append(f"time: {summary['wall_seconds']:.1f} s; rejects in {summary['rejects']}")
+    return "\n".join(lines)

@@ -1,0 +1,115 @@
+"""What every generator shares: the output sink, run counters, lineage stamping, ids.
+
+A generation run appends accepted tasks to OUT and everything it threw away to
+OUT's rejects file (`raw.jsonl` -> `raw.rejects.jsonl`), each flushed per batch, so a
+killed run loses nothing it finished. A rerun reads OUT back and continues.
+
+    with TaskSink(Path("raw.jsonl")) as sink:
+        sink.reject("too similar", stage="bootstrap", task=candidate)
+        sink.accept([task]); sink.flush()
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from datagen.config import SamplingParams
+from datagen.io import JsonlAppender, read_records
+from datagen.prompts import Template
+from datagen.records import Lineage, Reject, Task, Usage
+from datagen.teachers.base import Completion
+
+
+def rejects_path(output: str | Path) -> Path:
+    output = Path(output)
+    return output.with_name(output.stem + ".rejects.jsonl")
+
+
+def stable_id(prefix: str, *parts: str) -> str:
+    """A content-derived id, so a resumed run gives the same task the same id."""
+    digest = hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()[:16]
+    return f"{prefix}-{digest}"
+
+
+class TaskSink:
+    """Accepted tasks and rejects of one run, buffered per batch and flushed together."""
+
+    def __init__(self, output: str | Path):
+        self.output = Path(output)
+        self.existing: list[Task] = list(read_records(self.output, Task)) if self.output.exists() else []
+        self._known_ids = {task.id for task in self.existing}
+        self._tasks = JsonlAppender(self.output)
+        self._rejects = JsonlAppender(rejects_path(self.output))
+        self._pending_tasks: list[Task] = []
+        self._pending_rejects: list[Reject] = []
+        self.produced = 0
+        self.parse_failures = 0
+        self.reject_reasons: Counter[str] = Counter()
+
+    def accept(self, tasks: list[Task]) -> list[Task]:
+        """Queue new tasks; ones already on disk (same id, after a resume) are skipped."""
+        fresh = [task for task in tasks if task.id not in self._known_ids]
+        self._known_ids.update(task.id for task in fresh)
+        self._pending_tasks.extend(fresh)
+        self.produced += len(fresh)
+        return fresh
+
+    def reject(self, reason: str, stage: str, **fields: Any) -> None:
+        if reason == "parse failure":
+            self.parse_failures += 1
+        self.reject_reasons[reason] += 1
+        self._pending_rejects.append(Reject(reason=reason, stage=stage, **fields))
+
+    def flush(self) -> None:
+        """Write the batch: rejects first, then tasks, each fsynced."""
+        self._rejects.write_many(self._pending_rejects)
+        self._tasks.write_many(self._pending_tasks)
+        self._pending_rejects, self._pending_tasks = [], []
+
+    def close(self) -> None:
+        self.flush()
+        self._tasks.close()
+        self._rejects.close()
+
+    def __enter__(self) -> TaskSink:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def lineage(
+    *,
+    generator: str,
+    operation: str,
+    teacher_name: tuple[str, str],
+    templates: list[Template],
+    sampling: SamplingParams,
+    seed: int | None,
+    completions: list[Completion],
+    round: int | None = None,
+    parent_ids: list[str] | None = None,
+    **extra: Any,
+) -> Lineage:
+    """The lineage of a record made from `completions` with `templates` (the first is the main one)."""
+    usage = Usage()
+    for completion in completions:
+        usage.add(completion.prompt_tokens, completion.completion_tokens)
+    return Lineage(
+        generator=generator,
+        operation=operation,
+        round=round,
+        parent_ids=parent_ids or [],
+        template=templates[0].name,
+        template_sha256=templates[0].sha256,
+        templates={t.name: t.sha256 for t in templates},
+        teacher_backend=teacher_name[0],
+        teacher_model=teacher_name[1],
+        sampling=sampling.model_dump(exclude={"n"}),
+        seed=seed,
+        usage=usage,
+        **extra,
+    )

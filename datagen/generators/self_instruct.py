@@ -1,0 +1,398 @@
+"""Self-Instruct (Wang et al. 2022), following the reference code yizhongw/self-instruct.
+
+One batch of the loop:
+
+1. *Bootstrap*: each prompt lists 8 instructions, 6 sampled from the seeds and 2 from the
+   tasks generated so far (fewer while that pool is small), numbered, and asks the teacher
+   to continue the list; it stops at the reference stop sequences, and a reply that hit
+   the length limit is dropped whole.
+2. *Filter* every new instruction with the reference rules (`instruction_reject_reason`)
+   and the ROUGE-L novelty rule: F1 > 0.7 against any seed or accepted instruction
+   rejects it. The 10 most similar instructions and the mean similarity go into lineage.
+3. *Classify*: a few-shot "is this a classification task?" prompt.
+4. *Instances*: output-first for classification tasks, input-first otherwise; invalid
+   instances are dropped (input == output, empty output, input/output ending in ':'),
+   and a task whose identical inputs map to different outputs is dropped whole. More
+   rounds are asked for until a task has `instances_per_task` instances.
+
+Every rejected instruction, instance and unparseable reply goes to the rejects file with
+its reason. Where we differ from the reference, on purpose: a new instruction gets its
+first letter upper-cased (the reference's `str.capitalize()` also lower-cases every
+other letter, mangling names and acronyms); chat models may answer with a preamble
+line ending in ':' before the list, which is rejected as "chat preamble"; and the
+reference's presence penalty is not sent (not every backend supports it).
+
+    datagen generate --method self-instruct --num 20 --out raw.jsonl
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import string
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from pydantic import Field
+
+from datagen.config import SamplingParams, Strict
+from datagen.generators.common import TaskSink, lineage, stable_id
+from datagen.prompts import load_template
+from datagen.records import Instance, Task
+from datagen.rouge import RougeLIndex
+from datagen.teachers.base import Completion, Message
+from datagen.teachers.teacher import Teacher
+
+REFERENCE_BLACKLIST = (
+    "image", "images", "graph", "graphs", "picture", "pictures",
+    "file", "files", "map", "maps", "draw", "plot", "go to",
+)
+REFERENCE_STOP = ("\n\n", "\n16", "16.", "16 .")
+
+BOOTSTRAP = "self_instruct_bootstrap.jinja"
+IS_CLASSIFICATION = "self_instruct_is_classification.jinja"
+INPUT_FIRST = "self_instruct_instances_input_first.jinja"
+OUTPUT_FIRST = "self_instruct_instances_output_first.jinja"
+
+
+class SelfInstructConfig(Strict):
+    """Self-Instruct settings; defaults are the reference's."""
+
+    prompt_instructions: int = Field(8, ge=1)
+    machine_per_prompt: int = Field(2, ge=0)
+    prompts_per_batch: int = Field(8, ge=1)
+    similarity_threshold: float = Field(0.7, gt=0.0, le=1.0)
+    most_similar_kept: int = Field(10, ge=0)
+    min_words: int = 3  # an instruction needs more than this many words
+    max_words: int = 150
+    blacklist: tuple[str, ...] = REFERENCE_BLACKLIST
+    max_instance_rounds: int = Field(3, ge=1)
+    bootstrap_sampling: SamplingParams = SamplingParams(
+        temperature=0.7, top_p=0.5, max_tokens=1024, stop=REFERENCE_STOP
+    )
+    classify_sampling: SamplingParams = SamplingParams(
+        temperature=0.0, max_tokens=3, stop=("\n", "Task:")
+    )
+    instance_sampling: SamplingParams = SamplingParams(temperature=0.0, max_tokens=350)
+    # later rounds resample at this temperature so they do not repeat round one
+    extra_round_temperature: float = Field(0.7, ge=0.0, le=2.0)
+
+
+# -- pure functions: prompts and parsing ------------------------------------------------------
+
+
+def user(text: str) -> list[Message]:
+    return [{"role": "user", "content": text}]
+
+
+def clean_instruction(text: str) -> str:
+    """Whitespace folded, trailing ':' removed: how instructions are shown in the prompt."""
+    return re.sub(r"\s+", " ", text).strip().rstrip(":")
+
+
+def sample_prompt_tasks(
+    seeds: Sequence[Task], machine: Sequence[Task], rng: random.Random, total: int, from_machine: int
+) -> list[Task]:
+    """`from_machine` generated tasks (fewer while the pool is small) topped up with seeds, shuffled."""
+    chosen = rng.sample(list(machine), min(from_machine, len(machine)))
+    chosen += rng.sample(list(seeds), min(total - len(chosen), len(seeds)))
+    rng.shuffle(chosen)
+    return chosen
+
+
+def bootstrap_messages(instructions: Sequence[str]) -> list[Message]:
+    text = load_template(BOOTSTRAP).render(instructions=[clean_instruction(i) for i in instructions])
+    return user(text)
+
+
+def parse_bootstrap_reply(text: str) -> tuple[list[str], str | None]:
+    """(new instructions, chat preamble if any) from a reply continuing the numbered list."""
+    text = text.strip()
+    preamble = None
+    if not re.match(r"\d+\s?\.", text):
+        first, newline, rest = text.partition("\n")
+        if newline and first.rstrip().endswith(":") and re.match(r"\s*\d+\s?\. ", rest):
+            preamble, text = first, rest.strip()
+    text = re.sub(r"^\d+\s?\.\s*", "", text)  # a chat model may repeat the number it was given
+    instructions = []
+    for piece in re.split(r"\n\d+\s?\. ", text):
+        piece = re.sub(r"\s+", " ", piece).strip()
+        if piece:
+            instructions.append(piece[0].upper() + piece[1:])
+    return instructions, preamble
+
+
+def _has_word(word: str, text: str) -> bool:
+    return re.search(rf"\b{re.escape(word)}\b", text, flags=re.IGNORECASE) is not None
+
+
+def instruction_reject_reason(
+    instruction: str, blacklist: Sequence[str] = REFERENCE_BLACKLIST, min_words: int = 3, max_words: int = 150
+) -> str | None:
+    """The reference's rules for a new instruction, in its order; None when it passes."""
+    words = len(instruction.split())
+    if words <= min_words:
+        return "too short"
+    if words > max_words:
+        return "too long"
+    hit = next((word for word in blacklist if _has_word(word, instruction)), None)
+    if hit:
+        return f"blacklisted word: {hit}"
+    if instruction.startswith("Write a program"):
+        return "starts with 'Write a program'"
+    if instruction[0] in string.punctuation:
+        return "starts with punctuation"
+    if not instruction[0].isascii():
+        return "starts with a non-ASCII character"
+    return None
+
+
+def classification_messages(instruction: str) -> list[Message]:
+    return user(load_template(IS_CLASSIFICATION).render(instruction=clean_instruction(instruction)))
+
+
+def parse_classification_reply(text: str) -> bool:
+    return "yes" in text.lower()
+
+
+def instance_messages(instruction: str, is_classification: bool) -> list[Message]:
+    template = OUTPUT_FIRST if is_classification else INPUT_FIRST
+    return user(load_template(template).render(instruction=instruction.strip()))
+
+
+def _split_input_output(text: str) -> tuple[str, str]:
+    """(input, output) from 'Input: ... Output: ...' text, as the reference parses it."""
+    if re.search(r"Output\s*\d*\s*:", text):
+        before, after = re.split(r"Output\s*\d*\s*:", text, maxsplit=1)
+        instance_input, output = before.strip(), after.strip()
+    else:
+        instance_input, output = "", text.strip()
+    output = re.split(r"Input\s*\d*\s*:", output)[0].strip()  # a second pair ran on
+    instance_input = re.sub(r"^Input\s*\d*\s*:", "", instance_input).strip()
+    return instance_input, output
+
+
+def parse_instances(text: str, is_classification: bool, finish_reason: str) -> list[Instance] | None:
+    """Instances in the reply (the last one dropped if the reply was cut off); None if unparseable."""
+    text = text.strip()
+    pairs: list[tuple[str, str]] = []
+    if is_classification:
+        if "Class label:" not in text:
+            return None
+        for chunk in text.split("Class label:")[1:]:
+            label, _newline, rest = chunk.strip().partition("\n")
+            rest = re.sub(r"^Input\s*\d*\s*:", "", rest.strip()).strip()
+            pairs.append((rest, label.strip()))
+    elif re.search(r"Example\s?\d*\.?", text):
+        chunks = [c.strip() for c in re.split(r"Example\s?\d*\.?", text) if c.strip()]
+        pairs = [_split_input_output(chunk) for chunk in chunks]
+    elif re.search(r"Output\s*\d*\s*:", text):
+        pairs = [_split_input_output(text)]
+    else:
+        return None
+    if finish_reason == "length":
+        pairs = pairs[:-1]
+    return [Instance(input=i, output=o) for i, o in pairs]
+
+
+def instance_reject_reason(instance: Instance) -> str | None:
+    if instance.input == instance.output:
+        return "input equals output"
+    if instance.output == "":
+        return "empty output"
+    if instance.input.strip().endswith(":") or instance.output.strip().endswith(":"):
+        return "input or output ends with ':'"
+    return None
+
+
+def has_conflicting_outputs(instances: Sequence[Instance]) -> bool:
+    """True when one non-empty input maps to two different outputs."""
+    seen: dict[str, str] = {}
+    for instance in instances:
+        if instance.input and seen.setdefault(instance.input, instance.output) != instance.output:
+            return True
+    return False
+
+
+# -- the loop ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Candidate:
+    instruction: str
+    parents: list[str]
+    bootstrap: Completion
+    share: int  # how many instructions the bootstrap reply yielded (its usage is split)
+    most_similar: dict[str, float]
+    mean_similarity: float
+    completions: list[Completion] = field(default_factory=list)
+    instances: list[Instance] = field(default_factory=list)
+    is_classification: bool = False
+
+
+def _neighbours(pools: Sequence[RougeLIndex], text: str, k: int) -> tuple[dict[str, float], float]:
+    matches, total, count = [], 0.0, 0
+    for pool in pools:
+        if len(pool):
+            found = pool.nearest(text, k)
+            matches += found.matches
+            total += found.mean * len(pool)
+            count += len(pool)
+    best = sorted(matches, key=lambda m: -m.score)[:k]
+    return {m.text: m.score for m in best}, (total / count if count else 0.0)
+
+
+def run_self_instruct(
+    seeds: Sequence[Task],
+    teacher: Teacher,
+    sink: TaskSink,
+    settings: SelfInstructConfig,
+    *,
+    num: int,
+    seed: int,
+    instances_per_task: int,
+    progress: Callable[[int], None] = lambda _n: None,
+    batches_done: int = 0,
+    on_batch_done: Callable[[int], None] = lambda _n: None,
+) -> None:
+    """Generate tasks into `sink` until it holds `num` (tasks already there count)."""
+    machine = list(sink.existing)
+    accepted_index = RougeLIndex([t.instruction for t in seeds] + [t.instruction for t in machine])
+    backend = (teacher.backend.name, teacher.backend.model)
+    templates = [load_template(name) for name in (BOOTSTRAP, IS_CLASSIFICATION, INPUT_FIRST, OUTPUT_FIRST)]
+    batch = batches_done
+    while len(machine) < num:
+        rng = random.Random(f"self-instruct:{seed}:{batch}")
+        shown = [
+            sample_prompt_tasks(seeds, machine, rng, settings.prompt_instructions, settings.machine_per_prompt)
+            for _ in range(settings.prompts_per_batch)
+        ]
+        bootstrap_params = settings.bootstrap_sampling.model_copy(update={"seed": seed * 1_000_003 + batch})
+        replies = teacher.complete([bootstrap_messages([t.instruction for t in s]) for s in shown], bootstrap_params)
+        batch_index = RougeLIndex()
+        candidates: list[_Candidate] = []
+        for tasks_shown, [reply] in zip(shown, replies):
+            candidates += _screen_reply(reply, tasks_shown, settings, sink, (accepted_index, batch_index))
+        candidates = candidates[: num - len(machine)]
+        _classify(candidates, teacher, settings)
+        _add_instances(candidates, teacher, settings, instances_per_task, seed, batch, sink)
+        fresh = []
+        for candidate in candidates:
+            task = _to_task(candidate, backend, templates, settings, seed)
+            if not candidate.instances:
+                sink.reject("no valid instances", "instances", task=task)
+            elif has_conflicting_outputs(candidate.instances):
+                sink.reject("conflicting outputs for the same input", "instances", task=task)
+            else:
+                fresh.append(task)
+        fresh = sink.accept(fresh)
+        sink.flush()
+        machine += fresh
+        accepted_index.extend(t.instruction for t in fresh)
+        batch += 1
+        on_batch_done(batch)
+        progress(len(fresh))
+
+
+def _screen_reply(
+    reply: Completion,
+    shown: list[Task],
+    settings: SelfInstructConfig,
+    sink: TaskSink,
+    pools: tuple[RougeLIndex, RougeLIndex],
+) -> list[_Candidate]:
+    if not reply.ok:
+        sink.reject("teacher error", "bootstrap", detail=reply.error)
+        return []
+    if reply.finish_reason == "length":
+        sink.reject("reply hit the length limit", "bootstrap", raw=reply.text)
+        return []
+    instructions, preamble = parse_bootstrap_reply(reply.text)
+    if preamble:
+        sink.reject("chat preamble", "bootstrap", raw=preamble)
+    if not instructions:
+        sink.reject("parse failure", "bootstrap", raw=reply.text, detail="no numbered instructions")
+        return []
+    kept = []
+    for instruction in instructions:
+        reason = instruction_reject_reason(instruction, settings.blacklist, settings.min_words, settings.max_words)
+        if reason is None:
+            close = next((m for pool in pools if (m := pool.first_above(instruction, settings.similarity_threshold))), None)
+            if close is not None:
+                reason = "too similar to an existing instruction"
+                sink.reject(reason, "bootstrap", raw=instruction, detail=f"ROUGE-L {close.score:.3f} with: {close.text}")
+                continue
+        if reason is not None:
+            sink.reject(reason, "bootstrap", raw=instruction)
+            continue
+        similar, mean = _neighbours(pools, instruction, settings.most_similar_kept)
+        pools[1].add(instruction)
+        kept.append(_Candidate(instruction, [t.id for t in shown], reply, 0, similar, mean))
+    for candidate in kept:
+        candidate.share = len(kept)
+    return kept
+
+
+def _classify(candidates: list[_Candidate], teacher: Teacher, settings: SelfInstructConfig) -> None:
+    if not candidates:
+        return
+    replies = teacher.complete([classification_messages(c.instruction) for c in candidates], settings.classify_sampling)
+    for candidate, [reply] in zip(candidates, replies):
+        candidate.is_classification = reply.ok and parse_classification_reply(reply.text)
+        candidate.completions.append(reply)
+
+
+def _add_instances(
+    candidates: list[_Candidate], teacher: Teacher, settings: SelfInstructConfig,
+    target: int, seed: int, batch: int, sink: TaskSink,
+) -> None:
+    for round_number in range(settings.max_instance_rounds):
+        wanting = [c for c in candidates if len(c.instances) < target]
+        if not wanting:
+            return
+        params = settings.instance_sampling
+        if round_number:
+            params = params.model_copy(update={"temperature": settings.extra_round_temperature})
+        params = params.model_copy(update={"seed": seed * 1_000_003 + batch * 101 + round_number})
+        replies = teacher.complete([instance_messages(c.instruction, c.is_classification) for c in wanting], params)
+        for candidate, [reply] in zip(wanting, replies):
+            candidate.completions.append(reply)
+            if not reply.ok:
+                sink.reject("teacher error", "instances", detail=reply.error, raw=candidate.instruction)
+                continue
+            parsed = parse_instances(reply.text, candidate.is_classification, reply.finish_reason)
+            if parsed is None:
+                sink.reject("parse failure", "instances", raw=reply.text, detail=candidate.instruction)
+                continue
+            for instance in parsed:
+                reason = instance_reject_reason(instance)
+                if reason:
+                    sink.reject(f"instance: {reason}", "instances", raw=instance.model_dump_json(), detail=candidate.instruction)
+                elif instance not in candidate.instances:
+                    candidate.instances.append(instance)
+
+
+def _to_task(candidate: _Candidate, backend, templates, settings: SelfInstructConfig, seed: int) -> Task:
+    bootstrap = candidate.bootstrap
+    share = Completion("", "stop", bootstrap.prompt_tokens // candidate.share, bootstrap.completion_tokens // candidate.share)
+    used = [templates[0], templates[1], templates[3] if candidate.is_classification else templates[2]]
+    task_id = stable_id("si", candidate.instruction)
+    return Task(
+        id=task_id,
+        name=task_id,
+        instruction=candidate.instruction,
+        instances=candidate.instances,
+        is_classification=candidate.is_classification,
+        lineage=lineage(
+            generator="self-instruct",
+            operation="bootstrap",
+            teacher_name=backend,
+            templates=used,
+            sampling=settings.bootstrap_sampling,
+            seed=seed,
+            completions=[share, *candidate.completions],
+            parent_ids=candidate.parents,
+            most_similar=candidate.most_similar,
+            mean_similarity=candidate.mean_similarity,
+        ),
+    )

@@ -1,0 +1,33 @@
+"""The whole config file: one section per stage, each a strict pydantic model.
+
+    teacher:  datagen.config.TeacherConfig   (backend, model, sampling, limits, cache)
+    generate: GenerateConfig                  (method, seeds, num, per-method sections)
+
+Load with `datagen.config.load_config(path, overrides)`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from datagen.config import Strict, TeacherConfig
+from datagen.generators.self_instruct import SelfInstructConfig
+
+Method = Literal["self-instruct"]
+
+
+class GenerateConfig(Strict):
+    method: Method = "self-instruct"
+    seeds: str | None = None  # default: the seed set bundled with the package
+    out: str | None = None
+    num: int = Field(20, ge=1)
+    seed: int = 0
+    instances_per_task: int = Field(1, ge=1)
+    self_instruct: SelfInstructConfig = SelfInstructConfig()
+
+
+class Config(Strict):
+    teacher: TeacherConfig = TeacherConfig()
+    generate: GenerateConfig = GenerateConfig()
