@@ -22,8 +22,12 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip uninstall -q -y $(BROKEN_ON_CPU) || true
 	touch $(STAMP)
 
+# Until the distill stage exists, the demo is the longest chain there is: a smoke call to
+# the embedded teacher, then Self-Instruct from the bundled seeds (resumable: rerun it).
 demo: $(STAMP)
-	$(BIN)/datagen teacher "Write one sentence about why the sky is blue." --backend local --max-tokens 64
+	$(BIN)/datagen teacher "Write one sentence about why the sky is blue." --max-tokens 48
+	$(BIN)/datagen generate --config examples/self_instruct_local.yaml
+	@echo "tasks: out/self_instruct.jsonl  rejects: out/self_instruct.rejects.jsonl  summary: out/self_instruct.summary.json"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -99,3 +99,30 @@ def test_model_not_served(vllm_server):
     result = run_cli("teacher", "hi", "--backend", "openai", "--base-url", vllm_server, "--model", "gpt-9")
     assert result.returncode == 1
     assert "does not serve model 'gpt-9' (it serves: smollm2-135m)" in single_error_line(result)
+
+
+def test_missing_seeds_file(tmp_path):
+    result = run_cli("generate", "--seeds", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "raw.jsonl"))
+    assert result.returncode == 1
+    assert single_error_line(result) == f"error: {tmp_path / 'nope.jsonl'}: no such file"
+    assert not (tmp_path / "raw.jsonl").exists()
+
+
+def test_invalid_seeds_file_names_the_line(tmp_path):
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text('{"id": "a", "instruction": "Say hi to me."}\n{"id": "b", "instances": []}\n')
+    result = run_cli("generate", "--seeds", str(seeds), "--out", str(tmp_path / "raw.jsonl"))
+    assert result.returncode == 1
+    assert single_error_line(result) == f'error: {seeds}:2: missing "instruction"'
+
+
+def test_generate_needs_an_output():
+    result = run_cli("generate", "--num", "2")
+    assert result.returncode == 2
+    assert single_error_line(result) == "error: --out: where to write the tasks is required"
+
+
+def test_unknown_method():
+    result = run_cli("generate", "--method", "magic", "--out", "x.jsonl")
+    assert result.returncode == 2
+    assert single_error_line(result).startswith("error: --method: Input should be 'self-instruct'")

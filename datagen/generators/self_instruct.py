@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pydantic import Field
 
 from datagen.config import SamplingParams, Strict
+from datagen.errors import DatagenError
 from datagen.generators.common import TaskSink, lineage, stable_id
 from datagen.prompts import load_template
 from datagen.records import Instance, Task
@@ -67,6 +68,8 @@ class SelfInstructConfig(Strict):
     max_words: int = 150
     blacklist: tuple[str, ...] = REFERENCE_BLACKLIST
     max_instance_rounds: int = Field(3, ge=1)
+    # give up (with a message) after this many batches in a row add no task
+    max_stalled_batches: int = Field(20, ge=1)
     bootstrap_sampling: SamplingParams = SamplingParams(
         temperature=0.7, top_p=0.5, max_tokens=1024, stop=REFERENCE_STOP
     )
@@ -76,6 +79,10 @@ class SelfInstructConfig(Strict):
     instance_sampling: SamplingParams = SamplingParams(temperature=0.0, max_tokens=350)
     # later rounds resample at this temperature so they do not repeat round one
     extra_round_temperature: float = Field(0.7, ge=0.0, le=2.0)
+
+
+class GenerationStalled(DatagenError):
+    """The teacher keeps producing nothing usable; what it did produce is on disk."""
 
 
 # -- pure functions: prompts and parsing ------------------------------------------------------
@@ -261,7 +268,13 @@ def run_self_instruct(
     backend = (teacher.backend.name, teacher.backend.model)
     templates = [load_template(name) for name in (BOOTSTRAP, IS_CLASSIFICATION, INPUT_FIRST, OUTPUT_FIRST)]
     batch = batches_done
+    stalled = 0
     while len(machine) < num:
+        if stalled >= settings.max_stalled_batches:
+            raise GenerationStalled(
+                f"self-instruct: {stalled} batches in a row produced no task; "
+                f"see the rejects file for why ({len(machine)} of {num} tasks so far)"
+            )
         rng = random.Random(f"self-instruct:{seed}:{batch}")
         shown = [
             sample_prompt_tasks(seeds, machine, rng, settings.prompt_instructions, settings.machine_per_prompt)
@@ -290,6 +303,7 @@ def run_self_instruct(
         machine += fresh
         accepted_index.extend(t.instruction for t in fresh)
         batch += 1
+        stalled = 0 if fresh else stalled + 1
         on_batch_done(batch)
         progress(len(fresh))
 

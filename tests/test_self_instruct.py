@@ -1,0 +1,228 @@
+"""Self-Instruct: exact prompts, exact parses, every reference filter rule, a real run, resume."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from datagen.generators.self_instruct import (
+    bootstrap_messages,
+    classification_messages,
+    has_conflicting_outputs,
+    instance_messages,
+    instance_reject_reason,
+    instruction_reject_reason,
+    parse_bootstrap_reply,
+    parse_classification_reply,
+    parse_instances,
+    sample_prompt_tasks,
+)
+from datagen.io import read_tasks
+from datagen.records import Instance, Task
+
+HEADER = (
+    "Below is a numbered list of varied tasks that a person could ask a capable AI assistant to do. "
+    "Continue the list with new tasks that differ from the ones already listed in topic and in kind. "
+    "Write every task as a single instruction on its own numbered line.\n\n"
+)
+
+
+def test_bootstrap_prompt_is_pinned():
+    [message] = bootstrap_messages(["Say hi to the user:", "Add  two\nnumbers.", "Name a river."])
+    assert message == {
+        "role": "user",
+        "content": HEADER + "1. Say hi to the user\n2. Add two numbers.\n3. Name a river.\n4.",
+    }
+
+
+def test_classification_and_instance_prompts_end_with_the_task():
+    [message] = classification_messages("Is the email spam or not spam?")
+    assert message["content"].endswith("Classification: Yes\n\nTask: Is the email spam or not spam?\nClassification:")
+    assert message["content"].startswith("For each task, decide whether it is a classification task")
+    [message] = instance_messages("Sort the numbers.", is_classification=False)
+    assert message["content"].startswith("Write examples for each task.")
+    assert message["content"].endswith("Output: Curiosity\n\nTask: Sort the numbers.")
+    [message] = instance_messages("Is it even or odd?", is_classification=True)
+    assert message["content"].endswith("Class label: Neither, they weigh the same.\n\nTask: Is it even or odd?")
+
+
+def test_prompt_mixes_six_seeds_and_two_generated_tasks():
+    seeds = [Task(id=f"s{i}", instruction=f"seed {i}") for i in range(20)]
+    machine = [Task(id=f"m{i}", instruction=f"machine {i}") for i in range(5)]
+    chosen = sample_prompt_tasks(seeds, machine, random.Random(0), total=8, from_machine=2)
+    assert len(chosen) == 8 and sum(t.id.startswith("m") for t in chosen) == 2
+    early = sample_prompt_tasks(seeds, machine[:1], random.Random(0), total=8, from_machine=2)
+    assert sum(t.id.startswith("m") for t in early) == 1 and len(early) == 8
+
+
+@pytest.mark.parametrize(
+    ("reply", "instructions", "preamble"),
+    [
+        (" Plan a picnic for six people.\n10. Explain how tides work.\n11 . Name three uses of baking soda.",
+         ["Plan a picnic for six people.", "Explain how tides work.", "Name three uses of baking soda."], None),
+        ("9. describe the  water cycle\nin simple words.\n10. List four   jazz musicians.",
+         ["Describe the water cycle in simple words.", "List four jazz musicians."], None),
+        ("Here are some more tasks:\n9. Give a synonym for happy.\n10. Count vowels in a word.",
+         ["Give a synonym for happy.", "Count vowels in a word."], "Here are some more tasks:"),
+        ("", [], None),
+    ],
+)
+def test_bootstrap_reply_parse(reply, instructions, preamble):
+    assert parse_bootstrap_reply(reply) == (instructions, preamble)
+
+
+@pytest.mark.parametrize(
+    ("instruction", "reason"),
+    [
+        ("Sort the list.", "too short"),
+        ("Tell me a joke now", None),
+        (" ".join(["word"] * 151), "too long"),
+        (" ".join(["word"] * 150), None),
+        ("Describe the image of a sunset over the sea.", "blacklisted word: image"),
+        ("Describe the IMAGES of a sunset over the sea.", "blacklisted word: images"),
+        ("Plot the sales for the last four quarters.", "blacklisted word: plot"),
+        ("Please go to the store and buy milk.", "blacklisted word: go to"),
+        ("Explain the plotline of the novel Dune.", None),  # whole words only
+        ("Write a program that sorts a list of numbers.", "starts with 'Write a program'"),
+        ("\"Quote\" the famous speech by Lincoln here.", "starts with punctuation"),
+        ("Éxplain why the sky looks blue at noon.", "starts with a non-ASCII character"),
+    ],
+)
+def test_reference_instruction_rules(instruction, reason):
+    assert instruction_reject_reason(instruction) == reason
+
+
+def test_alpaca_blacklist_is_a_parameter():
+    words = ("video", "audio", "music", "flowchart", "diagram")
+    assert instruction_reject_reason("Describe the music of the Baroque era.", words) == "blacklisted word: music"
+
+
+def test_classification_reply():
+    assert parse_classification_reply(" Yes") is True
+    assert parse_classification_reply("No") is False
+
+
+def test_input_first_parse_drops_the_cut_off_last_instance():
+    reply = "Example 1\nInput: 3, 1, 2\nOutput: 1, 2, 3\nExample 2\nInput: 9, 7\nOutput: 7, 9\nExample 3\nInput: 5, 4"
+    assert parse_instances(reply, False, "stop") == [
+        Instance(input="3, 1, 2", output="1, 2, 3"), Instance(input="9, 7", output="7, 9"),
+        Instance(input="", output=""),  # as the reference parses an input with no output; filtered later
+    ]
+    assert parse_instances(reply, False, "length") == [
+        Instance(input="3, 1, 2", output="1, 2, 3"), Instance(input="9, 7", output="7, 9"),
+    ]
+    assert parse_instances("Output: Breathe deeply and count to ten.", False, "stop") == [
+        Instance(input="", output="Breathe deeply and count to ten."),
+    ]
+    assert parse_instances("I cannot think of any.", False, "stop") is None
+
+
+def test_output_first_parse():
+    reply = "Class label: positive\nInput: I loved it.\nClass label: negative\nInput: Never again.\nClass label: neutral"
+    assert parse_instances(reply, True, "stop") == [
+        Instance(input="I loved it.", output="positive"),
+        Instance(input="Never again.", output="negative"),
+        Instance(input="", output="neutral"),
+    ]
+    assert parse_instances("positive", True, "stop") is None
+
+
+@pytest.mark.parametrize(
+    ("instance", "reason"),
+    [
+        (Instance(input="same", output="same"), "input equals output"),
+        (Instance(input="x", output=""), "empty output"),
+        (Instance(input="List:", output="a"), "input or output ends with ':'"),
+        (Instance(input="a", output="Answer:"), "input or output ends with ':'"),
+        (Instance(input="2+2", output="4"), None),
+    ],
+)
+def test_instance_rules(instance, reason):
+    assert instance_reject_reason(instance) == reason
+
+
+def test_same_input_different_output_drops_the_task():
+    assert has_conflicting_outputs([Instance(input="a", output="1"), Instance(input="a", output="2")])
+    assert not has_conflicting_outputs([Instance(input="", output="1"), Instance(input="", output="2")])
+    assert not has_conflicting_outputs([Instance(input="a", output="1"), Instance(input="b", output="1")])
+
+
+TINY = """\
+teacher: {{backend: local, batch_size: 4, cache_dir: {cache}}}
+generate:
+  method: self-instruct
+  out: {out}
+  num: {num}
+  instances_per_task: 1
+  self_instruct:
+    prompts_per_batch: {prompts}
+    max_instance_rounds: 1
+    max_stalled_batches: 30
+    bootstrap_sampling: {{temperature: 0.7, top_p: 0.5, max_tokens: 400, stop: ["\\n\\n", "\\n16", "16.", "16 ."]}}
+    instance_sampling: {{temperature: 0.0, max_tokens: 64}}
+"""
+
+
+def write_tiny_config(tmp_path, num, prompts):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY.format(cache=tmp_path / "cache", out=tmp_path / "raw.jsonl", num=num, prompts=prompts))
+    return path
+
+
+@pytest.mark.slow
+def test_end_to_end_on_the_embedded_model(tmp_path):
+    from tests.conftest import run_cli
+
+    config = write_tiny_config(tmp_path, num=2, prompts=2)
+    result = run_cli("generate", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    tasks = read_tasks(tmp_path / "raw.jsonl")
+    assert len(tasks) == 2 and len({t.id for t in tasks}) == 2
+    seeds = {t.id for t in read_tasks(Path("datagen/data/seed_tasks.jsonl"))}
+    for task in tasks:
+        assert task.instances and all(i.output for i in task.instances)
+        assert task.lineage.generator == "self-instruct" and task.lineage.teacher_model == "smollm2-135m"
+        assert set(task.lineage.parent_ids) <= seeds | {t.id for t in tasks}
+        assert len(task.lineage.most_similar) == 10
+        assert max(task.lineage.most_similar.values()) <= 0.7
+        assert task.lineage.usage.completion_tokens > 0
+    summary = json.loads((tmp_path / "raw.summary.json").read_text())
+    assert summary["tasks_total"] == 2 and summary["requests_sent"] > 0
+    rejects = [json.loads(line) for line in (tmp_path / "raw.rejects.jsonl").read_text().splitlines()]
+    assert sum(summary["rejects_by_reason"].values()) == len(rejects)
+    assert "self-instruct: 2 new tasks" in result.stderr
+
+
+@pytest.mark.slow
+def test_kill_mid_run_and_resume(tmp_path):
+    config = write_tiny_config(tmp_path, num=3, prompts=1)
+    command = [sys.executable, "-m", "datagen.cli", "generate", "--config", str(config)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress, output = tmp_path / "raw.progress.json", tmp_path / "raw.jsonl"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and process.poll() is None:
+        if progress.exists() and output.exists() and output.read_text().strip():
+            break
+        time.sleep(0.5)
+    assert process.poll() is None, "the run finished before it could be killed"
+    time.sleep(3)  # let it get into the next batch
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    before = read_tasks(output)
+    assert 1 <= len(before) < 3
+
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr
+    after = read_tasks(output)
+    assert len(after) == 3 and len({t.id for t in after}) == 3
+    assert [t.id for t in after[: len(before)]] == [t.id for t in before]
+    summary = json.loads((tmp_path / "raw.summary.json").read_text())
+    assert summary["tasks_resumed"] == len(before)
+    assert f"{len(before)} from before" in result.stderr
