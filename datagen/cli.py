@@ -207,6 +207,76 @@ def generate(
     typer.echo(format_summary(summary), err=True)
 
 
+InputArg = Annotated[Path, typer.Argument(help="Task JSONL to filter (ours or anyone's).")]
+KeptOpt = Annotated[Path, typer.Option("--out", "-o", help="Where the kept tasks go.")]
+RejectsOpt = Annotated[
+    Optional[Path], typer.Option("--rejects", help="Where rejected tasks go (default: OUT.rejects.jsonl).")
+]
+SkipInvalidOpt = Annotated[
+    bool, typer.Option("--skip-invalid", help="Count malformed lines as rejects instead of stopping.")
+]
+
+
+def _filter(source: Path, out: Path, rejects: Optional[Path], overrides: dict, config: Optional[Path]) -> None:
+    from datagen.config import load_config
+    from datagen.filtering import format_stats, run_filter
+
+    settings = load_config(config, overrides)
+    rejects = rejects or out.with_name(out.stem + ".rejects.jsonl")
+    stats = run_filter(settings, source, out, rejects, "datagen " + " ".join(sys.argv[1:]))
+    typer.echo(format_stats(stats), err=True)
+
+
+@app.command("filter")
+def filter_command(
+    source: InputArg,
+    out: KeptOpt,
+    rejects: RejectsOpt = None,
+    passes: Annotated[
+        Optional[str],
+        typer.Option("--passes", help="Comma-separated, in order: heuristics, exact-dedup, near-dedup, "
+                                      "novelty, decontaminate, judge."),
+    ] = None,
+    eval_files: Annotated[
+        Optional[list[Path]], typer.Option("--eval", help="Evaluation file for decontamination (repeatable).")
+    ] = None,
+    judge_threshold: Annotated[Optional[float], typer.Option("--judge-threshold")] = None,
+    skip_invalid: SkipInvalidOpt = False,
+    config: ConfigOpt = None,
+    backend: BackendOpt = None,
+    model: ModelOpt = None,
+    base_url: BaseUrlOpt = None,
+    api_key_env: ApiKeyEnvOpt = None,
+    cache_dir: CacheDirOpt = None,
+) -> None:
+    """Run filter passes over a task JSONL; every rejected task is kept with its reason."""
+    overrides = teacher_overrides(backend=backend, model=model, base_url=base_url,
+                                  api_key_env=api_key_env, cache_dir=cache_dir)
+    overrides.update({
+        "filter.passes": ("--passes", [p.strip() for p in passes.split(",") if p.strip()] if passes else None),
+        "filter.decontaminate.eval_files": ("--eval", [str(p) for p in eval_files] if eval_files else None),
+        "filter.judge.threshold": ("--judge-threshold", judge_threshold),
+        "filter.skip_invalid": ("--skip-invalid", True if skip_invalid else None),
+    })
+    _filter(source, out, rejects, overrides, config)
+
+
+@app.command()
+def dedup(
+    source: InputArg,
+    out: KeptOpt,
+    rejects: RejectsOpt = None,
+    skip_invalid: SkipInvalidOpt = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Shortcut for `filter --passes exact-dedup,near-dedup`."""
+    overrides = {
+        "filter.passes": ("--passes", ["exact-dedup", "near-dedup"]),
+        "filter.skip_invalid": ("--skip-invalid", True if skip_invalid else None),
+    }
+    _filter(source, out, rejects, overrides, config)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `datagen` console script."""
     args = sys.argv[1:] if argv is None else argv

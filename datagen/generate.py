@@ -8,6 +8,7 @@ the interrupted batch from the request cache, and writes no task twice.
 
 from __future__ import annotations
 
+import importlib
 import json
 import time
 from importlib import resources
@@ -20,6 +21,12 @@ from datagen.io import atomic_write_json, read_tasks
 from datagen.records import Task
 from datagen.settings import Config
 from datagen.teachers.teacher import make_teacher, run_summary, summary_path
+
+
+# method -> (module, entry point, section of GenerateConfig holding its settings)
+METHODS = {
+    "self-instruct": ("datagen.generators.self_instruct", "run_self_instruct", "self_instruct"),
+}
 
 
 def bundled_seeds_path() -> Path:
@@ -62,15 +69,14 @@ def run_generate(config: Config, command_line: str) -> dict[str, Any]:
             atomic_write_json(progress_path(output), {"method": settings.method, "batches_done": batches})
 
         resumed_from = len(sink.existing)
-        if settings.method == "self-instruct":
-            from datagen.generators.self_instruct import run_self_instruct
-
-            run_self_instruct(
-                seeds, teacher, sink, settings.self_instruct,
-                num=settings.num, seed=settings.seed, instances_per_task=settings.instances_per_task,
-                progress=lambda n: bar.advance(bar_task, n),
-                batches_done=_batches_done(output, settings.method), on_batch_done=mark_done,
-            )
+        module_name, runner_name, section = METHODS[settings.method]
+        runner = getattr(importlib.import_module(module_name), runner_name)
+        runner(
+            seeds, teacher, sink, getattr(settings, section),
+            num=settings.num, seed=settings.seed, instances_per_task=settings.instances_per_task,
+            progress=lambda n: bar.advance(bar_task, n),
+            batches_done=_batches_done(output, settings.method), on_batch_done=mark_done,
+        )
         summary = run_summary(
             teacher,
             time.monotonic() - started,

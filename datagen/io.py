@@ -69,6 +69,27 @@ def read_records(path: str | Path, model: type[BaseModel]) -> Iterator[Any]:
             ) from None
 
 
+def read_tasks_lenient(path: str | Path) -> tuple[list[Task], list[tuple[str, str, str]]]:
+    """Tasks, and (file:line, problem, raw line) for every line that is not a valid task."""
+    path = Path(path)
+    tasks, invalid = [], []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_number}"
+        try:
+            tasks.append(Task.model_validate_json(line))
+        except ValidationError as error:
+            first = error.errors()[0]
+            problem = "invalid JSON" if first["type"] == "json_invalid" else describe_validation_error(error)
+            invalid.append((where, problem, line))
+    return tasks, invalid
+
+
 def read_tasks(path: str | Path) -> list[Task]:
     """Load a task JSONL file (Self-Instruct seed format or ours); empty files are an error."""
     tasks = list(read_records(path, Task))

@@ -61,6 +61,9 @@ class Lineage(BaseModel):
     most_similar: dict[str, float] = Field(default_factory=dict)
     """Self-Instruct: the closest existing instructions and their ROUGE-L F1."""
     mean_similarity: float | None = None
+    judge_score: float | None = None
+    """LLM-judge score (0-5, mean over instances) and its rationale, set by the judge pass."""
+    judge_rationale: str | None = None
 
 
 class Task(BaseModel):

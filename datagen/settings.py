@@ -2,6 +2,7 @@
 
     teacher:  datagen.config.TeacherConfig   (backend, model, sampling, limits, cache)
     generate: GenerateConfig                  (method, seeds, num, per-method sections)
+    filter:   datagen.filtering.FilterConfig  (passes and their settings)
 
 Load with `datagen.config.load_config(path, overrides)`.
 """
@@ -13,6 +14,7 @@ from typing import Literal
 from pydantic import Field
 
 from datagen.config import Strict, TeacherConfig
+from datagen.filtering import FilterConfig
 from datagen.generators.self_instruct import SelfInstructConfig
 
 Method = Literal["self-instruct"]
@@ -31,3 +33,4 @@ class GenerateConfig(Strict):
 class Config(Strict):
     teacher: TeacherConfig = TeacherConfig()
     generate: GenerateConfig = GenerateConfig()
+    filter: FilterConfig = FilterConfig()

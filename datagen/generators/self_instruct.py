@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import random
 import re
-import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -37,6 +36,12 @@ from pydantic import Field
 
 from datagen.config import SamplingParams, Strict
 from datagen.errors import DatagenError
+from datagen.filters.heuristics import (  # the reference rules live with the other filters
+    REFERENCE_BLACKLIST,
+    has_conflicting_outputs,
+    instance_reject_reason,
+    instruction_reject_reason,
+)
 from datagen.generators.common import TaskSink, lineage, stable_id
 from datagen.prompts import load_template
 from datagen.records import Instance, Task
@@ -44,10 +49,6 @@ from datagen.rouge import RougeLIndex
 from datagen.teachers.base import Completion, Message
 from datagen.teachers.teacher import Teacher
 
-REFERENCE_BLACKLIST = (
-    "image", "images", "graph", "graphs", "picture", "pictures",
-    "file", "files", "map", "maps", "draw", "plot", "go to",
-)
 REFERENCE_STOP = ("\n\n", "\n16", "16.", "16 .")
 
 BOOTSTRAP = "self_instruct_bootstrap.jinja"
@@ -129,31 +130,6 @@ def parse_bootstrap_reply(text: str) -> tuple[list[str], str | None]:
     return instructions, preamble
 
 
-def _has_word(word: str, text: str) -> bool:
-    return re.search(rf"\b{re.escape(word)}\b", text, flags=re.IGNORECASE) is not None
-
-
-def instruction_reject_reason(
-    instruction: str, blacklist: Sequence[str] = REFERENCE_BLACKLIST, min_words: int = 3, max_words: int = 150
-) -> str | None:
-    """The reference's rules for a new instruction, in its order; None when it passes."""
-    words = len(instruction.split())
-    if words <= min_words:
-        return "too short"
-    if words > max_words:
-        return "too long"
-    hit = next((word for word in blacklist if _has_word(word, instruction)), None)
-    if hit:
-        return f"blacklisted word: {hit}"
-    if instruction.startswith("Write a program"):
-        return "starts with 'Write a program'"
-    if instruction[0] in string.punctuation:
-        return "starts with punctuation"
-    if not instruction[0].isascii():
-        return "starts with a non-ASCII character"
-    return None
-
-
 def classification_messages(instruction: str) -> list[Message]:
     return user(load_template(IS_CLASSIFICATION).render(instruction=clean_instruction(instruction)))
 
@@ -200,25 +176,6 @@ def parse_instances(text: str, is_classification: bool, finish_reason: str) -> l
     if finish_reason == "length":
         pairs = pairs[:-1]
     return [Instance(input=i, output=o) for i, o in pairs]
-
-
-def instance_reject_reason(instance: Instance) -> str | None:
-    if instance.input == instance.output:
-        return "input equals output"
-    if instance.output == "":
-        return "empty output"
-    if instance.input.strip().endswith(":") or instance.output.strip().endswith(":"):
-        return "input or output ends with ':'"
-    return None
-
-
-def has_conflicting_outputs(instances: Sequence[Instance]) -> bool:
-    """True when one non-empty input maps to two different outputs."""
-    seen: dict[str, str] = {}
-    for instance in instances:
-        if instance.input and seen.setdefault(instance.input, instance.output) != instance.output:
-            return True
-    return False
 
 
 # -- the loop ---------------------------------------------------------------------------------

@@ -1,0 +1,363 @@
+"""Alpaca (Taori et al. 2023): Self-Instruct in one pass, following tatsu-lab/stanford_alpaca.
+
+The reference is `generate_instruction.py` and `prompt.txt` of that repository. One batch:
+
+1. *Prompt*: each prompt shows 3 seed tasks sampled from the seeds only (never from
+   generated tasks), each with the instruction, input and output of its first instance,
+   in the numbered format below (`<noinput>` for an empty input), asks for a list of 20
+   tasks and ends with the label of the next one. The teacher continues the list; it
+   stops at item 20 (stop sequences "\\n20" and "20."), so a reply holds up to 16 tasks.
+
+       ###
+       1. Instruction: Give three tips for staying healthy.
+       1. Input:
+       <noinput>
+       1. Output:
+       Eat a balanced diet, ...
+       ###
+       4. Instruction:
+
+2. *Parse*: the reply is split at "###"; each piece must hold "N. Instruction:",
+   "N. Input:" and "N. Output:" once each, in that order. `<noinput>` becomes "". When the
+   reply hit the length limit its last piece is dropped (it is likely cut off).
+3. *Filter* with Self-Instruct's rules (`self_instruct.instruction_reject_reason`: more
+   than 3 and at most 150 words, a whole-word keyword blacklist, not starting with "Write
+   a program", with punctuation or with a non-ASCII character), Alpaca's longer blacklist
+   (adds video, audio, music, flowchart, diagram), and the ROUGE-L rule: F1 > 0.7 against
+   any seed or accepted instruction rejects it. The 10 most similar instructions and the
+   mean similarity go into lineage, as the reference stores them.
+
+Unlike Self-Instruct, there is no classification step and no second request for
+instances: one reply gives whole tasks, each with exactly one instance, so
+`instances_per_task` does not apply. Every task gets `is_classification=False`.
+
+Every thrown-away item goes to the rejects file (stage "alpaca") with its reason and raw
+text: unparseable pieces ("parse failure"), the cut-off last item ("reply hit the length
+limit"), every filter rule, and valid tasks beyond `--num` ("surplus beyond num").
+
+Where we differ from the reference, on purpose:
+- its pieces must be numbered by position (the k-th piece must carry number 3 + k); we
+  accept any number as long as a piece's three labels share it, so a reply that skips
+  or repeats a number loses nothing but what is actually malformed;
+- a reply that itself starts with an "N. Instruction:" label (chat models repeat the
+  label they were given) does not get a second one prepended;
+- an item with an empty output is rejected ("empty output"); the reference keeps it;
+- the reference drops its failures silently; we keep each one as a reject;
+- its stop list `["\\n20", "20.", "20."]` repeats "20." and is sent deduplicated, and it
+  follows `tasks_per_prompt` when that is changed and `sampling` is left at its default;
+- its `logit_bias` against `<|endoftext|>` (a GPT-3 token id) is not sent: no backend-neutral
+  equivalent exists;
+- a batch adds at most the tasks still missing from `num` (the reference keeps the whole
+  last batch); seeds and the reference's `random.sample` are replaced by a per-batch
+  `random.Random(f"alpaca:{seed}:{batch}")`, so a resumed run repeats its decisions.
+
+    datagen generate --method alpaca --num 100 --out alpaca.jsonl
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from pydantic import Field, model_validator
+
+from datagen.config import SamplingParams, Strict
+from datagen.errors import DatagenError
+from datagen.generators.common import TaskSink, lineage, stable_id
+from datagen.generators.self_instruct import (
+    REFERENCE_BLACKLIST,
+    GenerationStalled,
+    _neighbours,
+    clean_instruction,
+    instruction_reject_reason,
+    sample_prompt_tasks,
+    user,
+)
+from datagen.prompts import Template, load_template
+from datagen.records import Instance, Task
+from datagen.rouge import RougeLIndex
+from datagen.teachers.base import Completion, Message
+from datagen.teachers.teacher import Teacher
+
+__all__ = [
+    "ALPACA_BLACKLIST",
+    "ALPACA_EXTRA_BLACKLIST",
+    "AlpacaConfig",
+    "AlpacaItem",
+    "GenerationStalled",
+    "ParsedReply",
+    "alpaca_messages",
+    "item_reject_reason",
+    "parse_alpaca_reply",
+    "reference_stop",
+    "run_alpaca",
+]
+
+ALPACA_EXTRA_BLACKLIST = ("video", "audio", "music", "flowchart", "diagram")
+ALPACA_BLACKLIST = REFERENCE_BLACKLIST + ALPACA_EXTRA_BLACKLIST
+NO_INPUT = "<noinput>"
+SEPARATOR = "###"
+GENERATE = "alpaca_generate.jinja"
+STAGE = "alpaca"
+
+
+def reference_stop(tasks_per_prompt: int = 20) -> tuple[str, ...]:
+    """The reference's stop sequences (it hard-codes them for 20 tasks), deduplicated."""
+    return (f"\n{tasks_per_prompt}", f"{tasks_per_prompt}.")
+
+
+class AlpacaConfig(Strict):
+    """Alpaca settings; defaults are the reference's (`generate_instruction.py`)."""
+
+    seeds_per_prompt: int = Field(3, ge=1)  # num_prompt_instructions=3
+    tasks_per_prompt: int = Field(20, ge=2)  # "List of 20 tasks", stop at "\n20"
+    prompts_per_batch: int = Field(5, ge=1)  # request_batch_size=5
+    similarity_threshold: float = Field(0.7, gt=0.0, le=1.0)
+    most_similar_kept: int = Field(10, ge=0)
+    min_words: int = 3  # an instruction needs more than this many words
+    max_words: int = 150
+    blacklist: tuple[str, ...] = ALPACA_BLACKLIST
+    sampling: SamplingParams = SamplingParams(
+        temperature=1.0, top_p=1.0, max_tokens=3072, stop=reference_stop(20)
+    )
+    # give up (with a message) after this many batches in a row add no task
+    max_stalled_batches: int = Field(20, ge=1)
+
+    @model_validator(mode="after")
+    def _check_counts(self) -> AlpacaConfig:
+        if self.tasks_per_prompt <= self.seeds_per_prompt + 1:
+            raise ValueError(
+                f"tasks_per_prompt ({self.tasks_per_prompt}) must exceed seeds_per_prompt + 1 "
+                f"({self.seeds_per_prompt + 1}), or the teacher has no task left to write"
+            )
+        if "sampling" not in self.model_fields_set and self.tasks_per_prompt != 20:
+            self.sampling = self.sampling.model_copy(update={"stop": reference_stop(self.tasks_per_prompt)})
+        return self
+
+
+# -- pure functions: prompt, parse, rules -----------------------------------------------------
+
+
+def alpaca_messages(shown: Sequence[Task], tasks_per_prompt: int = 20) -> list[Message]:
+    """The prompt showing `shown` (their first instance each) and asking for the next task."""
+    examples = []
+    for task in shown:
+        first = task.instances[0] if task.instances else Instance(output="")
+        examples.append({
+            "instruction": clean_instruction(task.instruction),
+            "input": first.input if first.input.strip() else NO_INPUT,
+            "output": first.output,
+        })
+    return user(load_template(GENERATE).render(tasks=examples, total=tasks_per_prompt))
+
+
+@dataclass(frozen=True)
+class AlpacaItem:
+    """One generated task: instruction, input ("" for `<noinput>`) and output."""
+
+    instruction: str
+    input: str
+    output: str
+    raw: str = field(default="", compare=False)  # the piece of the reply it came from
+
+
+@dataclass
+class ParsedReply:
+    items: list[AlpacaItem] = field(default_factory=list)
+    malformed: list[tuple[str, str]] = field(default_factory=list)  # (raw piece, what is wrong)
+    cut_off: str | None = None  # the last piece, dropped because the reply hit the length limit
+
+
+_LABEL = re.compile(r"(\d+)\.\s+(Instruction|Input|Output):")
+_LEADING_LABEL = re.compile(r"\s*\d+\.\s+Instruction:")
+_FIELDS = ["Instruction", "Input", "Output"]
+
+
+def parse_item(piece: str) -> AlpacaItem | str:
+    """One "###"-separated piece as an item, or what is wrong with it.
+
+    Text before the first label is ignored, as the reference ignores it.
+    """
+    parts = _LABEL.split(piece)
+    numbers, labels = parts[1::3], parts[2::3]
+    if labels != _FIELDS:
+        found = ", ".join(f"'{n}. {label}:'" for n, label in zip(numbers, labels)) or "none"
+        return f"expected 'N. Instruction:', 'N. Input:', 'N. Output:' once each in that order; found {found}"
+    if len(set(numbers)) != 1:
+        return f"the fields carry different numbers: {', '.join(numbers)}"
+    instruction, instance_input, output = (parts[i].strip() for i in (3, 6, 9))
+    if instance_input.lower() == NO_INPUT:
+        instance_input = ""
+    return AlpacaItem(instruction, instance_input, output, raw=piece)
+
+
+def parse_alpaca_reply(text: str, first_number: int, finish_reason: str) -> ParsedReply:
+    """Items in a reply that continues the list at `first_number` ("N. Instruction:" was the prompt's end)."""
+    parsed = ParsedReply()
+    if not text.strip():
+        parsed.malformed.append((text, "empty reply"))
+        return parsed
+    body = text if _LEADING_LABEL.match(text) else f"{first_number}. Instruction:{text}"
+    pieces = body.split(SEPARATOR)
+    if finish_reason == "length":
+        last = pieces.pop()
+        if last.strip():
+            parsed.cut_off = last
+    for piece in pieces:
+        if not piece.strip():
+            continue
+        item = parse_item(piece)
+        if isinstance(item, str):
+            parsed.malformed.append((piece, item))
+        else:
+            parsed.items.append(item)
+    if not (parsed.items or parsed.malformed or parsed.cut_off):
+        parsed.malformed.append((text, "no items in the reply"))
+    return parsed
+
+
+def item_reject_reason(
+    item: AlpacaItem,
+    blacklist: Sequence[str] = ALPACA_BLACKLIST,
+    min_words: int = 3,
+    max_words: int = 150,
+) -> str | None:
+    """Self-Instruct's instruction rules with Alpaca's blacklist, then a non-empty output."""
+    reason = instruction_reject_reason(item.instruction, blacklist, min_words, max_words)
+    if reason is None and not item.output:
+        reason = "empty output"
+    return reason
+
+
+# -- the loop ---------------------------------------------------------------------------------
+
+
+def run_alpaca(
+    seeds: Sequence[Task],
+    teacher: Teacher,
+    sink: TaskSink,
+    settings: AlpacaConfig,
+    *,
+    num: int,
+    seed: int,
+    instances_per_task: int,
+    progress: Callable[[int], None] = lambda _n: None,
+    batches_done: int = 0,
+    on_batch_done: Callable[[int], None] = lambda _n: None,
+) -> None:
+    """Generate tasks into `sink` until it holds `num` (tasks already there count).
+
+    `instances_per_task` is accepted for a common signature and ignored: an Alpaca task
+    comes with exactly one instance. Batches start at `batches_done`, each with its own
+    `random.Random(f"alpaca:{seed}:{batch}")`; `on_batch_done(batches)` follows each flush.
+    """
+    del instances_per_task
+    showable = [task for task in seeds if task.instances]
+    if not showable:
+        raise DatagenError("alpaca: no seed task has an instance to show the teacher")
+    count = len(sink.existing)
+    accepted_index = RougeLIndex([t.instruction for t in seeds] + [t.instruction for t in sink.existing])
+    backend = (teacher.backend.name, teacher.backend.model)
+    template = load_template(GENERATE)
+    batch = batches_done
+    stalled = 0
+    while count < num:
+        if stalled >= settings.max_stalled_batches:
+            raise GenerationStalled(
+                f"alpaca: {stalled} batches in a row produced no task; "
+                f"see the rejects file for why ({count} of {num} tasks so far)"
+            )
+        rng = random.Random(f"alpaca:{seed}:{batch}")
+        shown = [
+            sample_prompt_tasks(showable, (), rng, settings.seeds_per_prompt, 0)
+            for _ in range(settings.prompts_per_batch)
+        ]
+        params = settings.sampling.model_copy(update={"seed": seed * 1_000_003 + batch})
+        replies = teacher.complete([alpaca_messages(s, settings.tasks_per_prompt) for s in shown], params)
+        batch_index = RougeLIndex()
+        candidates: list[Task] = []
+        for tasks_shown, [reply] in zip(shown, replies):
+            candidates += _screen_reply(
+                reply, tasks_shown, settings, sink, (accepted_index, batch_index),
+                backend=backend, template=template, params=params, seed=seed,
+            )
+        keep = candidates[: num - count]
+        for task in candidates[len(keep):]:
+            sink.reject("surplus beyond num", STAGE, task=task, detail=f"{num} tasks were asked for")
+        fresh = sink.accept(keep)
+        sink.flush()
+        count += len(fresh)
+        accepted_index.extend(t.instruction for t in fresh)
+        batch += 1
+        stalled = 0 if fresh else stalled + 1
+        on_batch_done(batch)
+        progress(len(fresh))
+
+
+def _bare_task(item: AlpacaItem) -> Task:
+    task_id = stable_id("alpaca", item.instruction)
+    return Task(id=task_id, name=task_id, instruction=item.instruction,
+                instances=[Instance(input=item.input, output=item.output)])
+
+
+def _screen_reply(
+    reply: Completion,
+    shown: list[Task],
+    settings: AlpacaConfig,
+    sink: TaskSink,
+    pools: tuple[RougeLIndex, RougeLIndex],
+    *,
+    backend: tuple[str, str],
+    template: Template,
+    params: SamplingParams,
+    seed: int,
+) -> list[Task]:
+    """The reply's tasks that pass every rule; everything else goes to the rejects."""
+    if not reply.ok:
+        sink.reject("teacher error", STAGE, detail=reply.error)
+        return []
+    parsed = parse_alpaca_reply(reply.text, len(shown) + 1, reply.finish_reason)
+    for raw, why in parsed.malformed:
+        sink.reject("parse failure", STAGE, raw=raw, detail=why)
+    if parsed.cut_off is not None:
+        sink.reject("reply hit the length limit", STAGE, raw=parsed.cut_off,
+                    detail="the last item of a reply cut off by max_tokens is dropped")
+    kept: list[tuple[AlpacaItem, dict[str, float], float]] = []
+    for item in parsed.items:
+        reason = item_reject_reason(item, settings.blacklist, settings.min_words, settings.max_words)
+        if reason is not None:
+            sink.reject(reason, STAGE, raw=item.raw, task=_bare_task(item))
+            continue
+        close = next(
+            (m for pool in pools if (m := pool.first_above(item.instruction, settings.similarity_threshold))), None
+        )
+        if close is not None:
+            sink.reject("too similar to an existing instruction", STAGE, raw=item.raw, task=_bare_task(item),
+                        detail=f"ROUGE-L {close.score:.3f} with: {close.text}")
+            continue
+        similar, mean = _neighbours(pools, item.instruction, settings.most_similar_kept)
+        pools[1].add(item.instruction)
+        kept.append((item, similar, mean))
+    if not kept:
+        return []
+    # the reply's usage is split evenly over the tasks it yielded
+    share = Completion("", "stop", reply.prompt_tokens // len(kept), reply.completion_tokens // len(kept))
+    tasks = []
+    for item, similar, mean in kept:
+        task = _bare_task(item)
+        task.lineage = lineage(
+            generator="alpaca",
+            operation="generate",
+            teacher_name=backend,
+            templates=[template],
+            sampling=params,
+            seed=seed,
+            completions=[share],
+            parent_ids=[t.id for t in shown],
+            most_similar=similar,
+            mean_similarity=mean,
+        )
+        tasks.append(task)
+    return tasks

@@ -1,0 +1,116 @@
+"""Decontamination: drop tasks that share a long word n-gram with an evaluation set.
+
+The evaluation file is JSONL (every string value of each object counts, so any
+benchmark layout works) or plain text (one item per line). Texts are lower-cased and
+split into alphanumeric words; a task whose instruction or inputs share an n-gram
+(default 13 words, the GPT-3 paper's choice) with an eval item is rejected, naming the
+item it hit (`evals.jsonl:42`). An eval item shorter than n words counts when it
+appears whole.
+
+    index = EvalIndex.from_files(["mmlu.jsonl"], n=13)
+    kept, rejected = decontaminate_pass(tasks, index)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from datagen.errors import InputError
+from datagen.filters.base import Fields, PassResult, Rejection, text_of
+from datagen.records import Task
+
+
+class DecontaminateConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    eval_files: list[str] = Field(default_factory=list)
+    ngram: int = Field(13, ge=1)
+    fields: Fields = "instruction+input"
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def _strings(value) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def _eval_items(path: Path) -> Iterator[tuple[str, str]]:
+    """(where, text) for every item of an eval file."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise InputError(f"{path}: cannot read eval file ({error.strerror})") from None
+    is_jsonl = path.suffix in {".jsonl", ".json"}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if is_jsonl:
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise InputError(f"{path}:{number}: invalid JSON ({error.msg})") from None
+            yield f"{path}:{number}", "\n".join(_strings(value))
+        else:
+            yield f"{path}:{number}", line
+
+
+class EvalIndex:
+    """n-grams of an evaluation set -> the first eval item that contains them."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.grams: dict[tuple[str, ...], str] = {}
+        self.short_lengths: set[int] = set()
+
+    @classmethod
+    def from_files(cls, paths: Sequence[str | Path], n: int) -> EvalIndex:
+        index = cls(n)
+        for path in paths:
+            for where, text in _eval_items(Path(path)):
+                index.add(where, text)
+        return index
+
+    def add(self, where: str, text: str) -> None:
+        tokens = words(text)
+        if not tokens:
+            return
+        if len(tokens) < self.n:
+            self.short_lengths.add(len(tokens))
+            self.grams.setdefault(tuple(tokens), where)
+            return
+        for start in range(len(tokens) - self.n + 1):
+            self.grams.setdefault(tuple(tokens[start : start + self.n]), where)
+
+    def hit(self, text: str) -> str | None:
+        tokens = words(text)
+        for length in (self.n, *sorted(self.short_lengths)):
+            for start in range(len(tokens) - length + 1):
+                where = self.grams.get(tuple(tokens[start : start + length]))
+                if where:
+                    return where
+        return None
+
+
+def decontaminate_pass(tasks: Sequence[Task], index: EvalIndex, fields: Fields = "instruction+input") -> PassResult:
+    kept, rejected = [], []
+    for task in tasks:
+        where = index.hit(text_of(task, fields))
+        if where is None:
+            kept.append(task)
+        else:
+            rejected.append(Rejection(task, "contaminated", detail=f"shares a {index.n}-gram with {where}"))
+    return kept, rejected
