@@ -15,9 +15,11 @@ from pydantic import Field
 
 from datagen.config import Strict, TeacherConfig
 from datagen.filtering import FilterConfig
+from datagen.generators.evol_instruct import EvolInstructConfig
+from datagen.generators.orca import OrcaConfig
 from datagen.generators.self_instruct import SelfInstructConfig
 
-Method = Literal["self-instruct"]
+Method = Literal["self-instruct", "evol-instruct", "orca"]
 
 
 class GenerateConfig(Strict):
@@ -28,6 +30,8 @@ class GenerateConfig(Strict):
     seed: int = 0
     instances_per_task: int = Field(1, ge=1)
     self_instruct: SelfInstructConfig = SelfInstructConfig()
+    evol_instruct: EvolInstructConfig = EvolInstructConfig()
+    orca: OrcaConfig = OrcaConfig()
 
 
 class Config(Strict):

@@ -285,10 +285,20 @@ def stop_words_reason(answer: str) -> str | None:
     return None
 
 
+_COPIED = [
+    (phrase, re.compile(re.escape(phrase) if phrase.startswith("#") else rf"(?<![a-z]){re.escape(phrase)}(?![a-z])",
+                        re.IGNORECASE))
+    for phrase in COPIED_PHRASES
+]
+
+
 def copied_words_reason(instruction: str) -> str | None:
-    """Rule (4): the evolved instruction copies words of the rewriting prompt."""
-    folded = re.sub(r"\s+", " ", instruction).lower()
-    hit = next((phrase for phrase in COPIED_PHRASES if phrase.lower() in folded), None)
+    """Rule (4): the evolved instruction copies words of the rewriting prompt (any case).
+
+    The bare phrases count as whole words only: "given prompts of users" is not a copy.
+    """
+    folded = re.sub(r"\s+", " ", instruction)
+    hit = next((phrase for phrase, pattern in _COPIED if pattern.search(folded)), None)
     return f"copies rewriter words: {hit}" if hit else None
 
 
@@ -416,7 +426,8 @@ def _evolve_batch(
     for evolution, [verdict] in zip(judged, verdicts):
         evolution.completions.append(verdict)
         if not verdict.ok:
-            reject(TEACHER_ERROR, STAGE, detail=f"judge reply: {verdict.error}", task=_to_task(evolution, *lineage_args))
+            task = _to_task(evolution, *lineage_args)
+            reject(TEACHER_ERROR, STAGE, detail=f"judge reply: {verdict.error}", task=task)
             continue
         reason = information_gain_reason(verdict.text)
         if reason:

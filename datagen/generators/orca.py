@@ -42,8 +42,10 @@ the strategy itself instead of being told it.
 
 Resume is replay: every choice is deterministic (system message per (seed, task id), one
 fixed sampling seed), so a rerun skips input tasks whose output id is already in OUT,
-answers everything else from the request cache where it was asked before, and does not
-write again a reject that is already in OUT's rejects file.
+answers everything else from the request cache where it was asked before (failed
+requests are not cached, so they are retried), and does not write again a reject that is
+already in OUT's rejects file. The generic `--instances-per-task` of other methods does not
+apply (Orca answers existing instances); `max_instances_per_task` caps them.
 
     datagen generate --method orca --seeds raw.jsonl --num 100 --out orca.jsonl
 
@@ -298,13 +300,20 @@ _MARKER = re.compile(
     r"(?:[ \t]*(?:\*\*|__)(?=[ \t]|$))?[ \t]*",
     flags=re.IGNORECASE | re.MULTILINE,
 )
-_WRAPPED = re.compile(r"(\*\*|__|\*|`|\"|')([^\n]*)\1")
+_WRAPPERS = ("**", "__", "*", "`", '"', "'")
 
 
 def _unwrap(text: str) -> str:
-    """`**x**`, `"x"`, `` `x` `` -> x, for a single-line answer."""
-    while (match := _WRAPPED.fullmatch(text)) and match.group(2).strip():
-        text = match.group(2).strip()
+    """`**x**`, `"x"`, `` `x` `` -> x for a one-line answer whose inside has no such mark
+    (so `"Hi," she said. "Bye."` stays whole)."""
+    changed = True
+    while changed and "\n" not in text:
+        changed = False
+        for mark in _WRAPPERS:
+            inner = text[len(mark) : -len(mark)].strip()
+            if len(text) > 2 * len(mark) and text.startswith(mark) and text.endswith(mark) and inner and mark not in inner:
+                text, changed = inner, True
+                break
     return text
 
 
