@@ -166,7 +166,7 @@ def teacher(
 
 @app.command()
 def generate(
-    method: Annotated[Optional[str], typer.Option("--method", help="self-instruct.")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help="self-instruct | alpaca | evol-instruct | orca.")] = None,
     seeds: Annotated[Optional[Path], typer.Option("--seeds", help="Seed task JSONL (default: bundled seeds).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output task JSONL (appended, resumable).")] = None,
     num: Annotated[Optional[int], typer.Option("--num", "-n", help="Tasks to produce in total.")] = None,

@@ -26,6 +26,7 @@ from datagen.teachers.teacher import make_teacher, run_summary, summary_path
 # method -> (module, entry point, section of GenerateConfig holding its settings)
 METHODS = {
     "self-instruct": ("datagen.generators.self_instruct", "run_self_instruct", "self_instruct"),
+    "alpaca": ("datagen.generators.alpaca", "run_alpaca", "alpaca"),
     "evol-instruct": ("datagen.generators.evol_instruct", "run_evol_instruct", "evol_instruct"),
     "orca": ("datagen.generators.orca", "run_orca", "orca"),
 }

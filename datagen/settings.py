@@ -15,11 +15,12 @@ from pydantic import Field
 
 from datagen.config import Strict, TeacherConfig
 from datagen.filtering import FilterConfig
+from datagen.generators.alpaca import AlpacaConfig
 from datagen.generators.evol_instruct import EvolInstructConfig
 from datagen.generators.orca import OrcaConfig
 from datagen.generators.self_instruct import SelfInstructConfig
 
-Method = Literal["self-instruct", "evol-instruct", "orca"]
+Method = Literal["self-instruct", "alpaca", "evol-instruct", "orca"]
 
 
 class GenerateConfig(Strict):
@@ -30,6 +31,7 @@ class GenerateConfig(Strict):
     seed: int = 0
     instances_per_task: int = Field(1, ge=1)
     self_instruct: SelfInstructConfig = SelfInstructConfig()
+    alpaca: AlpacaConfig = AlpacaConfig()
     evol_instruct: EvolInstructConfig = EvolInstructConfig()
     orca: OrcaConfig = OrcaConfig()
 

@@ -36,11 +36,16 @@ text: unparseable pieces ("parse failure"), the cut-off last item ("reply hit th
 limit"), every filter rule, and valid tasks beyond `--num` ("surplus beyond num").
 
 Where we differ from the reference, on purpose:
+- the prompt (`templates/alpaca_generate.jinja`) is our own wording of the reference's
+  requirements (varied verbs, phrasing and kinds of task, text-only, English, 1-2
+  sentences, realistic inputs under ~100 words, `<noinput>`, outputs under 100 words), and
+  it also spells out the "###" / "N. Instruction:" format, which the reference leaves to
+  the examples;
 - its pieces must be numbered by position (the k-th piece must carry number 3 + k); we
   accept any number as long as a piece's three labels share it, so a reply that skips
   or repeats a number loses nothing but what is actually malformed;
-- a reply that itself starts with an "N. Instruction:" label (chat models repeat the
-  label they were given) does not get a second one prepended;
+- a reply that itself starts with an "N. Instruction:" label or with "###" (chat models
+  repeat the label they were given, or start a fresh item) gets no label prepended;
 - an item with an empty output is rejected ("empty output"); the reference keeps it;
 - the reference drops its failures silently; we keep each one as a reject;
 - its stop list `["\\n20", "20.", "20."]` repeats "20." and is sent deduplicated, and it
@@ -48,8 +53,12 @@ Where we differ from the reference, on purpose:
 - its `logit_bias` against `<|endoftext|>` (a GPT-3 token id) is not sent: no backend-neutral
   equivalent exists;
 - a batch adds at most the tasks still missing from `num` (the reference keeps the whole
-  last batch); seeds and the reference's `random.sample` are replaced by a per-batch
-  `random.Random(f"alpaca:{seed}:{batch}")`, so a resumed run repeats its decisions.
+  last batch; the surplus goes to the rejects here);
+- the reference's unseeded global `random.sample` becomes a per-batch
+  `random.Random(f"alpaca:{seed}:{batch}")` and every request carries a per-batch sampling
+  seed, so a resumed run repeats its prompts, hits the request cache and repeats its
+  decisions; the ROUGE-L pool is the seeds plus the tasks on disk plus a batch-local pool,
+  which gives the reference's decisions while nothing half-done leaks into a resume.
 
     datagen generate --method alpaca --num 100 --out alpaca.jsonl
 """
@@ -171,7 +180,7 @@ class ParsedReply:
 
 
 _LABEL = re.compile(r"(\d+)\.\s+(Instruction|Input|Output):")
-_LEADING_LABEL = re.compile(r"\s*\d+\.\s+Instruction:")
+_OWN_START = re.compile(r"\s*(\d+\.\s+Instruction:|###)")
 _FIELDS = ["Instruction", "Input", "Output"]
 
 
@@ -199,7 +208,7 @@ def parse_alpaca_reply(text: str, first_number: int, finish_reason: str) -> Pars
     if not text.strip():
         parsed.malformed.append((text, "empty reply"))
         return parsed
-    body = text if _LEADING_LABEL.match(text) else f"{first_number}. Instruction:{text}"
+    body = text if _OWN_START.match(text) else f"{first_number}. Instruction:{text}"
     pieces = body.split(SEPARATOR)
     if finish_reason == "length":
         last = pieces.pop()

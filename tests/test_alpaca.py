@@ -1,0 +1,447 @@
+"""Alpaca: the exact prompt, exact parses, every Alpaca rule with its reason, a real run with resume."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from datagen.config import SamplingParams
+from datagen.generators.alpaca import (
+    ALPACA_BLACKLIST,
+    AlpacaConfig,
+    AlpacaItem,
+    ParsedReply,
+    alpaca_messages,
+    item_reject_reason,
+    parse_alpaca_reply,
+    run_alpaca,
+)
+from datagen.generators.common import TaskSink, rejects_path, stable_id
+from datagen.generators.self_instruct import REFERENCE_BLACKLIST, GenerationStalled, sample_prompt_tasks
+from datagen.errors import DatagenError
+from datagen.io import read_records, read_tasks
+from datagen.records import Instance, Task
+from datagen.teachers.base import Completion, Request
+from datagen.teachers.cache import RequestCache, request_key
+
+SEEDS = [
+    Task(id="seed_a", instruction="Give three tips for staying\n healthy:",
+         instances=[Instance(input="", output="1. Eat a balanced diet.\n2. Exercise regularly.\n3. Sleep enough."),
+                    Instance(input="ignored", output="only the first instance is shown")]),
+    Task(id="seed_b", instruction="Classify the sentiment of the review.",
+         instances=[Instance(input="The soup was cold and bland.", output="Negative")]),
+    Task(id="seed_c", instruction="Translate the sentence into French.",
+         instances=[Instance(input="  ", output="Il pleut.")]),
+]
+
+PROMPT = (
+    "We are collecting a varied set of tasks to teach an AI assistant to follow instructions. "
+    "Make a list of 20 tasks. Each task has an instruction, an input and an output. "
+    "The first 3 tasks are already written below; continue the list from task 4.\n"
+    "\n"
+    "Guidelines:\n"
+    "1. Vary the verbs: avoid starting two instructions with the same verb.\n"
+    "2. Vary the phrasing: mix direct commands with questions.\n"
+    "3. Vary the kind of task: open-ended writing, classification, rewriting, extraction, reasoning, "
+    "brainstorming, advice and so on.\n"
+    "4. A text-only language model must be able to do every task. Do not ask for pictures, sound or any "
+    "other output that is not text, and do not ask for actions in the world, such as setting an alarm or "
+    "sending a message.\n"
+    "5. Write each instruction in English, as one or two sentences: a command or a question.\n"
+    "6. When an instruction needs an input, write a specific and realistic one, with real content instead "
+    "of placeholders, that gives the task some substance. Keep it under about 100 words.\n"
+    "7. When an instruction needs no input, for example a general knowledge question, write <noinput> as "
+    "its input.\n"
+    "8. The output is a correct and complete response to the instruction and its input, in fewer than "
+    "100 words.\n"
+    "\n"
+    'Format: a line with only ### comes before every task. Task N is written as "N. Instruction:" followed '
+    'by the instruction, then "N. Input:" on a new line followed by the input, then "N. Output:" on a new '
+    "line followed by the output.\n"
+    "\n"
+    "List of 20 tasks:\n"
+    "###\n"
+    "1. Instruction: Give three tips for staying healthy\n"
+    "1. Input:\n"
+    "<noinput>\n"
+    "1. Output:\n"
+    "1. Eat a balanced diet.\n2. Exercise regularly.\n3. Sleep enough.\n"
+    "###\n"
+    "2. Instruction: Classify the sentiment of the review.\n"
+    "2. Input:\n"
+    "The soup was cold and bland.\n"
+    "2. Output:\n"
+    "Negative\n"
+    "###\n"
+    "3. Instruction: Translate the sentence into French.\n"
+    "3. Input:\n"
+    "<noinput>\n"
+    "3. Output:\n"
+    "Il pleut.\n"
+    "###\n"
+    "4. Instruction:"
+)
+
+
+def test_prompt_is_pinned():
+    assert alpaca_messages(SEEDS) == [{"role": "user", "content": PROMPT}]
+
+
+def test_prompt_follows_the_task_count():
+    [message] = alpaca_messages(SEEDS[:2], tasks_per_prompt=10)
+    assert "Make a list of 10 tasks." in message["content"]
+    assert "continue the list from task 3." in message["content"]
+    assert message["content"].endswith("List of 10 tasks:\n###\n1. Instruction: Give three tips for staying healthy\n"
+                                       "1. Input:\n<noinput>\n1. Output:\n1. Eat a balanced diet.\n2. Exercise "
+                                       "regularly.\n3. Sleep enough.\n###\n2. Instruction: Classify the sentiment "
+                                       "of the review.\n2. Input:\nThe soup was cold and bland.\n2. Output:\n"
+                                       "Negative\n###\n3. Instruction:")
+
+
+def test_three_seeds_per_prompt_from_the_seeds_only():
+    seeds = [Task(id=f"s{i}", instruction=f"seed {i}", instances=[Instance(output="x")]) for i in range(10)]
+    shown = sample_prompt_tasks(seeds, (), random.Random("alpaca:0:0"), 3, 0)
+    assert len(shown) == 3 and len({t.id for t in shown}) == 3
+    assert shown == sample_prompt_tasks(seeds, (), random.Random("alpaca:0:0"), 3, 0)
+
+
+def test_config_defaults_are_the_references():
+    config = AlpacaConfig()
+    assert (config.seeds_per_prompt, config.tasks_per_prompt, config.prompts_per_batch) == (3, 20, 5)
+    assert config.sampling == SamplingParams(temperature=1.0, top_p=1.0, max_tokens=3072, stop=("\n20", "20."))
+    assert config.similarity_threshold == 0.7 and config.most_similar_kept == 10
+    assert config.blacklist == REFERENCE_BLACKLIST + ("video", "audio", "music", "flowchart", "diagram")
+    assert AlpacaConfig(tasks_per_prompt=12).sampling.stop == ("\n12", "12.")
+    custom = SamplingParams(max_tokens=50, stop=("END",))
+    assert AlpacaConfig(tasks_per_prompt=12, sampling=custom).sampling == custom
+    with pytest.raises(ValueError, match="must exceed seeds_per_prompt"):
+        AlpacaConfig(tasks_per_prompt=4)
+
+
+# -- parsing ------------------------------------------------------------------------------------
+
+WELL_FORMED = (
+    " Name the largest planet in the solar system.\n4. Input:\n<noinput>\n4. Output:\nJupiter.\n"
+    "###\n5. Instruction: Summarize the paragraph in one sentence.\n5. Input:\n"
+    "Bees pollinate crops. Without them, many fruits would vanish.\n5. Output:\n"
+    "Bees are essential for the fruit we eat.\n###\n"
+)
+
+
+def triples(parsed: ParsedReply) -> list[tuple[str, str, str]]:
+    return [(i.instruction, i.input, i.output) for i in parsed.items]
+
+
+def test_parse_well_formed_reply_with_noinput():
+    parsed = parse_alpaca_reply(WELL_FORMED, 4, "stop")
+    assert triples(parsed) == [
+        ("Name the largest planet in the solar system.", "", "Jupiter."),
+        ("Summarize the paragraph in one sentence.",
+         "Bees pollinate crops. Without them, many fruits would vanish.",
+         "Bees are essential for the fruit we eat."),
+    ]
+    assert parsed.malformed == [] and parsed.cut_off is None
+    assert parsed.items[0].raw == (
+        "4. Instruction: Name the largest planet in the solar system.\n4. Input:\n<noinput>\n4. Output:\nJupiter.\n"
+    )
+    assert parsed.items[0] == AlpacaItem("Name the largest planet in the solar system.", "", "Jupiter.")
+
+
+def test_noinput_is_case_insensitive_and_multiline_fields_survive():
+    reply = " List two\nprime numbers.\n4. Input:\n<NoInput>\n4. Output:\n2\n3"
+    assert triples(parse_alpaca_reply(reply, 4, "stop")) == [("List two\nprime numbers.", "", "2\n3")]
+
+
+def test_a_repeated_leading_label_is_not_doubled():
+    reply = "4. Instruction: Name a river in Egypt.\n4. Input:\n<noinput>\n4. Output:\nThe Nile."
+    assert triples(parse_alpaca_reply(reply, 4, "stop")) == [("Name a river in Egypt.", "", "The Nile.")]
+    parsed = parse_alpaca_reply("###\n" + reply, 4, "stop")  # a fresh item: no empty label piece
+    assert triples(parsed) == [("Name a river in Egypt.", "", "The Nile.")] and parsed.malformed == []
+
+
+def test_any_consistent_number_is_accepted():
+    reply = (" Name a river.\n4. Input:\n<noinput>\n4. Output:\nNile\n"
+             "###\n9. Instruction: Name a sea.\n9. Input:\n<noinput>\n9. Output:\nRed Sea")
+    assert [i.instruction for i in parse_alpaca_reply(reply, 4, "stop").items] == ["Name a river.", "Name a sea."]
+
+
+def test_malformed_pieces_are_kept_with_their_raw_text():
+    missing_output = "\n5. Instruction: Describe a sunset.\n5. Input:\n<noinput>\n"
+    mixed_numbers = "\n6. Instruction: Name a colour.\n6. Input:\n<noinput>\n7. Output:\nRed\n"
+    reply = " Name a fruit.\n4. Input:\n<noinput>\n4. Output:\nApple\n###" + missing_output + "###" + mixed_numbers
+    parsed = parse_alpaca_reply(reply, 4, "stop")
+    assert triples(parsed) == [("Name a fruit.", "", "Apple")]
+    assert parsed.malformed == [
+        (missing_output, "expected 'N. Instruction:', 'N. Input:', 'N. Output:' once each in that order; "
+                         "found '5. Instruction:', '5. Input:'"),
+        (mixed_numbers, "the fields carry different numbers: 6, 6, 7"),
+    ]
+
+
+def test_unparseable_and_empty_replies():
+    chatty = "Sure! Here are some more tasks for you."
+    assert parse_alpaca_reply(chatty, 4, "stop").malformed == [
+        ("4. Instruction:" + chatty, "expected 'N. Instruction:', 'N. Input:', 'N. Output:' once each in that "
+                                     "order; found '4. Instruction:'"),
+    ]
+    assert parse_alpaca_reply("  \n", 4, "stop").malformed == [("  \n", "empty reply")]
+    assert parse_alpaca_reply("###\n###", 4, "stop").malformed == [("###\n###", "no items in the reply")]
+
+
+def test_the_last_item_of_a_cut_off_reply_is_dropped():
+    cut = "\n6. Instruction: Write a haiku about rain.\n6. Input:\n<noinput>\n6. Output:\nSoft rain on"
+    parsed = parse_alpaca_reply(WELL_FORMED + cut, 4, "length")
+    assert len(parsed.items) == 2 and parsed.cut_off == "\n" + cut and parsed.malformed == []
+    assert len(parse_alpaca_reply(WELL_FORMED + cut, 4, "stop").items) == 3  # kept when not cut off
+    # the reference drops the last piece even when it looks complete
+    parsed = parse_alpaca_reply(WELL_FORMED.rstrip("#\n"), 4, "length")
+    assert len(parsed.items) == 1 and parsed.cut_off.startswith("\n5. Instruction:")
+    # a reply that stopped right after a separator loses nothing
+    assert parse_alpaca_reply(WELL_FORMED, 4, "length").cut_off is None
+
+
+# -- rules --------------------------------------------------------------------------------------
+
+
+def item(instruction: str, output: str = "An answer.") -> AlpacaItem:
+    return AlpacaItem(instruction, "", output)
+
+
+@pytest.mark.parametrize(
+    ("instruction", "reason"),
+    [
+        ("Compose a short video script about recycling.", "blacklisted word: video"),
+        ("Transcribe the AUDIO of this lecture for me.", "blacklisted word: audio"),
+        ("Recommend some relaxing music for studying tonight.", "blacklisted word: music"),
+        ("Create a flowchart of the hiring process.", "blacklisted word: flowchart"),
+        ("Sketch a diagram of the water cycle.", "blacklisted word: diagram"),
+        ("Describe a musical instrument from Peru.", None),  # whole words only
+        ("Draw a cat in the style of Picasso, please.", "blacklisted word: draw"),  # Self-Instruct's list too
+        ("Name a planet.", "too short"),
+        ("Write a program that prints the first ten primes.", "starts with 'Write a program'"),
+        ("(Optional) Suggest a name for a bakery in Paris.", "starts with punctuation"),
+        ("Ümlaut words: list three German examples here.", "starts with a non-ASCII character"),
+        ("Suggest a name for a bakery in Paris.", None),
+    ],
+)
+def test_instruction_rules_with_the_alpaca_blacklist(instruction, reason):
+    assert item_reject_reason(item(instruction)) == reason
+
+
+def test_empty_output_is_rejected():
+    assert item_reject_reason(item("Suggest a name for a bakery in Paris.", output="")) == "empty output"
+
+
+def test_alpaca_blacklist_extends_self_instructs():
+    assert ALPACA_BLACKLIST[: len(REFERENCE_BLACKLIST)] == REFERENCE_BLACKLIST
+    assert item_reject_reason(item("Recommend some relaxing music for studying."), REFERENCE_BLACKLIST) is None
+
+
+# -- the loop, on replies pinned in the real request cache ---------------------------------------
+
+LOOP_SEEDS = [*SEEDS, Task(id="seed_d", instruction="Write a limerick about a cat who loves boxes.",
+                            instances=[Instance(output="There once was a cat named Lou...")])]
+NOT_A_LIST = Completion("SUBTRAILED\n", "stop", 600, 4)
+
+
+def replay_teacher(cache_dir: Path):
+    """A real teacher that may only answer from its cache (the OpenAI backend is never reached)."""
+    from datagen.config import TeacherConfig
+    from datagen.teachers import make_teacher
+
+    return make_teacher(TeacherConfig(backend="openai", base_url="http://127.0.0.1:9/v1", cache="only",
+                                      cache_dir=str(cache_dir)))
+
+
+def pin_batch(
+    cache_dir: Path, settings: AlpacaConfig, seed: int, batch: int, replies: list[Completion]
+) -> list[list[Task]]:
+    """Store `replies` as the answers to batch `batch`'s prompts; returns the seeds each prompt shows."""
+    rng = random.Random(f"alpaca:{seed}:{batch}")
+    shown = [sample_prompt_tasks(LOOP_SEEDS, (), rng, settings.seeds_per_prompt, 0)
+             for _ in range(settings.prompts_per_batch)]
+    params = settings.sampling.model_copy(update={"seed": seed * 1_000_003 + batch, "n": 1})
+    cache = RequestCache(cache_dir / "requests.sqlite")
+    for tasks, reply in zip(shown, replies, strict=True):
+        request = Request.build(alpaca_messages(tasks, settings.tasks_per_prompt), params)
+        cache.put(request_key("openai", "smollm2-135m", request), reply)
+    cache.close()
+    return shown
+
+
+BATCH0_PROMPT0 = (
+    " Suggest a name for a new bakery in Paris.\n4. Input:\n<noinput>\n4. Output:\nLe Petit Croissant.\n"
+    "###\n5. Instruction: Summarize the paragraph in one sentence.\n5. Input:\n"
+    "Bees pollinate crops. Without them, many fruits would vanish.\n5. Output:\nBees matter for fruit.\n"
+    "###\n6. Instruction: Recommend some relaxing music for a rainy afternoon.\n6. Input:\n<noinput>\n"
+    "6. Output:\nTry Debussy.\n"
+    "###\n7. Instruction: Suggest a name for a new bakery in Rome.\n7. Input:\n<noinput>\n7. Output:\nDolce Forno.\n"
+    "###\n8. Instruction: Describe a sunset.\n8. Output:\nOrange sky.\n###\n"
+)
+BATCH0_PROMPT1 = (
+    " Explain why the sky is blue during the day.\n4. Input:\n<noinput>\n4. Output:\nRayleigh scattering.\n"
+    "###\n5. Instruction: Classify the sentiment of the review below.\n5. Input:\nGreat value.\n"
+    "5. Output:\nPositive\n"
+    "###\n6. Instruction: Write a haiku about the ocean.\n6. Input:\n<noinput>\n6. Output:\nWaves"
+)
+
+
+def test_loop_decisions_lineage_and_resume(tmp_path):
+    settings = AlpacaConfig(prompts_per_batch=2, max_stalled_batches=2)
+    cache_dir, out = tmp_path / "cache", tmp_path / "raw.jsonl"
+    shown = pin_batch(cache_dir, settings, 7, 0, [
+        Completion(BATCH0_PROMPT0, "stop", 600, 301), Completion(BATCH0_PROMPT1, "length", 580, 3072)])
+    done: list[int] = []
+    with replay_teacher(cache_dir) as teacher, TaskSink(out) as sink:
+        run_alpaca(LOOP_SEEDS, teacher, sink, settings, num=2, seed=7, instances_per_task=5,
+                   on_batch_done=done.append)
+        assert teacher.stats.cache_hits == 2 and teacher.stats.requests_sent == 0
+    assert done == [1]
+
+    tasks = read_tasks(out)
+    assert [(t.instruction, t.instances) for t in tasks] == [
+        ("Suggest a name for a new bakery in Paris.", [Instance(input="", output="Le Petit Croissant.")]),
+        ("Summarize the paragraph in one sentence.",
+         [Instance(input="Bees pollinate crops. Without them, many fruits would vanish.",
+                   output="Bees matter for fruit.")]),
+    ]
+    first = tasks[0]
+    assert first.id == first.name == stable_id("alpaca", first.instruction) and not first.is_classification
+    assert first.lineage.generator == "alpaca" and first.lineage.operation == "generate"
+    assert first.lineage.parent_ids == [t.id for t in shown[0]]
+    assert first.lineage.teacher_backend == "openai" and first.lineage.seed == 7
+    assert first.lineage.sampling["seed"] == 7 * 1_000_003 and first.lineage.sampling["max_tokens"] == 3072
+    assert first.lineage.usage.prompt_tokens == 300 and first.lineage.usage.completion_tokens == 150
+    similar = first.lineage.most_similar
+    assert list(similar) == sorted(similar, key=similar.get, reverse=True)  # best first
+    assert len(similar) == 4 and set(similar) == {t.instruction for t in LOOP_SEEDS}
+    assert len(tasks[1].lineage.most_similar) == 5  # the four seeds and the task before it in the batch
+
+    rejects = [json.loads(line) for line in rejects_path(out).read_text().splitlines()]
+    assert [(r["reason"], r["stage"]) for r in rejects] == [
+        ("parse failure", "alpaca"),
+        ("blacklisted word: music", "alpaca"),
+        ("too similar to an existing instruction", "alpaca"),
+        ("reply hit the length limit", "alpaca"),
+        ("too similar to an existing instruction", "alpaca"),
+        ("surplus beyond num", "alpaca"),
+    ]
+    assert rejects[0]["raw"] == "\n8. Instruction: Describe a sunset.\n8. Output:\nOrange sky.\n"
+    assert rejects[1]["task"]["instruction"] == "Recommend some relaxing music for a rainy afternoon."
+    assert rejects[2]["detail"].endswith("with: Suggest a name for a new bakery in Paris.")  # same batch
+    assert rejects[3]["raw"].startswith("\n6. Instruction: Write a haiku about the ocean.")
+    assert rejects[4]["detail"].endswith("with: Classify the sentiment of the review.")  # a seed
+    assert rejects[5]["task"]["instruction"] == "Explain why the sky is blue during the day."
+
+    # resume at batch 1: what is on disk counts toward num and is in the novelty pool
+    pin_batch(cache_dir, settings, 7, 1, [
+        Completion(BATCH0_PROMPT0.split("###")[0], "stop", 600, 30), NOT_A_LIST])
+    pin_batch(cache_dir, settings, 7, 2, [NOT_A_LIST, NOT_A_LIST])
+    with replay_teacher(cache_dir) as teacher, TaskSink(out) as sink:
+        with pytest.raises(GenerationStalled, match="alpaca: 2 batches in a row produced no task.*2 of 3"):
+            run_alpaca(LOOP_SEEDS, teacher, sink, settings, num=3, seed=7, instances_per_task=1,
+                       batches_done=1, on_batch_done=done.append)
+    assert done == [1, 2, 3]
+    assert read_tasks(out) == tasks
+    more = [json.loads(line) for line in rejects_path(out).read_text().splitlines()][len(rejects):]
+    assert [r["reason"] for r in more] == ["too similar to an existing instruction"] + ["parse failure"] * 3
+    assert more[0]["detail"] == "ROUGE-L 1.000 with: Suggest a name for a new bakery in Paris."
+    assert more[1] == {"reason": "parse failure", "stage": "alpaca", "raw": "4. Instruction:SUBTRAILED\n",
+                       "detail": "expected 'N. Instruction:', 'N. Input:', 'N. Output:' once each in that order; "
+                                 "found '4. Instruction:'"}
+
+
+def test_seeds_without_instances_cannot_be_shown(tmp_path):
+    with TaskSink(tmp_path / "raw.jsonl") as sink, pytest.raises(DatagenError, match="no seed task has an instance"):
+        run_alpaca([Task(id="bare", instruction="Name a colour.")], None, sink, AlpacaConfig(),
+                   num=1, seed=0, instances_per_task=1)
+
+
+# -- a real run on the embedded model -------------------------------------------------------------
+
+
+class Killed(Exception):
+    pass
+
+
+class KilledAfterReplies:
+    """The real teacher, 'killed' right after its first batch of replies reached the cache."""
+
+    def __init__(self, teacher):
+        self.teacher, self.backend = teacher, teacher.backend
+
+    def complete(self, conversations, params=None, progress=None):
+        self.teacher.complete(conversations, params, progress)
+        raise Killed
+
+
+@pytest.mark.slow
+def test_end_to_end_on_the_embedded_model_with_resume(tmp_path):
+    from datagen.config import TeacherConfig
+    from datagen.teachers import make_teacher
+
+    seeds = read_tasks(Path("datagen/data/seed_tasks.jsonl"))
+    seed_ids = {t.id for t in seeds}
+    settings = AlpacaConfig(
+        prompts_per_batch=2, max_stalled_batches=2,
+        sampling=SamplingParams(temperature=1.0, top_p=1.0, max_tokens=200, stop=("\n20", "20.")),
+    )
+    teacher_config = TeacherConfig(backend="local", cache_dir=str(tmp_path / "cache"), batch_size=4)
+    out = tmp_path / "raw.jsonl"
+    started = time.monotonic()
+
+    # 1. a run killed after batch 0's replies were cached, before anything was written
+    with make_teacher(teacher_config) as teacher, TaskSink(out) as sink:
+        with pytest.raises(Killed):
+            run_alpaca(seeds, KilledAfterReplies(teacher), sink, settings, num=1, seed=0, instances_per_task=1)
+        killed_requests = teacher.stats.requests_sent
+    assert killed_requests == 2
+
+    # 2. the rerun (same cache, same output) answers batch 0 from the cache
+    sent_after_batch: dict[int, int] = {}
+    with make_teacher(teacher_config) as teacher, TaskSink(out) as sink:
+        try:
+            run_alpaca(seeds, teacher, sink, settings, num=1, seed=0, instances_per_task=1,
+                       on_batch_done=lambda n: sent_after_batch.setdefault(n, teacher.stats.requests_sent))
+            stalled = False
+        except GenerationStalled:
+            stalled = True
+        first_run = teacher.stats
+    assert sent_after_batch[1] == 0 and first_run.cache_hits >= 2
+    assert len(sent_after_batch) <= settings.max_stalled_batches
+
+    tasks = list(read_records(out, Task))  # read_tasks refuses an empty file
+    rejects = [json.loads(line) for line in rejects_path(out).read_text().splitlines()]
+    assert tasks or rejects
+    assert len(tasks) == (0 if stalled else 1)
+    for reject in rejects:
+        assert reject["stage"] == "alpaca" and reject["reason"]
+        assert reject.get("raw") is not None or reject.get("detail")
+    for task in tasks:
+        assert task.id == stable_id("alpaca", task.instruction) and not task.is_classification
+        [instance] = task.instances
+        assert instance.output and "<noinput>" not in instance.input.lower()
+        assert task.lineage.generator == "alpaca" and task.lineage.operation == "generate"
+        assert len(task.lineage.parent_ids) == 3 and set(task.lineage.parent_ids) <= seed_ids
+        assert task.lineage.template == "alpaca_generate.jinja"
+        assert 0 < len(task.lineage.most_similar) <= 10 and max(task.lineage.most_similar.values()) <= 0.7
+        assert 0.0 <= task.lineage.mean_similarity <= 0.7
+        assert task.lineage.usage.completion_tokens > 0
+
+    # 3. the same run into a fresh output replays every batch from the cache, decision for decision
+    replay = tmp_path / "replay" / "raw.jsonl"
+    replay.parent.mkdir()
+    with make_teacher(teacher_config) as teacher, TaskSink(replay) as sink:
+        try:
+            run_alpaca(seeds, teacher, sink, settings, num=1, seed=0, instances_per_task=1)
+        except GenerationStalled:
+            pass
+        assert teacher.stats.requests_sent == 0
+    assert replay.read_text() == out.read_text()
+    assert rejects_path(replay).read_text() == rejects_path(out).read_text()
+    print(f"alpaca end-to-end: {time.monotonic() - started:.0f} s, {len(tasks)} task(s), {len(rejects)} rejects, "
+          f"reasons {sorted({r['reason'] for r in rejects})}, stalled={stalled}")
