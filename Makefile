@@ -23,11 +23,13 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # Until the distill stage exists, the demo is the longest chain there is: a smoke call to
-# the embedded teacher, then Self-Instruct from the bundled seeds (resumable: rerun it).
+# the embedded teacher, Self-Instruct from the bundled seeds (resumable: rerun it), then
+# the default filter passes over what it produced.
 demo: $(STAMP)
 	$(BIN)/datagen teacher "Write one sentence about why the sky is blue." --max-tokens 48
 	$(BIN)/datagen generate --config examples/self_instruct_local.yaml
-	@echo "tasks: out/self_instruct.jsonl  rejects: out/self_instruct.rejects.jsonl  summary: out/self_instruct.summary.json"
+	$(BIN)/datagen filter out/self_instruct.jsonl --out out/kept.jsonl
+	@echo "generated: out/self_instruct.jsonl (+ .rejects.jsonl, .summary.json); kept: out/kept.jsonl (+ .rejects.jsonl, .stats.json)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
