@@ -21,6 +21,7 @@ from pydantic import Field
 from datagen.config import Strict
 from datagen.errors import ConfigError, InputError
 from datagen.filters.base import PassResult, check_pass
+from datagen.filters.dedup import DedupConfig, exact_dedup, near_dedup
 from datagen.filters.decontaminate import DecontaminateConfig, EvalIndex, decontaminate_pass
 from datagen.filters.heuristics import HeuristicsConfig, checks_for
 from datagen.filters.judge import JudgeConfig, judge_pass
@@ -32,18 +33,27 @@ PassName = Literal["heuristics", "exact-dedup", "near-dedup", "novelty", "decont
 
 
 class FilterConfig(Strict):
-    passes: list[PassName] = Field(default_factory=lambda: ["heuristics", "novelty"])
+    passes: list[PassName] = Field(default_factory=lambda: ["heuristics", "exact-dedup", "near-dedup"])
     skip_invalid: bool = False
     heuristics: HeuristicsConfig = HeuristicsConfig()
+    dedup: DedupConfig = DedupConfig()
     novelty: NoveltyConfig = NoveltyConfig()
     decontaminate: DecontaminateConfig = DecontaminateConfig()
     judge: JudgeConfig = JudgeConfig()
 
 
-def _run_pass(name: str, tasks: list[Task], config, teacher_holder: dict[str, Any]) -> PassResult:
+def _run_pass(name: str, tasks: list[Task], config, run_state: dict[str, Any]) -> PassResult:
+    """One pass. `run_state` carries what outlives it: the teacher (made once, for the
+    judge) and the near-dedup report for the stats."""
     settings = config.filter
     if name == "heuristics":
         return check_pass(checks_for(settings.heuristics))(tasks)
+    if name == "exact-dedup":
+        return exact_dedup(tasks, settings.dedup.fields, settings.dedup.keep)
+    if name == "near-dedup":
+        result, report = near_dedup(tasks, settings.dedup)
+        run_state["near_dedup_report"] = report.summary()
+        return result
     if name == "novelty":
         return novelty_pass(tasks, settings.novelty)
     if name == "decontaminate":
@@ -54,9 +64,9 @@ def _run_pass(name: str, tasks: list[Task], config, teacher_holder: dict[str, An
     if name == "judge":
         from datagen.teachers.teacher import make_teacher
 
-        if "teacher" not in teacher_holder:
-            teacher_holder["teacher"] = make_teacher(config.teacher)
-        return judge_pass(tasks, teacher_holder["teacher"], settings.judge)
+        if "teacher" not in run_state:
+            run_state["teacher"] = make_teacher(config.teacher)
+        return judge_pass(tasks, run_state["teacher"], settings.judge)
     raise ConfigError(f"--passes: unknown pass {name!r}")
 
 
@@ -73,21 +83,24 @@ def run_filter(config, source: Path, kept_path: Path, rejects_path: Path, comman
                for where, problem, raw in invalid]
     stats: dict[str, Any] = {"input": str(source), "in": len(tasks) + len(invalid), "invalid_lines": len(invalid),
                              "passes": []}
-    teacher_holder: dict[str, Any] = {}
+    run_state: dict[str, Any] = {}
     try:
         for name in settings.passes:
-            kept, rejected = _run_pass(name, tasks, config, teacher_holder)
+            kept, rejected = _run_pass(name, tasks, config, run_state)
             assert len(kept) + len(rejected) == len(tasks), f"pass {name} lost tasks"
             reasons = Counter(r.reason for r in rejected)
-            stats["passes"].append({"pass": name, "in": len(tasks), "out": len(kept),
-                                    "rejected": len(rejected), "reasons": dict(reasons.most_common())})
+            entry = {"pass": name, "in": len(tasks), "out": len(kept),
+                     "rejected": len(rejected), "reasons": dict(reasons.most_common())}
+            if name == "near-dedup":
+                entry["report"] = run_state.pop("near_dedup_report")
+            stats["passes"].append(entry)
             rejects += [Reject(reason=r.reason, stage=name, detail=r.detail, task=r.task, duplicate_of=r.duplicate_of)
                         for r in rejected]
             tasks = kept
     finally:
-        if "teacher" in teacher_holder:
-            stats["teacher"] = teacher_holder["teacher"].stats.as_dict()
-            teacher_holder["teacher"].close()
+        if "teacher" in run_state:
+            stats["teacher"] = run_state["teacher"].stats.as_dict()
+            run_state["teacher"].close()
     stats.update(kept=len(tasks), rejected=len(rejects), wall_seconds=round(time.monotonic() - started, 3),
                  command=command_line, config=settings.model_dump(mode="json"))
     write_jsonl_atomic(rejects_path, rejects)

@@ -163,3 +163,22 @@ def test_decontaminate_without_eval_file_is_a_usage_error(tmp_path):
     result = run_cli("filter", str(source), "--out", str(tmp_path / "k.jsonl"), "--passes", "decontaminate")
     assert result.returncode == 2
     assert result.stderr.strip() == "error: --eval: the decontaminate pass needs at least one evaluation file"
+
+
+def test_dedup_cli_names_what_each_duplicate_repeats(tmp_path):
+    source = tmp_path / "raw.jsonl"
+    write_tasks(source, [
+        task("Give me three tips for sleeping better at night.", task_id="a"),
+        task("give me three tips for sleeping better at night!", task_id="a-exact"),
+        task("Give me three good tips for sleeping better at night.", task_id="a-near"),
+        task("Name the capital city of Australia and its population.", task_id="b"),
+    ])
+    result = run_cli("dedup", str(source), "--out", str(tmp_path / "kept.jsonl"))
+    assert result.returncode == 0, result.stderr
+    assert [t.id for t in read_tasks(tmp_path / "kept.jsonl")] == ["a", "b"]
+    rejects = {r["task"]["id"]: r for r in map(json.loads, (tmp_path / "kept.rejects.jsonl").read_text().splitlines())}
+    assert rejects["a-exact"]["reason"] == "exact duplicate" and rejects["a-exact"]["duplicate_of"] == "a"
+    assert rejects["a-near"]["reason"] == "near duplicate" and rejects["a-near"]["duplicate_of"] == "a"
+    stats = json.loads((tmp_path / "kept.stats.json").read_text())
+    assert [p["pass"] for p in stats["passes"]] == ["exact-dedup", "near-dedup"]
+    assert "bands" in stats["passes"][1]["report"]
