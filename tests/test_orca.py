@@ -31,7 +31,7 @@ from datagen.generators.orca import (
     task_kind,
     training_messages,
 )
-from datagen.io import read_tasks
+from datagen.io import read_records, read_tasks
 from datagen.records import Instance, Task
 from datagen.teachers.base import BackendCounters, Completion, Request, ResultCallback
 from datagen.teachers.teacher import Teacher
@@ -384,9 +384,10 @@ def test_end_to_end_on_the_embedded_model(tmp_path):
             return teacher.stats.requests_sent
 
     assert generate() == 4
-    tasks = read_tasks(out)
+    # Whether the 135M model gets a parseable answer out varies; what it writes must not.
+    tasks = list(read_records(out, Task)) if out.exists() else []
     rejects = read_rejects(tmp_path)
-    assert 1 <= len(tasks) <= 3 and len({t.id for t in tasks}) == len(tasks)
+    assert len(tasks) <= 3 and len({t.id for t in tasks}) == len(tasks)
     for t in tasks:
         assert t.system == CATALOGUE["terse"].text
         assert t.lineage.generator == "orca" and t.lineage.operation == "orca:terse"
@@ -398,7 +399,7 @@ def test_end_to_end_on_the_embedded_model(tmp_path):
     known = {"parse failure", "empty final answer", "reply hit the length limit", "no instance answered"}
     for r in rejects:
         assert r["stage"] == "orca" and r["reason"] in known and r["detail"]
-        assert (r["raw"] is None) == (r["reason"] == "no instance answered")
+        assert (r.get("raw") is None) == (r["reason"] == "no instance answered")  # None is not written
 
     before = (out.read_text(), rejects_path(out).read_text() if rejects else "")
     assert generate() == 0
