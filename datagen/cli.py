@@ -277,6 +277,46 @@ def dedup(
     _filter(source, out, rejects, overrides, config)
 
 
+@app.command("export")
+def export_command(
+    source: Annotated[Path, typer.Argument(help="Task JSONL to export (e.g. kept.jsonl).")],
+    fmt: Annotated[str, typer.Option("--format", "-f", help="natural-instructions | alpaca | messages | "
+                                                             "prompt-completion | hf.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (data, README.md card, export.json).")],
+    strict: Annotated[bool, typer.Option("--strict", help="natural-instructions: export only the tasks that "
+                                                          "pass the upstream validation rules.")] = False,
+    prompt_erasure: Annotated[Optional[bool], typer.Option(
+        "--prompt-erasure/--no-prompt-erasure", help="Orca 2: train on a generic system message.")] = None,
+    language: Annotated[Optional[str], typer.Option("--language", help="ISO 639 name for every task "
+                                                                      "(default: detected).")] = None,
+    teacher_negatives: Annotated[Optional[bool], typer.Option(
+        "--teacher-negatives/--no-teacher-negatives",
+        help="natural-instructions: ask the teacher for a wrong answer where no reject gives one.")] = None,
+    config: ConfigOpt = None,
+    backend: BackendOpt = None,
+    model: ModelOpt = None,
+    base_url: BaseUrlOpt = None,
+    api_key_env: ApiKeyEnvOpt = None,
+    cache_dir: CacheDirOpt = None,
+) -> None:
+    """Export tasks as Natural-Instructions files, Alpaca / chat / prompt-completion splits or a HF dataset."""
+    from datagen.config import load_config
+    from datagen.export import format_export_summary, run_export
+
+    overrides = teacher_overrides(backend=backend, model=model, base_url=base_url,
+                                  api_key_env=api_key_env, cache_dir=cache_dir)
+    overrides.update({
+        "generate.orca.prompt_erasure": ("--prompt-erasure", prompt_erasure),
+        "export.language": ("--language", language),
+        "export.teacher_negatives": ("--teacher-negatives", teacher_negatives),
+    })
+    settings = load_config(config, overrides)
+    summary = run_export(settings, source, fmt, out, strict=strict, command_line="datagen " + " ".join(sys.argv[1:]))
+    typer.echo(format_export_summary(summary), err=True)
+    if strict and summary["tasks_exported"] == 0:
+        raise DatagenError(f"--strict: none of the {summary['tasks']} tasks passes; see the reasons above")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `datagen` console script."""
     args = sys.argv[1:] if argv is None else argv

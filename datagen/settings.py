@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import Field
 
 from datagen.config import Strict, TeacherConfig
+from datagen.export import ExportConfig
 from datagen.filtering import FilterConfig
 from datagen.generators.alpaca import AlpacaConfig
 from datagen.generators.evol_instruct import EvolInstructConfig
@@ -40,3 +41,4 @@ class Config(Strict):
     teacher: TeacherConfig = TeacherConfig()
     generate: GenerateConfig = GenerateConfig()
     filter: FilterConfig = FilterConfig()
+    export: ExportConfig = ExportConfig()
