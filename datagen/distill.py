@@ -1,0 +1,190 @@
+"""`datagen distill CONFIG`: generate → filter → export → finetune → eval from one YAML file.
+
+    datagen distill examples/distill_self_instruct.yaml
+
+Everything lands in `distill.workdir`:
+
+    raw.jsonl (+ .rejects.jsonl, .summary.json)   generate
+    kept.jsonl (+ .rejects.jsonl, .stats.json)    filter
+    dataset/  train/validation/test.jsonl + card  export (chat messages, split by task)
+    export-<format>/                               export, each extra format in distill.formats
+    student/  adapter/, merged/, train_log.jsonl   finetune (on dataset/train.jsonl)
+    eval/     report.json, report.md               eval (base vs tuned on dataset/test.jsonl)
+    distill.json                                   which stages are done, and with what settings
+
+Resumable stage by stage: a stage whose settings (and whose upstream stages) are
+unchanged since it finished is skipped. A stage killed midway resumes its own way
+(generation from its output file and the request cache, training from its last
+checkpoint); a stage whose settings changed reruns, and so does every stage after it.
+Generation keeps appending to `raw.jsonl`, so raising `generate.num` adds tasks; use a
+new workdir to start from nothing. `--from STAGE` reruns from that stage on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from datagen.config import Strict
+from datagen.errors import ConfigError, InputError
+from datagen.io import atomic_write_json
+
+STAGES = ("generate", "filter", "export", "finetune", "eval")
+STATE_FILE = "distill.json"
+TRAINING_FORMAT = "messages"
+
+
+class DistillConfig(Strict):
+    workdir: str = "out/distill"
+    # export formats written beside the chat messages the student trains on
+    formats: list[Literal["natural-instructions", "alpaca", "messages", "prompt-completion", "hf"]] = Field(
+        default_factory=list
+    )
+
+
+class Paths:
+    """Where each stage reads and writes inside the workdir."""
+
+    def __init__(self, workdir: str | Path):
+        self.workdir = Path(workdir)
+        self.raw = self.workdir / "raw.jsonl"
+        self.kept = self.workdir / "kept.jsonl"
+        self.kept_rejects = self.workdir / "kept.rejects.jsonl"
+        self.dataset = self.workdir / "dataset"
+        self.student = self.workdir / "student"
+        self.eval = self.workdir / "eval"
+        self.state = self.workdir / STATE_FILE
+
+    def export_dir(self, fmt: str) -> Path:
+        return self.workdir / f"export-{fmt}"
+
+
+def stage_settings(config, stage: str) -> dict[str, Any]:
+    """The settings that shape one stage's output (its fingerprint is made of these)."""
+    dump = config.model_dump(mode="json")
+    teacher = {k: v for k, v in dump["teacher"].items() if k not in ("cache", "cache_dir", "max_concurrency")}
+    if stage == "generate":
+        return {"teacher": teacher, "generate": {k: v for k, v in dump["generate"].items() if k != "out"}}
+    if stage == "filter":
+        uses_teacher = "judge" in config.filter.passes
+        return {"filter": dump["filter"], "teacher": teacher if uses_teacher else None}
+    if stage == "export":
+        return {"export": dump["export"], "formats": dump["distill"]["formats"],
+                "orca": {k: dump["generate"]["orca"][k] for k in ("prompt_erasure", "generic_system")}}
+    if stage == "finetune":
+        return {"finetune": {k: v for k, v in dump["finetune"].items() if k not in ("save_every", "keep_checkpoints")}}
+    return {"eval": dump["eval"], "teacher": teacher if config.eval.judge else None}
+
+
+def fingerprints(config) -> dict[str, str]:
+    """Each stage's fingerprint, chained: a change upstream changes every stage after it."""
+    chained, previous = {}, ""
+    for stage in STAGES:
+        payload = previous + json.dumps(stage_settings(config, stage), sort_keys=True)
+        previous = chained[stage] = hashlib.sha256(payload.encode()).hexdigest()
+    return chained
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {"stages": {}}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise InputError(f"{path}: unreadable stage record; delete it to rerun every stage") from None
+
+
+def run_distill(
+    config,
+    command_line: str,
+    *,
+    start_from: str | None = None,
+    say: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run the stages that are not done; return {stage: outcome} plus the eval report."""
+    from datagen.generate import format_summary as generate_summary
+    from datagen.generate import run_generate
+
+    if start_from is not None and start_from not in STAGES:
+        raise ConfigError(f"--from: expected one of {', '.join(STAGES)}, got {start_from!r}")
+    paths = Paths(config.distill.workdir)
+    paths.workdir.mkdir(parents=True, exist_ok=True)
+    state = read_state(paths.state)
+    wanted = fingerprints(config)
+    forced = STAGES[STAGES.index(start_from):] if start_from else ()
+
+    def run_generate_stage() -> None:
+        generate_config = config.model_copy(
+            update={"generate": config.generate.model_copy(update={"out": str(paths.raw)})}
+        )
+        say(generate_summary(run_generate(generate_config, command_line)))
+
+    def run_filter_stage() -> None:
+        from datagen.filtering import format_stats, run_filter
+
+        say(format_stats(run_filter(config, paths.raw, paths.kept, paths.kept_rejects, command_line)))
+
+    def run_export_stage() -> None:
+        from datagen.export import format_export_summary, run_export
+
+        say(format_export_summary(run_export(config, paths.kept, TRAINING_FORMAT, paths.dataset,
+                                             command_line=command_line)))
+        for fmt in config.distill.formats:
+            say(format_export_summary(run_export(config, paths.kept, fmt, paths.export_dir(fmt),
+                                                 command_line=command_line)))
+
+    def run_finetune_stage() -> None:
+        from datagen.finetune.sft import train
+
+        summary = train(config.finetune, paths.dataset / "train.jsonl", paths.student)
+        say(f"finetune: {summary['step']} steps, final loss {summary['final_loss']}, "
+            f"{summary['tokens_per_s']} tokens/s, peak {summary['peak_memory_mib']} MiB")
+
+    def run_eval_stage() -> None:
+        from datagen.finetune.evaluate import evaluate
+
+        evaluate(config.eval, paths.dataset / "test.jsonl", config.finetune.base, str(paths.student),
+                 paths.eval, teacher_config=config.teacher)
+
+    runners = {"generate": run_generate_stage, "filter": run_filter_stage, "export": run_export_stage,
+               "finetune": run_finetune_stage, "eval": run_eval_stage}
+    outcome: dict[str, Any] = {}
+    for stage in STAGES:
+        record = state["stages"].get(stage, {})
+        if record.get("fingerprint") == wanted[stage] and record.get("status") == "done" and stage not in forced:
+            say(f"== {stage}: done before, skipped")
+            outcome[stage] = "skipped"
+            continue
+        if record.get("fingerprint") != wanted[stage] or stage in forced:
+            _clear_stage_output(stage, paths)
+        say(f"== {stage}")
+        state["stages"][stage] = {"fingerprint": wanted[stage], "status": "running"}
+        atomic_write_json(paths.state, state)
+        started = time.monotonic()
+        runners[stage]()
+        state["stages"][stage] = {"fingerprint": wanted[stage], "status": "done",
+                                  "seconds": round(time.monotonic() - started, 1),
+                                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        atomic_write_json(paths.state, state)
+        outcome[stage] = "ran"
+    report = json.loads((paths.eval / "report.json").read_text())
+    return {"stages": outcome, "report": report, "workdir": str(paths.workdir)}
+
+
+def _clear_stage_output(stage: str, paths: Paths) -> None:
+    """Remove what a stage wrote under other settings, so it cannot be resumed into.
+
+    Generation output is kept on purpose: it is the paid-for part, and the generator
+    continues it (see the module docstring).
+    """
+    if stage == "finetune":
+        shutil.rmtree(paths.student, ignore_errors=True)
+    elif stage == "eval":
+        shutil.rmtree(paths.eval, ignore_errors=True)

@@ -1,0 +1,519 @@
+"""LoRA / QLoRA supervised fine-tuning of a student on chat data: `datagen finetune`.
+
+    datagen finetune out/dataset --base smollm2-135m --method lora --out out/student
+
+A plain torch loop over small parts (`datagen.finetune.data` for tokens and batches,
+peft for the adapter): completion-only loss weighted by supervised tokens across
+gradient accumulation, length-grouped batches (or packing without cross-example
+attention), warm-up then cosine/linear decay, gradient clipping.
+
+Kill it and rerun the same command: it resumes from the last checkpoint in
+`OUT/checkpoints/` (adapter, optimiser, scheduler and RNG state, written atomically)
+and ends with the same weights an uninterrupted run would have. It writes:
+
+    OUT/adapter/        the LoRA adapter (peft) and the tokenizer
+    OUT/merged/         base reloaded in full precision + adapter merged; plain transformers loads it
+    OUT/train_log.jsonl one line per optimiser step: loss, lr, tokens/s, grad norm
+    OUT/summary.json    settings, data statistics, final loss, throughput, peak memory
+
+QLoRA loads the base in 4-bit NF4 with double quantisation and bf16 compute
+(bitsandbytes; not the library defaults), prepares it for k-bit training and uses a
+paged AdamW. It needs a CUDA device and says so when there is none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from datagen.config import DEFAULT_MODEL, Strict
+from datagen.errors import DatagenError
+from datagen.io import atomic_write_json
+
+CHECKPOINT_PREFIX = "step-"
+
+
+class FinetuneConfig(Strict):
+    """SFT settings. Defaults suit a small student on a few thousand examples."""
+
+    base: str = DEFAULT_MODEL
+    method: Literal["lora", "qlora"] = "lora"
+    # LoRA
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    # optimisation
+    learning_rate: float = Field(2e-4, gt=0)
+    epochs: int = Field(2, ge=1)
+    max_steps: int | None = Field(None, ge=1)  # overrides epochs
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    # data
+    max_length: int | None = Field(None, ge=16)  # None: the longest example, within max_length_cap
+    max_length_cap: int = Field(2048, ge=16)
+    overlong: Literal["drop", "error"] = "drop"
+    packing: bool = False
+    seed: int = 0
+    # runtime
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    gradient_checkpointing: bool = False
+    save_every: int = Field(50, ge=1)  # optimiser steps between checkpoints
+    keep_checkpoints: int = Field(2, ge=1)
+    merge: bool = True
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def pick_device(setting: str) -> str:
+    import torch
+
+    if setting != "auto":
+        return setting
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_dtype(setting: str, device: str):
+    import torch
+
+    if setting != "auto":
+        return getattr(torch, setting)
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def require_qlora_support(device: str) -> None:
+    """QLoRA's 4-bit kernels are CUDA-only: fail before loading anything."""
+    import importlib.util
+
+    import torch
+
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        raise DatagenError(
+            "--method qlora needs a CUDA device (bitsandbytes 4-bit NF4) and none is available; "
+            "use --method lora here"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise DatagenError("--method qlora needs bitsandbytes: pip install bitsandbytes")
+
+
+def quantization_config():
+    """QLoRA's 4-bit setting: NF4, double quantisation, bf16 compute (not bitsandbytes' defaults)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
+def load_student(config: FinetuneConfig, base_path: str, device: str):
+    """The base model wrapped in a fresh LoRA adapter, ready to train on `device`."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    if config.method == "qlora":
+        model = AutoModelForCausalLM.from_pretrained(
+            base_path, quantization_config=quantization_config(), device_map={"": device}
+        )
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=config.gradient_checkpointing
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=pick_dtype(config.dtype, device)).to(device)
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.enable_input_require_grads()
+    model.config.use_cache = False
+    lora = LoraConfig(
+        r=config.r,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=config.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def make_optimizer(config: FinetuneConfig, parameters: list):
+    import torch
+
+    if config.method == "qlora":
+        import bitsandbytes
+
+        return bitsandbytes.optim.PagedAdamW32bit(
+            parameters, lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+    return torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
+def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
+    """Multiplier of the peak learning rate at optimiser step `step` (0-based)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def summed_loss(model, batch: dict[str, Any]):
+    """Summed cross-entropy over supervised tokens, and their count (for token-weighted means)."""
+    import torch
+
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    logits = model(**inputs, use_cache=False).logits
+    labels = batch["labels"][:, 1:]
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    return loss, int((labels != -100).sum())
+
+
+def mean_completion_loss(model, examples: Sequence, pad_id: int, device: str, batch_size: int = 8) -> float:
+    """Token-weighted mean loss on the supervised tokens of `examples` (no gradients)."""
+    import torch
+
+    from datagen.finetune.data import collate, plan_batches
+
+    batches = plan_batches([len(e.input_ids) for e in examples], batch_size, 0, packing=False, max_length=0)
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for batch in batches:
+            tensors = _to_device(collate(examples, batch, pad_id), device)
+            loss, tokens = summed_loss(model, tensors)
+            total += float(loss)
+            count += tokens
+    model.train(was_training)
+    return total / max(1, count)
+
+
+def _to_device(tensors: dict[str, Any], device: str) -> dict[str, Any]:
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in tensors.items()}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def fingerprint(config: FinetuneConfig, data_ids: Sequence[Sequence[int]], base_path: str) -> str:
+    """What a checkpoint must match to be resumed: the settings that shape training and the data."""
+    digest = hashlib.sha256()
+    digest.update(config.model_dump_json(exclude={"save_every", "keep_checkpoints", "merge", "device"}).encode())
+    digest.update(base_path.encode())
+    for ids in data_ids:
+        digest.update(len(ids).to_bytes(4, "little"))
+        digest.update(bytes(str(ids), "ascii"))
+    return digest.hexdigest()
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    found = sorted(p for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if (p / "state.pt").exists())
+    return found[-1] if found else None
+
+
+def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, state: dict[str, Any], keep: int) -> Path:
+    """Adapter + optimiser + scheduler position + RNG into `step-NNNNNN`, atomically (temp dir, rename)."""
+    import torch
+
+    final = folder / f"{CHECKPOINT_PREFIX}{step:06d}"
+    staging = folder / f".{final.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    model.save_pretrained(staging)
+    torch.save(
+        {**state, "step": step, "optimizer": optimizer.state_dict(),
+         "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        staging / "state.pt",
+    )
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staging, final)
+    for old in sorted(folder.glob(f"{CHECKPOINT_PREFIX}*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = torch.load(path / "state.pt", weights_only=False)
+    set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def micro_batches(plan_epoch: Callable[[int], list], start: int, count: int) -> list[tuple[int, Any]]:
+    """Micro-batches number `start`..`start+count-1` of the endless stream epoch 0, 1, 2, …"""
+    chosen, epoch, offset = [], 0, 0
+    batches = plan_epoch(0)
+    while len(chosen) < count:
+        index = start + len(chosen)
+        while index >= offset + len(batches):
+            offset += len(batches)
+            epoch += 1
+            batches = plan_epoch(epoch)
+        chosen.append((epoch, batches[index - offset]))
+    return chosen
+
+
+def train(
+    config: FinetuneConfig,
+    data: str | Path,
+    out_dir: str | Path,
+    *,
+    show_progress: bool = True,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Fine-tune, checkpoint, save adapter (and merged model); return the summary.
+
+    `stop_after` ends the run after that many optimiser steps of this invocation
+    (checkpointed, not finished): a kill without a signal, for tests and time-boxed runs.
+    """
+    import torch
+    from transformers import AutoTokenizer
+
+    from datagen.finetune.data import collate, encode_all, load_conversations, plan_batches
+    from datagen.models import resolve_model
+
+    out_dir = Path(out_dir)
+    device = pick_device(config.device)
+    if config.method == "qlora":
+        require_qlora_support(device)
+    base_path = resolve_model(config.base)
+    conversations = load_conversations(data)
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model_limit = _context_length(base_path)
+    encoded = encode_all(
+        tokenizer, conversations, max_length=config.max_length, model_limit=model_limit,
+        auto_cap=config.max_length_cap, overlong=config.overlong,
+    )
+    examples = encoded.examples
+    lengths = [len(e.input_ids) for e in examples]
+
+    def plan_epoch(epoch: int):
+        return plan_batches(lengths, config.batch_size, config.seed + epoch,
+                            packing=config.packing, max_length=encoded.max_length)
+
+    batches_per_epoch = len(plan_epoch(0))
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / config.grad_accum))
+    total_steps = config.max_steps or config.epochs * steps_per_epoch
+    warmup = int(config.warmup_ratio * total_steps)
+
+    torch.manual_seed(config.seed)
+    model = load_student(config, base_path, device)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(config, trainable)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, warmup, config.scheduler)
+    )
+
+    checkpoints = out_dir / "checkpoints"
+    print_ = _printer(show_progress)
+    run_fingerprint = fingerprint(config, [e.input_ids for e in examples], base_path)
+    step, resumed_from = 0, None
+    last = latest_checkpoint(checkpoints)
+    if last is not None:
+        state = torch.load(last / "state.pt", weights_only=False)
+        if state["fingerprint"] != run_fingerprint:
+            raise DatagenError(
+                f"{checkpoints}: checkpoints were made with other data or settings; "
+                "use another --out or delete that folder to start over"
+            )
+        state = load_checkpoint(last, model, optimizer, scheduler)
+        step = resumed_from = state["step"]
+        print_(f"resuming from {last} (step {step} of {total_steps})")
+    if encoded.dropped_overlong:
+        print_(f"dropped {len(encoded.dropped_overlong)} examples longer than {encoded.max_length} tokens "
+               f"(first: {encoded.dropped_overlong[0]})")
+
+    log_path = out_dir / "train_log.jsonl"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _truncate_log(log_path, step)
+    started = time.monotonic()
+    tokens_seen = 0
+    steps_this_run = 0
+    with _progress(show_progress, total_steps, step) as advance, log_path.open("a") as log:
+        while step < total_steps:
+            if stop_after is not None and steps_this_run >= stop_after:
+                break
+            chunk = micro_batches(plan_epoch, step * config.grad_accum, config.grad_accum)
+            tensors = [_to_device(collate(examples, batch, pad_id), device) for _epoch, batch in chunk]
+            supervised = sum(int((t["labels"][:, 1:] != -100).sum()) for t in tensors)
+            step_loss = 0.0
+            for batch_tensors in tensors:
+                loss_sum, _count = summed_loss(model, batch_tensors)
+                (loss_sum / supervised).backward()
+                step_loss += float(loss_sum.detach()) / supervised
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            steps_this_run += 1
+            step_tokens = sum(t["tokens"] for t in tensors)
+            tokens_seen += step_tokens
+            elapsed = time.monotonic() - started
+            record = {
+                "step": step, "epoch": round(step / steps_per_epoch, 4), "loss": round(step_loss, 6),
+                "lr": scheduler.get_last_lr()[0], "grad_norm": round(grad_norm, 4), "tokens": step_tokens,
+                "tokens_per_s": round(tokens_seen / elapsed, 1), "elapsed_s": round(elapsed, 2),
+            }
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            advance(record)
+            if step % config.save_every == 0 or step == total_steps or (
+                stop_after is not None and steps_this_run >= stop_after
+            ):
+                save_checkpoint(checkpoints, step, model, optimizer, scheduler,
+                                {"fingerprint": run_fingerprint}, config.keep_checkpoints)
+    train_seconds = time.monotonic() - started
+    finished = step >= total_steps
+    summary: dict[str, Any] = {
+        "finished": finished, "step": step, "total_steps": total_steps, "resumed_from_step": resumed_from,
+        "method": config.method, "base": config.base, "base_path": base_path, "device": device,
+        "data": str(data), "examples": len(examples), "dropped_overlong": encoded.dropped_overlong,
+        "max_length": encoded.max_length, "length_stats": encoded.length_stats,
+        "trainable_parameters": sum(p.numel() for p in trainable),
+        "tokens_this_run": tokens_seen, "train_seconds_this_run": round(train_seconds, 2),
+        "tokens_per_s": round(tokens_seen / train_seconds, 1) if train_seconds > 0 else None,
+        "peak_memory_mib": peak_memory_mib(device),
+        "final_loss": _last_logged_loss(log_path),
+        "config": config.model_dump(mode="json"),
+    }
+    if finished:
+        adapter_dir = out_dir / "adapter"
+        _save_atomically(adapter_dir, lambda target: (model.save_pretrained(target), tokenizer.save_pretrained(target)))
+        summary["adapter"] = str(adapter_dir)
+        del model, optimizer
+        if config.merge:
+            summary["merged"] = str(merge_adapter(base_path, adapter_dir, out_dir / "merged"))
+    atomic_write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+def merge_adapter(base_path: str, adapter_dir: Path, target: Path) -> Path:
+    """Reload the base in full precision, merge the adapter into it, save a plain model.
+
+    Never merges into 4-bit weights: a QLoRA adapter is merged into the float base.
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+    _save_atomically(target, lambda folder: (merged.save_pretrained(folder), tokenizer.save_pretrained(folder)))
+    return target
+
+
+def peak_memory_mib(device: str) -> float:
+    """Peak memory of this process: CUDA allocations on a GPU, resident set size on CPU."""
+    import resource
+
+    import torch
+
+    if device.startswith("cuda"):
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _context_length(base_path: str) -> int:
+    from transformers import AutoConfig
+
+    return int(getattr(AutoConfig.from_pretrained(base_path), "max_position_embeddings", 8192) or 8192)
+
+
+def _save_atomically(target: Path, write: Callable[[Path], Any]) -> None:
+    staging = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    write(staging)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the log lines of steps up to `step` (a resumed run rewrites the ones after it)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _last_logged_loss(path: Path) -> float | None:
+    if not path.exists():
+        return None
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return json.loads(lines[-1])["loss"] if lines else None
+
+
+def _printer(enabled: bool) -> Callable[[str], None]:
+    import sys
+
+    return (lambda text: print(text, file=sys.stderr)) if enabled else (lambda text: None)
+
+
+class _progress:
+    """A rich progress bar with loss, tokens/s and ETA; silent when disabled."""
+
+    def __init__(self, enabled: bool, total: int, done: int):
+        self.enabled, self.total, self.done = enabled, total, done
+
+    def __enter__(self) -> Callable[[dict[str, Any]], None]:
+        if not self.enabled:
+            return lambda record: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("sft"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
+            TextColumn("ETA"), TimeRemainingColumn(),
+        )
+        self.bar.__enter__()
+        task = self.bar.add_task("steps", total=self.total, completed=self.done, loss="-", speed="-")
+
+        def advance(record: dict[str, Any]) -> None:
+            self.bar.update(task, advance=1, loss=f"{record['loss']:.4f}", speed=f"{record['tokens_per_s']:.0f}")
+
+        return advance
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.enabled:
+            self.bar.__exit__(*exc_info)
