@@ -531,8 +531,9 @@ def negative_prompt(instruction: str, example_input: str, correct_output: str) -
     return [{"role": "user", "content": text}]
 
 
-_WRONG = re.compile(r"^\W*wrong answer\W*:\s*", re.IGNORECASE | re.MULTILINE)
-_WHY = re.compile(r"^\W*why it is wrong\W*:\s*", re.IGNORECASE | re.MULTILINE)
+# "Wrong answer:", also "**Wrong answer:**" and "**Wrong answer**:" (chat models like bold)
+_WRONG = re.compile(r"^\W*wrong answer\W*?:(?:\*\*|__)?[ \t]*", re.IGNORECASE | re.MULTILINE)
+_WHY = re.compile(r"^\W*why it is wrong\W*?:(?:\*\*|__)?[ \t]*", re.IGNORECASE | re.MULTILINE)
 
 
 def parse_negative(text: str, correct_output: str) -> tuple[str, str] | None:
@@ -679,7 +680,7 @@ def _replace_dir(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
-def provenance_paths(source: Path) -> dict[str, Path | None]:
+def provenance_paths(source: Path) -> dict[str, Any]:
     """Files beside `source` that say how it was made: the filter stats (`kept.stats.json`),
     the generation summary (`raw.summary.json`, of the source itself or of the file the
     filter read) and every rejects file along that chain."""
@@ -746,9 +747,10 @@ def _hf_files(splits: dict[str, list[Task]], out_dir: Path, chat: dict) -> list[
 
 
 def _natural_instructions(
-    config, tasks: list[Task], splits: dict[str, list[Task]], out_dir: Path, strict: bool,
-    rejects: list[Reject], summary: dict[str, Any],
-) -> list[Path]:
+    config, tasks: list[Task], out_dir: Path, strict: bool, rejects: list[Reject], summary: dict[str, Any],
+) -> tuple[list[Path], dict[str, list[Task]]]:
+    """Write the task files, README and splits; return them and the split of the exported
+    tasks (made after --strict, so train is never emptied by it)."""
     settings: ExportConfig = config.export
     numbers = {task.id: settings.first_task_number + position for position, task in enumerate(tasks)}
     names = {task.id: ni_task_name(numbers[task.id], task) for task in tasks}
@@ -790,17 +792,17 @@ def _natural_instructions(
     listing = "".join(f"- `{names[task.id]}`\n" for task in sorted(exported, key=lambda t: numbers[t.id]))
     readme = out_dir / "tasks" / "README.md"
     atomic_write_text(readme, "# Tasks\n\nOne line per task file in this folder, by task number.\n\n" + listing)
-    kept = {task.id for task in exported}
+    splits = split_by_task(exported, validation=settings.validation, test=settings.test, seed=settings.seed)
     split_dir = out_dir / "splits" / "default"
-    split_files = {
-        "train_tasks.txt": [t for t in splits["train"] + splits["validation"] if t.id in kept],
-        "test_tasks.txt": [t for t in splits["test"] if t.id in kept],
+    split_files = {  # upstream has no validation split: those tasks train
+        "train_tasks.txt": splits["train"] + splits["validation"],
+        "test_tasks.txt": splits["test"],
         "excluded_tasks.txt": [],
     }
     for file_name, members in split_files.items():
         atomic_write_text(split_dir / file_name, "".join(f"{names[t.id]}\n" for t in members))
         written.append(split_dir / file_name)
-    return written + [readme]
+    return written + [readme], splits
 
 
 def run_export(
@@ -820,7 +822,6 @@ def run_export(
         raise InputError(f"{out_dir}: exists and is not a folder")
     tasks = read_tasks(source)
     settings: ExportConfig = config.export
-    all_splits = split_by_task(tasks, validation=settings.validation, test=settings.test, seed=settings.seed)
     chat = {"prompt_erasure": config.generate.orca.prompt_erasure, "generic_system": config.generate.orca.generic_system}
     paths = provenance_paths(source)
     summary: dict[str, Any] = {"format": fmt, "input": str(source), "out": str(out_dir), "tasks": len(tasks),
@@ -830,11 +831,9 @@ def run_export(
         rejects, unreadable = read_rejects(paths["rejects"])
         summary["rejects_read"] = {"files": [str(p) for p in paths["rejects"] if p.exists()],
                                    "records": len(rejects), "unreadable_lines": unreadable[:5]}
-        written = _natural_instructions(config, tasks, all_splits, out_dir, strict, rejects, summary)
-        failed = {f["task_id"] for f in summary["failures"]} if strict else set()
-        splits = {name: [t for t in members if t.id not in failed] for name, members in all_splits.items()}
+        written, splits = _natural_instructions(config, tasks, out_dir, strict, rejects, summary)
     else:
-        splits = all_splits
+        splits = split_by_task(tasks, validation=settings.validation, test=settings.test, seed=settings.seed)
         written = _hf_files(splits, out_dir, chat) if fmt == "hf" else _split_files(fmt, splits, out_dir, chat)
     summary["splits"] = {name: {"tasks": len(members), "instances": sum(len(t.instances) for t in members)}
                          for name, members in splits.items()}
