@@ -317,6 +317,90 @@ def export_command(
         raise DatagenError(f"--strict: none of the {summary['tasks']} tasks passes; see the reasons above")
 
 
+@app.command()
+def finetune(
+    data: Annotated[Path, typer.Argument(help="Chat/prompt-completion/Alpaca/task JSONL, or an export folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (adapter/, merged/, logs).")],
+    base: Annotated[Optional[str], typer.Option("--base", help="Student: alias, model folder, .gguf or hub id.")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help="lora | qlora (QLoRA needs CUDA).")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs")] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Optimiser steps (overrides --epochs).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size")] = None,
+    grad_accum: Annotated[Optional[int], typer.Option("--grad-accum")] = None,
+    learning_rate: Annotated[Optional[float], typer.Option("--learning-rate", "--lr")] = None,
+    lora_r: Annotated[Optional[int], typer.Option("--lora-r")] = None,
+    lora_alpha: Annotated[Optional[float], typer.Option("--lora-alpha")] = None,
+    max_length: Annotated[Optional[int], typer.Option("--max-length", help="Tokens (default: from the data).")] = None,
+    packing: Annotated[Optional[bool], typer.Option("--packing/--no-packing")] = None,
+    merge: Annotated[Optional[bool], typer.Option("--merge/--no-merge", help="Also save a merged model.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """LoRA / QLoRA SFT of a student on chat data; rerun the same command to resume."""
+    from datagen.config import load_config
+    from datagen.finetune.sft import train
+
+    flags = {"base": (base, "--base"), "method": (method, "--method"), "epochs": (epochs, "--epochs"),
+             "max_steps": (max_steps, "--max-steps"), "batch_size": (batch_size, "--batch-size"),
+             "grad_accum": (grad_accum, "--grad-accum"), "learning_rate": (learning_rate, "--learning-rate"),
+             "r": (lora_r, "--lora-r"), "alpha": (lora_alpha, "--lora-alpha"),
+             "max_length": (max_length, "--max-length"), "packing": (packing, "--packing"),
+             "merge": (merge, "--merge"), "seed": (seed, "--seed")}
+    settings = load_config(config, {f"finetune.{key}": (flag, value) for key, (value, flag) in flags.items()})
+    summary = train(settings.finetune, data, out)
+    typer.echo(
+        f"finetune: {summary['step']}/{summary['total_steps']} steps on {summary['examples']} examples "
+        f"(max_length {summary['max_length']}), final loss {summary['final_loss']}, "
+        f"{summary['tokens_per_s']} tokens/s, peak {summary['peak_memory_mib']} MiB; "
+        f"adapter {summary.get('adapter')}, merged {summary.get('merged')}",
+        err=True,
+    )
+
+
+@app.command("eval")
+def eval_command(
+    data: Annotated[Path, typer.Argument(help="Held-out data: an export folder (its test.jsonl) or a file.")],
+    tuned: Annotated[str, typer.Option("--tuned", help="The finetune output folder or a merged model folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where report.json and report.md go.")],
+    base: Annotated[Optional[str], typer.Option("--base", help="The base student (default: finetune.base).")] = None,
+    judge: Annotated[Optional[bool], typer.Option("--judge/--no-judge", help="Teacher-judged win rate.")] = None,
+    max_examples: Annotated[Optional[int], typer.Option("--max-examples")] = None,
+    config: ConfigOpt = None,
+    backend: BackendOpt = None,
+    model: ModelOpt = None,
+    base_url: BaseUrlOpt = None,
+    api_key_env: ApiKeyEnvOpt = None,
+) -> None:
+    """Compare the base and the tuned student on held-out tasks (loss, ROUGE-L, win rate)."""
+    from datagen.config import load_config
+    from datagen.finetune.evaluate import evaluate, format_summary
+
+    overrides = teacher_overrides(backend=backend, model=model, base_url=base_url, api_key_env=api_key_env)
+    overrides.update({"finetune.base": ("--base", base), "eval.judge": ("--judge", judge),
+                      "eval.max_examples": ("--max-examples", max_examples)})
+    settings = load_config(config, overrides)
+    report = evaluate(settings.eval, data, settings.finetune.base, tuned, out, teacher_config=settings.teacher)
+    typer.echo(format_summary(report) + f"\nreport: {out / 'report.md'}", err=True)
+
+
+@app.command()
+def distill(
+    config: Annotated[Path, typer.Argument(help="YAML config: teacher, generate, filter, export, finetune, eval.")],
+    workdir: Annotated[Optional[Path], typer.Option("--workdir", help="Where every stage writes.")] = None,
+    start_from: Annotated[Optional[str], typer.Option("--from", help="Rerun from this stage on.")] = None,
+) -> None:
+    """generate → filter → export → finetune → eval from one config; rerun to resume."""
+    from datagen.config import load_config
+    from datagen.distill import run_distill
+    from datagen.finetune.evaluate import format_summary
+
+    settings = load_config(config, {"distill.workdir": ("--workdir", str(workdir) if workdir else None)})
+    result = run_distill(settings, "datagen " + " ".join(sys.argv[1:]), start_from=start_from,
+                         say=lambda text: typer.echo(text, err=True))
+    typer.echo(f"\ndistilled into {result['workdir']}/student; before -> after:\n"
+               + format_summary(result["report"]), err=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `datagen` console script."""
     args = sys.argv[1:] if argv is None else argv

@@ -3,6 +3,10 @@
     teacher:  datagen.config.TeacherConfig   (backend, model, sampling, limits, cache)
     generate: GenerateConfig                  (method, seeds, num, per-method sections)
     filter:   datagen.filtering.FilterConfig  (passes and their settings)
+    export:   datagen.export.ExportConfig     (splits, languages, Natural-Instructions fields)
+    finetune: datagen.finetune.sft.FinetuneConfig      (LoRA / QLoRA SFT)
+    eval:     datagen.finetune.evaluate.EvalConfig     (base vs tuned on held-out tasks)
+    distill:  datagen.distill.DistillConfig   (workdir and extra export formats)
 
 Load with `datagen.config.load_config(path, overrides)`.
 """
@@ -14,8 +18,11 @@ from typing import Literal
 from pydantic import Field
 
 from datagen.config import Strict, TeacherConfig
+from datagen.distill import DistillConfig
 from datagen.export import ExportConfig
 from datagen.filtering import FilterConfig
+from datagen.finetune.evaluate import EvalConfig
+from datagen.finetune.sft import FinetuneConfig
 from datagen.generators.alpaca import AlpacaConfig
 from datagen.generators.evol_instruct import EvolInstructConfig
 from datagen.generators.orca import OrcaConfig
@@ -42,3 +49,6 @@ class Config(Strict):
     generate: GenerateConfig = GenerateConfig()
     filter: FilterConfig = FilterConfig()
     export: ExportConfig = ExportConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    eval: EvalConfig = EvalConfig()
+    distill: DistillConfig = DistillConfig()

@@ -181,12 +181,21 @@ def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
 # ----------------------------------------------------------------------------- loss
 
 
+def logits_of(model, batch: dict[str, Any]):
+    """The model's logits for a collated batch.
+
+    No KV cache: transformers only turns restarting position ids into per-example
+    attention (packing) when no cache is passed, and training never needs one.
+    """
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    return model(**inputs, use_cache=False).logits
+
+
 def summed_loss(model, batch: dict[str, Any]):
     """Summed cross-entropy over supervised tokens, and their count (for token-weighted means)."""
     import torch
 
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-    logits = model(**inputs, use_cache=False).logits
+    logits = logits_of(model, batch)
     labels = batch["labels"][:, 1:]
     loss = torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100, reduction="sum"
