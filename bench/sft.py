@@ -1,0 +1,135 @@
+"""SFT throughput: `datagen finetune` vs TRL's `SFTTrainer`, same model, data and LoRA settings.
+
+Both train the embedded SmolLM2-135M-Instruct with the same LoRA (r, alpha, dropout, all
+linear layers), learning rate, schedule, batch size, number of steps and maximum length,
+on the same chat examples, with the loss on completion tokens only (TRL: conversational
+prompt/completion data, its `completion_only_loss`). Each runs in its own process, so
+the peak memory of one does not hide in the other's. Printed for each: real (non-pad)
+tokens per second of the training loop, peak memory (CUDA allocations on a GPU, resident
+set size on CPU) and final loss, then the ratios (targets: >= 1.0x TRL's tokens/s at
+<= 1.1x its peak memory).
+
+    .venv/bin/pip install trl        # the baseline; not a datagen dependency
+    .venv/bin/python bench/sft.py --steps 30 --batch-size 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+LORA = dict(r=16, alpha=32, dropout=0.05)
+
+
+def build_examples(count: int) -> list[dict]:
+    """Chat examples from the bundled seed tasks (real instructions and replies of varied length)."""
+    from datagen.export import chat_examples
+    from datagen.generate import bundled_seeds_path
+    from datagen.io import read_tasks
+
+    pool = [{"messages": e["messages"]} for e in chat_examples(read_tasks(bundled_seeds_path()))]
+    return [pool[i % len(pool)] for i in range(count)]
+
+
+def run_ours(args, data: Path, out: Path) -> dict:
+    from datagen.finetune.sft import FinetuneConfig, train
+
+    config = FinetuneConfig(
+        r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"], learning_rate=args.lr,
+        max_steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
+        warmup_ratio=0.1, scheduler="cosine", merge=False, save_every=10**6,
+    )
+    summary = train(config, data, out, show_progress=False)
+    return {"tokens_per_s": summary["tokens_per_s"], "peak_memory_mib": summary["peak_memory_mib"],
+            "final_loss": summary["final_loss"], "tokens": summary["tokens_this_run"],
+            "seconds": summary["train_seconds_this_run"]}
+
+
+def run_trl(args, data: Path, out: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from datagen.finetune.sft import peak_memory_mib, pick_device, pick_dtype
+    from datagen.models import resolve_model
+
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    dataset = Dataset.from_list([{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows])
+    path = resolve_model("smollm2-135m")
+    device = pick_device("auto")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype("auto", device))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    config = SFTConfig(
+        output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr, lr_scheduler_type="cosine", warmup_ratio=0.1, max_length=args.max_length,
+        logging_steps=1, save_strategy="no", report_to=[], completion_only_loss=True,
+        bf16=device == "cuda" and torch.cuda.is_bf16_supported(), use_cpu=device == "cpu", seed=0,
+    )
+    lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                      target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=lora)
+    result = trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    tokens = int(max(entry.get("num_tokens", 0) for entry in trainer.state.log_history))
+    seconds = result.metrics["train_runtime"]
+    return {"tokens_per_s": round(tokens / seconds, 1), "peak_memory_mib": peak_memory_mib(device),
+            "final_loss": logged[-1]["loss"], "tokens": tokens, "seconds": round(seconds, 2)}
+
+
+def worker(args) -> None:
+    data, out = Path(args.data), Path(args.out)
+    result = run_ours(args, data, out) if args.worker == "ours" else run_trl(args, data, out)
+    print("RESULT " + json.dumps(result))
+
+
+def run_in_child(args, which: str, data: Path, out: Path) -> dict:
+    command = [sys.executable, str(HERE), "--worker", which, "--data", str(data), "--out", str(out),
+               "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+               "--max-length", str(args.max_length), "--lr", str(args.lr)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(HERE.parents[1])}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        sys.exit(f"{which} failed:\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--worker", choices=["ours", "trl"])
+    parser.add_argument("--data")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        data = Path(scratch) / "train.jsonl"
+        data.write_text("".join(json.dumps(row) + "\n" for row in build_examples(args.examples)))
+        ours = run_in_child(args, "ours", data, Path(scratch) / "ours")
+        trl = run_in_child(args, "trl", data, Path(scratch) / "trl")
+    print(f"{args.steps} steps x batch {args.batch_size}, max_length {args.max_length}, LoRA r={LORA['r']}")
+    print(f"{'':<18}{'tokens/s':>10}{'peak MiB':>10}{'final loss':>12}{'tokens':>9}{'seconds':>9}")
+    for name, result in (("datagen finetune", ours), ("TRL SFTTrainer", trl)):
+        print(f"{name:<18}{result['tokens_per_s']:>10.1f}{result['peak_memory_mib']:>10.0f}"
+              f"{result['final_loss']:>12.4f}{result['tokens']:>9}{result['seconds']:>9.1f}")
+    print(f"ratio: tokens/s {ours['tokens_per_s'] / trl['tokens_per_s']:.2f}x TRL's, "
+          f"peak memory {ours['peak_memory_mib'] / trl['peak_memory_mib']:.2f}x TRL's")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,389 @@
+"""SFT on the embedded SmolLM2-135M: masking token by token, packing, a real LoRA run whose
+loss goes down, merge equivalence, resume after a SIGKILL, QLoRA's CUDA guard, eval."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from datagen.errors import InputError
+from datagen.finetune.data import (
+    IGNORE_INDEX,
+    Conversation,
+    choose_max_length,
+    collate,
+    encode_all,
+    encode_conversation,
+    load_conversations,
+    plan_batches,
+)
+from datagen.finetune.sft import FinetuneConfig, logits_of, lr_factor, micro_batches, train
+from tests.conftest import run_cli
+
+
+def arithmetic_rows(count: int, seed: int = 0) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        a, b = rng.randint(1, 60), rng.randint(1, 60)
+        rows.append({"messages": [
+            {"role": "user", "content": f"Add {a} and {b}."},
+            {"role": "assistant", "content": f"The sum of {a} and {b} is {a + b}."},
+        ]})
+    return rows
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(embedded_model_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(embedded_model_path)
+
+
+def conversation(*turns: tuple[str, str]) -> Conversation:
+    return Conversation(tuple(turns), "test:1")
+
+
+def supervised_text(tokenizer, encoded) -> list[str]:
+    """The supervised runs of tokens, decoded, in order."""
+    runs, current = [], []
+    for token, label in zip(encoded.input_ids, encoded.labels):
+        if label != IGNORE_INDEX:
+            assert label == token
+            current.append(token)
+        elif current:
+            runs.append(tokenizer.decode(current))
+            current = []
+    if current:
+        runs.append(tokenizer.decode(current))
+    return runs
+
+
+# ---------------------------------------------------------------- masking, on the real chat template
+
+
+def test_only_the_reply_and_its_eos_are_supervised(tokenizer):
+    encoded = encode_conversation(tokenizer, conversation(
+        ("system", "Answer briefly."), ("user", "Capital of France?"), ("assistant", "Paris."),
+    ))
+    assert supervised_text(tokenizer, encoded) == ["Paris.<|im_end|>"]
+    # token by token: everything before the reply is masked, and so is ChatML's trailing newline
+    eos_at = max(k for k, label in enumerate(encoded.labels) if label != IGNORE_INDEX)
+    assert encoded.input_ids[eos_at] == tokenizer.eos_token_id
+    assert all(label == IGNORE_INDEX for label in encoded.labels[eos_at + 1 :])
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Capital of France?"}],
+        add_generation_prompt=True, tokenize=False,
+    )
+    prompt_length = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert all(label == IGNORE_INDEX for label in encoded.labels[:prompt_length])
+    assert all(label != IGNORE_INDEX for label in encoded.labels[prompt_length : eos_at + 1])
+
+
+def test_every_assistant_turn_of_a_dialogue_is_supervised(tokenizer):
+    encoded = encode_conversation(tokenizer, conversation(
+        ("user", "Hi"), ("assistant", "Hello!"), ("user", "Two plus two?"), ("assistant", "Four."),
+    ))
+    assert supervised_text(tokenizer, encoded) == ["Hello!<|im_end|>", "Four.<|im_end|>"]
+
+
+def test_empty_reply_is_an_error_naming_the_example(tokenizer):
+    with pytest.raises(InputError, match=r"^test:1: the assistant reply is empty"):
+        encode_conversation(tokenizer, conversation(("user", "Hi"), ("assistant", "")))
+
+
+def test_template_that_drops_eos_is_an_error(tokenizer):
+    from transformers import AutoTokenizer
+
+    no_eos = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    no_eos.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    with pytest.raises(InputError, match="does not end the assistant reply with EOS"):
+        encode_conversation(no_eos, conversation(("user", "Hi"), ("assistant", "Hello")))
+
+
+# ---------------------------------------------------------------- reading data
+
+
+def test_every_training_format_loads(tmp_path):
+    chat = write_jsonl(tmp_path / "chat.jsonl", arithmetic_rows(2))
+    pairs = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "Say hi.", "completion": "Hi!"}])
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": "Translate to French.", "input": "cat", "output": "chat"},
+                                  {"instruction": "Say hi.", "input": "", "output": "Hi!"}]))
+    tasks = write_jsonl(tmp_path / "tasks.jsonl", [{"id": "t1", "instruction": "Negate.",
+                                                    "instances": [{"input": "yes", "output": "no"},
+                                                                  {"input": "up", "output": "down"}]}])
+    assert len(load_conversations(chat)) == 2
+    assert load_conversations(pairs)[0].messages == (("user", "Say hi."), ("assistant", "Hi!"))
+    loaded = load_conversations(alpaca)
+    assert loaded[0].messages == (("user", "Translate to French.\n\ncat"), ("assistant", "chat"))
+    assert loaded[1].messages == (("user", "Say hi."), ("assistant", "Hi!"))
+    from_tasks = load_conversations(tasks)
+    assert [c.messages[-1] for c in from_tasks] == [("assistant", "no"), ("assistant", "down")]
+    assert from_tasks[1].source.endswith("tasks.jsonl:1#1")
+
+
+@pytest.mark.parametrize("line, problem", [
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "the last message must be the assistant's reply"),
+    ('{"messages": [{"role": "robot", "content": "hi"}]}', "messages[0]: role must be one of"),
+    ('{"text": "hi"}', "not a training example"),
+    ('{"messages": [', "invalid JSON"),
+])
+def test_bad_example_names_file_and_line(tmp_path, line, problem):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(arithmetic_rows(1)[0]) + "\n" + line + "\n")
+    with pytest.raises(InputError) as caught:
+        load_conversations(path)
+    assert str(caught.value).startswith(f"{path}:2: ")
+    assert problem in str(caught.value)
+
+
+def test_max_length_comes_from_the_data_and_overlong_examples_are_named(tokenizer):
+    assert choose_max_length([10, 61, 30], model_limit=8192, cap=2048) == 64
+    assert choose_max_length([5000], model_limit=8192, cap=2048) == 2048
+    short = conversation(("user", "Hi"), ("assistant", "Hello"))
+    long = Conversation((("user", "Hi"), ("assistant", "word " * 200)), "test:2")
+    result = encode_all(tokenizer, [short, long], max_length=64)
+    assert len(result.examples) == 1 and result.dropped_overlong == ["test:2"]
+    with pytest.raises(InputError, match=r"^test:2: \d+ tokens, longer than max_length 64"):
+        encode_all(tokenizer, [short, long], max_length=64, overlong="error")
+    assert encode_all(tokenizer, [short, long], max_length=None).max_length >= 200
+
+
+# ---------------------------------------------------------------- batching
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_each_epoch_covers_every_example_once(packing):
+    lengths = [5, 40, 12, 33, 8, 8, 21, 2, 17, 30, 9]
+    batches = plan_batches(lengths, 3, seed=1, packing=packing, max_length=40)
+    seen = [i for batch in batches for row in batch.rows for i in row]
+    assert sorted(seen) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 40 for batch in batches for row in batch.rows)
+    assert batches == plan_batches(lengths, 3, seed=1, packing=packing, max_length=40)
+    assert batches != plan_batches(lengths, 3, seed=2, packing=packing, max_length=40)
+
+
+def test_micro_batches_run_on_across_epochs():
+    def plan(epoch):
+        return [f"e{epoch}b{k}" for k in range(3)]
+
+    assert micro_batches(plan, 2, 3) == [(0, "e0b2"), (1, "e1b0"), (1, "e1b1")]
+
+
+def test_learning_rate_warms_up_then_decays():
+    factors = [lr_factor(step, 10, 2, "cosine") for step in range(10)]
+    assert factors[:2] == [0.5, 1.0] and factors[2] == 1.0
+    assert all(a >= b for a, b in zip(factors[2:], factors[3:])) and factors[-1] > 0
+    assert lr_factor(9, 10, 0, "linear") == pytest.approx(0.1)
+
+
+@pytest.mark.slow
+def test_packed_examples_do_not_attend_to_each_other(embedded_model_path, tokenizer):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(embedded_model_path, dtype=torch.float32).eval()
+    first = encode_conversation(tokenizer, conversation(("user", "Name a colour."), ("assistant", "Blue.")))
+    second = encode_conversation(tokenizer, conversation(("user", "Add 2 and 3."), ("assistant", "The sum is 5.")))
+    batch = plan_batches([len(first.input_ids), len(second.input_ids)], 1, 0, packing=True, max_length=512)[0]
+    assert len(batch.rows[0]) == 2
+    packed = collate([first, second], batch, tokenizer.pad_token_id)
+    assert "attention_mask" not in packed
+    with torch.inference_mode():
+        together = logits_of(model, packed)[0]
+        alone = {index: model(input_ids=torch.tensor([e.input_ids])).logits[0]
+                 for index, e in enumerate([first, second])}
+    offset = 0
+    for index in batch.rows[0]:
+        width = alone[index].shape[0]
+        assert torch.allclose(together[offset : offset + width], alone[index], atol=1e-4)
+        offset += width
+
+
+# ---------------------------------------------------------------- real training
+
+
+TINY = dict(batch_size=4, learning_rate=1e-3, r=8, alpha=16, max_steps=6, save_every=2, warmup_ratio=0.0)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sft")
+    data = write_jsonl(folder / "train.jsonl", arithmetic_rows(24))
+    summary = train(FinetuneConfig(**TINY), data, folder / "out", show_progress=False)
+    return folder, data, summary
+
+
+@pytest.mark.slow
+def test_lora_run_lowers_the_loss_and_writes_adapter_merged_and_logs(trained, embedded_model_path, tokenizer):
+    folder, data, summary = trained
+    out = folder / "out"
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [1, 2, 3, 4, 5, 6]
+    assert summary["finished"] and summary["examples"] == 24 and summary["tokens_per_s"] > 0
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert json.loads((out / "summary.json").read_text())["final_loss"] == log[-1]["loss"]
+
+    # the loss on the training data, measured the same way before and after, went down
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from datagen.finetune.sft import mean_completion_loss
+
+    examples = encode_all(tokenizer, load_conversations(data), max_length=None).examples
+    base = AutoModelForCausalLM.from_pretrained(embedded_model_path, dtype=torch.float32)
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32)  # plain transformers
+    before = mean_completion_loss(base, examples, tokenizer.pad_token_id, "cpu")
+    after = mean_completion_loss(merged, examples, tokenizer.pad_token_id, "cpu")
+    assert after < 0.8 * before, (before, after)
+
+
+@pytest.mark.slow
+def test_merged_model_gives_the_logits_of_base_plus_adapter(trained, embedded_model_path, tokenizer):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = trained[0] / "out"
+    ids = torch.tensor([tokenizer("Add 7 and 9. The sum of 7 and 9 is")["input_ids"]])
+    base = AutoModelForCausalLM.from_pretrained(embedded_model_path, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        plain = base(input_ids=ids).logits
+    with_adapter = PeftModel.from_pretrained(base, out / "adapter").eval()  # wraps `base` in place
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32).eval()
+    with torch.inference_mode():
+        adapted = with_adapter(input_ids=ids).logits
+        direct = merged(input_ids=ids).logits
+    assert torch.allclose(adapted, direct, atol=1e-3)
+    assert (adapted - plain).abs().max() > 0.1  # the adapter did change the model
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_ends_where_an_unbroken_run_ends(trained, tmp_path):
+    """Kill -9 a real `datagen finetune` after a checkpoint, rerun it: same steps, same losses."""
+    _folder, data, _summary = trained
+    config = tmp_path / "sft.yaml"
+    config.write_text("finetune:\n" + "".join(f"  {k}: {v}\n" for k, v in TINY.items()) + "  merge: false\n")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "datagen.cli", "finetune", str(data), "--out", str(out), "--config", str(config)]
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not (out / "checkpoints" / "step-000002" / "state.pt").exists():
+        assert first.poll() is None, "finetune ended before its first checkpoint"
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait()
+    assert not (out / "adapter").exists()
+
+    second = run_cli("finetune", str(data), "--out", str(out), "--config", str(config))
+    assert second.returncode == 0, second.stderr
+    assert "resuming from" in second.stderr
+    resumed = json.loads((out / "summary.json").read_text())
+    assert resumed["finished"] and resumed["resumed_from_step"] >= 2
+    unbroken = [json.loads(line) for line in (trained[0] / "out" / "train_log.jsonl").read_text().splitlines()]
+    again = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in again] == [1, 2, 3, 4, 5, 6]
+    assert [e["loss"] for e in again] == pytest.approx([e["loss"] for e in unbroken], abs=1e-4)
+
+
+def test_checkpoints_of_other_settings_are_not_resumed(tmp_path):
+    """Resuming somebody else's optimiser state would silently train the wrong thing."""
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(4))
+    train(FinetuneConfig(max_steps=1, batch_size=4, merge=False), data, tmp_path / "out", show_progress=False)
+    from datagen.errors import DatagenError
+
+    with pytest.raises(DatagenError, match="checkpoints were made with other data or settings"):
+        train(FinetuneConfig(max_steps=1, batch_size=4, learning_rate=1e-5, merge=False), data, tmp_path / "out",
+              show_progress=False)
+
+
+# ---------------------------------------------------------------- QLoRA
+
+
+def test_qlora_without_cuda_is_one_clear_error(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the GPU test below covers QLoRA")
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(2))
+    result = run_cli("finetune", str(data), "--out", str(tmp_path / "out"), "--method", "qlora")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: --method qlora needs a CUDA device (bitsandbytes 4-bit NF4) and none is available; use --method lora here"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.gpu
+def test_qlora_trains_on_a_gpu(tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    pytest.importorskip("bitsandbytes")
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(24))
+    summary = train(FinetuneConfig(method="qlora", **TINY), data, tmp_path / "out", show_progress=False)
+    log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert summary["finished"] and log[-1]["loss"] < log[0]["loss"]
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "merged")  # merged in full precision, loads plainly
+
+
+# ---------------------------------------------------------------- eval
+
+
+def test_verdicts_are_parsed_strictly():
+    from datagen.finetune.evaluate import parse_verdict
+
+    assert parse_verdict("Verdict: B\nReason: more complete") == "B"
+    assert parse_verdict("verdict: **tie**") == "tie"
+    assert parse_verdict("A is better") == "A"
+    assert parse_verdict("Both answers are fine.") is None
+
+
+def test_judge_prompt_is_pinned():
+    from datagen.finetune.evaluate import judge_messages
+
+    [message] = judge_messages("Add 2 and 3.", "5", "6")
+    assert message["content"].startswith("You are comparing two AI assistants' answers to the same request.")
+    assert "Request:\nAdd 2 and 3.\n\nAnswer A:\n5\n\nAnswer B:\n6\n\nReply in exactly this form:\nVerdict: <A, B or tie>" \
+        in message["content"]
+
+
+@pytest.mark.slow
+def test_eval_compares_base_and_tuned_on_held_out_data(trained, tmp_path):
+    from datagen.config import TeacherConfig
+    from datagen.finetune.evaluate import EvalConfig, evaluate
+
+    folder, _data, _summary = trained
+    held_out = write_jsonl(tmp_path / "test.jsonl", arithmetic_rows(4, seed=99))
+    report = evaluate(EvalConfig(max_new_tokens=24, judge=True), tmp_path, "smollm2-135m", str(folder / "out"),
+                      tmp_path / "eval", teacher_config=TeacherConfig(cache="off"))
+    assert report["data"] == str(held_out) and report["examples"] == 4
+    assert report["tuned"]["loss"] < report["base"]["loss"]
+    assert 0.0 <= report["base"]["rouge_l"] <= 1.0 and 0.0 <= report["tuned"]["rouge_l"] <= 1.0
+    judge = report["judge"]
+    assert judge["judgements"] + judge["unreadable"] == 8
+    assert judge["win_rate"] is None or 0.0 <= judge["win_rate"] <= 1.0
+    markdown = (tmp_path / "eval" / "report.md").read_text()
+    assert "| loss on teacher replies (lower is better) |" in markdown and "## Sample 1" in markdown
+    assert json.loads((tmp_path / "eval" / "report.json").read_text())["tuned"]["loss"] == report["tuned"]["loss"]
