@@ -537,16 +537,19 @@ _WHY = re.compile(r"^\W*why it is wrong\W*?:(?:\*\*|__)?[ \t]*", re.IGNORECASE |
 
 
 def parse_negative(text: str, correct_output: str) -> tuple[str, str] | None:
-    """(wrong answer, why) from a reply in the template's form; None when a part is missing,
-    empty, or the "wrong" answer is the correct one."""
-    wrong_at, why_at = _WRONG.search(text), _WHY.search(text)
-    if not wrong_at or not why_at or why_at.start() < wrong_at.end():
+    """(wrong answer, why it is wrong) from a reply in the template's form; None when there is
+    no "Wrong answer:" line or it is empty or the correct answer. Small teachers often leave
+    out the "Why it is wrong:" line; the explanation then names the correct answer."""
+    wrong_at = _WRONG.search(text)
+    if not wrong_at:
         return None
-    wrong = text[wrong_at.end() : why_at.start()].strip()
-    why = text[why_at.end() :].strip().splitlines()[0].strip() if text[why_at.end() :].strip() else ""
-    if not wrong or not why or wrong.casefold() == correct_output.strip().casefold():
+    why_at = _WHY.search(text, wrong_at.end())
+    wrong = text[wrong_at.end() : why_at.start() if why_at else len(text)].strip()
+    why_lines = text[why_at.end() :].strip().splitlines() if why_at else []
+    why = why_lines[0].strip() if why_lines else ""
+    if not wrong or wrong.casefold() == correct_output.strip().casefold():
         return None
-    return wrong, why
+    return wrong, why or f'The correct answer is "{correct_output.strip()}".'
 
 
 def teacher_negatives(tasks: Sequence[Task], files: dict[str, dict], complete: Callable, params: SamplingParams) -> int:
@@ -702,7 +705,7 @@ def provenance_paths(source: Path) -> dict[str, Any]:
     return {
         "stats": stats,
         "summary": summary,
-        "rejects": [p for p in dict.fromkeys([rejects_path(source)] + ([rejects_path(upstream)] if upstream else []))],
+        "rejects": list(dict.fromkeys([rejects_path(source)] + ([rejects_path(upstream)] if upstream else []))),
     }
 
 
@@ -821,6 +824,11 @@ def run_export(
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: exists and is not a folder")
     tasks = read_tasks(source)
+    seen: set[str] = set()
+    for task in tasks:  # one id, two tasks: file names, negatives and row groups would mix them
+        if task.id in seen:
+            raise InputError(f"{source}: task id {task.id!r} appears more than once; export needs unique ids")
+        seen.add(task.id)
     settings: ExportConfig = config.export
     chat = {"prompt_erasure": config.generate.orca.prompt_erasure, "generic_system": config.generate.orca.generic_system}
     paths = provenance_paths(source)
