@@ -93,7 +93,7 @@ def load_conversations(path: str | Path) -> list[Conversation]:
     for where, row in rows:
         conversations.extend(_conversations_from_row(where, row))
     if not conversations:
-        raise InputError(f"{path}: no training examples in file")
+        raise InputError(f"{path}: no examples in file (is the split empty?)")
     return conversations
 
 

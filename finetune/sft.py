@@ -203,6 +203,21 @@ def summed_loss(model, batch: dict[str, Any]):
     return loss, int((labels != -100).sum())
 
 
+def accumulate_gradients(model, batches: Sequence[dict[str, Any]]) -> float:
+    """Backpropagate one optimiser step's micro-batches; return the step's mean loss.
+
+    Each micro-batch's summed loss is divided by the supervised tokens of the whole step,
+    so every token weighs the same however the tokens fall into micro-batches.
+    """
+    supervised = sum(int((batch["labels"][:, 1:] != -100).sum()) for batch in batches)
+    step_loss = 0.0
+    for batch in batches:
+        loss_sum, _count = summed_loss(model, batch)
+        (loss_sum / supervised).backward()
+        step_loss += float(loss_sum.detach()) / supervised
+    return step_loss
+
+
 def mean_completion_loss(model, examples: Sequence, pad_id: int, device: str, batch_size: int = 8) -> float:
     """Token-weighted mean loss on the supervised tokens of `examples` (no gradients)."""
     import torch
@@ -268,19 +283,26 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, state:
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict[str, Any]:
+def load_checkpoint(path: Path, model, optimizer, scheduler, expected_fingerprint: str) -> int:
+    """Restore a checkpoint into the live objects; return its step. Refuses one made from
+    other data or settings: resuming it would silently train something else."""
     import torch
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     state = torch.load(path / "state.pt", weights_only=False)
+    if state["fingerprint"] != expected_fingerprint:
+        raise DatagenError(
+            f"{path.parent}: checkpoints were made with other data or settings; "
+            "use another --out or delete that folder to start over"
+        )
     set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     if state.get("cuda_rng") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return state
+    return state["step"]
 
 
 # ----------------------------------------------------------------------------- training
@@ -306,13 +328,9 @@ def train(
     out_dir: str | Path,
     *,
     show_progress: bool = True,
-    stop_after: int | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune, checkpoint, save adapter (and merged model); return the summary.
-
-    `stop_after` ends the run after that many optimiser steps of this invocation
-    (checkpointed, not finished): a kill without a signal, for tests and time-boxed runs.
-    """
+    """Fine-tune (resuming from the last checkpoint in `out_dir`), save the adapter and
+    the merged model; return the summary also written to `out_dir/summary.json`."""
     import torch
     from transformers import AutoTokenizer
 
@@ -359,14 +377,7 @@ def train(
     step, resumed_from = 0, None
     last = latest_checkpoint(checkpoints)
     if last is not None:
-        state = torch.load(last / "state.pt", weights_only=False)
-        if state["fingerprint"] != run_fingerprint:
-            raise DatagenError(
-                f"{checkpoints}: checkpoints were made with other data or settings; "
-                "use another --out or delete that folder to start over"
-            )
-        state = load_checkpoint(last, model, optimizer, scheduler)
-        step = resumed_from = state["step"]
+        step = resumed_from = load_checkpoint(last, model, optimizer, scheduler, run_fingerprint)
         print_(f"resuming from {last} (step {step} of {total_steps})")
     if encoded.dropped_overlong:
         print_(f"dropped {len(encoded.dropped_overlong)} examples longer than {encoded.max_length} tokens "
@@ -377,25 +388,16 @@ def train(
     _truncate_log(log_path, step)
     started = time.monotonic()
     tokens_seen = 0
-    steps_this_run = 0
     with _progress(show_progress, total_steps, step) as advance, log_path.open("a") as log:
         while step < total_steps:
-            if stop_after is not None and steps_this_run >= stop_after:
-                break
             chunk = micro_batches(plan_epoch, step * config.grad_accum, config.grad_accum)
             tensors = [_to_device(collate(examples, batch, pad_id), device) for _epoch, batch in chunk]
-            supervised = sum(int((t["labels"][:, 1:] != -100).sum()) for t in tensors)
-            step_loss = 0.0
-            for batch_tensors in tensors:
-                loss_sum, _count = summed_loss(model, batch_tensors)
-                (loss_sum / supervised).backward()
-                step_loss += float(loss_sum.detach()) / supervised
+            step_loss = accumulate_gradients(model, tensors)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            steps_this_run += 1
             step_tokens = sum(t["tokens"] for t in tensors)
             tokens_seen += step_tokens
             elapsed = time.monotonic() - started
@@ -407,9 +409,7 @@ def train(
             log.write(json.dumps(record) + "\n")
             log.flush()
             advance(record)
-            if step % config.save_every == 0 or step == total_steps or (
-                stop_after is not None and steps_this_run >= stop_after
-            ):
+            if step % config.save_every == 0 or step == total_steps:
                 save_checkpoint(checkpoints, step, model, optimizer, scheduler,
                                 {"fingerprint": run_fingerprint}, config.keep_checkpoints)
     train_seconds = time.monotonic() - started
