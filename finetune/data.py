@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from datagen.errors import InputError
+from datagen.io import read_jsonl
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -84,32 +85,16 @@ def load_conversations(path: str | Path) -> list[Conversation]:
         path = path / "train.jsonl"
     if not path.exists():
         raise InputError(f"{path}: no such file")
-    text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
-        rows = _json_array_rows(path, text)
+        rows = _json_array_rows(path, path.read_text(encoding="utf-8"))
     else:
-        rows = _jsonl_rows(path, text)
+        rows = [(f"{path}:{number}", row) for number, row in read_jsonl(path)]
     conversations: list[Conversation] = []
     for where, row in rows:
         conversations.extend(_conversations_from_row(where, row))
     if not conversations:
         raise InputError(f"{path}: no examples in file (is the split empty?)")
     return conversations
-
-
-def _jsonl_rows(path: Path, text: str) -> list[tuple[str, dict]]:
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise InputError(f"{path}:{number}: invalid JSON ({error.msg})") from None
-        if not isinstance(row, dict):
-            raise InputError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-        rows.append((f"{path}:{number}", row))
-    return rows
 
 
 def _json_array_rows(path: Path, text: str) -> list[tuple[str, dict]]:
