@@ -192,15 +192,28 @@ def logits_of(model, batch: dict[str, Any]):
 
 
 def summed_loss(model, batch: dict[str, Any]):
-    """Summed cross-entropy over supervised tokens, and their count (for token-weighted means)."""
+    """Summed cross-entropy over supervised tokens, and their count (for token-weighted means).
+
+    The output layer runs only on the positions that predict a supervised token: prompt
+    positions never need their logits, and over a 49k-token vocabulary those logits are
+    most of the memory of a step. Models that post-process logits (soft-capping, scaling)
+    take the plain full-logits path.
+    """
     import torch
 
-    logits = logits_of(model, batch)
     labels = batch["labels"][:, 1:]
-    loss = torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100, reduction="sum"
-    )
-    return loss, int((labels != -100).sum())
+    supervised = labels != -100
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = causal_lm.get_output_embeddings()
+    config = causal_lm.config
+    if head is None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        logits = logits_of(model, batch)[:, :-1][supervised]
+    else:
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+        hidden = causal_lm.base_model(**inputs, use_cache=False).last_hidden_state
+        logits = head(hidden[:, :-1][supervised])
+    loss = torch.nn.functional.cross_entropy(logits.float(), labels[supervised], reduction="sum")
+    return loss, int(supervised.sum())
 
 
 def accumulate_gradients(model, batches: Sequence[dict[str, Any]]) -> float:

@@ -217,6 +217,28 @@ def test_packed_examples_do_not_attend_to_each_other(embedded_model_path, tokeni
         offset += width
 
 
+@pytest.mark.slow
+def test_loss_on_supervised_positions_only_equals_the_full_logits_loss(embedded_model_path, tokenizer):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from datagen.finetune.sft import summed_loss
+
+    model = AutoModelForCausalLM.from_pretrained(embedded_model_path, dtype=torch.float32).eval()
+    examples = [encode_conversation(tokenizer, conversation(("user", f"Add {i} and 3."), ("assistant", f"It is {i + 3}.")))
+                for i in range(5)]
+    batch = plan_batches([len(e.input_ids) for e in examples], 5, 0, packing=False, max_length=0)[0]
+    tensors = collate(examples, batch, tokenizer.pad_token_id)
+    with torch.inference_mode():
+        ours, count = summed_loss(model, tensors)
+        logits = logits_of(model, tensors)[:, :-1]
+        labels = tensors["labels"][:, 1:]
+        full = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                 ignore_index=IGNORE_INDEX, reduction="sum")
+    assert count == sum(e.supervised for e in examples)
+    assert float(ours) == pytest.approx(float(full), rel=1e-5)
+
+
 # ---------------------------------------------------------------- real training
 
 
