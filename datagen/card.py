@@ -149,23 +149,31 @@ def write_plots(facts: dict[str, Any], folder: Path) -> dict[str, Path]:
         left.bar([p + 0.2 for p in positions], [entry["out"] for entry in passes], width=0.4, label="out", color="#4c72b0")
         left.set_xticks(list(positions), names, rotation=20)
         left.set_ylabel("tasks")
+        left.set_ylim(0, max(entry["in"] for entry in passes) * 1.25 + 1)  # room for the legend
         left.set_title("tasks in / out per filter pass")
-        left.legend()
+        left.legend(loc="upper right")
         reasons = Counter()
         for entry in passes:
             for reason, count in entry["reasons"].items():
                 reasons[f"{entry['pass']}: {reason}"[:50]] += count
-        top = reasons.most_common(10)[::-1]
-        right.barh([label for label, _c in top] or ["(none)"], [count for _l, count in top] or [0], color="#c44e52")
         right.set_title("rejected tasks per reason")
-        right.set_xlabel("tasks")
+        if reasons:
+            top = reasons.most_common(10)[::-1]
+            right.barh([label for label, _c in top], [count for _l, count in top], color="#c44e52")
+            right.set_xlabel("tasks")
+        else:
+            right.set_axis_off()
+            right.text(0.5, 0.5, "no task was rejected", ha="center", va="center", transform=right.transAxes)
         plots["filter"] = save("filter", figure)
     return plots
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    def cell(value: Any) -> str:  # a "|" or a line break inside a cell would break the table
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return lines + ["| " + " | ".join(cell(value) for value in row) + " |" for row in rows]
 
 
 def _yaml(value: Any) -> str:
