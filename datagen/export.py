@@ -35,6 +35,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from functools import cache
 from pathlib import Path
@@ -45,7 +46,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from datagen.config import SamplingParams, Strict
 from datagen.errors import ConfigError, InputError
 from datagen.generators.common import rejects_path
-from datagen.generators.orca import GENERIC_SYSTEM, task_text, training_messages
+from datagen.generators.orca import GENERIC_SYSTEM, task_kind, task_text, training_messages
 from datagen.io import atomic_write_json, atomic_write_text, read_tasks, write_jsonl_atomic
 from datagen.prompts import load_template
 from datagen.records import Instance, Lineage, Reject, Task
@@ -345,9 +346,7 @@ def ni_task(
 
 
 def ni_category(task: Task) -> str:
-    if re.search(r"\btranslat(?:e|es|ed|ing|ion)\b", task.instruction, flags=re.IGNORECASE):
-        return "Translation"
-    return "Classification" if task.is_classification else "Text Generation"
+    return {"translation": "Translation", "classification": "Classification"}.get(task_kind(task), "Text Generation")
 
 
 def validate_ni_task(data: dict[str, Any], name: str) -> list[str]:
@@ -420,7 +419,7 @@ def validate_ni_task(data: dict[str, Any], name: str) -> list[str]:
                 fail("examples", f"{kind} example {position}: input, output and explanation must be strings")
 
     inputs = [instance.get("input") for instance in instances]
-    repeated = sorted({text for text in inputs if inputs.count(text) > 1}, key=str)
+    repeated = sorted((text for text, count in Counter(inputs).items() if count > 1), key=str)
     if repeated:
         fail("unique inputs", f"{len(repeated)} inputs repeat, e.g. {str(repeated[0])[:60]!r}")
     shown = {example.get("input") for example in positives}
@@ -429,7 +428,7 @@ def validate_ni_task(data: dict[str, Any], name: str) -> list[str]:
         fail("positive example overlap", f"instance input {str(overlap[0])[:60]!r} is also a positive example")
 
     outputs = [o for instance in instances if isinstance(instance.get("output"), list) for o in instance["output"]]
-    counts = [outputs.count(value) for value in dict.fromkeys(outputs)]
+    counts = list(Counter(outputs).values())
     if len(counts) == 1:
         fail("label balance", f"every instance has the same output {outputs[0][:60]!r}")
     elif 1 < len(counts) < 15:
