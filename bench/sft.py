@@ -69,7 +69,7 @@ def run_trl(args, data: Path, out: Path) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(path)
     config = SFTConfig(
         output_dir=str(out), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-        learning_rate=args.lr, lr_scheduler_type="cosine", warmup_ratio=0.1, max_length=args.max_length,
+        learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0.1, max_length=args.max_length,
         logging_steps=1, save_strategy="no", report_to=[], completion_only_loss=True,
         bf16=device == "cuda" and torch.cuda.is_bf16_supported(), use_cpu=device == "cpu", seed=0,
     )
@@ -121,7 +121,9 @@ def main() -> None:
         data = Path(scratch) / "train.jsonl"
         data.write_text("".join(json.dumps(row) + "\n" for row in build_examples(args.examples)))
         ours = run_in_child(args, "ours", data, Path(scratch) / "ours")
+        print(f"datagen finetune: {json.dumps(ours)}", flush=True)
         trl = run_in_child(args, "trl", data, Path(scratch) / "trl")
+        print(f"TRL SFTTrainer:   {json.dumps(trl)}", flush=True)
     print(f"{args.steps} steps x batch {args.batch_size}, max_length {args.max_length}, LoRA r={LORA['r']}")
     print(f"{'':<18}{'tokens/s':>10}{'peak MiB':>10}{'final loss':>12}{'tokens':>9}{'seconds':>9}")
     for name, result in (("datagen finetune", ours), ("TRL SFTTrainer", trl)):

@@ -163,7 +163,8 @@ def make_optimizer(config: FinetuneConfig, parameters: list):
         return bitsandbytes.optim.PagedAdamW32bit(
             parameters, lr=config.learning_rate, weight_decay=config.weight_decay
         )
-    return torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+    # fused: one kernel for all parameters (CPU and CUDA), as transformers' Trainer defaults to
+    return torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay, fused=True)
 
 
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
