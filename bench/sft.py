@@ -1,7 +1,8 @@
 """SFT throughput: `datagen finetune` vs TRL's `SFTTrainer`, same model, data and LoRA settings.
 
 Both train the embedded SmolLM2-135M-Instruct with the same LoRA (r, alpha, dropout, all
-linear layers), learning rate, schedule, batch size, number of steps and maximum length,
+linear layers), learning rate, schedule, batch size, number of steps, maximum length and
+gradient checkpointing (on by default, as in TRL's SFTConfig),
 on the same chat examples, with the loss on completion tokens only (TRL: conversational
 prompt/completion data, its `completion_only_loss`). Each runs in its own process, so
 the peak memory of one does not hide in the other's. Printed for each: real (non-pad)
@@ -9,7 +10,7 @@ tokens per second of the training loop, peak memory (CUDA allocations on a GPU, 
 set size on CPU) and final loss, then the ratios (targets: >= 1.0x TRL's tokens/s at
 <= 1.1x its peak memory).
 
-    .venv/bin/pip install trl        # the baseline; not a datagen dependency
+    .venv/bin/pip install -e '.[bench]'   # TRL, the baseline; not a datagen dependency
     .venv/bin/python bench/sft.py --steps 30 --batch-size 8
 """
 
@@ -44,6 +45,7 @@ def run_ours(args, data: Path, out: Path) -> dict:
         r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"], learning_rate=args.lr,
         max_steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
         warmup_ratio=0.1, scheduler="cosine", merge=False, save_every=10**6,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     summary = train(config, data, out, show_progress=False)
     return {"tokens_per_s": summary["tokens_per_s"], "peak_memory_mib": summary["peak_memory_mib"],
@@ -72,6 +74,7 @@ def run_trl(args, data: Path, out: Path) -> dict:
         learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0.1, max_length=args.max_length,
         logging_steps=1, save_strategy="no", report_to=[], completion_only_loss=True,
         bf16=device == "cuda" and torch.cuda.is_bf16_supported(), use_cpu=device == "cpu", seed=0,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                       target_modules="all-linear", task_type="CAUSAL_LM")
@@ -94,7 +97,8 @@ def worker(args) -> None:
 def run_in_child(args, which: str, data: Path, out: Path) -> dict:
     command = [sys.executable, str(HERE), "--worker", which, "--data", str(data), "--out", str(out),
                "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-               "--max-length", str(args.max_length), "--lr", str(args.lr)]
+               "--max-length", str(args.max_length), "--lr", str(args.lr),
+               "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(HERE.parents[1])}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -110,6 +114,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--lr", type=float, default=2e-4)
+    # TRL's SFTConfig turns gradient checkpointing on by default; both sides get the same setting.
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--worker", choices=["ours", "trl"])
     parser.add_argument("--data")
     parser.add_argument("--out")
@@ -124,7 +130,8 @@ def main() -> None:
         print(f"datagen finetune: {json.dumps(ours)}", flush=True)
         trl = run_in_child(args, "trl", data, Path(scratch) / "trl")
         print(f"TRL SFTTrainer:   {json.dumps(trl)}", flush=True)
-    print(f"{args.steps} steps x batch {args.batch_size}, max_length {args.max_length}, LoRA r={LORA['r']}")
+    print(f"{args.steps} steps x batch {args.batch_size}, max_length {args.max_length}, LoRA r={LORA['r']}, "
+          f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}")
     print(f"{'':<18}{'tokens/s':>10}{'peak MiB':>10}{'final loss':>12}{'tokens':>9}{'seconds':>9}")
     for name, result in (("datagen finetune", ours), ("TRL SFTTrainer", trl)):
         print(f"{name:<18}{result['tokens_per_s']:>10.1f}{result['peak_memory_mib']:>10.0f}"
