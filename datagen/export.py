@@ -287,11 +287,23 @@ def positive_explanation(task: Task, output: str) -> str:
     return "The output does what the definition asks for this input."
 
 
+def inputless_strays(task: Task) -> list[Instance]:
+    """Instances without an input in a task whose other instances have one: the teacher left
+    the input out, and a Natural-Instructions instance needs one. They are not exported."""
+    if not any(instance.input for instance in task.instances):
+        return []
+    return [instance for instance in task.instances if not instance.input]
+
+
 def ni_instances(task: Task) -> list[tuple[str, list[str], str | None]]:
     """(input, outputs, explanation) with equal inputs merged (upstream: "merge outputs
-    before removing duplicates"), outputs de-duplicated, first-seen order kept."""
+    before removing duplicates"), outputs de-duplicated, first-seen order kept; inputless
+    strays left out."""
     merged: dict[str, tuple[list[str], list[str | None]]] = {}
+    strays = inputless_strays(task)
     for instance in task.instances:
+        if instance in strays:
+            continue
         outputs, explanations = merged.setdefault(instance.input, ([], []))
         if instance.output not in outputs:
             outputs.append(instance.output)
@@ -446,7 +458,8 @@ def validate_ni_task(data: dict[str, Any], name: str) -> list[str]:
 _NOT_ABOUT_OUTPUT_STAGES = frozenset({"exact-dedup", "near-dedup", "novelty", "decontaminate", "bootstrap", "read"})
 _NOT_ABOUT_OUTPUT_REASONS = frozenset({
     "conflicting outputs for the same input", "surplus beyond num", "duplicate input task id",
-    "no valid instances", "no instance answered", "teacher error",
+    "no valid instances", "no instance answered", "teacher error", "instance: input already present",
+    "instance: input missing",
 })
 
 
@@ -775,6 +788,7 @@ def _natural_instructions(
         "from_rejects": len(found), "from_teacher": from_teacher,
         "without": sum(1 for t in tasks if not files[t.id]["Negative Examples"]),
     }
+    summary["inputless_left_out"] = sum(len(inputless_strays(task)) for task in tasks)
     failures = []
     for task in tasks:
         problems = validate_ni_task(files[task.id], names[task.id])
@@ -879,6 +893,9 @@ def format_export_summary(summary: dict[str, Any]) -> str:
         negatives = summary["negatives"]
         lines.append(f"negative examples: {negatives['from_rejects']} tasks from rejects, "
                      f"{negatives['from_teacher']} from the teacher, {negatives['without']} without")
+    if summary.get("inputless_left_out"):
+        lines.append(f"left out {summary['inputless_left_out']} instances without input from tasks whose "
+                     "other instances have one (Natural-Instructions instances need an input)")
     if summary.get("strict"):
         for failure in summary["failures"]:
             lines.append(f"{failure['name']} ({failure['task_id']}) not exported:")

@@ -229,6 +229,26 @@ def test_ni_merges_equal_inputs_and_prefers_orca_explanations_for_positives():
     assert [(i["input"], i["output"]) for i in data["Instances"]] == [("c", ["3"])]
 
 
+def test_ni_leaves_out_inputless_strays_but_keeps_tasks_without_inputs():
+    stray = Instance(input="", output="Even")
+    task = even_odd_task()
+    task = task.model_copy(update={"instances": [task.instances[0], stray, *task.instances[1:]]})
+    data = ni_task(task, 1, ExportConfig(), negatives=[{"input": "x", "output": "y", "explanation": "z"}])
+    assert all(i["input"] for i in data["Instances"]) and len(data["Instances"]) == 28
+    assert validate_ni_task(data, "task001_even_or_odd") == []
+    no_input = Task(id="n", instruction="Name a colour.", instances=[Instance(output="red"), Instance(output="blue")])
+    assert [(i["input"], i["output"]) for i in ni_task(no_input, 1, ExportConfig())["Instances"]] == [
+        ("", ["red", "blue"])]
+
+
+def test_a_repeated_input_is_not_a_negative_example():
+    task = even_odd_task()
+    repeat = Reject(reason="instance: input already present", stage="instances",
+                    raw=Instance(input="The number is 2.", output="Odd").model_dump_json(), detail=task.instruction)
+    assert negatives_from_rejects([task], [repeat]) == {}
+    assert negatives_from_rejects([task], [odd_reject(task)])[task.id][0]["output"] == "Even"
+
+
 @pytest.mark.parametrize(("break_it", "rule"), [
     (lambda d: d.pop("Domains"), "required keys"),
     (lambda d: d.update(Definition="a string"), "types"),

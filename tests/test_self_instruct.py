@@ -12,13 +12,22 @@ from pathlib import Path
 
 import pytest
 
+from datagen.config import SamplingParams, TeacherConfig
+from datagen.generators.common import TaskSink, rejects_path
 from datagen.generators.self_instruct import (
+    INSTANCE_STOP,
+    SelfInstructConfig,
+    _add_instances,
+    _Candidate,
+    _more_prompts,
     bootstrap_messages,
     classification_messages,
+    continue_opening,
     has_conflicting_outputs,
     instance_messages,
     instance_reject_reason,
     instruction_reject_reason,
+    more_instances_messages,
     parse_bootstrap_reply,
     parse_classification_reply,
     parse_instances,
@@ -154,6 +163,57 @@ def test_same_input_different_output_drops_the_task():
     assert not has_conflicting_outputs([Instance(input="a", output="1"), Instance(input="b", output="1")])
 
 
+def test_more_instances_prompt_is_pinned():
+    shown = [Instance(input="3, 1, 2", output="1, 2, 3"), Instance(input="9, 7", output="7, 9")]
+    [message], opening = more_instances_messages("Sort the numbers.", shown, False, None)
+    assert opening == "Example 3\nInput:"
+    assert message["content"] == (
+        "Below is a task with some examples. Write more examples for it: each one gives an input and "
+        "then the correct output for that input. Every new input must differ from all the inputs shown.\n\n"
+        "Task: Sort the numbers.\nExample 1\nInput: 3, 1, 2\nOutput: 1, 2, 3\n"
+        "Example 2\nInput: 9, 7\nOutput: 7, 9\nExample 3\nInput:"
+    )
+    shown = [Instance(input="48", output="even")]
+    [message], opening = more_instances_messages("Even or odd?", shown, True, "odd")
+    assert message["content"].startswith("Below is a classification task with some labelled examples.")
+    assert message["content"].endswith("Task: Even or odd?\nClass label: even\nInput: 48\nClass label: odd\nInput:")
+    assert more_instances_messages("Even or odd?", shown, True, None)[1] == "Class label:"
+
+
+def test_a_reply_continues_the_opening_unless_it_restarts_the_example():
+    opening = "Example 3\nInput:"
+    text = continue_opening(" 5, 4\nOutput: 4, 5\nExample 4\nInput: 2, 0\nOutput: 0, 2", opening)
+    assert [(i.input, i.output) for i in parse_instances(text, False, "stop")] == [("5, 4", "4, 5"), ("2, 0", "0, 2")]
+    text = continue_opening("Example 3\nInput: 8, 6\nOutput: 6, 8", opening)
+    assert [(i.input, i.output) for i in parse_instances(text, False, "stop")] == [("8, 6", "6, 8")]
+    text = continue_opening(" 31\nClass label: even\nInput: 10", "Class label: odd\nInput:")
+    assert [(i.input, i.output) for i in parse_instances(text, True, "stop")] == [("31", "odd"), ("10", "even")]
+    text = continue_opening(" even\nInput: 12", "Class label:")
+    assert [(i.input, i.output) for i in parse_instances(text, True, "stop")] == [("12", "even")]
+
+
+def _candidate(instances, is_classification):
+    return _Candidate("Even or odd?", [], None, 1, {}, 0.0, instances=instances, is_classification=is_classification)
+
+
+def test_more_prompts_ask_for_the_rarest_label_first_and_leave_one_open():
+    settings = SelfInstructConfig(more_prompts_per_task=3, more_samples_per_prompt=4)
+    candidate = _candidate([Instance(input=str(n), output="even" if n % 2 == 0 else "odd") for n in (2, 4, 6, 3)], True)
+    prompts = _more_prompts(candidate, target=30, settings=settings, rng=random.Random(0))
+    assert [opening for _, opening in prompts] == ["Class label: odd\nInput:", "Class label: even\nInput:", "Class label:"]
+    # fewer prompts when little is missing: one sample batch covers 3 more instances
+    assert len(_more_prompts(candidate, target=7, settings=settings, rng=random.Random(0))) == 1
+
+
+def test_more_prompts_are_distinct_so_cached_samples_are_not_reused():
+    settings = SelfInstructConfig(more_prompts_per_task=4, more_samples_per_prompt=2)
+    candidate = _candidate([Instance(input="3, 1", output="1, 3")], False)
+    assert len(_more_prompts(candidate, target=30, settings=settings, rng=random.Random(0))) == 1
+    candidate = _candidate([Instance(input=f"{n}, 1", output=f"1, {n}") for n in range(2, 9)], False)
+    prompts = _more_prompts(candidate, target=30, settings=settings, rng=random.Random(0))
+    assert len(prompts) == 4 and len({p[0][0]["content"] for p in prompts}) == 4
+
+
 TINY = """\
 teacher: {{backend: local, batch_size: 4, cache_dir: {cache}}}
 generate:
@@ -232,3 +292,36 @@ def test_kill_mid_run_and_resume(tmp_path):
     summary = json.loads((tmp_path / "raw.summary.json").read_text())
     assert summary["tasks_resumed"] == len(before)
     assert f"{len(before)} from before" in result.stderr
+
+
+@pytest.mark.slow
+def test_later_rounds_add_new_inputs_from_the_real_teacher(tmp_path):
+    from datagen.teachers import make_teacher
+
+    settings = SelfInstructConfig(
+        more_prompts_per_task=2, more_samples_per_prompt=3,
+        instance_sampling=SamplingParams(temperature=0.0, max_tokens=96, stop=INSTANCE_STOP),
+    )
+    instruction = "Convert the temperature from Celsius to Kelvin."
+    runs = {}
+    with make_teacher(TeacherConfig(backend="local", cache="off", batch_size=6)) as teacher:
+        for rounds in (1, 3):
+            candidate = _candidate([], False)
+            candidate.instruction = instruction
+            sink = TaskSink(tmp_path / f"raw{rounds}.jsonl")
+            _add_instances([candidate], teacher, settings.model_copy(update={"max_instance_rounds": rounds}),
+                           target=12, seed=0, batch=0, sink=sink)
+            sink.flush()
+            runs[rounds] = candidate
+    first, more = runs[1], runs[3]
+    assert first.instances and not first.asked_for_more
+    assert more.asked_for_more and len(more.completions) > len(first.completions)
+    assert more.instances[: len(first.instances)] == first.instances  # round one is the reference's
+    added = more.instances[len(first.instances):]
+    assert added, "two more rounds of 6 samples added no instance"
+    inputs = [i.input for i in more.instances if i.input]
+    assert all(i.input for i in added) and len(set(inputs)) == len(inputs)
+    rejects = [json.loads(line) for line in rejects_path(tmp_path / "raw3.jsonl").read_text().splitlines()]
+    for reject in rejects:
+        if reject["reason"] == "instance: input already present":
+            assert json.loads(reject["raw"])["input"] in inputs

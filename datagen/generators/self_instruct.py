@@ -12,8 +12,14 @@ One batch of the loop:
 3. *Classify*: a few-shot "is this a classification task?" prompt.
 4. *Instances*: output-first for classification tasks, input-first otherwise; invalid
    instances are dropped (input == output, empty output, input/output ending in ':'),
-   and a task whose identical inputs map to different outputs is dropped whole. More
-   rounds are asked for until a task has `instances_per_task` instances.
+   and a task whose identical inputs map to different outputs is dropped whole.
+5. *More instances* (ours, for `instances_per_task` > 1): later rounds show the task its own
+   instances (a few, sampled) and ask for new ones, several requests per task, until it
+   has `instances_per_task` or `max_instance_rounds` run out. The reference asks once per
+   task, which rarely yields the 28 distinct inputs a Natural-Instructions task needs. A
+   new instance whose input the task already has is rejected; for classification tasks
+   each request names the label to write, the rarest first, so labels stay balanced.
+   Tasks without inputs get the reference prompt again, resampled.
 
 Every rejected instruction, instance and unparseable reply goes to the rejects file with
 its reason. Where we differ from the reference, on purpose: a new instruction gets its
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -50,11 +57,14 @@ from datagen.teachers.base import Completion, Message
 from datagen.teachers.teacher import Teacher
 
 REFERENCE_STOP = ("\n\n", "\n16", "16.", "16 .")
+# the reference asks for at most 5 instances per reply and stops before a next task
+INSTANCE_STOP = ("Example 6", "Task:")
 
 BOOTSTRAP = "self_instruct_bootstrap.jinja"
 IS_CLASSIFICATION = "self_instruct_is_classification.jinja"
 INPUT_FIRST = "self_instruct_instances_input_first.jinja"
 OUTPUT_FIRST = "self_instruct_instances_output_first.jinja"
+MORE_INSTANCES = "self_instruct_instances_more.jinja"
 
 
 class SelfInstructConfig(Strict):
@@ -69,6 +79,11 @@ class SelfInstructConfig(Strict):
     max_words: int = 150
     blacklist: tuple[str, ...] = REFERENCE_BLACKLIST
     max_instance_rounds: int = Field(3, ge=1)
+    # rounds after the first, for tasks with inputs: prompts per task (fewer when it lacks
+    # less), samples per prompt, and how many of its own instances each prompt shows
+    more_prompts_per_task: int = Field(2, ge=1)
+    more_samples_per_prompt: int = Field(4, ge=1)
+    more_examples_shown: int = Field(4, ge=1)
     # give up (with a message) after this many batches in a row add no task
     max_stalled_batches: int = Field(20, ge=1)
     bootstrap_sampling: SamplingParams = SamplingParams(
@@ -77,8 +92,8 @@ class SelfInstructConfig(Strict):
     classify_sampling: SamplingParams = SamplingParams(
         temperature=0.0, max_tokens=3, stop=("\n", "Task:")
     )
-    instance_sampling: SamplingParams = SamplingParams(temperature=0.0, max_tokens=350)
-    # later rounds resample at this temperature so they do not repeat round one
+    instance_sampling: SamplingParams = SamplingParams(temperature=0.0, max_tokens=350, stop=INSTANCE_STOP)
+    # later rounds sample at this temperature so they do not repeat round one
     extra_round_temperature: float = Field(0.7, ge=0.0, le=2.0)
 
 
@@ -143,6 +158,30 @@ def instance_messages(instruction: str, is_classification: bool) -> list[Message
     return user(load_template(template).render(instruction=instruction.strip()))
 
 
+def more_instances_messages(
+    instruction: str, shown: Sequence[Instance], is_classification: bool, label: str | None
+) -> tuple[list[Message], str]:
+    """A prompt showing the task's own instances that ends where the next one starts, and that
+    opening (the reply continues it). A classification prompt opens with `label` if given."""
+    if is_classification:
+        opening = f"Class label: {label}\nInput:" if label else "Class label:"
+    else:
+        opening = f"Example {len(shown) + 1}\nInput:"
+    text = load_template(MORE_INSTANCES).render(
+        instruction=instruction.strip(), examples=shown, is_classification=is_classification, opening=opening
+    )
+    return user(text), opening
+
+
+def continue_opening(text: str, opening: str) -> str:
+    """The reply read as a continuation of the prompt's `opening`, unless it restarts the
+    example itself (strong chat models often do)."""
+    text = text.strip()
+    if re.match(r"(Example\b|Input\s*\d*\s*:|Class label\s*:)", text):
+        return text
+    return f"{opening} {text}"
+
+
 def _split_input_output(text: str) -> tuple[str, str]:
     """(input, output) from 'Input: ... Output: ...' text, as the reference parses it."""
     if re.search(r"Output\s*\d*\s*:", text):
@@ -192,6 +231,7 @@ class _Candidate:
     completions: list[Completion] = field(default_factory=list)
     instances: list[Instance] = field(default_factory=list)
     is_classification: bool = False
+    asked_for_more: bool = False
 
 
 def _neighbours(pools: Sequence[RougeLIndex], text: str, k: int) -> tuple[dict[str, float], float]:
@@ -223,7 +263,7 @@ def run_self_instruct(
     machine = list(sink.existing)
     accepted_index = RougeLIndex([t.instruction for t in seeds] + [t.instruction for t in machine])
     backend = (teacher.backend.name, teacher.backend.model)
-    templates = [load_template(name) for name in (BOOTSTRAP, IS_CLASSIFICATION, INPUT_FIRST, OUTPUT_FIRST)]
+    templates = [load_template(name) for name in (BOOTSTRAP, IS_CLASSIFICATION, INPUT_FIRST, OUTPUT_FIRST, MORE_INSTANCES)]
     batch = batches_done
     stalled = 0
     while len(machine) < num:
@@ -325,28 +365,78 @@ def _add_instances(
         if round_number:
             params = params.model_copy(update={"temperature": settings.extra_round_temperature})
         params = params.model_copy(update={"seed": seed * 1_000_003 + batch * 101 + round_number})
-        replies = teacher.complete([instance_messages(c.instruction, c.is_classification) for c in wanting], params)
-        for candidate, [reply] in zip(wanting, replies):
-            candidate.completions.append(reply)
-            if not reply.ok:
-                sink.reject("teacher error", "instances", detail=reply.error, raw=candidate.instruction)
+        reference_asks: list[tuple[_Candidate, list[Message], str]] = []
+        more_asks: list[tuple[_Candidate, list[Message], str]] = []
+        for candidate in wanting:
+            if round_number and any(i.input for i in candidate.instances):
+                rng = random.Random(f"self-instruct-more:{seed}:{candidate.instruction}:{round_number}")
+                more_asks += [(candidate, *prompt) for prompt in _more_prompts(candidate, target, settings, rng)]
+            else:
+                reference_asks.append((candidate, instance_messages(candidate.instruction, candidate.is_classification), ""))
+        # the more-prompt numbers its examples after the ones shown, so no "Example N" stop
+        more_stop = tuple(stop for stop in params.stop if not stop.startswith("Example"))
+        more_params = params.model_copy(update={"n": settings.more_samples_per_prompt, "stop": more_stop})
+        for asks, asked_with in ((reference_asks, params), (more_asks, more_params)):
+            if not asks:
                 continue
-            parsed = parse_instances(reply.text, candidate.is_classification, reply.finish_reason)
-            if parsed is None:
-                sink.reject("parse failure", "instances", raw=reply.text, detail=candidate.instruction)
-                continue
-            for instance in parsed:
-                reason = instance_reject_reason(instance)
-                if reason:
-                    sink.reject(f"instance: {reason}", "instances", raw=instance.model_dump_json(), detail=candidate.instruction)
-                elif instance not in candidate.instances:
-                    candidate.instances.append(instance)
+            replies = teacher.complete([messages for _, messages, _ in asks], asked_with)
+            for (candidate, _, opening), samples in zip(asks, replies):
+                for reply in samples:
+                    _take_instances(candidate, reply, opening, round_number > 0, sink)
+
+
+def _more_prompts(
+    candidate: _Candidate, target: int, settings: SelfInstructConfig, rng: random.Random
+) -> list[tuple[list[Message], str]]:
+    """Distinct prompts asking `candidate` for new instances, each showing a different sample
+    of its instances with inputs; a classification prompt names a label, the rarest first,
+    and the last leaves it to the teacher so that labels not yet seen can appear."""
+    with_input = [i for i in candidate.instances if i.input]
+    missing = target - len(candidate.instances)
+    count = min(settings.more_prompts_per_task, -(-missing // settings.more_samples_per_prompt))
+    labels: list[str | None] = [None]
+    if candidate.is_classification:
+        tally = Counter(i.output for i in candidate.instances)
+        labels = sorted(tally, key=lambda label: (tally[label], label))[: max(count - 1, 1)] + [None]
+    prompts: list[tuple[list[Message], str]] = []
+    for index in range(count):
+        shown = rng.sample(with_input, min(settings.more_examples_shown, len(with_input)))
+        prompt = more_instances_messages(candidate.instruction, shown, candidate.is_classification, labels[index % len(labels)])
+        if prompt not in prompts:  # the same prompt twice would be the same cached samples
+            prompts.append(prompt)
+    return prompts
+
+
+def _take_instances(candidate: _Candidate, reply: Completion, opening: str, later_round: bool, sink: TaskSink) -> None:
+    candidate.completions.append(reply)
+    candidate.asked_for_more |= bool(opening)
+    if not reply.ok:
+        sink.reject("teacher error", "instances", detail=reply.error, raw=candidate.instruction)
+        return
+    text = continue_opening(reply.text, opening) if opening else reply.text
+    parsed = parse_instances(text, candidate.is_classification, reply.finish_reason)
+    if parsed is None:
+        sink.reject("parse failure", "instances", raw=reply.text, detail=candidate.instruction)
+        return
+    for instance in parsed:
+        reason = instance_reject_reason(instance)
+        if reason is None and opening and not instance.input:
+            reason = "input missing"  # the prompt asked for one
+        if reason is None and later_round and instance.input in {i.input for i in candidate.instances}:
+            # a second output for a known input is a repeat, not a sign that the task is ambiguous
+            reason = "input already present"
+        if reason:
+            sink.reject(f"instance: {reason}", "instances", raw=instance.model_dump_json(), detail=candidate.instruction)
+        elif instance not in candidate.instances:
+            candidate.instances.append(instance)
 
 
 def _to_task(candidate: _Candidate, backend, templates, settings: SelfInstructConfig, seed: int) -> Task:
     bootstrap = candidate.bootstrap
     share = Completion("", "stop", bootstrap.prompt_tokens // candidate.share, bootstrap.completion_tokens // candidate.share)
     used = [templates[0], templates[1], templates[3] if candidate.is_classification else templates[2]]
+    if candidate.asked_for_more:
+        used.append(templates[4])
     task_id = stable_id("si", candidate.instruction)
     return Task(
         id=task_id,
