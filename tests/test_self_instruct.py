@@ -295,33 +295,41 @@ def test_kill_mid_run_and_resume(tmp_path):
 
 
 @pytest.mark.slow
-def test_later_rounds_add_new_inputs_from_the_real_teacher(tmp_path):
+def test_later_rounds_grow_a_task_that_passes_natural_instructions_strict(tmp_path):
+    """The lever the export needs: 28 distinct inputs from the embedded 135M teacher."""
     from datagen.teachers import make_teacher
+    from tests.conftest import run_cli
 
     settings = SelfInstructConfig(
-        more_prompts_per_task=2, more_samples_per_prompt=3,
-        instance_sampling=SamplingParams(temperature=0.0, max_tokens=96, stop=INSTANCE_STOP),
+        more_prompts_per_task=3, more_samples_per_prompt=4,
+        instance_sampling=SamplingParams(temperature=0.0, max_tokens=64, stop=INSTANCE_STOP),
     )
-    instruction = "Convert the temperature from Celsius to Kelvin."
     runs = {}
-    with make_teacher(TeacherConfig(backend="local", cache="off", batch_size=6)) as teacher:
-        for rounds in (1, 3):
+    with make_teacher(TeacherConfig(backend="local", cache="off", batch_size=12)) as teacher:
+        for rounds in (1, 20):
             candidate = _candidate([], False)
-            candidate.instruction = instruction
-            sink = TaskSink(tmp_path / f"raw{rounds}.jsonl")
+            candidate.instruction = "Find the longest word in the sentence."
+            sink = TaskSink(tmp_path / f"rounds{rounds}" / "raw.jsonl")
             _add_instances([candidate], teacher, settings.model_copy(update={"max_instance_rounds": rounds}),
-                           target=12, seed=0, batch=0, sink=sink)
+                           target=28, seed=0, batch=0, sink=sink)
+            sink.accept([Task(id="longest-word", instruction=candidate.instruction, instances=candidate.instances)])
             sink.flush()
             runs[rounds] = candidate
-    first, more = runs[1], runs[3]
+    first, more = runs[1], runs[20]
     assert first.instances and not first.asked_for_more
-    assert more.asked_for_more and len(more.completions) > len(first.completions)
+    assert more.asked_for_more
     assert more.instances[: len(first.instances)] == first.instances  # round one is the reference's
-    added = more.instances[len(first.instances):]
-    assert added, "two more rounds of 6 samples added no instance"
     inputs = [i.input for i in more.instances if i.input]
-    assert all(i.input for i in added) and len(set(inputs)) == len(inputs)
-    rejects = [json.loads(line) for line in rejects_path(tmp_path / "raw3.jsonl").read_text().splitlines()]
-    for reject in rejects:
-        if reject["reason"] == "instance: input already present":
-            assert json.loads(reject["raw"])["input"] in inputs
+    assert len(inputs) >= 28 and len(set(inputs)) == len(inputs)
+    rejects = [json.loads(line) for line in (tmp_path / "rounds20" / "raw.rejects.jsonl").read_text().splitlines()]
+    repeated = [json.loads(r["raw"])["input"] for r in rejects if r["reason"] == "instance: input already present"]
+    assert repeated and set(repeated) <= set(inputs)
+
+    out = tmp_path / "ni"
+    result = run_cli("export", str(tmp_path / "rounds20" / "raw.jsonl"), "--format", "natural-instructions",
+                     "--out", str(out), "--strict", "--no-teacher-negatives")
+    assert result.returncode == 0, result.stderr
+    assert "--strict: 1 of 1 tasks pass" in result.stderr
+    [task_file] = (out / "tasks").glob("task001_*.json")
+    data = json.loads(task_file.read_text())
+    assert len(data["Instances"]) > 25 and data["Negative Examples"]

@@ -358,7 +358,7 @@ def _add_instances(
     target: int, seed: int, batch: int, sink: TaskSink,
 ) -> None:
     for round_number in range(settings.max_instance_rounds):
-        wanting = [c for c in candidates if len(c.instances) < target]
+        wanting = [c for c in candidates if _instance_count(c) < target]
         if not wanting:
             return
         params = settings.instance_sampling
@@ -385,6 +385,12 @@ def _add_instances(
                     _take_instances(candidate, reply, opening, round_number > 0, sink)
 
 
+def _instance_count(candidate: _Candidate) -> int:
+    """Instances towards the target: in a task that takes input, those with one."""
+    with_input = sum(1 for instance in candidate.instances if instance.input)
+    return with_input or len(candidate.instances)
+
+
 def _more_prompts(
     candidate: _Candidate, target: int, settings: SelfInstructConfig, rng: random.Random
 ) -> list[tuple[list[Message], str]]:
@@ -392,7 +398,7 @@ def _more_prompts(
     of its instances with inputs; a classification prompt names a label, the rarest first,
     and the last leaves it to the teacher so that labels not yet seen can appear."""
     with_input = [i for i in candidate.instances if i.input]
-    missing = target - len(candidate.instances)
+    missing = target - _instance_count(candidate)
     count = min(settings.more_prompts_per_task, -(-missing // settings.more_samples_per_prompt))
     labels: list[str | None] = [None]
     if candidate.is_classification:
