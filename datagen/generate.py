@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from datagen.errors import ConfigError
-from datagen.generators.common import TaskSink, rejects_path
+from datagen.generators.common import TaskSink, instances_toward_target, rejects_path
 from datagen.io import atomic_write_json, read_tasks
 from datagen.records import Task
 from datagen.settings import Config
@@ -91,11 +91,22 @@ def run_generate(config: Config, command_line: str) -> dict[str, Any]:
             tasks_resumed=resumed_from,
             parse_failures=sink.parse_failures,
             rejects_by_reason=dict(sink.reject_reasons.most_common()),
+            **_instance_target(output, settings),
             command=command_line,
             config=config.model_dump(mode="json"),
         )
     atomic_write_json(summary_path(output), summary)
     return summary
+
+
+def _instance_target(output: Path, settings) -> dict[str, Any]:
+    """For Self-Instruct with `instances_per_task` > 1 (the others ignore it): how many tasks
+    in OUT reached it, so a short run is visible before export --strict finds out."""
+    if settings.method != "self-instruct" or settings.instances_per_task == 1 or not output.exists():
+        return {}
+    counts = [instances_toward_target(task.instances) for task in read_tasks(output)]
+    return {"instances_per_task": settings.instances_per_task,
+            "tasks_reaching_instances_per_task": sum(count >= settings.instances_per_task for count in counts)}
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -112,5 +123,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"parse failures: {summary['parse_failures']}; rejects by reason:",
     ]
     lines += [f"  {count:6d}  {reason}" for reason, count in summary["rejects_by_reason"].items()] or ["  none"]
+    if "instances_per_task" in summary:
+        reached, total = summary["tasks_reaching_instances_per_task"], summary["tasks_total"]
+        lines.append(f"{reached} of {total} tasks have {summary['instances_per_task']} instances (--instances-per-task)"
+                     + ("" if reached == total else "; more max_instance_rounds would give the rest more"))
     lines.append(f"time: {summary['wall_seconds']:.1f} s; rejects in {summary['rejects']}")
     return "\n".join(lines)

@@ -333,3 +333,27 @@ def test_later_rounds_grow_a_task_that_passes_natural_instructions_strict(tmp_pa
     [task_file] = (out / "tasks").glob("task001_*.json")
     data = json.loads(task_file.read_text())
     assert len(data["Instances"]) > 25 and data["Negative Examples"]
+
+
+def test_summary_counts_tasks_that_reached_the_instance_target(tmp_path):
+    from datagen.generate import _instance_target, format_summary
+    from datagen.io import write_jsonl_atomic
+    from datagen.settings import GenerateConfig
+
+    full = Task(id="a", instruction="Sort.", instances=[Instance(input=str(n), output=str(n)) for n in range(3)])
+    stray = Task(id="b", instruction="Sort!", instances=[Instance(input="1", output="1"), Instance(output="x"),
+                                                          Instance(output="y")])
+    no_input = Task(id="c", instruction="Name three colours.", instances=[Instance(output=c) for c in "rgb"])
+    output = tmp_path / "raw.jsonl"
+    write_jsonl_atomic(output, [full, stray, no_input])
+    settings = GenerateConfig(instances_per_task=3)
+    extra = _instance_target(output, settings)
+    assert extra == {"instances_per_task": 3, "tasks_reaching_instances_per_task": 2}
+    assert _instance_target(output, settings.model_copy(update={"method": "orca"})) == {}
+    summary = {"method": "self-instruct", "tasks_produced": 3, "tasks_total": 3, "output": str(output),
+               "tasks_resumed": 0, "teacher": {"backend": "local", "model": "m"}, "requests_sent": 1,
+               "cache_hits": 0, "retries": 0, "failures": 0, "prompt_tokens": 1, "completion_tokens": 1,
+               "cost": None, "parse_failures": 0, "rejects_by_reason": {}, "wall_seconds": 1.0,
+               "rejects": "r", **extra}
+    assert ("2 of 3 tasks have 3 instances (--instances-per-task); more max_instance_rounds would give the rest more"
+            in format_summary(summary))

@@ -13,19 +13,27 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from datagen.config import SamplingParams
 from datagen.io import JsonlAppender, read_records
 from datagen.prompts import Template
-from datagen.records import Lineage, Reject, Task, Usage
+from datagen.records import Instance, Lineage, Reject, Task, Usage
 from datagen.teachers.base import Completion
 
 
 def rejects_path(output: str | Path) -> Path:
     output = Path(output)
     return output.with_name(output.stem + ".rejects.jsonl")
+
+
+def instances_toward_target(instances: Sequence[Instance]) -> int:
+    """How many of `instances` count towards `instances_per_task`: in a task that takes
+    input, those with one (a Natural-Instructions instance needs an input)."""
+    with_input = sum(1 for instance in instances if instance.input)
+    return with_input or len(instances)
 
 
 def stable_id(prefix: str, *parts: str) -> str:

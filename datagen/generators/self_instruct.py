@@ -49,7 +49,7 @@ from datagen.filters.heuristics import (  # the reference rules live with the ot
     instance_reject_reason,
     instruction_reject_reason,
 )
-from datagen.generators.common import TaskSink, lineage, stable_id
+from datagen.generators.common import TaskSink, instances_toward_target, lineage, stable_id
 from datagen.prompts import load_template
 from datagen.records import Instance, Task
 from datagen.rouge import RougeLIndex
@@ -358,7 +358,7 @@ def _add_instances(
     target: int, seed: int, batch: int, sink: TaskSink,
 ) -> None:
     for round_number in range(settings.max_instance_rounds):
-        wanting = [c for c in candidates if _instance_count(c) < target]
+        wanting = [c for c in candidates if instances_toward_target(c.instances) < target]
         if not wanting:
             return
         params = settings.instance_sampling
@@ -385,12 +385,6 @@ def _add_instances(
                     _take_instances(candidate, reply, opening, round_number > 0, sink)
 
 
-def _instance_count(candidate: _Candidate) -> int:
-    """Instances towards the target: in a task that takes input, those with one."""
-    with_input = sum(1 for instance in candidate.instances if instance.input)
-    return with_input or len(candidate.instances)
-
-
 def _more_prompts(
     candidate: _Candidate, target: int, settings: SelfInstructConfig, rng: random.Random
 ) -> list[tuple[list[Message], str]]:
@@ -398,7 +392,7 @@ def _more_prompts(
     of its instances with inputs; a classification prompt names a label, the rarest first,
     and the last leaves it to the teacher so that labels not yet seen can appear."""
     with_input = [i for i in candidate.instances if i.input]
-    missing = target - _instance_count(candidate)
+    missing = target - instances_toward_target(candidate.instances)
     count = min(settings.more_prompts_per_task, -(-missing // settings.more_samples_per_prompt))
     labels: list[str | None] = [None]
     if candidate.is_classification:
