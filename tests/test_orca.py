@@ -341,6 +341,15 @@ def test_loop_records_rejects_and_resumes_without_duplicates(tmp_path):
     assert by_reason["parse failure"]["detail"].startswith("task A, instance 1, system ")
     assert by_reason["label differs from the original output"]["detail"].endswith(
         "answered 'Positive', original 'Negative'")
+    # the wrong answer rides along as a one-instance task, so export can show it as a negative example
+    from datagen.export import negatives_from_rejects
+    from datagen.records import Reject
+
+    wrong = by_reason["label differs from the original output"]["task"]
+    assert wrong["id"] == b.id and [i["output"] for i in wrong["instances"]] == ["Positive"]
+    [negative] = negatives_from_rejects(tasks, [Reject.model_validate(r) for r in rejects])[b.id]
+    assert negative["output"] == "Positive" and negative["input"] == wrong["instances"][0]["input"]
+    assert negative["explanation"] == "This output was rejected (orca): label differs from the original output."
     assert by_reason["no instance answered"]["task"]["lineage"]["parent_ids"] == ["C"]
 
     before = ((tmp_path / "orca.jsonl").read_text(), rejects_path(tmp_path / "orca.jsonl").read_text())

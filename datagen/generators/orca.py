@@ -511,6 +511,7 @@ def _answer_task(
     seed: int, backend: tuple[str, str], template, reject: _Rejects,
 ) -> Task | None:
     parent, message = job.parent, job.message
+    task_id = stable_id("orca", parent.id, message.id)
     answered: list[Instance] = []
     for index, (instance, reply) in enumerate(zip(job.instances, replies)):
         where = f"task {parent.id}, instance {index}, system {message.id}"
@@ -525,14 +526,16 @@ def _answer_task(
         if parent.is_classification and settings.check_labels and instance.output.strip():
             label = matching_label(output, instance.output)
             if label is None:
+                # the wrong answer as a one-instance task: export shows it as a negative example
+                wrong = Instance(input=instance.input, output=output, explanation=parsed.explanation)
                 reject(
                     "label differs from the original output", raw=reply.text,
                     detail=f"{where}: answered {output!r}, original {instance.output.strip()!r}",
+                    task=Task(id=task_id, instruction=parent.instruction, instances=[wrong], is_classification=True),
                 )
                 continue
             output = label
         answered.append(Instance(input=instance.input, output=output, explanation=parsed.explanation))
-    task_id = stable_id("orca", parent.id, message.id)
     task = Task(
         id=task_id,
         name=parent.name or task_id,
