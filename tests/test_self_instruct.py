@@ -20,6 +20,7 @@ from datagen.generators.self_instruct import (
     _add_instances,
     _Candidate,
     _more_prompts,
+    _take_instances,
     bootstrap_messages,
     classification_messages,
     continue_opening,
@@ -333,6 +334,24 @@ def test_later_rounds_grow_a_task_that_passes_natural_instructions_strict(tmp_pa
     [task_file] = (out / "tasks").glob("task001_*.json")
     data = json.loads(task_file.read_text())
     assert len(data["Instances"]) > 25 and data["Negative Examples"]
+
+
+def test_later_rounds_reject_known_inputs_but_keep_new_outputs_of_inputless_tasks(tmp_path):
+    from datagen.teachers.base import Completion
+
+    sink = TaskSink(tmp_path / "raw.jsonl")
+    sorting = _candidate([Instance(input="3, 1", output="1, 3")], False)
+    _take_instances(sorting, Completion(" 3, 1\nOutput: 1,3\nExample 3\nInput: 5, 4\nOutput: 4, 5", "stop", 1, 1),
+                    "Example 2\nInput:", True, sink)
+    _take_instances(sorting, Completion("Output: 7", "stop", 1, 1), "Example 2\nInput:", True, sink)
+    assert [(i.input, i.output) for i in sorting.instances] == [("3, 1", "1, 3"), ("5, 4", "4, 5")]
+    colours = _candidate([Instance(output="red")], False)
+    _take_instances(colours, Completion("Output: blue", "stop", 1, 1), "", True, sink)
+    _take_instances(colours, Completion("Output: red", "stop", 1, 1), "", True, sink)
+    assert [i.output for i in colours.instances] == ["red", "blue"]
+    sink.flush()
+    reasons = [json.loads(line)["reason"] for line in rejects_path(tmp_path / "raw.jsonl").read_text().splitlines()]
+    assert reasons == ["instance: input already present", "instance: input missing"]
 
 
 def test_summary_counts_tasks_that_reached_the_instance_target(tmp_path):

@@ -422,7 +422,7 @@ def _take_instances(candidate: _Candidate, reply: Completion, opening: str, late
         reason = instance_reject_reason(instance)
         if reason is None and opening and not instance.input:
             reason = "input missing"  # the prompt asked for one
-        if reason is None and later_round and instance.input in {i.input for i in candidate.instances}:
+        if reason is None and later_round and instance.input and instance.input in {i.input for i in candidate.instances}:
             # a second output for a known input is a repeat, not a sign that the task is ambiguous
             reason = "input already present"
         if reason:
