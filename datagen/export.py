@@ -49,7 +49,7 @@ from datagen.generators.common import rejects_path
 from datagen.generators.orca import GENERIC_SYSTEM, task_kind, task_text, training_messages
 from datagen.io import atomic_write_json, atomic_write_text, read_tasks, write_jsonl_atomic
 from datagen.prompts import load_template
-from datagen.records import Instance, Lineage, Reject, Task
+from datagen.records import Instance, Lineage, Reject, Task, takes_input
 from datagen.teachers.base import Message
 
 FORMATS = ("natural-instructions", "alpaca", "messages", "prompt-completion", "hf")
@@ -287,12 +287,10 @@ def positive_explanation(task: Task, output: str) -> str:
     return "The output does what the definition asks for this input."
 
 
-def inputless_strays(task: Task) -> list[Instance]:
-    """Instances without an input in a task whose other instances have one: the teacher left
-    the input out, and a Natural-Instructions instance needs one. They are not exported."""
-    if not any(instance.input for instance in task.instances):
-        return []
-    return [instance for instance in task.instances if not instance.input]
+def inputless_strays(task: Task) -> int:
+    """Instances without an input in a task that takes input: the teacher left the input
+    out, and a Natural-Instructions instance needs one. They are not exported."""
+    return sum(1 for instance in task.instances if not instance.input) if takes_input(task.instances) else 0
 
 
 def ni_instances(task: Task) -> list[tuple[str, list[str], str | None]]:
@@ -300,9 +298,9 @@ def ni_instances(task: Task) -> list[tuple[str, list[str], str | None]]:
     before removing duplicates"), outputs de-duplicated, first-seen order kept; inputless
     strays left out."""
     merged: dict[str, tuple[list[str], list[str | None]]] = {}
-    strays = inputless_strays(task)
+    needs_input = takes_input(task.instances)
     for instance in task.instances:
-        if instance in strays:
+        if needs_input and not instance.input:
             continue
         outputs, explanations = merged.setdefault(instance.input, ([], []))
         if instance.output not in outputs:
@@ -788,7 +786,7 @@ def _natural_instructions(
         "from_rejects": len(found), "from_teacher": from_teacher,
         "without": sum(1 for t in tasks if not files[t.id]["Negative Examples"]),
     }
-    summary["inputless_left_out"] = sum(len(inputless_strays(task)) for task in tasks)
+    summary["inputless_left_out"] = sum(inputless_strays(task) for task in tasks)
     failures = []
     for task in tasks:
         problems = validate_ni_task(files[task.id], names[task.id])

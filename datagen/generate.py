@@ -19,7 +19,7 @@ from datagen.errors import ConfigError
 from datagen.generators.common import TaskSink, instances_toward_target, rejects_path
 from datagen.io import atomic_write_json, read_tasks
 from datagen.records import Task
-from datagen.settings import Config
+from datagen.settings import Config, GenerateConfig
 from datagen.teachers.teacher import make_teacher, run_summary, summary_path
 
 
@@ -99,7 +99,7 @@ def run_generate(config: Config, command_line: str) -> dict[str, Any]:
     return summary
 
 
-def _instance_target(output: Path, settings) -> dict[str, Any]:
+def _instance_target(output: Path, settings: GenerateConfig) -> dict[str, Any]:
     """For Self-Instruct with `instances_per_task` > 1 (the others ignore it): how many tasks
     in OUT reached it, so a short run is visible before export --strict finds out."""
     if settings.method != "self-instruct" or settings.instances_per_task == 1 or not output.exists():

@@ -12,6 +12,7 @@ Natural-Instructions files are views derived from this record.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -25,6 +26,12 @@ class Instance(BaseModel):
     input: str = ""
     output: str
     explanation: str | None = None
+
+
+def takes_input(instances: Sequence[Instance]) -> bool:
+    """Whether a task takes input: some instance has one (Self-Instruct also makes tasks
+    that need none, whose instances are outputs only)."""
+    return any(instance.input for instance in instances)
 
 
 class Usage(BaseModel):

@@ -20,7 +20,7 @@ from typing import Any
 from datagen.config import SamplingParams
 from datagen.io import JsonlAppender, read_records
 from datagen.prompts import Template
-from datagen.records import Instance, Lineage, Reject, Task, Usage
+from datagen.records import Instance, Lineage, Reject, Task, Usage, takes_input
 from datagen.teachers.base import Completion
 
 
@@ -32,8 +32,9 @@ def rejects_path(output: str | Path) -> Path:
 def instances_toward_target(instances: Sequence[Instance]) -> int:
     """How many of `instances` count towards `instances_per_task`: in a task that takes
     input, those with one (a Natural-Instructions instance needs an input)."""
-    with_input = sum(1 for instance in instances if instance.input)
-    return with_input or len(instances)
+    if takes_input(instances):
+        return sum(1 for instance in instances if instance.input)
+    return len(instances)
 
 
 def stable_id(prefix: str, *parts: str) -> str:

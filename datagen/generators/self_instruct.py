@@ -51,7 +51,7 @@ from datagen.filters.heuristics import (  # the reference rules live with the ot
 )
 from datagen.generators.common import TaskSink, instances_toward_target, lineage, stable_id
 from datagen.prompts import load_template
-from datagen.records import Instance, Task
+from datagen.records import Instance, Task, takes_input
 from datagen.rouge import RougeLIndex
 from datagen.teachers.base import Completion, Message
 from datagen.teachers.teacher import Teacher
@@ -368,7 +368,7 @@ def _add_instances(
         reference_asks: list[tuple[_Candidate, list[Message], str]] = []
         more_asks: list[tuple[_Candidate, list[Message], str]] = []
         for candidate in wanting:
-            if round_number and any(i.input for i in candidate.instances):
+            if round_number and takes_input(candidate.instances):
                 rng = random.Random(f"self-instruct-more:{seed}:{candidate.instruction}:{round_number}")
                 more_asks += [(candidate, *prompt) for prompt in _more_prompts(candidate, target, settings, rng)]
             else:
@@ -418,17 +418,20 @@ def _take_instances(candidate: _Candidate, reply: Completion, opening: str, late
     if parsed is None:
         sink.reject("parse failure", "instances", raw=reply.text, detail=candidate.instruction)
         return
+    known_inputs = {i.input for i in candidate.instances if i.input}
     for instance in parsed:
         reason = instance_reject_reason(instance)
         if reason is None and opening and not instance.input:
             reason = "input missing"  # the prompt asked for one
-        if reason is None and later_round and instance.input and instance.input in {i.input for i in candidate.instances}:
+        if reason is None and later_round and instance.input in known_inputs:
             # a second output for a known input is a repeat, not a sign that the task is ambiguous
             reason = "input already present"
         if reason:
             sink.reject(f"instance: {reason}", "instances", raw=instance.model_dump_json(), detail=candidate.instruction)
         elif instance not in candidate.instances:
             candidate.instances.append(instance)
+            if instance.input:
+                known_inputs.add(instance.input)
 
 
 def _to_task(candidate: _Candidate, backend, templates, settings: SelfInstructConfig, seed: int) -> Task:
