@@ -25,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from datagen.io import atomic_write_text
+from datagen.io import atomic_write_text, write_file_atomic
 from datagen.records import Task
 
 PLOTS = ("breakdown", "lengths", "filter")
@@ -112,7 +112,6 @@ def write_plots(facts: dict[str, Any], folder: Path) -> dict[str, Path]:
     plot is drawn only when there are filter statistics."""
     from matplotlib.figure import Figure
 
-    from datagen.export import write_file_atomic  # the same temp-file-and-rename as the data
 
     def save(name: str, figure: Figure) -> Path:
         path = folder / f"{name}.png"

@@ -31,10 +31,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from functools import cache
@@ -45,9 +43,18 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from datagen.config import SamplingParams, Strict
 from datagen.errors import ConfigError, InputError
-from datagen.generators.common import rejects_path
 from datagen.generators.orca import GENERIC_SYSTEM, task_kind, task_text, training_messages
-from datagen.io import atomic_write_json, atomic_write_text, read_tasks, write_jsonl_atomic
+from datagen.io import (
+    atomic_write_json,
+    atomic_write_text,
+    read_tasks,
+    rejects_path,
+    stats_path,
+    summary_path,
+    write_dir_atomic,
+    write_file_atomic,
+    write_jsonl_atomic,
+)
 from datagen.prompts import load_template
 from datagen.records import Instance, Lineage, Reject, Task, takes_input
 from datagen.teachers.base import Message
@@ -663,44 +670,12 @@ def tasks_from_rows(rows: Iterable[dict[str, Any]]) -> list[Task]:
 # -- the run ----------------------------------------------------------------------------------
 
 
-def write_file_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Have `write` produce a file at a temp path beside `path`, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(descriptor)
-    try:
-        write(Path(temp_name))
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-
-
-def _replace_dir(path: Path, write: Callable[[Path], None]) -> None:
-    """Have `write` fill a fresh folder beside `path`, then swap it in for `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fresh = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    try:
-        write(fresh)
-        old = path.with_name(f".{path.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(fresh, path)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(fresh, ignore_errors=True)
-        raise
-
-
 def provenance_paths(source: Path) -> dict[str, Any]:
     """Files beside `source` that say how it was made: the filter stats (`kept.stats.json`),
     the generation summary (`raw.summary.json`, of the source itself or of the file the
     filter read) and every rejects file along that chain."""
-    from datagen.filtering import stats_path_for
-    from datagen.teachers.teacher import summary_path
 
-    stats = stats_path_for(source)
+    stats = stats_path(source)
     upstream = None
     if stats.exists():
         try:
@@ -744,7 +719,7 @@ def _hf_files(splits: dict[str, list[Task]], out_dir: Path, chat: dict) -> list[
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # a bar per file would drown the closing summary
     try:
-        _replace_dir(out_dir / "dataset", lambda folder: dataset.save_to_disk(str(folder)))
+        write_dir_atomic(out_dir / "dataset", lambda folder: dataset.save_to_disk(str(folder)))
         written = []
         for name, split in dataset.items():
             path = out_dir / "data" / f"{name}.parquet"

@@ -26,7 +26,7 @@ from datagen.filters.decontaminate import DecontaminateConfig, EvalIndex, decont
 from datagen.filters.heuristics import HeuristicsConfig, checks_for
 from datagen.filters.judge import JudgeConfig, judge_pass
 from datagen.filters.novelty import NoveltyConfig, novelty_pass
-from datagen.io import atomic_write_json, read_tasks_lenient, write_jsonl_atomic
+from datagen.io import atomic_write_json, read_tasks_lenient, stats_path, write_jsonl_atomic
 from datagen.records import Reject, Task
 
 PassName = Literal["heuristics", "exact-dedup", "near-dedup", "novelty", "decontaminate", "judge"]
@@ -105,12 +105,8 @@ def run_filter(config, source: Path, kept_path: Path, rejects_path: Path, comman
                  command=command_line, config=settings.model_dump(mode="json"))
     write_jsonl_atomic(rejects_path, rejects)
     write_jsonl_atomic(kept_path, tasks)
-    atomic_write_json(stats_path_for(kept_path), stats)
+    atomic_write_json(stats_path(kept_path), stats)
     return stats
-
-
-def stats_path_for(kept_path: Path) -> Path:
-    return kept_path.with_name(kept_path.stem + ".stats.json")
 
 
 def format_stats(stats: dict[str, Any]) -> str:

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from datagen.errors import ConfigError
-from datagen.generators.common import TaskSink, instances_toward_target, rejects_path
-from datagen.io import atomic_write_json, read_tasks
+from datagen.generators.common import TaskSink, instances_toward_target
+from datagen.io import atomic_write_json, progress_path, read_tasks, rejects_path, summary_path
 from datagen.records import Task
 from datagen.settings import Config, GenerateConfig
-from datagen.teachers.teacher import make_teacher, run_summary, summary_path
+from datagen.teachers.teacher import make_teacher, run_summary
 
 
 # method -> (module, entry point, section of GenerateConfig holding its settings)
@@ -34,10 +34,6 @@ METHODS = {
 
 def bundled_seeds_path() -> Path:
     return Path(str(resources.files("datagen").joinpath("data/seed_tasks.jsonl")))
-
-
-def progress_path(output: Path) -> Path:
-    return output.with_name(output.stem + ".progress.json")
 
 
 def load_seeds(config: Config) -> list[Task]:

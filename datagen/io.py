@@ -4,16 +4,20 @@
   `seeds.jsonl:12: missing "instruction"`.
 - `JsonlAppender` appends records and flushes them to disk per batch, so a killed run
   keeps everything it finished.
-- `atomic_write_text` / `atomic_write_json` write final files through a temp file and
-  a rename: a reader sees the old file or the new one, never half of one.
+- `write_file_atomic` / `write_dir_atomic` (and `atomic_write_text` / `atomic_write_json`
+  on top) write final files and folders through a temp path and a rename: a reader sees the
+  old one or the new one, never half of one.
+- `rejects_path`, `summary_path`, `stats_path`, `progress_path`: the sidecar files every
+  stage writes beside its output (`raw.jsonl` -> `raw.rejects.jsonl`), named in one place.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -149,20 +153,52 @@ def _drop_torn_last_line(path: Path) -> None:
         handle.truncate(data.rfind(b"\n") + 1)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write `text` to `path` via a temp file in the same folder and a rename."""
+def write_file_atomic(path: str | Path, write: Callable[[Path], Any]) -> None:
+    """Have `write` produce a file at a temp path beside `path`, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(descriptor)
     try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        write(Path(temp_name))
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
+
+
+def write_dir_atomic(path: str | Path, write: Callable[[Path], Any]) -> None:
+    """Have `write` fill a fresh folder beside `path`, then swap it in for `path`.
+
+    A crash leaves either the old folder or the new one at `path` (or, between the two
+    renames, the old one beside it as `.NAME.old`), never a half-written one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fresh = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        write(fresh)
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(fresh, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(fresh, ignore_errors=True)
+        raise
+
+
+def _write_text_synced(path: Path, text: str) -> None:
+    with path.open("w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `text` to `path` via a temp file in the same folder and a rename."""
+    write_file_atomic(path, lambda temp: _write_text_synced(temp, text))
 
 
 def atomic_write_json(path: str | Path, value: Any) -> None:
@@ -172,3 +208,31 @@ def atomic_write_json(path: str | Path, value: Any) -> None:
 def write_jsonl_atomic(path: str | Path, lines: Iterable[str | BaseModel]) -> None:
     """Write a whole JSONL file atomically (for final outputs such as kept.jsonl)."""
     atomic_write_text(path, "".join(as_jsonl_line(line) + "\n" for line in lines))
+
+
+# -- sidecar files: what each stage writes beside its output ---------------------------------
+
+
+def _sidecar(output: str | Path, suffix: str) -> Path:
+    output = Path(output)
+    return output.with_name(output.stem + suffix)
+
+
+def rejects_path(output: str | Path) -> Path:
+    """Everything a stage threw away, with its reason: `raw.jsonl` -> `raw.rejects.jsonl`."""
+    return _sidecar(output, ".rejects.jsonl")
+
+
+def summary_path(output: str | Path) -> Path:
+    """A generation run's summary (requests, tokens, cost): `raw.jsonl` -> `raw.summary.json`."""
+    return _sidecar(output, ".summary.json")
+
+
+def stats_path(output: str | Path) -> Path:
+    """A filter run's statistics per pass and reason: `kept.jsonl` -> `kept.stats.json`."""
+    return _sidecar(output, ".stats.json")
+
+
+def progress_path(output: str | Path) -> Path:
+    """How many batches a generation run finished: `raw.jsonl` -> `raw.progress.json`."""
+    return _sidecar(output, ".progress.json")

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -37,7 +36,7 @@ from pydantic import Field
 
 from datagen.config import DEFAULT_MODEL, Strict
 from datagen.errors import DatagenError
-from datagen.io import atomic_write_json
+from datagen.io import atomic_write_json, write_dir_atomic
 
 CHECKPOINT_PREFIX = "step-"
 
@@ -280,18 +279,17 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, state:
     import torch
 
     final = folder / f"{CHECKPOINT_PREFIX}{step:06d}"
-    staging = folder / f".{final.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    model.save_pretrained(staging)
-    torch.save(
-        {**state, "step": step, "optimizer": optimizer.state_dict(),
-         "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-        staging / "state.pt",
-    )
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(staging, final)
+
+    def write(staging: Path) -> None:
+        model.save_pretrained(staging)
+        torch.save(
+            {**state, "step": step, "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            staging / "state.pt",
+        )
+
+    write_dir_atomic(final, write)
     for old in sorted(folder.glob(f"{CHECKPOINT_PREFIX}*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -442,7 +440,7 @@ def train(
     }
     if finished:
         adapter_dir = out_dir / "adapter"
-        _save_atomically(adapter_dir, lambda target: (model.save_pretrained(target), tokenizer.save_pretrained(target)))
+        write_dir_atomic(adapter_dir, lambda target: (model.save_pretrained(target), tokenizer.save_pretrained(target)))
         summary["adapter"] = str(adapter_dir)
         del model, optimizer
         if config.merge:
@@ -463,7 +461,7 @@ def merge_adapter(base_path: str, adapter_dir: Path, target: Path) -> Path:
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
-    _save_atomically(target, lambda folder: (merged.save_pretrained(folder), tokenizer.save_pretrained(folder)))
+    write_dir_atomic(target, lambda folder: (merged.save_pretrained(folder), tokenizer.save_pretrained(folder)))
     return target
 
 
@@ -482,14 +480,6 @@ def _context_length(base_path: str) -> int:
     from transformers import AutoConfig
 
     return int(getattr(AutoConfig.from_pretrained(base_path), "max_position_embeddings", 8192) or 8192)
-
-
-def _save_atomically(target: Path, write: Callable[[Path], Any]) -> None:
-    staging = target.with_name(f".{target.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    write(staging)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(staging, target)
 
 
 def _truncate_log(path: Path, step: int) -> None:

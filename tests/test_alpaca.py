@@ -20,7 +20,8 @@ from datagen.generators.alpaca import (
     parse_alpaca_reply,
     run_alpaca,
 )
-from datagen.generators.common import TaskSink, rejects_path, stable_id
+from datagen.generators.common import TaskSink, stable_id
+from datagen.io import rejects_path
 from datagen.generators.self_instruct import REFERENCE_BLACKLIST, GenerationStalled, sample_prompt_tasks
 from datagen.errors import DatagenError
 from datagen.io import read_records, read_tasks

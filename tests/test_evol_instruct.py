@@ -19,7 +19,8 @@ import pytest
 
 from datagen.config import SamplingParams, Strict, TeacherConfig, validate_config
 from datagen.errors import ConfigError
-from datagen.generators.common import TaskSink, rejects_path
+from datagen.generators.common import TaskSink
+from datagen.io import rejects_path
 from datagen.generators.evol_instruct import (
     BREADTH,
     COMPLICATE_INPUT,

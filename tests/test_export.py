@@ -34,7 +34,7 @@ from datagen.export import (
     alpaca_examples,
 )
 from datagen.filtering import run_filter
-from datagen.generators.common import rejects_path
+from datagen.io import rejects_path
 from datagen.generators.orca import GENERIC_SYSTEM
 from datagen.io import read_tasks, write_jsonl_atomic
 from datagen.records import Instance, Lineage, Reject, Task

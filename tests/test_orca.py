@@ -13,7 +13,8 @@ import pytest
 
 from datagen.config import SamplingParams, TeacherConfig, validate_config
 from datagen.errors import ConfigError
-from datagen.generators.common import TaskSink, rejects_path, stable_id
+from datagen.generators.common import TaskSink, stable_id
+from datagen.io import rejects_path
 from datagen.generators.orca import (
     CATALOGUE,
     GENERIC_SYSTEM,

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from datagen.config import SamplingParams, TeacherConfig
-from datagen.generators.common import TaskSink, rejects_path
+from datagen.generators.common import TaskSink
+from datagen.io import rejects_path
 from datagen.generators.self_instruct import (
     INSTANCE_STOP,
     SelfInstructConfig,

@@ -18,15 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from datagen.config import SamplingParams
-from datagen.io import JsonlAppender, read_records
+from datagen.io import JsonlAppender, read_records, rejects_path
 from datagen.prompts import Template
 from datagen.records import Instance, Lineage, Reject, Task, Usage, takes_input
 from datagen.teachers.base import Completion
-
-
-def rejects_path(output: str | Path) -> Path:
-    output = Path(output)
-    return output.with_name(output.stem + ".rejects.jsonl")
 
 
 def instances_toward_target(instances: Sequence[Instance]) -> int:

@@ -65,7 +65,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from datagen.config import SamplingParams, Strict
-from datagen.generators.common import TaskSink, lineage, rejects_path, stable_id
+from datagen.generators.common import TaskSink, lineage, stable_id
+from datagen.io import rejects_path
 from datagen.prompts import load_template
 from datagen.records import Instance, Task
 from datagen.teachers.base import Completion, Message

@@ -171,12 +171,6 @@ def make_teacher(config: TeacherConfig) -> Teacher:
     return Teacher(make_backend(config), config)
 
 
-def summary_path(output: str | Path) -> Path:
-    """Where a run's summary JSON goes: `raw.jsonl` -> `raw.summary.json`."""
-    output = Path(output)
-    return output.with_name(output.stem + ".summary.json")
-
-
 def run_summary(teacher: Teacher, wall_seconds: float, **extra: Any) -> dict[str, Any]:
     return {
         "teacher": {"backend": teacher.backend.name, "model": teacher.backend.model},
