@@ -29,7 +29,8 @@ def main() -> None:
 
     from vllm import SamplingParams as VllmSampling
 
-    from datagen.config import SamplingParams, TeacherConfig
+    from datagen.config import SamplingParams
+    from datagen.teachers import TeacherConfig
     from datagen.generate import bundled_seeds_path
     from datagen.generators.self_instruct import bootstrap_messages, parse_bootstrap_reply, sample_prompt_tasks
     from datagen.io import read_tasks

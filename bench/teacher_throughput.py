@@ -21,7 +21,8 @@ import asyncio
 import contextlib
 import time
 
-from datagen.config import SamplingParams, TeacherConfig
+from datagen.config import SamplingParams
+from datagen.teachers import TeacherConfig
 from datagen.teachers import make_teacher
 
 TOPICS = ["rivers", "chess", "bread", "volcanoes", "jazz", "bees", "glass", "comets", "tea", "bridges",

@@ -127,7 +127,7 @@ def teacher(
     cache_dir: CacheDirOpt = None,
 ) -> None:
     """Send one prompt to the configured teacher; print the reply, tokens and latency."""
-    from datagen.config import load_config
+    from datagen.config_file import load_config
     from datagen.teachers import make_teacher
 
     overrides = teacher_overrides(
@@ -186,7 +186,7 @@ def generate(
     cache_dir: CacheDirOpt = None,
 ) -> None:
     """Generate new tasks from seed tasks with a published method."""
-    from datagen.config import load_config
+    from datagen.config_file import load_config
     from datagen.generate import format_summary, run_generate
 
     overrides = teacher_overrides(
@@ -218,7 +218,7 @@ SkipInvalidOpt = Annotated[
 
 
 def _filter(source: Path, out: Path, rejects: Optional[Path], overrides: dict, config: Optional[Path]) -> None:
-    from datagen.config import load_config
+    from datagen.config_file import load_config
     from datagen.filtering import format_stats, run_filter
 
     settings = load_config(config, overrides)
@@ -234,8 +234,8 @@ def filter_command(
     rejects: RejectsOpt = None,
     passes: Annotated[
         Optional[str],
-        typer.Option("--passes", help="Comma-separated, in order: heuristics, exact-dedup, near-dedup, "
-                                      "novelty, decontaminate, judge."),
+        typer.Option("--passes", help="Comma-separated pass names, run in order (default "
+                                      "heuristics,exact-dedup,near-dedup); a wrong name lists them all."),
     ] = None,
     eval_files: Annotated[
         Optional[list[Path]], typer.Option("--eval", help="Evaluation file for decontamination (repeatable).")
@@ -300,7 +300,7 @@ def export_command(
     cache_dir: CacheDirOpt = None,
 ) -> None:
     """Export tasks as Natural-Instructions files, Alpaca / chat / prompt-completion splits or a HF dataset."""
-    from datagen.config import load_config
+    from datagen.config_file import load_config
     from datagen.export import format_export_summary, run_export
 
     overrides = teacher_overrides(backend=backend, model=model, base_url=base_url,
@@ -337,7 +337,7 @@ def finetune(
     config: ConfigOpt = None,
 ) -> None:
     """LoRA / QLoRA SFT of a student on chat data; rerun the same command to resume."""
-    from datagen.config import load_config
+    from datagen.config_file import load_config
     from datagen.finetune.sft import train
 
     flags = {"base": (base, "--base"), "method": (method, "--method"), "epochs": (epochs, "--epochs"),
@@ -372,7 +372,7 @@ def eval_command(
     api_key_env: ApiKeyEnvOpt = None,
 ) -> None:
     """Compare the base and the tuned student on held-out tasks (loss, ROUGE-L, win rate)."""
-    from datagen.config import load_config
+    from datagen.config_file import load_config
     from datagen.finetune.evaluate import evaluate, format_summary
 
     overrides = teacher_overrides(backend=backend, model=model, base_url=base_url, api_key_env=api_key_env)
@@ -390,7 +390,7 @@ def distill(
     start_from: Annotated[Optional[str], typer.Option("--from", help="Rerun from this stage on.")] = None,
 ) -> None:
     """generate → filter → export → finetune → eval from one config; rerun to resume."""
-    from datagen.config import load_config
+    from datagen.config_file import load_config
     from datagen.distill import run_distill
     from datagen.finetune.evaluate import format_summary
 

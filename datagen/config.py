@@ -1,21 +1,24 @@
 """Configuration: YAML files validated into pydantic models, with CLI flags on top.
 
-This module holds the shared sections (sampling, teacher); `datagen.settings.Config`
-assembles the whole file from them and the stage sections. Every model forbids unknown keys, so a typo in a config is an error, not a silent
-default. `load_config(path, overrides)` applies dotted-path overrides from CLI flags
-(`{"teacher.backend": "openai"}`) before validation, so a bad flag value is reported
-against the flag that set it:
+The building blocks every config section uses: `Strict` (a pydantic model that forbids
+unknown keys, so a typo in a config is an error, not a silent default), `SamplingParams`,
+YAML reading and `validate_config`, which applies dotted-path overrides from CLI flags
+(`{"teacher.backend": ("--backend", "openai")}`) before validation, so a bad flag value
+is reported against the flag that set it:
 
     error: config.yaml: teacher.backend: Input should be 'local', 'openai' or 'vllm'
     error: --temperature: Input should be less than or equal to 2
+
+Each stage module owns its own section (`datagen.teachers.TeacherConfig`,
+`datagen.generate.GenerateConfig`, ...); `datagen.config_file` assembles the whole file.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from datagen.errors import ConfigError
 
@@ -39,48 +42,14 @@ class SamplingParams(Strict):
     n: int = Field(1, ge=1)
 
 
-class PriceTable(Strict):
-    """Prices in currency units per million tokens; turns usage into cost."""
+def with_sections(name: str, base: type[Strict], sections: dict[str, type[BaseModel]], doc: str) -> type[Strict]:
+    """`base` plus one field per `sections` entry (field name -> settings model, defaulted).
 
-    input_per_million: float = Field(ge=0.0)
-    output_per_million: float = Field(ge=0.0)
-
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        return (
-            prompt_tokens * self.input_per_million + completion_tokens * self.output_per_million
-        ) / 1_000_000
-
-
-class TeacherConfig(Strict):
-    """Which teacher answers, how it is called, and where its replies are cached."""
-
-    backend: Literal["local", "openai", "vllm"] = "local"
-    model: str = DEFAULT_MODEL
-    sampling: SamplingParams = SamplingParams()
-
-    # local (transformers)
-    device: str = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    batch_size: int = Field(16, ge=1)
-
-    # openai (any OpenAI-compatible server)
-    base_url: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
-    max_concurrency: int = Field(32, ge=1)
-    requests_per_minute: float | None = Field(None, gt=0)
-    tokens_per_minute: float | None = Field(None, gt=0)
-    timeout_s: float = Field(120.0, gt=0)
-    max_retries: int = Field(6, ge=0)
-    backoff_base_s: float = Field(1.0, ge=0)
-    backoff_max_s: float = Field(60.0, ge=0)
-    prices: PriceTable | None = None
-
-    # vllm (offline engine); e.g. {"tensor_parallel_size": 2, "max_model_len": 4096}
-    engine_args: dict[str, Any] = Field(default_factory=dict)
-
-    # request cache: "use" reads and writes, "off" bypasses, "only" replays offline
-    cache: Literal["use", "off", "only"] = "use"
-    cache_dir: str | None = None
+    Stage sections whose parts come from a registry (generation methods, filter passes)
+    are built this way, so registering a part is what adds its settings to the config.
+    """
+    fields: dict[str, Any] = {key: (model, Field(default_factory=model)) for key, model in sections.items()}
+    return create_model(name, __base__=base, __doc__=doc, **fields)
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -136,20 +105,3 @@ def validate_config(
         if flag:
             raise ConfigError(f"{flag}: {message}") from None
         raise ConfigError(f"{source}: {location}: {message}") from None
-
-
-def load_config(
-    path: str | Path | None = None,
-    overrides: dict[str, tuple[str, Any]] | None = None,
-    model: type[Strict] | None = None,
-) -> Any:
-    """Load `path` (or defaults when None), apply CLI `overrides`, validate into `model`.
-
-    `model` defaults to the whole-file `datagen.settings.Config`.
-    """
-    if model is None:
-        from datagen.settings import Config
-
-        model = Config
-    data = read_yaml(path) if path else {}
-    return validate_config(model, data, str(path) if path else "config", overrides)

@@ -14,60 +14,74 @@ from __future__ import annotations
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
+from pydantic_core import PydanticCustomError
 
-from datagen.config import Strict
-from datagen.errors import ConfigError, InputError
-from datagen.filters.base import PassResult, check_pass
-from datagen.filters.dedup import DedupConfig, exact_dedup, near_dedup
-from datagen.filters.decontaminate import DecontaminateConfig, EvalIndex, decontaminate_pass
-from datagen.filters.heuristics import HeuristicsConfig, checks_for
-from datagen.filters.judge import JudgeConfig, judge_pass
-from datagen.filters.novelty import NoveltyConfig, novelty_pass
+from datagen.config import Strict, with_sections
+from datagen.errors import InputError
+from datagen.filters import decontaminate, dedup, heuristics, judge, novelty
+from datagen.filters.base import FilterPass, PassContext
 from datagen.io import atomic_write_json, read_tasks_lenient, stats_path, write_jsonl_atomic
 from datagen.records import Reject, Task
 
-PassName = Literal["heuristics", "exact-dedup", "near-dedup", "novelty", "decontaminate", "judge"]
+# The passes by name, in no particular order (`filter.passes` gives the order). Adding a
+# pass: write filters/NAME.py with its settings model and `run(tasks, context)`, add a
+# line here; its name becomes a `--passes` choice and its section a `filter:` key.
+PASSES: dict[str, FilterPass] = {
+    "heuristics": FilterPass(heuristics.heuristics_pass, "heuristics", heuristics.HeuristicsConfig),
+    "exact-dedup": FilterPass(dedup.exact_dedup_pass, "dedup", dedup.DedupConfig),
+    "near-dedup": FilterPass(dedup.near_dedup_pass, "dedup", dedup.DedupConfig),
+    "novelty": FilterPass(novelty.run_novelty_pass, "novelty", novelty.NoveltyConfig),
+    "decontaminate": FilterPass(decontaminate.run_decontaminate_pass, "decontaminate",
+                                decontaminate.DecontaminateConfig),
+    "judge": FilterPass(judge.run_judge_pass, "judge", judge.JudgeConfig),
+}
 
 
-class FilterConfig(Strict):
-    passes: list[PassName] = Field(default_factory=lambda: ["heuristics", "exact-dedup", "near-dedup"])
+
+def one_of(choices) -> str:
+    """`'a', 'b' or 'c'`, as pydantic words a Literal mismatch."""
+    quoted = [repr(choice) for choice in choices]
+    return ", ".join(quoted[:-1]) + f" or {quoted[-1]}" if len(quoted) > 1 else quoted[0]
+
+
+class _FilterBase(Strict):
+    passes: list[str] = Field(default_factory=lambda: ["heuristics", "exact-dedup", "near-dedup"])
     skip_invalid: bool = False
-    heuristics: HeuristicsConfig = HeuristicsConfig()
-    dedup: DedupConfig = DedupConfig()
-    novelty: NoveltyConfig = NoveltyConfig()
-    decontaminate: DecontaminateConfig = DecontaminateConfig()
-    judge: JudgeConfig = JudgeConfig()
+
+    @field_validator("passes")
+    @classmethod
+    def _registered(cls, names: list[str]) -> list[str]:
+        # checked against the registry when validated, not when imported, so a pass
+        # registered later (a plugin module, a test) is accepted like the built-in ones
+        unknown = [name for name in names if name not in PASSES]
+        if unknown:
+            raise PydanticCustomError("literal_error", "Input should be {expected}, not {given}",
+                                      {"expected": one_of(PASSES), "given": repr(unknown[0])})
+        return names
 
 
-def _run_pass(name: str, tasks: list[Task], config, run_state: dict[str, Any]) -> PassResult:
-    """One pass. `run_state` carries what outlives it: the teacher (made once, for the
-    judge) and the near-dedup report for the stats."""
-    settings = config.filter
-    if name == "heuristics":
-        return check_pass(checks_for(settings.heuristics))(tasks)
-    if name == "exact-dedup":
-        return exact_dedup(tasks, settings.dedup.fields, settings.dedup.keep)
-    if name == "near-dedup":
-        result, report = near_dedup(tasks, settings.dedup)
-        run_state["near_dedup_report"] = report.summary()
-        return result
-    if name == "novelty":
-        return novelty_pass(tasks, settings.novelty)
-    if name == "decontaminate":
-        if not settings.decontaminate.eval_files:
-            raise ConfigError("--eval: the decontaminate pass needs at least one evaluation file")
-        index = EvalIndex.from_files(settings.decontaminate.eval_files, settings.decontaminate.ngram)
-        return decontaminate_pass(tasks, index, settings.decontaminate.fields)
-    if name == "judge":
-        from datagen.teachers.teacher import make_teacher
+FilterConfig = with_sections(
+    "FilterConfig", _FilterBase, {entry.section: entry.settings for entry in PASSES.values()},
+    "The `filter:` section: the passes to run, in order, and one settings section per pass.",
+)
 
-        if "teacher" not in run_state:
-            run_state["teacher"] = make_teacher(config.teacher)
-        return judge_pass(tasks, run_state["teacher"], settings.judge)
-    raise ConfigError(f"--passes: unknown pass {name!r}")
+
+class _Teacher:
+    """The run's teacher, made on first use (only the judge needs one) and closed at the end."""
+
+    def __init__(self, config) -> None:
+        self.config = config
+        self.teacher = None
+
+    def __call__(self):
+        if self.teacher is None:
+            from datagen.teachers.teacher import make_teacher
+
+            self.teacher = make_teacher(self.config)
+        return self.teacher
 
 
 def run_filter(config, source: Path, kept_path: Path, rejects_path: Path, command_line: str) -> dict[str, Any]:
@@ -83,24 +97,24 @@ def run_filter(config, source: Path, kept_path: Path, rejects_path: Path, comman
                for where, problem, raw in invalid]
     stats: dict[str, Any] = {"input": str(source), "in": len(tasks) + len(invalid), "invalid_lines": len(invalid),
                              "passes": []}
-    run_state: dict[str, Any] = {}
+    teacher = _Teacher(config.teacher)
     try:
         for name in settings.passes:
-            kept, rejected = _run_pass(name, tasks, config, run_state)
+            entry = PASSES[name]
+            context = PassContext(settings=getattr(settings, entry.section) if entry.section else None,
+                                  teacher=teacher)
+            kept, rejected = entry.run(tasks, context)
             assert len(kept) + len(rejected) == len(tasks), f"pass {name} lost tasks"
             reasons = Counter(r.reason for r in rejected)
-            entry = {"pass": name, "in": len(tasks), "out": len(kept),
-                     "rejected": len(rejected), "reasons": dict(reasons.most_common())}
-            if name == "near-dedup":
-                entry["report"] = run_state.pop("near_dedup_report")
-            stats["passes"].append(entry)
+            stats["passes"].append({"pass": name, "in": len(tasks), "out": len(kept), "rejected": len(rejected),
+                                    "reasons": dict(reasons.most_common()), **context.report})
             rejects += [Reject(reason=r.reason, stage=name, detail=r.detail, task=r.task, duplicate_of=r.duplicate_of)
                         for r in rejected]
             tasks = kept
     finally:
-        if "teacher" in run_state:
-            stats["teacher"] = run_state["teacher"].stats.as_dict()
-            run_state["teacher"].close()
+        if teacher.teacher is not None:
+            stats["teacher"] = teacher.teacher.stats.as_dict()
+            teacher.teacher.close()
     stats.update(kept=len(tasks), rejected=len(rejects), wall_seconds=round(time.monotonic() - started, 3),
                  command=command_line, config=settings.model_dump(mode="json"))
     write_jsonl_atomic(rejects_path, rejects)

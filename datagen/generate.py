@@ -8,35 +8,57 @@ the interrupted batch from the request cache, and writes no task twice.
 
 from __future__ import annotations
 
-import importlib
 import json
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import Field
+
+from datagen.config import Strict
 from datagen.errors import ConfigError
 from datagen.generators.common import TaskSink, instances_toward_target
 from datagen.io import atomic_write_json, progress_path, read_tasks, rejects_path, summary_path
 from datagen.records import Task
-from datagen.settings import Config, GenerateConfig
+from datagen.generators.alpaca import AlpacaConfig, run_alpaca
+from datagen.generators.evol_instruct import EvolInstructConfig, run_evol_instruct
+from datagen.generators.orca import OrcaConfig, run_orca
+from datagen.generators.self_instruct import SelfInstructConfig, run_self_instruct
 from datagen.teachers.teacher import make_teacher, run_summary
 
 
-# method -> (module, entry point, section of GenerateConfig holding its settings)
+# method -> (entry point, section of GenerateConfig holding its settings)
 METHODS = {
-    "self-instruct": ("datagen.generators.self_instruct", "run_self_instruct", "self_instruct"),
-    "alpaca": ("datagen.generators.alpaca", "run_alpaca", "alpaca"),
-    "evol-instruct": ("datagen.generators.evol_instruct", "run_evol_instruct", "evol_instruct"),
-    "orca": ("datagen.generators.orca", "run_orca", "orca"),
+    "self-instruct": (run_self_instruct, "self_instruct"),
+    "alpaca": (run_alpaca, "alpaca"),
+    "evol-instruct": (run_evol_instruct, "evol_instruct"),
+    "orca": (run_orca, "orca"),
 }
+
+Method = Literal[tuple(METHODS)]  # type: ignore[valid-type]
+
+
+class GenerateConfig(Strict):
+    """The `generate:` section: which method, from which seeds, how many tasks."""
+
+    method: Method = "self-instruct"
+    seeds: str | None = None  # default: the seed set bundled with the package
+    out: str | None = None
+    num: int = Field(20, ge=1)
+    seed: int = 0
+    instances_per_task: int = Field(1, ge=1)
+    self_instruct: SelfInstructConfig = SelfInstructConfig()
+    alpaca: AlpacaConfig = AlpacaConfig()
+    evol_instruct: EvolInstructConfig = EvolInstructConfig()
+    orca: OrcaConfig = OrcaConfig()
 
 
 def bundled_seeds_path() -> Path:
     return Path(str(resources.files("datagen").joinpath("data/seed_tasks.jsonl")))
 
 
-def load_seeds(config: Config) -> list[Task]:
+def load_seeds(config) -> list[Task]:
     return read_tasks(config.generate.seeds or bundled_seeds_path())
 
 
@@ -48,7 +70,7 @@ def _batches_done(output: Path, method: str) -> int:
     return state["batches_done"] if state.get("method") == method else 0
 
 
-def run_generate(config: Config, command_line: str) -> dict[str, Any]:
+def run_generate(config, command_line: str) -> dict[str, Any]:
     """Run `config.generate` and return the summary it also writes beside the output."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -68,8 +90,7 @@ def run_generate(config: Config, command_line: str) -> dict[str, Any]:
             atomic_write_json(progress_path(output), {"method": settings.method, "batches_done": batches})
 
         resumed_from = len(sink.existing)
-        module_name, runner_name, section = METHODS[settings.method]
-        runner = getattr(importlib.import_module(module_name), runner_name)
+        runner, section = METHODS[settings.method]
         runner(
             seeds, teacher, sink, getattr(settings, section),
             num=settings.num, seed=settings.seed, instances_per_task=settings.instances_per_task,

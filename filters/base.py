@@ -1,5 +1,11 @@
 """The shape every filter pass shares: tasks in, (kept, rejections) out, nothing dropped silently.
 
+Every pass has one signature, `run(tasks, context) -> (kept, rejections)`, and is
+registered as a `FilterPass` (its entry point plus the `filter:` section that configures
+it) in `datagen.filtering.PASSES`. The `PassContext` gives a pass its own settings, the
+teacher (made on first use, shared by the run) and a `report` dict whose contents land
+in stats.json beside the pass's counts.
+
 A *check* is a pure function `task -> reason | None`. `check_pass` turns a list of
 checks into a pass that keeps a task only when every check returns None and records,
 for each rejected task, the first reason. Stateful passes (dedup, novelty, the LLM
@@ -12,8 +18,10 @@ judge) return the same `PassResult` directly.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel
 
 from datagen.records import Task
 
@@ -32,6 +40,25 @@ class Rejection:
 
 
 PassResult = tuple[list[Task], list[Rejection]]
+
+
+@dataclass
+class PassContext:
+    """What a pass gets besides the tasks."""
+
+    settings: Any  # the pass's own section of `filter:` (e.g. a DedupConfig)
+    teacher: Callable[[], Any]  # the run's teacher, made on first call
+    report: dict[str, Any] = field(default_factory=dict)  # extra figures for stats.json
+
+
+@dataclass(frozen=True)
+class FilterPass:
+    """A registered pass: its entry point and the `filter:` section (name, model) it reads
+    (None for a pass without settings)."""
+
+    run: Callable[[Sequence[Task], PassContext], PassResult]
+    section: str | None = None
+    settings: type[BaseModel] | None = None
 
 
 def check_pass(checks: Sequence[Check]) -> Callable[[Sequence[Task]], PassResult]:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from datagen.errors import InputError
-from datagen.filters.base import Fields, PassResult, Rejection, text_of
+from datagen.errors import ConfigError, InputError
+from datagen.filters.base import Fields, PassContext, PassResult, Rejection, text_of
 from datagen.records import Task
 
 
@@ -114,3 +114,11 @@ def decontaminate_pass(tasks: Sequence[Task], index: EvalIndex, fields: Fields =
         else:
             rejected.append(Rejection(task, "contaminated", detail=f"shares a {index.n}-gram with {where}"))
     return kept, rejected
+
+
+def run_decontaminate_pass(tasks: Sequence[Task], context: PassContext) -> PassResult:
+    """The `decontaminate` pass: index the configured evaluation files, then check each task."""
+    settings: DecontaminateConfig = context.settings
+    if not settings.eval_files:
+        raise ConfigError("--eval: the decontaminate pass needs at least one evaluation file")
+    return decontaminate_pass(tasks, EvalIndex.from_files(settings.eval_files, settings.ngram), settings.fields)

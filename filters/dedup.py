@@ -106,7 +106,7 @@ import numpy as np
 from datasketch import MinHash, MinHashLSH
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from datagen.filters.base import Fields, PassResult, Rejection, text_of
+from datagen.filters.base import Fields, PassContext, PassResult, Rejection, text_of
 from datagen.records import Task
 from datagen.rouge import f1_from_lcs, lcs_length
 from datagen.rouge import tokenize as ascii_tokenize
@@ -733,3 +733,15 @@ def dedup(tasks: Sequence[Task], config: DedupConfig | None = None) -> tuple[Pas
     kept, exact_rejected = exact_dedup(tasks, config.fields, config.keep)
     (kept, near_rejected), report = near_dedup(kept, config)
     return (kept, exact_rejected + near_rejected), report
+
+
+def exact_dedup_pass(tasks: Sequence[Task], context: PassContext) -> PassResult:
+    """The `exact-dedup` pass (reads the `dedup` section's fields and keep rule)."""
+    return exact_dedup(tasks, context.settings.fields, context.settings.keep)
+
+
+def near_dedup_pass(tasks: Sequence[Task], context: PassContext) -> PassResult:
+    """The `near-dedup` pass; its report (bands, candidates, timings) goes to stats.json."""
+    result, report = near_dedup(tasks, context.settings)
+    context.report["report"] = report.summary()
+    return result

@@ -20,7 +20,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from datagen.filters.base import Check
+from datagen.filters.base import Check, PassContext, PassResult, check_pass
 from datagen.records import Instance, Task
 
 REFERENCE_BLACKLIST = (
@@ -166,3 +166,8 @@ def _length_check(task: Task, min_words: int, max_words: int | None) -> str | No
         if max_words is not None and words > max_words:
             return f"output longer than {max_words} words"
     return None
+
+
+def heuristics_pass(tasks: Sequence[Task], context: PassContext) -> PassResult:
+    """The `heuristics` pass: every configured check, first failing reason reported."""
+    return check_pass(checks_for(context.settings))(tasks)

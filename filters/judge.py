@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from datagen.config import SamplingParams
-from datagen.filters.base import PassResult, Rejection
+from datagen.filters.base import PassContext, PassResult, Rejection
 from datagen.prompts import load_template
 from datagen.records import Lineage, Task
 
@@ -82,3 +82,8 @@ def judge_pass(tasks: Sequence[Task], teacher, config: JudgeConfig) -> PassResul
             rejected.append(Rejection(judged, "judge score below threshold",
                                       detail=f"{score:.2f} < {config.threshold}"))
     return kept, rejected
+
+
+def run_judge_pass(tasks: Sequence[Task], context: PassContext) -> PassResult:
+    """The `judge` pass, with the run's teacher."""
+    return judge_pass(tasks, context.teacher(), context.settings)

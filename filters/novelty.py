@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from datagen.filters.base import Fields, PassResult, Rejection, text_of
+from datagen.filters.base import Fields, PassContext, PassResult, Rejection, text_of
 from datagen.records import Task
 from datagen.rouge import RougeLIndex
 
@@ -40,3 +40,8 @@ def novelty_pass(tasks: Sequence[Task], config: NoveltyConfig) -> PassResult:
             rejected.append(Rejection(task, "too similar (ROUGE-L)", detail=f"ROUGE-L {match.score:.3f}",
                                       duplicate_of=kept_ids[match.index]))
     return kept, rejected
+
+
+def run_novelty_pass(tasks: Sequence[Task], context: PassContext) -> PassResult:
+    """The `novelty` pass."""
+    return novelty_pass(tasks, context.settings)

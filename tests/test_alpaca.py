@@ -251,7 +251,7 @@ NOT_A_LIST = Completion("SUBTRAILED\n", "stop", 600, 4)
 
 def replay_teacher(cache_dir: Path):
     """A real teacher that may only answer from its cache (the OpenAI backend is never reached)."""
-    from datagen.config import TeacherConfig
+    from datagen.teachers import TeacherConfig
     from datagen.teachers import make_teacher
 
     return make_teacher(TeacherConfig(backend="openai", base_url="http://127.0.0.1:9/v1", cache="only",
@@ -382,7 +382,7 @@ class KilledAfterReplies:
 
 @pytest.mark.slow
 def test_end_to_end_on_the_embedded_model_with_resume(tmp_path):
-    from datagen.config import TeacherConfig
+    from datagen.teachers import TeacherConfig
     from datagen.teachers import make_teacher
 
     seeds = read_tasks(Path("datagen/data/seed_tasks.jsonl"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from datagen.config import load_config
+from datagen.config_file import load_config
 from datagen.errors import ConfigError
 
 

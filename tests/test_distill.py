@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from datagen.config import load_config
+from datagen.config_file import load_config
 from datagen.distill import STAGES, fingerprints
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 TINY = """\
 teacher: {{backend: local, batch_size: 4, cache_dir: {cache}}}

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from datagen.config import SamplingParams, Strict, TeacherConfig, validate_config
+from datagen.config import SamplingParams, Strict, validate_config
+from datagen.teachers import TeacherConfig
 from datagen.errors import ConfigError
 from datagen.generators.common import TaskSink
 from datagen.io import rejects_path

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from datagen.config import load_config
+from datagen.config_file import load_config
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from datagen.config import load_config
+from datagen.config_file import load_config
 from datagen.errors import ConfigError
 from datagen.export import (
     FORMATS,
@@ -38,7 +38,7 @@ from datagen.io import rejects_path
 from datagen.generators.orca import GENERIC_SYSTEM
 from datagen.io import read_tasks, write_jsonl_atomic
 from datagen.records import Instance, Lineage, Reject, Task
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 FIXTURE = Path(__file__).parent / "data" / "export"
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -13,7 +13,7 @@ from datagen.filters.judge import JudgeConfig, judge_messages, judge_pass, parse
 from datagen.filters.novelty import NoveltyConfig, novelty_pass
 from datagen.io import read_tasks
 from datagen.records import Instance, Task
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 def task(instruction, *pairs, task_id=None):
@@ -103,7 +103,7 @@ def test_judge_prompt_and_parse():
 
 @pytest.mark.slow
 def test_judge_pass_on_the_embedded_model(tmp_path):
-    from datagen.config import TeacherConfig
+    from datagen.teachers import TeacherConfig
     from datagen.teachers import make_teacher
 
     tasks = [task("What is the capital of France?", ("", "Paris is the capital of France."), task_id="good"),

@@ -24,7 +24,7 @@ from datagen.finetune.data import (
     plan_batches,
 )
 from datagen.finetune.sft import FinetuneConfig, logits_of, lr_factor, micro_batches, train
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 def arithmetic_rows(count: int, seed: int = 0) -> list[dict]:
@@ -393,7 +393,7 @@ def test_judge_prompt_is_pinned():
 
 @pytest.mark.slow
 def test_eval_compares_base_and_tuned_on_held_out_data(trained, tmp_path):
-    from datagen.config import TeacherConfig
+    from datagen.teachers import TeacherConfig
     from datagen.finetune.evaluate import EvalConfig, evaluate
 
     folder, _data, _summary = trained

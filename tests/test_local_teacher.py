@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from datagen.config import SamplingParams, TeacherConfig
+from datagen.config import SamplingParams
+from datagen.teachers import TeacherConfig
 from datagen.teachers import make_teacher
 
 pytestmark = pytest.mark.slow

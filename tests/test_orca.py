@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from datagen.config import SamplingParams, TeacherConfig, validate_config
+from datagen.config import SamplingParams, validate_config
+from datagen.teachers import TeacherConfig
 from datagen.errors import ConfigError
 from datagen.generators.common import TaskSink, stable_id
 from datagen.io import rejects_path

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from datagen.config import SamplingParams, TeacherConfig
+from datagen.config import SamplingParams
+from datagen.teachers import TeacherConfig
 from datagen.generators.common import TaskSink
 from datagen.io import rejects_path
 from datagen.generators.self_instruct import (
@@ -242,7 +243,7 @@ def write_tiny_config(tmp_path, num, prompts, threshold=0.7):
 
 @pytest.mark.slow
 def test_end_to_end_on_the_embedded_model(tmp_path):
-    from tests.conftest import run_cli
+    from tests.helpers import run_cli
 
     # At the paper's 0.7 the 135M teacher can stall for 30 batches (it mostly restates the
     # instructions it is shown); the 0.7 rule itself is pinned by the unit tests above.
@@ -300,7 +301,7 @@ def test_kill_mid_run_and_resume(tmp_path):
 def test_later_rounds_grow_a_task_that_passes_natural_instructions_strict(tmp_path):
     """The lever the export needs: 28 distinct inputs from the embedded 135M teacher."""
     from datagen.teachers import make_teacher
-    from tests.conftest import run_cli
+    from tests.helpers import run_cli
 
     settings = SelfInstructConfig(
         more_prompts_per_task=3, more_samples_per_prompt=4,
@@ -358,7 +359,7 @@ def test_later_rounds_reject_known_inputs_but_keep_new_outputs_of_inputless_task
 def test_summary_counts_tasks_that_reached_the_instance_target(tmp_path):
     from datagen.generate import _instance_target, format_summary
     from datagen.io import write_jsonl_atomic
-    from datagen.settings import GenerateConfig
+    from datagen.generate import GenerateConfig
 
     full = Task(id="a", instruction="Sort.", instances=[Instance(input=str(n), output=str(n)) for n in range(3)])
     stray = Task(id="b", instruction="Sort!", instances=[Instance(input="1", output="1"), Instance(output="x"),

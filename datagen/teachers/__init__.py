@@ -4,6 +4,6 @@
 """
 
 from datagen.teachers.base import Completion, Request
-from datagen.teachers.teacher import RunStats, Teacher, make_teacher
+from datagen.teachers.teacher import BACKENDS, PriceTable, RunStats, Teacher, TeacherConfig, make_teacher
 
-__all__ = ["Completion", "Request", "RunStats", "Teacher", "make_teacher"]
+__all__ = ["BACKENDS", "Completion", "PriceTable", "Request", "RunStats", "Teacher", "TeacherConfig", "make_teacher"]

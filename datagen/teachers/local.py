@@ -10,13 +10,18 @@ the embedded SmolLM2-135M-Instruct (see `datagen.models`).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import hashlib
 from collections import defaultdict
 from collections.abc import Sequence
 
-from datagen.config import SamplingParams, TeacherConfig
+from datagen.config import SamplingParams
 from datagen.models import resolve_model
 from datagen.teachers.base import BackendCounters, Completion, Request, ResultCallback
+
+if TYPE_CHECKING:  # a type hint only: the teacher module imports this one
+    from datagen.teachers.teacher import TeacherConfig
 
 
 class LocalBackend:

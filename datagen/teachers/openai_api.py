@@ -15,6 +15,8 @@ Works with vLLM's server, OpenAI itself, or anything else that speaks
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import asyncio
 import email.utils
 import json
@@ -25,9 +27,11 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
-from datagen.config import TeacherConfig
 from datagen.errors import TeacherError
 from datagen.teachers.base import BackendCounters, Completion, Request, ResultCallback
+
+if TYPE_CHECKING:  # a type hint only: the teacher module imports this one
+    from datagen.teachers.teacher import TeacherConfig
 
 OPENAI_URL = "https://api.openai.com/v1"
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}

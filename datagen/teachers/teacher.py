@@ -4,8 +4,7 @@ Generators only ever call `Teacher.complete(conversations, params)`; it answers 
 the cache what it can, sends the rest to the backend in one batch, stores each reply
 the moment it arrives, and counts requests, hits, retries, tokens, cost and failures.
 
-    from datagen.config import TeacherConfig
-    from datagen.teachers import make_teacher
+    from datagen.teachers import TeacherConfig, make_teacher
     with make_teacher(TeacherConfig(backend="local")) as teacher:
         [[reply]] = teacher.complete([[{"role": "user", "content": "Hi"}]])
 """
@@ -16,12 +15,73 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from datagen.config import SamplingParams, TeacherConfig
+from pydantic import Field
+
+from datagen.config import DEFAULT_MODEL, SamplingParams, Strict
 from datagen.errors import TeacherError
 from datagen.teachers.base import Backend, Completion, Message, Request
 from datagen.teachers.cache import RequestCache, request_key
+from datagen.teachers.local import LocalBackend
+from datagen.teachers.openai_api import OpenAIBackend
+from datagen.teachers.vllm_engine import VLLMBackend
+
+# The backends by name: `teacher.backend` and `--backend` accept exactly these. A backend
+# module imports nothing heavy at module level (torch, vllm, openai load in __init__).
+BACKENDS: dict[str, Callable[[TeacherConfig], Backend]] = {
+    "local": LocalBackend,
+    "openai": OpenAIBackend,
+    "vllm": VLLMBackend,
+}
+
+BackendName = Literal[tuple(BACKENDS)]  # type: ignore[valid-type]
+
+
+class PriceTable(Strict):
+    """Prices in currency units per million tokens; turns usage into cost."""
+
+    input_per_million: float = Field(ge=0.0)
+    output_per_million: float = Field(ge=0.0)
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (
+            prompt_tokens * self.input_per_million + completion_tokens * self.output_per_million
+        ) / 1_000_000
+
+
+class TeacherConfig(Strict):
+    """Which teacher answers, how it is called, and where its replies are cached."""
+
+    backend: BackendName = "local"
+    model: str = DEFAULT_MODEL
+    sampling: SamplingParams = SamplingParams()
+
+    # local (transformers)
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    batch_size: int = Field(16, ge=1)
+
+    # openai (any OpenAI-compatible server)
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    max_concurrency: int = Field(32, ge=1)
+    requests_per_minute: float | None = Field(None, gt=0)
+    tokens_per_minute: float | None = Field(None, gt=0)
+    timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(6, ge=0)
+    backoff_base_s: float = Field(1.0, ge=0)
+    backoff_max_s: float = Field(60.0, ge=0)
+    prices: PriceTable | None = None
+
+    # vllm (offline engine); e.g. {"tensor_parallel_size": 2, "max_model_len": 4096}
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+
+    # request cache: "use" reads and writes, "off" bypasses, "only" replays offline
+    cache: Literal["use", "off", "only"] = "use"
+    cache_dir: str | None = None
+
+
 
 
 def default_cache_dir() -> Path:
@@ -152,19 +212,7 @@ def _single_sample(params: SamplingParams, sample: int) -> SamplingParams:
 
 def make_backend(config: TeacherConfig) -> Backend:
     """The backend named by `config.backend`; its heavy imports happen here, not before."""
-    if config.backend == "local":
-        from datagen.teachers.local import LocalBackend
-
-        return LocalBackend(config)
-    if config.backend == "openai":
-        from datagen.teachers.openai_api import OpenAIBackend
-
-        return OpenAIBackend(config)
-    if config.backend == "vllm":
-        from datagen.teachers.vllm_engine import VLLMBackend
-
-        return VLLMBackend(config)
-    raise TeacherError(f"unknown backend {config.backend!r} (choose local, openai or vllm)")
+    return BACKENDS[config.backend](config)
 
 
 def make_teacher(config: TeacherConfig) -> Teacher:

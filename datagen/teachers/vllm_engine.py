@@ -11,13 +11,17 @@ processes); the `datagen` command has one.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import os
 from collections.abc import Sequence
 
-from datagen.config import TeacherConfig
 from datagen.errors import TeacherError
 from datagen.models import resolve_model
 from datagen.teachers.base import BackendCounters, Completion, Request, ResultCallback
+
+if TYPE_CHECKING:  # a type hint only: the teacher module imports this one
+    from datagen.teachers.teacher import TeacherConfig
 
 # GiB of KV cache on CPU; vLLM's own default is far more than a small model needs.
 DEFAULT_CPU_KV_CACHE_GIB = "2"

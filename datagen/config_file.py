@@ -1,0 +1,47 @@
+"""The whole config file: one section per stage, each a strict pydantic model owned by
+the module that runs that stage.
+
+    teacher:  datagen.teachers.TeacherConfig  (backend, model, sampling, limits, cache)
+    generate: datagen.generate.GenerateConfig (method, seeds, num, per-method sections)
+    filter:   datagen.filtering.FilterConfig  (passes and their settings)
+    export:   datagen.export.ExportConfig     (splits, languages, Natural-Instructions fields)
+    finetune: datagen.finetune.sft.FinetuneConfig      (LoRA / QLoRA SFT)
+    eval:     datagen.finetune.evaluate.EvalConfig     (base vs tuned on held-out tasks)
+    distill:  datagen.distill.DistillConfig   (workdir and extra export formats)
+
+    config = load_config("run.yaml", {"teacher.model": ("--model", "gpt-4o-mini")})
+
+The building blocks (strict base model, YAML reading, dotted overrides) are in
+`datagen.config`; this module only assembles the sections.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from datagen.config import Strict, read_yaml, validate_config
+from datagen.distill import DistillConfig
+from datagen.export import ExportConfig
+from datagen.filtering import FilterConfig
+from datagen.generate import GenerateConfig
+from datagen.finetune.evaluate import EvalConfig
+from datagen.finetune.sft import FinetuneConfig
+from datagen.teachers import TeacherConfig
+
+
+class Config(Strict):
+    teacher: TeacherConfig = TeacherConfig()
+    generate: GenerateConfig = GenerateConfig()
+    filter: FilterConfig = FilterConfig()
+    export: ExportConfig = ExportConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    eval: EvalConfig = EvalConfig()
+    distill: DistillConfig = DistillConfig()
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, tuple[str, Any]] | None = None) -> Config:
+    """Load the config file at `path` (defaults when None), apply CLI `overrides`
+    (dotted path -> (flag, value)), and validate the whole of it."""
+    data = read_yaml(path) if path else {}
+    return validate_config(Config, data, str(path) if path else "config", overrides)

@@ -1,0 +1,65 @@
+"""Adding a filter pass the way the README's "Extending" section says: a function with the
+pass signature, one registry entry; the runner, the config and the CLI pick it up with no
+other change."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+
+from datagen import filtering
+from datagen.config_file import load_config
+from datagen.errors import ConfigError
+from datagen.filters.base import FilterPass, PassContext, PassResult, Rejection
+from datagen.io import read_records, rejects_path, stats_path
+from datagen.records import Reject, Task
+from tests.helpers import make_task, write_tasks
+
+
+MIN_WORDS = 6
+
+
+def short_instruction_pass(tasks: Sequence[Task], context: PassContext) -> PassResult:
+    """The toy pass: drop tasks whose instruction has fewer than MIN_WORDS words."""
+    kept, rejected = [], []
+    for task in tasks:
+        if len(task.instruction.split()) < MIN_WORDS:
+            rejected.append(Rejection(task, "instruction too short"))
+        else:
+            kept.append(task)
+    context.report["min_words"] = MIN_WORDS
+    return kept, rejected
+
+
+def test_a_registered_pass_runs_through_the_runner_config_and_stats(tmp_path, monkeypatch):
+    # the one registry line (a pass with settings also names its section and model there)
+    monkeypatch.setitem(filtering.PASSES, "short-instruction", FilterPass(short_instruction_pass))
+    source = write_tasks(tmp_path / "raw.jsonl", [
+        make_task("a", "Sort the list of numbers in ascending order."),
+        make_task("b", "Sort these numbers, smallest first."),
+    ])
+    config = load_config(None, {"filter.passes": ("--passes", ["heuristics", "short-instruction"])})
+    kept_path = tmp_path / "kept.jsonl"
+    stats = filtering.run_filter(config, source, kept_path, rejects_path(kept_path), "test")
+
+    assert [task.id for task in read_records(kept_path, Task)] == ["a"]
+    [reject] = read_records(rejects_path(kept_path), Reject)
+    assert (reject.stage, reject.reason, reject.task.id) == ("short-instruction", "instruction too short", "b")
+    entry = stats["passes"][-1]
+    assert (entry["pass"], entry["in"], entry["out"], entry["reasons"], entry["min_words"]) == (
+        "short-instruction", 2, 1, {"instruction too short": 1}, 6)
+    assert stats_path(kept_path).exists()
+
+
+def test_an_unregistered_pass_name_lists_the_registered_ones():
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, {"filter.passes": ("--passes", ["heuristics", "short-instruction"])})
+    message = str(caught.value)
+    assert message.startswith("--passes: Input should be 'heuristics'")
+    assert all(repr(name) in message for name in filtering.PASSES)
+
+
+def test_every_pass_section_is_a_config_key():
+    sections = {entry.section for entry in filtering.PASSES.values() if entry.section}
+    assert sections <= set(filtering.FilterConfig.model_fields)
