@@ -19,7 +19,7 @@ from pydantic import Field
 
 from datagen.config import Strict, TeacherConfig
 from datagen.distill import DistillConfig
-from datagen.export import ExportConfig
+from datagen.export.config import ExportConfig
 from datagen.filtering import FilterConfig
 from datagen.finetune.evaluate import EvalConfig
 from datagen.finetune.sft import FinetuneConfig

@@ -12,7 +12,7 @@ the run files beside the input:
 A run file that is missing is named as missing; no number is made up. Plots are PNGs drawn
 with matplotlib's Agg renderer (no display, no pyplot global state).
 
-    from datagen.card import card_facts, card_markdown
+    from datagen.export.card import card_facts, card_markdown
     facts = card_facts(splits, generation=summary, filter_stats=stats, ...)
     text = card_markdown(facts, plots={"lengths": "card/lengths.png"})
 """
