@@ -35,7 +35,7 @@ from datagen.export import (
 )
 from datagen.filtering import run_filter
 from datagen.io import rejects_path
-from datagen.generators.orca import GENERIC_SYSTEM
+from datagen.chat import GENERIC_SYSTEM
 from datagen.io import read_tasks, write_jsonl_atomic
 from datagen.records import Instance, Lineage, Reject, Task
 from tests.conftest import run_cli
@@ -187,7 +187,10 @@ def test_chat_examples_keep_the_orca_system_message_or_erase_it():
     assert second["messages"][-1]["content"] == "France's capital is Paris.\n\nFinal answer: Paris"
     [_, erased] = chat_examples([plain, orca], prompt_erasure=True)
     assert erased["messages"][0] == {"role": "system", "content": GENERIC_SYSTEM}
-    assert prompt_completion_examples([orca])[0]["prompt"].startswith("Think the task through step by step.\n\n")
+    [pair] = prompt_completion_examples([orca])  # the prompt is the user turn; the system message beside it
+    assert pair["prompt"] == "Name the capital of the country.\n\nInput:\nFrance"
+    assert pair["system"] == "Think the task through step by step."
+    assert prompt_completion_examples([plain])[0]["system"] is None
 
 
 def test_prompt_erasure_flag_reaches_the_exported_file(tmp_path):
@@ -207,7 +210,8 @@ def test_ni_task_file_shape():
     assert list(data) == ["Contributors", "Source", "URL", "Categories", "Reasoning", "Definition", "Input_language",
                           "Output_language", "Instruction_language", "Domains", "Positive Examples",
                           "Negative Examples", "Instances", "Instance License"]
-    assert data["Definition"] == [task.instruction] and data["Categories"] == ["Classification"]
+    assert data["Definition"] == [task.instruction] and data["Categories"] == ["Text Categorization"]
+    assert data["Domains"] == ["Miscellaneous"] and data["Reasoning"] == []
     assert data["Input_language"] == data["Output_language"] == data["Instruction_language"] == ["English"]
     assert [e["input"] for e in data["Positive Examples"]] == ["The number is 0.", "The number is 1."]
     assert len(data["Instances"]) == 28
@@ -266,6 +270,9 @@ def test_a_repeated_input_is_not_a_negative_example():
     (lambda d: d.update(Input_language=["French"]), "definition language"),
     (lambda d: d.update(Output_language=["Elvish"]), "language names"),
     (lambda d: d.update(Categories=["Poetry"]), "categories"),
+    (lambda d: d.update(Categories=["Classification"]), "categories"),  # in the old hierarchy only
+    (lambda d: d.update(Domains=["Elves"]), "domains"),
+    (lambda d: d.update(Reasoning=["Guessing"]), "reasoning"),
     (lambda d: d.update(input_language=["English"]), "required keys"),
 ])
 def test_each_upstream_rule_is_named(break_it, rule):
@@ -286,7 +293,9 @@ def test_strict_exports_the_conforming_task_and_names_the_rules_the_others_break
     short = even_odd_task("short", n=10, name="short_task", instruction="Say whether this number is even or odd.")
     skewed = even_odd_task("skewed", name="skewed_task", instruction="Classify the number as even or odd, please.",
                            instances=[Instance(input=f"n = {k}", output="Even" if k < 29 else "Odd") for k in range(30)])
-    no_negative = even_odd_task("lonely", name="no_rejects", instruction="Is the number odd or even?")
+    # not a classification task, so no other label stands in for a rejected output
+    no_negative = even_odd_task("lonely", name="no_rejects", instruction="Is the number odd or even?",
+                                is_classification=False)
     source = write_tasks(tmp_path / "raw.jsonl", [good, short, skewed, no_negative],
                          [odd_reject(t) for t in (good, short, skewed)])
     out = tmp_path / "ni"
@@ -297,6 +306,8 @@ def test_strict_exports_the_conforming_task_and_names_the_rules_the_others_break
     assert "task002_short_task (short) not exported:\n    instance count: 8 instances" in result.stderr
     assert "task003_skewed_task (skewed) not exported:\n    label balance: normalised entropy 0.22" in result.stderr
     assert "task004_no_rejects (lonely) not exported:\n    negative examples: no negative example" in result.stderr
+    assert ("task004_no_rejects (lonely): no negative example: no rejected output to show, and teacher negatives "
+            "are off") in result.stderr
     assert "--strict: 1 of 4 tasks pass" in result.stderr
     data = json.loads((out / "tasks" / "task001_even_or_odd.json").read_text())
     assert data["Negative Examples"] == [{"input": "The number is 7.", "output": "Even",

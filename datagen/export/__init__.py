@@ -39,15 +39,9 @@ The package, one module per piece:
 | `run` | `run_export` and `format_export_summary` |
 """
 
+from datagen.chat import instance_messages
 from datagen.export.config import ExportConfig
-from datagen.export.formats import (
-    SPLITS,
-    alpaca_examples,
-    chat_examples,
-    instance_messages,
-    prompt_completion_examples,
-    split_by_task,
-)
+from datagen.export.formats import SPLITS, alpaca_examples, chat_examples, prompt_completion_examples, split_by_task
 from datagen.export.hf import hf_features, hf_rows, tasks_from_rows
 from datagen.export.languages import detect_language, iso_language_names
 from datagen.export.natural_instructions import ni_task, validate_ni_task

@@ -202,7 +202,13 @@ def card_markdown(facts: dict[str, Any], plots: dict[str, str], front_matter: st
     if "negatives" in export:
         negatives = export["negatives"]
         lines += ["", f"Negative examples: {negatives['from_rejects']} tasks from rejected outputs, "
+                  f"{negatives['from_labels']} from another label of the task, "
                   f"{negatives['from_teacher']} from the teacher, {negatives['without']} without."]
+        lines += [f"- `{m['name']}`: no negative example: {m['reason']}" for m in export.get("negatives_missing", [])]
+    if "categories" in export:
+        lines += ["", "Natural-Instructions categories: " + ", ".join(
+            f"`{name}` {count}" for name, count in export["categories"].items()) + " (from " + ", ".join(
+            f"{source} {count}" for source, count in export["category_sources"].items()) + ")."]
 
     lines += ["", "## How it was made", ""]
     for title, counts in facts["breakdown"].items():

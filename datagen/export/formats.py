@@ -2,6 +2,11 @@
 `{instruction, input, output}` and `{prompt, completion}` rows, and the files they are
 written to (`train`/`validation`/`test`).
 
+Every view is made from `datagen.chat.instance_messages`, so the student sees one user
+turn for an instance whichever format it is trained from: the messages' user turn, the
+prompt-completion `prompt`, and `datagen.chat.user_turn(instruction, input)` of an Alpaca
+row (Alpaca rows keep the instruction and input apart, as data; the trainer joins them).
+
     from datagen.export.formats import chat_examples, split_by_task
     splits = split_by_task(tasks, validation=0.1, test=0.1, seed=0)
 """
@@ -14,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from datagen.errors import ConfigError
-from datagen.generators.orca import GENERIC_SYSTEM, task_text, training_messages
+from datagen.chat import GENERIC_SYSTEM, instance_messages
 from datagen.io import atomic_write_json, write_jsonl_atomic
-from datagen.records import Instance, Task
-from datagen.teachers.base import Message
+from datagen.records import Task
 
 SPLITS = ("train", "validation", "test")
 
@@ -56,24 +60,6 @@ def split_by_task(
     return splits
 
 
-def is_orca(task: Task) -> bool:
-    return task.system is not None or (task.lineage is not None and task.lineage.generator == "orca")
-
-
-def instance_messages(
-    task: Task, instance: Instance, *, prompt_erasure: bool = False, generic_system: str = GENERIC_SYSTEM
-) -> list[Message]:
-    """The chat training example for one instance: Orca tasks through
-    `orca.training_messages` (system message, explanation, "Final answer:" line, prompt
-    erasure); any other task as the user's task text and the output."""
-    if is_orca(task):
-        return training_messages(task, instance, prompt_erasure, generic_system)
-    return [
-        {"role": "user", "content": task_text(task.instruction, instance.input)},
-        {"role": "assistant", "content": instance.output.strip()},
-    ]
-
-
 def chat_examples(
     tasks: list[Task], *, prompt_erasure: bool = False, generic_system: str = GENERIC_SYSTEM
 ) -> list[dict]:
@@ -91,7 +77,8 @@ def chat_examples(
 
 def alpaca_examples(tasks: list[Task], **chat: Any) -> list[dict]:
     """Alpaca's `{instruction, input, output}`; an Orca output carries its explanation and the
-    "Final answer:" line, as in the chat view (Alpaca has no system message)."""
+    "Final answer:" line, as in the chat view (Alpaca has no system message). The prompt
+    to train on is `datagen.chat.user_turn(instruction, input)`, the messages' user turn."""
     return [
         {"instruction": task.instruction, "input": task.instances[example["instance_index"]].input,
          "output": example["messages"][-1]["content"]}
@@ -101,14 +88,18 @@ def alpaca_examples(tasks: list[Task], **chat: Any) -> list[dict]:
 
 
 def prompt_completion_examples(tasks: list[Task], **chat: Any) -> list[dict]:
-    """`{prompt, completion, task_id, instance_index}`: the system message (if any) and the
-    user turn as the prompt, the assistant turn as the completion."""
+    """`{prompt, completion, system, task_id, instance_index}`: the user turn as the prompt,
+    the assistant turn as the completion, and the system message (None when there is none)
+    beside them, so the prompt is the same user turn as in the messages view."""
     examples = []
     for example in chat_examples(tasks, **chat):
-        *context, answer = example["messages"]
+        messages = example["messages"]
+        system = next((m["content"] for m in messages if m["role"] == "system"), None)
+        user = next(m["content"] for m in messages if m["role"] == "user")
         examples.append({
-            "prompt": "\n\n".join(message["content"] for message in context),
-            "completion": answer["content"],
+            "prompt": user,
+            "completion": messages[-1]["content"],
+            "system": system,
             "task_id": example["task_id"],
             "instance_index": example["instance_index"],
         })

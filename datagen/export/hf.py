@@ -12,7 +12,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from datagen.export.formats import SPLITS, instance_messages
+from datagen.chat import instance_messages
+from datagen.export.formats import SPLITS
 from datagen.io import write_dir_atomic, write_file_atomic
 from datagen.records import Instance, Lineage, Task
 

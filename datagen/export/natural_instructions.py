@@ -1,6 +1,11 @@
 """Natural-Instructions task files (allenai/natural-instructions schema): one JSON file per
-task, `tasks/README.md`, `splits/default/`, and `validate_ni_task`, the upstream
-checker's rules that `--strict` enforces.
+task, `tasks/README.md` (one line per task that begins with the backquoted task name, the
+form upstream's checker parses), `splits/default/` and `splits/xlingual/` (the checker
+reads both; datagen makes no cross-lingual split, so both list the same tasks), and
+`validate_ni_task`, the upstream checker's rules that `--strict` enforces.
+
+Categories, domains and reasoning types are names of upstream's task hierarchy
+(`datagen.export.hierarchy`); the category comes from `datagen.export.categories`.
 
     from datagen.export.natural_instructions import ni_task, validate_ni_task
     data = ni_task(task, 1, ExportConfig())
@@ -13,15 +18,23 @@ import hashlib
 import math
 import re
 from collections import Counter
+from contextlib import ExitStack
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from datagen.export.categories import (
+    SOURCE_OPTION,
+    SOURCE_RULES,
+    SOURCE_TEACHER,
+    rule_category,
+    teacher_categories,
+)
 from datagen.export.config import ExportConfig
 from datagen.export.formats import split_by_task
+from datagen.export.hierarchy import CATEGORIES, DOMAINS, REASONING
 from datagen.export.languages import detect_language, iso_language_names
-from datagen.export.negatives import negatives_from_rejects, teacher_negatives
-from datagen.generators.orca import task_kind
+from datagen.export.negatives import label_negative, negatives_from_rejects, teacher_negatives
 from datagen.io import atomic_write_json, atomic_write_text
 from datagen.records import Reject, Task, takes_input
 
@@ -37,10 +50,8 @@ NI_REQUIRED = (
 )
 NI_LIST_KEYS = ("Definition", "Source", "URL", "Contributors", "Categories", "Reasoning", "Domains",
                 "Input_language", "Output_language", "Instruction_language")
-# The part of upstream's doc/task-hierarchy.md that export emits: categories and domains
-# must be listed there.
-NI_CATEGORIES = frozenset({"Classification", "Translation", "Text Generation"})
-NI_DOMAINS = frozenset({"Miscellaneous"})
+SPLIT_FOLDERS = ("default", "xlingual")
+README_HEAD = "# Tasks\n\nOne line per task file in this folder, by task number.\n\n"
 MIN_INSTANCES, MAX_INSTANCES = 25, 6500  # upstream: more than 25, at most 6,500
 
 _ID_LIKE = re.compile(r"^[a-z_]+-[0-9a-f]{8,}$")
@@ -99,9 +110,12 @@ def ni_instances(task: Task) -> list[tuple[str, list[str], str | None]]:
 
 
 def ni_task(
-    task: Task, number: int, settings: ExportConfig, negatives: Sequence[dict] = ()
+    task: Task, number: int, settings: ExportConfig, negatives: Sequence[dict] = (), category: str | None = None
 ) -> dict[str, Any]:
     """The Natural-Instructions task file for `task` (keys in upstream order).
+
+    The category is `category`, else `settings.category`, else the rule table's; domains
+    and reasoning types are `settings.domains` and `settings.reasoning`.
 
     Up to `settings.positive_examples` merged instances become positive examples (ones with
     an Orca explanation first), always leaving one instance; the rest are the instances,
@@ -130,22 +144,18 @@ def ni_task(
         "Contributors": list(settings.contributors),
         "Source": [source],
         "URL": list(settings.url),
-        "Categories": [ni_category(task)],
-        "Reasoning": [],
+        "Categories": [category or settings.category or rule_category(task)],
+        "Reasoning": list(settings.reasoning),
         "Definition": [task.instruction.strip()],
         "Input_language": [settings.language or (detect_language(inputs) if inputs.strip() else instruction_language)],
         "Output_language": [settings.language or detect_language(outputs)],
         "Instruction_language": [instruction_language],
-        "Domains": ["Miscellaneous"],
+        "Domains": list(settings.domains),
         "Positive Examples": positives,
         "Negative Examples": list(negatives),
         "Instances": instances,
         "Instance License": list(settings.instance_license),
     }
-
-
-def ni_category(task: Task) -> str:
-    return {"translation": "Translation", "classification": "Classification"}.get(task_kind(task), "Text Generation")
 
 
 def validate_ni_task(data: dict[str, Any], name: str) -> list[str]:
@@ -181,11 +191,14 @@ def validate_ni_task(data: dict[str, Any], name: str) -> list[str]:
             if language not in names:
                 fail("language names", f'{key} "{language}" is not an ISO 639 language name')
     for category in data.get("Categories") or []:
-        if category not in NI_CATEGORIES:
+        if category not in CATEGORIES:
             fail("categories", f'"{category}" is not a category of the task hierarchy')
     for domain in data.get("Domains") or []:
-        if domain not in NI_DOMAINS:
+        if domain not in DOMAINS:
             fail("domains", f'"{domain}" is not a domain of the task hierarchy')
+    for reasoning in data.get("Reasoning") or []:
+        if reasoning not in REASONING:
+            fail("reasoning", f'"{reasoning}" is not a reasoning type of the task hierarchy')
 
     instances = data.get("Instances") or []
     if not MIN_INSTANCES < len(instances) <= MAX_INSTANCES:
@@ -238,33 +251,73 @@ def validate_ni_task(data: dict[str, Any], name: str) -> list[str]:
     return problems
 
 
+def readme_text(names: Sequence[str]) -> str:
+    """`tasks/README.md`: a heading, then one line per task name in the given order, each
+    beginning with the backquoted name (upstream reads the task number after "`task")."""
+    return README_HEAD + "".join(f"`{name}`\n" for name in names)
+
+
 def write_natural_instructions(
     config, tasks: list[Task], out_dir: Path, strict: bool, rejects: list[Reject], summary: dict[str, Any],
 ) -> tuple[list[Path], dict[str, list[Task]]]:
     """Write the task files, README and splits; return them and the split of the exported
-    tasks (made after --strict, so train is never emptied by it)."""
+    tasks (made after --strict, so train is never emptied by it). The teacher is started
+    only when a task needs it (a category pick, a negative example)."""
     settings: ExportConfig = config.export
     numbers = {task.id: settings.first_task_number + position for position, task in enumerate(tasks)}
     names = {task.id: ni_task_name(numbers[task.id], task) for task in tasks}
     found = negatives_from_rejects(tasks, rejects, settings.negative_examples)
-    files = {task.id: ni_task(task, numbers[task.id], settings, found.get(task.id, ())) for task in tasks}
+    with ExitStack() as stack:
+        teachers = []
 
-    def other_problems(task: Task) -> list[str]:
-        return [p for p in validate_ni_task(files[task.id], names[task.id]) if not p.startswith("negative examples:")]
+        def teacher():
+            if not teachers:
+                from datagen.teachers.teacher import make_teacher
 
-    # Only tasks that could still be exported are worth a teacher call.
-    wanting = [t for t in tasks if not files[t.id]["Negative Examples"] and not (strict and other_problems(t))]
-    from_teacher = 0
-    if wanting and settings.teacher_negatives:
-        from datagen.teachers.teacher import make_teacher
+                teachers.append(stack.enter_context(make_teacher(config.teacher)))
+            return teachers[0]
 
-        with make_teacher(config.teacher) as teacher:
-            from_teacher = teacher_negatives(wanting, files, teacher.complete, settings.negative_sampling)
-            summary["negative_teacher"] = {"teacher": teacher.name, **teacher.stats.as_dict()}
+        categories, sources = _categories(settings, tasks, teacher)
+        files = {task.id: ni_task(task, numbers[task.id], settings, found.get(task.id, ()), categories[task.id])
+                 for task in tasks}
+        from_labels = 0
+        for task in tasks:
+            if not files[task.id]["Negative Examples"]:
+                negative = label_negative(task, files[task.id])
+                if negative:
+                    files[task.id]["Negative Examples"] = [negative]
+                    from_labels += 1
+
+        def other_problems(task: Task) -> list[str]:
+            return [p for p in validate_ni_task(files[task.id], names[task.id])
+                    if not p.startswith("negative examples:")]
+
+        lacking = [t for t in tasks if not files[t.id]["Negative Examples"]]
+        # Only tasks that could still be exported are worth a teacher call.
+        hopeless = {t.id for t in lacking if strict and other_problems(t)}
+        wanting = [t for t in lacking if t.id not in hopeless]
+        why_none: dict[str, str] = {t.id: "not asked of the teacher: the task breaks other rules" for t in lacking
+                                    if t.id in hopeless}
+        from_teacher = 0
+        if wanting and settings.teacher_negatives:
+            missing = teacher_negatives(wanting, files, teacher().complete, settings.negative_sampling,
+                                        settings.negative_attempts)
+            from_teacher = len(wanting) - len(missing)
+            why_none.update(missing)
+        elif wanting:
+            why_none.update({t.id: "no rejected output to show, and teacher negatives are off" for t in wanting})
+        if teachers:
+            summary["negative_teacher"] = {"teacher": teachers[0].name, **teachers[0].stats.as_dict()}
+    without = [t for t in tasks if not files[t.id]["Negative Examples"]]
+    summary["categories"] = dict(Counter(categories[t.id] for t in tasks).most_common())
+    summary["category_sources"] = dict(Counter(sources.values()).most_common())
     summary["negatives"] = {
-        "from_rejects": len(found), "from_teacher": from_teacher,
-        "without": sum(1 for t in tasks if not files[t.id]["Negative Examples"]),
+        "from_rejects": len(found), "from_labels": from_labels,
+        "from_teacher": from_teacher,
+        "without": len(without),
     }
+    summary["negatives_missing"] = [{"task_id": t.id, "name": names[t.id], "reason": why_none.get(t.id, "")}
+                                    for t in without]
     summary["inputless_left_out"] = sum(inputless_strays(task) for task in tasks)
     failures = []
     for task in tasks:
@@ -282,17 +335,33 @@ def write_natural_instructions(
         path = out_dir / "tasks" / f"{names[task.id]}.json"
         atomic_write_json(path, files[task.id])
         written.append(path)
-    listing = "".join(f"- `{names[task.id]}`\n" for task in sorted(exported, key=lambda t: numbers[t.id]))
     readme = out_dir / "tasks" / "README.md"
-    atomic_write_text(readme, "# Tasks\n\nOne line per task file in this folder, by task number.\n\n" + listing)
+    atomic_write_text(readme, readme_text([names[t.id] for t in sorted(exported, key=lambda t: numbers[t.id])]))
     splits = split_by_task(exported, validation=settings.validation, test=settings.test, seed=settings.seed)
-    split_dir = out_dir / "splits" / "default"
     split_files = {  # upstream has no validation split: those tasks train
         "train_tasks.txt": splits["train"] + splits["validation"],
         "test_tasks.txt": splits["test"],
         "excluded_tasks.txt": [],
     }
-    for file_name, members in split_files.items():
-        atomic_write_text(split_dir / file_name, "".join(f"{names[t.id]}\n" for t in members))
-        written.append(split_dir / file_name)
+    for folder in SPLIT_FOLDERS:
+        for file_name, members in split_files.items():
+            path = out_dir / "splits" / folder / file_name
+            atomic_write_text(path, "".join(f"{names[t.id]}\n" for t in members))
+            written.append(path)
     return written + [readme], splits
+
+
+def _categories(settings: ExportConfig, tasks: Sequence[Task], teacher) -> tuple[dict[str, str], dict[str, str]]:
+    """Task id -> category, and task id -> where it came from (`--category`, the teacher
+    or the rules). `teacher()` starts the teacher; it is called only when one is asked."""
+    if settings.category:
+        return {t.id: settings.category for t in tasks}, {t.id: SOURCE_OPTION for t in tasks}
+    categories = {t.id: rule_category(t) for t in tasks}
+    sources = {t.id: SOURCE_RULES for t in tasks}
+    if settings.category_from_teacher and tasks:
+        examples = {t.id: [{"input": text, "output": outputs[0]} for text, outputs, _e in ni_instances(t)[:2]]
+                    for t in tasks}
+        picked = teacher_categories(tasks, examples, teacher().complete, settings.category_sampling)
+        categories.update(picked)
+        sources.update({task_id: SOURCE_TEACHER for task_id in picked})
+    return categories, sources

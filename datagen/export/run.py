@@ -120,7 +120,14 @@ def format_export_summary(summary: dict[str, Any]) -> str:
     if "negatives" in summary:
         negatives = summary["negatives"]
         lines.append(f"negative examples: {negatives['from_rejects']} tasks from rejects, "
-                     f"{negatives['from_teacher']} from the teacher, {negatives['without']} without")
+                     f"{negatives['from_labels']} from another label, {negatives['from_teacher']} from the teacher, "
+                     f"{negatives['without']} without")
+        lines += [f"  {missing['name']} ({missing['task_id']}): no negative example: {missing['reason']}"
+                  for missing in summary.get("negatives_missing", [])]
+    if "categories" in summary:
+        lines.append("categories: " + ", ".join(f"{name} {count}" for name, count in summary["categories"].items())
+                     + " (from " + ", ".join(f"{source} {count}" for source, count
+                                             in summary["category_sources"].items()) + ")")
     if summary.get("inputless_left_out"):
         lines.append(f"left out {summary['inputless_left_out']} instances without input from tasks whose "
                      "other instances have one (Natural-Instructions instances need an input)")
