@@ -5,18 +5,19 @@ card (`README.md`, see `datagen.export.card`) beside the data:
 
 | format | what lands in OUT |
 | --- | --- |
-| `natural-instructions` | `tasks/taskNNN_<name>.json` (allenai/natural-instructions schema), `tasks/README.md`, `splits/default/{train,test,excluded}_tasks.txt` |
+| `natural-instructions` | `tasks/taskNNN_<name>.json` (allenai/natural-instructions schema), `tasks/README.md`, `splits/{default,xlingual}/{train,test,excluded}_tasks.txt` |
 | `alpaca` | `train.json`, `validation.json`, `test.json`: JSON arrays of `{instruction, input, output}` |
 | `messages` | `train.jsonl`, `validation.jsonl`, `test.jsonl`: `{messages, task_id, instance_index}` |
-| `prompt-completion` | `train.jsonl`, `validation.jsonl`, `test.jsonl`: `{prompt, completion, task_id, instance_index}` |
+| `prompt-completion` | `train.jsonl`, `validation.jsonl`, `test.jsonl`: `{prompt, completion, system, task_id, instance_index}` |
 | `hf` | `dataset/` (`DatasetDict.save_to_disk`) and `data/<split>.parquet`, one typed row per instance, lineage as columns |
 
 Splits are by task (`split_by_task`): no task has instances on both sides. Natural-
 Instructions files put each task's first instances (Orca explanations first) into
 `Positive Examples` and take `Negative Examples` from the rejects file beside the input
 (`raw.jsonl` -> `raw.rejects.jsonl`, and through `kept.stats.json` the rejects of the run
-the filter read); a task with none gets one from the teacher (`templates/
-negative_example.jinja`), which is only loaded when some task needs it. `--strict`
+the filter read); a classification task with none shows another of its labels, any other
+task gets one from the teacher (`templates/negative_example.jinja`), which is only loaded
+when some task needs it. Every view's user turn comes from `datagen.chat`. `--strict`
 applies the upstream repository's validation rules (`validate_ni_task`) and exports only
 the tasks that pass, naming the rule each other task breaks.
 
@@ -32,6 +33,7 @@ The package, one module per piece:
 | `config` | `ExportConfig`, the `export:` section |
 | `formats` | `split_by_task` and the chat / Alpaca / prompt-completion views and files |
 | `natural_instructions` | NI task files, `validate_ni_task` (`--strict`), README and splits |
+| `hierarchy`, `categories` | upstream's category / domain / reasoning names; the category of a task |
 | `negatives` | negative examples from rejects and from the teacher |
 | `languages` | ISO 639 names and the language detector |
 | `hf` | the `hf` format's typed rows and `tasks_from_rows` |
