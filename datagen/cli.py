@@ -292,6 +292,9 @@ def export_command(
     teacher_negatives: Annotated[Optional[bool], typer.Option(
         "--teacher-negatives/--no-teacher-negatives",
         help="natural-instructions: ask the teacher for a wrong answer where no reject gives one.")] = None,
+    category: Annotated[Optional[str], typer.Option(
+        "--category", help="natural-instructions: one category of the upstream task hierarchy for every "
+                           "task (default: by rule, or the teacher's pick).")] = None,
     config: ConfigOpt = None,
     backend: BackendOpt = None,
     model: ModelOpt = None,
@@ -309,6 +312,7 @@ def export_command(
         "generate.orca.prompt_erasure": ("--prompt-erasure", prompt_erasure),
         "export.language": ("--language", language),
         "export.teacher_negatives": ("--teacher-negatives", teacher_negatives),
+        "export.category": ("--category", category),
     })
     settings = load_config(config, overrides)
     summary = run_export(settings, source, fmt, out, strict=strict, command_line="datagen " + " ".join(sys.argv[1:]))

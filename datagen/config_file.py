@@ -22,7 +22,7 @@ from typing import Any
 
 from datagen.config import Strict, read_yaml, validate_config
 from datagen.distill import DistillConfig
-from datagen.export import ExportConfig
+from datagen.export.config import ExportConfig
 from datagen.filtering import FilterConfig
 from datagen.generate import GenerateConfig
 from datagen.finetune.evaluate import EvalConfig

@@ -4,9 +4,12 @@
 conversation per example, and names the file and line of a bad one:
 
 - chat JSONL: `{"messages": [{"role": ..., "content": ...}, ...]}`
-- prompt/completion JSONL: `{"prompt": ..., "completion": ...}`
-- Alpaca JSON or JSONL: `{"instruction": ..., "input": ..., "output": ...}`
-- task JSONL (ours, or a Self-Instruct seed file): one example per instance
+- prompt/completion JSONL: `{"prompt": ..., "completion": ...}` (and `"system"` when set)
+- Alpaca JSON or JSONL: `{"instruction": ..., "input": ..., "output": ...}`; the user turn
+  is `datagen.chat.user_turn(instruction, input)`, as in every other format
+- task JSONL (ours, or a Self-Instruct seed file): one example per instance, made by
+  `datagen.chat.instance_messages` (Orca tasks in the Orca shape; `prompt_erasure=True`,
+  i.e. `finetune.prompt_erasure`, trains them on the generic system message)
 - an export folder: its `train.jsonl`
 
 `encode_conversation` renders a conversation with the student's own chat template and
@@ -78,7 +81,7 @@ class EncodedSet:
 # ----------------------------------------------------------------------------- reading
 
 
-def load_conversations(path: str | Path) -> list[Conversation]:
+def load_conversations(path: str | Path, *, prompt_erasure: bool = False) -> list[Conversation]:
     """Every conversation in `path` (see the module docstring for the formats)."""
     path = Path(path)
     if path.is_dir():
@@ -91,7 +94,7 @@ def load_conversations(path: str | Path) -> list[Conversation]:
         rows = [(f"{path}:{number}", row) for number, row in read_jsonl(path)]
     conversations: list[Conversation] = []
     for where, row in rows:
-        conversations.extend(_conversations_from_row(where, row))
+        conversations.extend(_conversations_from_row(where, row, prompt_erasure))
     if not conversations:
         raise InputError(f"{path}: no examples in file (is the split empty?)")
     return conversations
@@ -107,28 +110,34 @@ def _json_array_rows(path: Path, text: str) -> list[tuple[str, dict]]:
     return [(f"{path}[{index}]", row) for index, row in enumerate(value)]
 
 
-def _conversations_from_row(where: str, row: dict[str, Any]) -> list[Conversation]:
+def _conversations_from_row(where: str, row: dict[str, Any], prompt_erasure: bool = False) -> list[Conversation]:
+    from datagen.chat import user_turn
+
     if "messages" in row:
         return [Conversation(_checked_messages(where, row["messages"]), where)]
     if "prompt" in row and "completion" in row:
-        return [_pair(where, _text(where, row, "prompt"), _text(where, row, "completion"))]
+        system = row.get("system")
+        if system is not None and not isinstance(system, str):
+            raise InputError(f'{where}: field "system": expected a string')
+        pair = _pair(where, _text(where, row, "prompt"), _text(where, row, "completion"))
+        return [Conversation(((("system", system),) if system else ()) + pair.messages, where)]
     if "instances" in row:
-        return _task_conversations(where, row)
+        return _task_conversations(where, row, prompt_erasure)
     if "instruction" in row and "output" in row:
-        instruction = _text(where, row, "instruction")
         given = row.get("input") or ""
-        user = f"{instruction}\n\n{given}" if given.strip() else instruction
-        return [_pair(where, user, _text(where, row, "output"))]
+        if not isinstance(given, str):
+            raise InputError(f'{where}: field "input": expected a string')
+        return [_pair(where, user_turn(_text(where, row, "instruction"), given), _text(where, row, "output"))]
     raise InputError(
         f'{where}: not a training example (expected "messages", "prompt"+"completion", '
         '"instruction"+"output" or a task with "instances")'
     )
 
 
-def _task_conversations(where: str, row: dict[str, Any]) -> list[Conversation]:
+def _task_conversations(where: str, row: dict[str, Any], prompt_erasure: bool = False) -> list[Conversation]:
     from pydantic import ValidationError
 
-    from datagen.export import chat_examples
+    from datagen.chat import instance_messages
     from datagen.io import describe_validation_error
     from datagen.records import Task
 
@@ -137,8 +146,9 @@ def _task_conversations(where: str, row: dict[str, Any]) -> list[Conversation]:
     except ValidationError as error:
         raise InputError(f"{where}: {describe_validation_error(error)}") from None
     return [
-        Conversation(_checked_messages(where, example["messages"]), f"{where}#{example['instance_index']}")
-        for example in chat_examples([task])
+        Conversation(_checked_messages(where, instance_messages(task, instance, prompt_erasure=prompt_erasure)),
+                     f"{where}#{index}")
+        for index, instance in enumerate(task.instances)
     ]
 
 

@@ -3,7 +3,9 @@
     datagen eval out/dataset --base smollm2-135m --tuned out/student --out out/eval
 
 On the held-out conversations (an export folder's `test.jsonl`, split by task, so no
-evaluated task was trained on) both models are scored on:
+evaluated task was trained on; or any file `datagen finetune` reads, rendered by the same
+`datagen.chat` functions, so the prompts are the ones the student was trained on) both
+models are scored on:
 
 - mean loss on the teacher's replies (completion tokens only, token-weighted), and its
   perplexity;
@@ -41,6 +43,8 @@ class EvalConfig(Strict):
     judge: bool = False
     judge_sampling: SamplingParams = SamplingParams(temperature=0.0, max_tokens=96)
     samples_in_report: int = Field(3, ge=0)
+    # held-out task JSONL: Orca tasks with the generic system message, as finetune.prompt_erasure
+    prompt_erasure: bool = False
 
 
 def held_out_path(data: str | Path) -> Path:
@@ -150,7 +154,7 @@ def evaluate(
     from datagen.finetune.data import load_conversations
 
     source = held_out_path(data)
-    conversations = load_conversations(source)
+    conversations = load_conversations(source, prompt_erasure=config.prompt_erasure)
     if config.max_examples:
         conversations = conversations[: config.max_examples]
     tuned_model = resolve_student(tuned)

@@ -66,6 +66,9 @@ class FinetuneConfig(Strict):
     max_length_cap: int = Field(2048, ge=16)
     overlong: Literal["drop", "error"] = "drop"
     packing: bool = False
+    # Orca 2 prompt erasure when training on task JSONL: Orca tasks get the generic system
+    # message (datagen.chat.GENERIC_SYSTEM) instead of their own (exports apply it themselves)
+    prompt_erasure: bool = False
     seed: int = 0
     # runtime
     device: str = "auto"
@@ -354,7 +357,7 @@ def train(
     if config.method == "qlora":
         require_qlora_support(device)
     base_path = resolve_model(config.base)
-    conversations = load_conversations(data)
+    conversations = load_conversations(data, prompt_erasure=config.prompt_erasure)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model_limit = _context_length(base_path)

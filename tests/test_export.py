@@ -9,11 +9,13 @@ here, plus tasks built in the test where a rule needs an exact shape.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 
+from datagen.config import SamplingParams
 from datagen.config_file import load_config
 from datagen.errors import ConfigError
 from datagen.export import (
@@ -21,6 +23,7 @@ from datagen.export import (
     ExportConfig,
     chat_examples,
     detect_language,
+    format_export_summary,
     iso_language_names,
     negative_prompt,
     negatives_from_rejects,
@@ -35,9 +38,10 @@ from datagen.export import (
 )
 from datagen.filtering import run_filter
 from datagen.io import rejects_path
-from datagen.generators.orca import GENERIC_SYSTEM
+from datagen.chat import GENERIC_SYSTEM
 from datagen.io import read_tasks, write_jsonl_atomic
 from datagen.records import Instance, Lineage, Reject, Task
+from datagen.teachers.base import BackendCounters, Completion
 from tests.helpers import run_cli
 
 FIXTURE = Path(__file__).parent / "data" / "export"
@@ -187,7 +191,10 @@ def test_chat_examples_keep_the_orca_system_message_or_erase_it():
     assert second["messages"][-1]["content"] == "France's capital is Paris.\n\nFinal answer: Paris"
     [_, erased] = chat_examples([plain, orca], prompt_erasure=True)
     assert erased["messages"][0] == {"role": "system", "content": GENERIC_SYSTEM}
-    assert prompt_completion_examples([orca])[0]["prompt"].startswith("Think the task through step by step.\n\n")
+    [pair] = prompt_completion_examples([orca])  # the prompt is the user turn; the system message beside it
+    assert pair["prompt"] == "Name the capital of the country.\n\nInput:\nFrance"
+    assert pair["system"] == "Think the task through step by step."
+    assert prompt_completion_examples([plain])[0]["system"] is None
 
 
 def test_prompt_erasure_flag_reaches_the_exported_file(tmp_path):
@@ -207,7 +214,8 @@ def test_ni_task_file_shape():
     assert list(data) == ["Contributors", "Source", "URL", "Categories", "Reasoning", "Definition", "Input_language",
                           "Output_language", "Instruction_language", "Domains", "Positive Examples",
                           "Negative Examples", "Instances", "Instance License"]
-    assert data["Definition"] == [task.instruction] and data["Categories"] == ["Classification"]
+    assert data["Definition"] == [task.instruction] and data["Categories"] == ["Text Categorization"]
+    assert data["Domains"] == ["Miscellaneous"] and data["Reasoning"] == []
     assert data["Input_language"] == data["Output_language"] == data["Instruction_language"] == ["English"]
     assert [e["input"] for e in data["Positive Examples"]] == ["The number is 0.", "The number is 1."]
     assert len(data["Instances"]) == 28
@@ -266,6 +274,9 @@ def test_a_repeated_input_is_not_a_negative_example():
     (lambda d: d.update(Input_language=["French"]), "definition language"),
     (lambda d: d.update(Output_language=["Elvish"]), "language names"),
     (lambda d: d.update(Categories=["Poetry"]), "categories"),
+    (lambda d: d.update(Categories=["Classification"]), "categories"),  # in the old hierarchy only
+    (lambda d: d.update(Domains=["Elves"]), "domains"),
+    (lambda d: d.update(Reasoning=["Guessing"]), "reasoning"),
     (lambda d: d.update(input_language=["English"]), "required keys"),
 ])
 def test_each_upstream_rule_is_named(break_it, rule):
@@ -286,7 +297,9 @@ def test_strict_exports_the_conforming_task_and_names_the_rules_the_others_break
     short = even_odd_task("short", n=10, name="short_task", instruction="Say whether this number is even or odd.")
     skewed = even_odd_task("skewed", name="skewed_task", instruction="Classify the number as even or odd, please.",
                            instances=[Instance(input=f"n = {k}", output="Even" if k < 29 else "Odd") for k in range(30)])
-    no_negative = even_odd_task("lonely", name="no_rejects", instruction="Is the number odd or even?")
+    # not a classification task, so no other label stands in for a rejected output
+    no_negative = even_odd_task("lonely", name="no_rejects", instruction="Is the number odd or even?",
+                                is_classification=False)
     source = write_tasks(tmp_path / "raw.jsonl", [good, short, skewed, no_negative],
                          [odd_reject(t) for t in (good, short, skewed)])
     out = tmp_path / "ni"
@@ -297,6 +310,8 @@ def test_strict_exports_the_conforming_task_and_names_the_rules_the_others_break
     assert "task002_short_task (short) not exported:\n    instance count: 8 instances" in result.stderr
     assert "task003_skewed_task (skewed) not exported:\n    label balance: normalised entropy 0.22" in result.stderr
     assert "task004_no_rejects (lonely) not exported:\n    negative examples: no negative example" in result.stderr
+    assert ("task004_no_rejects (lonely): no negative example: no rejected output to show, and teacher negatives "
+            "are off") in result.stderr
     assert "--strict: 1 of 4 tasks pass" in result.stderr
     data = json.loads((out / "tasks" / "task001_even_or_odd.json").read_text())
     assert data["Negative Examples"] == [{"input": "The number is 7.", "output": "Even",
@@ -389,18 +404,22 @@ def test_parse_negative(reply, parsed):
 
 @pytest.mark.slow
 def test_teacher_negatives_on_the_embedded_model(tmp_path):
-    task = even_odd_task()
+    task = even_odd_task(is_classification=False)  # a classification task would take another label instead
     source = write_tasks(tmp_path / "raw.jsonl", [task])
     settings = load_config(None, {"teacher.cache_dir": ("--cache-dir", str(tmp_path / "cache"))})
     summary = run_export(settings, source, "natural-instructions", tmp_path / "ni")
     asked = summary["negative_teacher"]
-    assert asked["teacher"] == "local:smollm2-135m" and asked["requests_sent"] == 1
     negatives = summary["negatives"]
+    assert asked["teacher"] == "local:smollm2-135m"
     assert negatives["from_teacher"] + negatives["without"] == 1
+    # one request, and a second on another example only when the first reply was unusable
+    assert asked["requests_sent"] == (1 if negatives["from_teacher"] else 2)
+    if negatives["without"]:
+        assert summary["negatives_missing"][0]["reason"].startswith("teacher: 2 tries, none usable: ")
     data = json.loads(next((tmp_path / "ni" / "tasks").glob("task001_*.json")).read_text())
     for example in data["Negative Examples"]:
-        assert example["input"] == "The number is 0." and example["output"] and example["explanation"]
-        assert example["output"].casefold() != "even"
+        assert example["input"] in ("The number is 0.", "The number is 1.")
+        assert example["output"] and example["explanation"]
 
 
 # -- languages --------------------------------------------------------------------------------
@@ -495,3 +514,214 @@ def test_repeated_task_id_is_one_error_line(tmp_path):
     result = run_cli("export", str(source), "--format", "hf", "--out", str(tmp_path / "x"))
     assert result.returncode == 1
     assert result.stderr.strip() == f"error: {source}: task id 'same' appears more than once; export needs unique ids"
+
+
+# -- Natural-Instructions as upstream's checker reads it ---------------------------------------
+# (the rules restated here are those of allenai/natural-instructions src/test_all.py with the
+# current doc/task-hierarchy.md; the checker itself is run outside the repository)
+
+
+def sentiment_tasks(count=4, n=30) -> list[Task]:
+    """Conforming sentiment tasks: n distinct inputs, labels positive/negative balanced."""
+    subjects = ["movie", "restaurant", "phone", "hotel", "book", "album"][:count]
+    return [Task(id=f"sentiment-{k}", name=f"{subject}_review_sentiment",
+                 instruction=f"Classify the sentiment of the {subject} review as positive or negative.",
+                 instances=[Instance(input=f"Review {i} of the {subject}: " + ("loved it." if i % 2 else "hated it."),
+                                     output="positive" if i % 2 else "negative") for i in range(n)],
+                 is_classification=True)
+            for k, subject in enumerate(subjects)]
+
+
+def no_teacher(config):
+    raise AssertionError("the teacher was started")
+
+
+def test_conforming_sentiment_tasks_pass_strict_without_any_teacher(tmp_path, monkeypatch):
+    monkeypatch.setattr("datagen.teachers.teacher.make_backend", no_teacher)
+    out = tmp_path / "ni"
+    summary = run_export(config(), write_tasks(tmp_path / "raw.jsonl", sentiment_tasks()), "natural-instructions",
+                         out, strict=True)
+    assert summary["tasks_exported"] == 4 and summary["failures"] == []
+    assert summary["negatives"] == {"from_rejects": 0, "from_labels": 4, "from_teacher": 0, "without": 0}
+    assert "negative_teacher" not in summary
+    data = json.loads((out / "tasks" / "task001_movie_review_sentiment.json").read_text())
+    assert data["Categories"] == ["Sentiment Analysis"]
+    [negative] = data["Negative Examples"]
+    positive = data["Positive Examples"][0]
+    assert negative["input"] == positive["input"] and {negative["output"], positive["output"]} == {"positive",
+                                                                                                   "negative"}
+    assert negative["explanation"] == (f'The correct label is "{positive["output"]}"; "{negative["output"]}" is '
+                                       "another label of this task that does not fit this input.")
+    assert "4 from another label, 0 from the teacher, 0 without" in format_export_summary(summary)
+
+
+def test_readme_lines_and_both_splits_are_in_the_form_upstream_reads(tmp_path):
+    out = tmp_path / "ni"
+    run_export(offline(), write_tasks(tmp_path / "raw.jsonl", sentiment_tasks()), "natural-instructions", out)
+    lines = [line for line in (out / "tasks" / "README.md").read_text().split("\n") if len(line) > 5]
+    listed = [line for line in lines if "`" in line]
+    assert all(line.startswith("`task") and line.endswith("`") for line in listed)
+    numbers = [int(line.replace("`task", "").split("_")[0]) for line in listed]  # upstream's parse
+    assert numbers == [1, 2, 3, 4]
+    names = [line.split("`")[1] for line in listed]
+    assert sorted(f"{name}.json" for name in names) == sorted(p.name for p in (out / "tasks").glob("*.json"))
+    for folder in ("default", "xlingual"):
+        members = [(out / "splits" / folder / f"{part}_tasks.txt").read_text().split()
+                   for part in ("train", "test", "excluded")]
+        assert sorted(sum(members, [])) == sorted(names)
+        assert not set(members[0]) & set(members[1])
+    assert ((out / "splits" / "xlingual" / "test_tasks.txt").read_text()
+            == (out / "splits" / "default" / "test_tasks.txt").read_text())
+
+
+@pytest.mark.parametrize(("fields", "category"), [
+    (dict(instruction="Translate the sentence into French."), "Translation"),
+    (dict(is_classification=True, outputs=["Positive", "Negative", "Neutral"]), "Sentiment Analysis"),
+    (dict(instruction="What is the sentiment of the tweet?"), "Sentiment Analysis"),
+    (dict(is_classification=True, outputs=["Spam", "Not spam"]), "Text Categorization"),
+    (dict(instruction="Summarize the article in one sentence."), "Summarization"),
+    (dict(instruction="Rewrite the sentence in a formal tone."), "Paraphrasing"),
+    (dict(instruction="Suggest a title for the blog post."), "Title Generation"),
+    (dict(instruction="Write a haiku about the sea."), "Poem Generation"),
+    (dict(instruction="Answer the question about the passage."), "Question Answering"),
+    (dict(instruction="Name three colours."), "Misc."),
+])
+def test_rule_categories_come_from_the_hierarchy(fields, category):
+    from datagen.export.categories import CATEGORY_RULES, rule_category
+    from datagen.export.hierarchy import CATEGORIES
+
+    outputs = fields.pop("outputs", ["a", "b"])
+    task = Task(id="t", instruction=fields.pop("instruction", "Label the text."),
+                instances=[Instance(input=f"text {k}", output=outputs[k % len(outputs)]) for k in range(6)], **fields)
+    assert rule_category(task) == category
+    assert category in CATEGORIES and all(name in CATEGORIES for name, _fits, _why in CATEGORY_RULES)
+
+
+def test_the_hierarchy_is_upstreams_current_one():
+    from datagen.export.hierarchy import CATEGORIES, DOMAINS, REASONING
+
+    assert len(CATEGORIES) == len(set(CATEGORIES)) == 76
+    assert {"Question Answering", "Sentiment Analysis", "Text Categorization", "Paraphrasing", "Summarization",
+            "Misc."} <= set(CATEGORIES)
+    assert not {"Classification", "Text Generation"} & set(CATEGORIES)  # the old hierarchy's names
+    assert "Miscellaneous" in DOMAINS and "Reviews -> Movies" in DOMAINS
+    assert "Commonsense Reasoning" in REASONING and "Logical Reasoning -> Reasoning with Symbols" in REASONING
+
+
+def test_category_option_and_hierarchy_fields_are_checked(tmp_path):
+    source = write_tasks(tmp_path / "raw.jsonl", sentiment_tasks(1))
+    result = run_cli("export", str(source), "--format", "natural-instructions", "--out", str(tmp_path / "ni"),
+                     "--category", "Classification")
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: --category: Value error, 'Classification' is not a category of the "
+                                     "Natural-Instructions task hierarchy (e.g. 'Question Answering', "
+                                     "'Sentiment Analysis', 'Misc.')")
+    result = run_cli("export", str(source), "--format", "natural-instructions", "--out", str(tmp_path / "ni"),
+                     "--category", "Text Matching", "--no-teacher-negatives")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(next((tmp_path / "ni" / "tasks").glob("*.json")).read_text())
+    assert data["Categories"] == ["Text Matching"]
+    assert "categories: Text Matching 1 (from --category 1)" in result.stderr
+    with pytest.raises(ConfigError, match="'Elves' is not a domain of the Natural-Instructions task hierarchy"):
+        config(domains=["Elves"])
+    with pytest.raises(ConfigError, match="'Guessing' is not a reasoning type"):
+        config(reasoning=["Guessing"])
+    data = ni_task(even_odd_task(), 1, ExportConfig(domains=["Mathematics"], reasoning=["Reasoning on Numbers"]))
+    assert (data["Domains"], data["Reasoning"]) == (["Mathematics"], ["Reasoning on Numbers"])
+
+
+@pytest.mark.parametrize(("reply", "category"), [
+    ("Sentiment Analysis", "Sentiment Analysis"),
+    ("**sentiment analysis**", "Sentiment Analysis"),
+    ("Category: `Misc`\nbecause nothing else fits", "Misc."),
+    ("- Question Answering.", "Question Answering"),
+    ("Classification", None),  # not a name of the current hierarchy
+    ("I think it is Sentiment Analysis.", None),
+    ("", None),
+])
+def test_parse_category_accepts_only_listed_names(reply, category):
+    from datagen.export.categories import parse_category
+
+    assert parse_category(reply) == category
+
+
+def test_teacher_category_pick_falls_back_to_the_rules(tmp_path):
+    from datagen.export.categories import category_prompt, teacher_categories
+    from datagen.export.hierarchy import CATEGORIES
+    from datagen.teachers.base import Completion
+
+    tasks = sentiment_tasks(2)
+    replies = {"movie": "Text Matching", "restaurant": "Movie Reviews"}
+    asked = []
+
+    def complete(conversations, params):
+        asked.extend(conversations)
+        return [[Completion(next(r for k, r in replies.items() if k in c[0]["content"]), "stop")]
+                for c in conversations]
+
+    picked = teacher_categories(tasks, {t.id: [{"input": "Great film.", "output": "positive"}] for t in tasks},
+                                complete, SamplingParams(temperature=0.0))
+    assert picked == {"sentiment-0": "Text Matching"}  # "Movie Reviews" is not a category: the rules decide
+    [prompt] = category_prompt(tasks[0], [{"input": "Great film.", "output": "positive"}])
+    assert prompt["content"].startswith("Choose the category of a task from a fixed list.")
+    assert all(f"\n- {name}\n" in prompt["content"] for name in CATEGORIES)
+    assert prompt["content"].endswith("Task: Classify the sentiment of the movie review as positive or negative.\n"
+                                      "Example input: Great film.\nExample output: positive\nCategory:")
+
+
+def shown_input(request) -> str:
+    """The input a negative-example prompt asks about (the last "Input:" line; the first is
+    the template's own example)."""
+    return re.findall(r"\nInput: (.*)\n", request.messages[-1][1])[-1]
+
+
+class ScriptedNegatives:
+    """A backend that answers the negative-example prompt from a script keyed by the input
+    shown (and the try's seed); what it is for is the unusable replies."""
+
+    name, model = "scripted", "negatives"
+
+    def __init__(self, script):
+        self.script = script
+        self.counters = BackendCounters()
+        self.requests = []
+
+    def generate(self, requests, on_result):
+        for index, request in enumerate(requests):
+            self.requests.append(request)
+            shown = shown_input(request)
+            on_result(index, Completion(self.script.get(shown, "I am not sure what you mean."), "stop", 10, 5))
+
+    def close(self):
+        pass
+
+
+def test_teacher_negatives_retry_a_different_sample_and_say_why_none_was_usable(tmp_path, monkeypatch):
+    first = even_odd_task("first", name="first_task", instruction="Describe the number in words.",
+                          is_classification=False)
+    second = even_odd_task("second", name="second_task", instruction="Describe the given number in words.",
+                           is_classification=False)
+    backend = ScriptedNegatives({
+        "The number is 1.": "Wrong answer: Even\nWhy it is wrong: 1 is odd.",   # first task, second try
+        "The number is 0.": "Wrong answer: even",                                 # the correct answer again
+    })
+    monkeypatch.setattr("datagen.teachers.teacher.make_backend", lambda config: backend)
+    settings = load_config(None, {"teacher.cache_dir": ("--cache-dir", str(tmp_path / "cache"))})
+    source = write_tasks(tmp_path / "raw.jsonl", [first, second])
+    summary = run_export(settings, source, "natural-instructions", tmp_path / "ni")
+    # try 1 shows the first positive example to both tasks; try 2 the second one, with the next seed
+    shown = [(shown_input(r), r.params.seed) for r in backend.requests]
+    assert shown == [("The number is 0.", 0), ("The number is 0.", 0), ("The number is 1.", 1),
+                     ("The number is 1.", 1)]
+    assert summary["negatives"] == {"from_rejects": 0, "from_labels": 0, "from_teacher": 2, "without": 0}
+    data = json.loads((tmp_path / "ni" / "tasks" / "task001_first_task.json").read_text())
+    assert data["Negative Examples"] == [{"input": "The number is 1.", "output": "Even",
+                                          "explanation": "1 is odd."}]
+
+    backend.script = {"The number is 0.": "Wrong answer: even"}
+    fresh = load_config(None, {"teacher.cache_dir": ("--cache-dir", str(tmp_path / "cache2"))})  # no replay
+    summary = run_export(fresh, source, "natural-instructions", tmp_path / "ni2")
+    assert summary["negatives"]["without"] == 2
+    reason = ('teacher: 2 tries, none usable: gave the correct answer as the wrong one; no "Wrong answer:" line')
+    assert summary["negatives_missing"][0] == {"task_id": "first", "name": "task001_first_task", "reason": reason}
+    assert f"  task001_first_task (first): no negative example: {reason}" in format_export_summary(summary)

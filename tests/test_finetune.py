@@ -132,7 +132,7 @@ def test_every_training_format_loads(tmp_path):
     assert len(load_conversations(chat)) == 2
     assert load_conversations(pairs)[0].messages == (("user", "Say hi."), ("assistant", "Hi!"))
     loaded = load_conversations(alpaca)
-    assert loaded[0].messages == (("user", "Translate to French.\n\ncat"), ("assistant", "chat"))
+    assert loaded[0].messages == (("user", "Translate to French.\n\nInput:\ncat"), ("assistant", "chat"))
     assert loaded[1].messages == (("user", "Say hi."), ("assistant", "Hi!"))
     from_tasks = load_conversations(tasks)
     assert [c.messages[-1] for c in from_tasks] == [("assistant", "no"), ("assistant", "down")]

@@ -35,10 +35,12 @@ The method, per input task, in input order:
    whose every instance failed is rejected as "no instance answered"; each failed instance
    is rejected on its own, with the teacher's raw text.
 
-Orca 2's *prompt erasure* is an export-time choice: `training_messages(task, instance,
-prompt_erasure=True)` builds the chat training example with the detailed system message
-replaced by a generic one (`OrcaConfig.generic_system`), so the student learns to pick
-the strategy itself instead of being told it.
+Orca 2's *prompt erasure* is a training-time choice: the training messages come from
+`datagen.chat` (`training_messages` here is `datagen.chat.orca_messages`), which with
+`prompt_erasure=True` replaces the detailed system message by a generic one
+(`OrcaConfig.generic_system`), so the student learns to pick the strategy itself instead
+of being told it. Export applies it (`--prompt-erasure`), and so does `datagen finetune`
+on an Orca task file (`finetune.prompt_erasure`).
 
 Resume is replay: every choice is deterministic (system message per (seed, task id), one
 fixed sampling seed), so a rerun skips input tasks whose output id is already in OUT,
@@ -64,6 +66,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from datagen.chat import FINAL_ANSWER, GENERIC_SYSTEM, user_turn
+from datagen.chat import orca_messages as training_messages  # noqa: F401  (the Orca name for it)
 from datagen.config import SamplingParams, Strict
 from datagen.generators.common import TaskSink, lineage, stable_id
 from datagen.io import rejects_path
@@ -74,15 +78,9 @@ from datagen.teachers.teacher import Teacher
 
 ANSWER = "orca_answer.jinja"
 STAGE = "orca"
-FINAL_ANSWER = "Final answer:"
 
 TaskKind = Literal["open", "classification", "translation"]
 ALL_KINDS: frozenset[str] = frozenset({"open", "classification", "translation"})
-
-GENERIC_SYSTEM = (
-    "You are a careful, helpful assistant. Decide for yourself how best to approach each task, "
-    "reason it through, and then give your answer."
-)
 
 
 @dataclass(frozen=True)
@@ -268,17 +266,10 @@ def choose_system_message(
     return rng.choices(candidates, weights=[weights.get(m.id, 1.0) for m in candidates])[0]
 
 
-def task_text(instruction: str, instance_input: str) -> str:
-    """The task as the user states it: the instruction, then the input if there is one."""
-    instruction = instruction.strip()
-    instance_input = instance_input.strip()
-    return f"{instruction}\n\nInput:\n{instance_input}" if instance_input else instruction
-
-
 def answer_messages(instruction: str, instance_input: str, is_classification: bool, system: str) -> list[Message]:
     """What the teacher is sent: the system message, then the task and the answer format."""
     user = load_template(ANSWER).render(
-        task=task_text(instruction, instance_input), is_classification=is_classification
+        task=user_turn(instruction, instance_input), is_classification=is_classification
     )
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
@@ -348,29 +339,6 @@ def _label_key(label: str) -> str:
 def matching_label(answer: str, original: str) -> str | None:
     """The original label when `answer` is the same label (case and final '.' aside), else None."""
     return original.strip() if _label_key(answer) == _label_key(original) else None
-
-
-def training_messages(
-    task: Task, instance: Instance, prompt_erasure: bool = False, generic_system: str = GENERIC_SYSTEM
-) -> list[Message]:
-    """The chat training example for one answered instance.
-
-    system: the task's system message, or `generic_system` with prompt erasure (Orca 2: the
-    student sees the task and the teacher's reasoning, never the instruction that asked for
-    that reasoning); left out when the task has none and erasure is off. user: the task
-    (instruction and input). assistant: the explanation, then the "Final answer:" line, so
-    the student learns to end its answers the same parseable way.
-    """
-    messages: list[Message] = []
-    system = generic_system if prompt_erasure else task.system
-    if system:
-        messages.append({"role": "system", "content": system})
-    messages.append({"role": "user", "content": task_text(task.instruction, instance.input)})
-    answer = f"{FINAL_ANSWER} {instance.output.strip()}"
-    if instance.explanation:
-        answer = f"{instance.explanation.strip()}\n\n{answer}"
-    messages.append({"role": "assistant", "content": answer})
-    return messages
 
 
 def instances_to_answer(task: Task, limit: int) -> list[Instance]:

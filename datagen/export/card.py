@@ -12,7 +12,7 @@ the run files beside the input:
 A run file that is missing is named as missing; no number is made up. Plots are PNGs drawn
 with matplotlib's Agg renderer (no display, no pyplot global state).
 
-    from datagen.card import card_facts, card_markdown
+    from datagen.export.card import card_facts, card_markdown
     facts = card_facts(splits, generation=summary, filter_stats=stats, ...)
     text = card_markdown(facts, plots={"lengths": "card/lengths.png"})
 """
@@ -202,7 +202,13 @@ def card_markdown(facts: dict[str, Any], plots: dict[str, str], front_matter: st
     if "negatives" in export:
         negatives = export["negatives"]
         lines += ["", f"Negative examples: {negatives['from_rejects']} tasks from rejected outputs, "
+                  f"{negatives['from_labels']} from another label of the task, "
                   f"{negatives['from_teacher']} from the teacher, {negatives['without']} without."]
+        lines += [f"- `{m['name']}`: no negative example: {m['reason']}" for m in export.get("negatives_missing", [])]
+    if "categories" in export:
+        lines += ["", "Natural-Instructions categories: " + ", ".join(
+            f"`{name}` {count}" for name, count in export["categories"].items()) + " (from " + ", ".join(
+            f"{source} {count}" for source, count in export["category_sources"].items()) + ")."]
 
     lines += ["", "## How it was made", ""]
     for title, counts in facts["breakdown"].items():
