@@ -27,8 +27,8 @@ Rows, all scored the same way:
   ROUGE-L F1 > 0.7 and weighted Jaccard >= 0.5, exactly, decide; star clustering), and
   three variants: union-find clusters, the MinHash estimate deciding, unweighted word sets.
 - naive: the textbook datasketch loop with the same shingles (IDF-weighted distinct words),
-  threshold and num_perm: a `MinHash()` per task, `update(element.encode())` per element
-  (default sha1 hashfunc), `MinHashLSH.insert` per task, `lsh.query` per task, then the
+  threshold, num_perm and MinHash scheme: a `MinHash(scheme=MINHASH_SCHEME)` per task,
+  `update(element.encode())` per element (default sha1 hashfunc), `MinHashLSH.insert` per task, `lsh.query` per task, then the
   same exact tests, clustering and keep rule as ours.
 - LSH stage only: our numpy banding against the same signatures inserted into a datasketch
   `MinHashLSH` with `insertion_session` (LeanMinHash) and its buckets read back; the two
@@ -64,6 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from datasketch import LeanMinHash, MinHash, MinHashLSH  # noqa: E402
 
 from datagen.filters.dedup import (  # noqa: E402
+    MINHASH_SCHEME,
     DedupConfig,
     candidate_pairs,
     idf_weights,
@@ -361,7 +362,7 @@ def naive(tasks: Sequence[Task], config: DedupConfig) -> tuple[Removals, str, di
     lsh = MinHashLSH(threshold=config.threshold, num_perm=config.num_perm, weights=config.weights)
     minhashes = []
     for position, shingles in enumerate(sets):
-        minhash = MinHash(num_perm=config.num_perm, seed=config.seed)
+        minhash = MinHash(num_perm=config.num_perm, seed=config.seed, scheme=MINHASH_SCHEME)
         for shingle in shingles:
             for copy in range(weight[shingle]):  # weight w = w distinct elements, as in ours
                 minhash.update(f"{shingle}#{copy}".encode("utf-8"))
@@ -446,7 +447,7 @@ def lsh_stage_datasketch(signatures: np.ndarray, b: int, r: int, num_perm: int, 
     lsh = MinHashLSH(num_perm=num_perm, params=(b, r))
     with lsh.insertion_session() as session:
         for row, values in enumerate(signatures):
-            session.insert(row, LeanMinHash(seed=seed, hashvalues=values, scheme="affine32"),
+            session.insert(row, LeanMinHash(seed=seed, hashvalues=values, scheme=MINHASH_SCHEME),
                            check_duplication=False)
     pairs = set()
     for table in lsh.hashtables:
@@ -548,7 +549,8 @@ def main() -> None:
     print(f"near-duplicate removal on {args.n} synthetic tasks (seed {args.seed}, built in "
           f"{time.perf_counter() - start:.1f} s): {min(lengths)}-{max(lengths)} words, {clusters} true "
           f"clusters, {args.n - clusters} removals expected; {os.cpu_count()} CPUs; "
-          f"datasketch {version('datasketch')}, numpy {np.__version__}, rouge-score {version('rouge-score')}")
+          f"datasketch {version('datasketch')} (MinHash scheme {MINHASH_SCHEME}, ours and naive), "
+          f"numpy {np.__version__}, rouge-score {version('rouge-score')}")
     b, r = lsh_bands(config.threshold, config.num_perm, config.weights)
     print(f"config: {config.model_dump()}\nLSH: datasketch chose b={b} bands x r={r} rows "
           f"for threshold {config.threshold}, num_perm {config.num_perm}, weights {config.weights}")

@@ -54,7 +54,12 @@ How `near_dedup` finds them:
    plain MinHash estimates the weighted Jaccard (weighted MinHash by replication). Each
    distinct shingle is hashed once (blake2b: stable across runs, unlike `hash()`), and each
    text's ints go through datasketch's batch path, `MinHash.update_batch` [`num_perm=128`,
-   `seed=1`, affine32] with `hashfunc=int`: no sha1 and no Python `update` call per token.
+   `seed=1`] with `hashfunc=int`: no sha1 and no Python `update` call per token. The
+   permutation scheme is pinned to `MINHASH_SCHEME` ("affine32") and passed explicitly:
+   datasketch 2.0 made affine32 its default where 1.x only had "legacy", so leaving it to
+   the default would make the same data dedup differently by datasketch version. Where the
+   installed datasketch predates `scheme=` (1.x), `affine32_signature` computes the same
+   values in numpy (tests check it bit for bit against datasketch 2.x).
 3. LSH: datasketch's `MinHashLSH` optimizer picks bands x rows for `threshold` and `weights`
    [(0.5, 0.5)]: 25 bands of 5 rows, which proposes a pair at weighted Jaccard 0.5 with
    probability 0.55, 0.6 with 0.87, 0.7 with 0.99, 0.2 with 0.008. Texts that agree on all
@@ -92,6 +97,7 @@ all-pairs ROUGE-L reference.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 import re
 import time
@@ -99,6 +105,9 @@ import unicodedata
 from collections import Counter
 from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cache
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 from itertools import chain
 from typing import Literal
 
@@ -114,13 +123,17 @@ from datagen.rouge import tokenize as ascii_tokenize
 __all__ = [
     "DedupConfig",
     "KeepRule",
+    "MINHASH_SCHEME",
     "NearDedupReport",
+    "affine32_permutations",
+    "affine32_signature",
     "candidate_pairs",
     "dedup",
     "exact_dedup",
     "idf_weights",
     "keep_rank",
     "lsh_bands",
+    "datasketch_version",
     "minhash_elements",
     "minhash_signatures",
     "near_dedup",
@@ -137,6 +150,11 @@ _KEEP_CHAIN: tuple[str, ...] = ("judge_score", "most_instances", "longest_output
 
 _MASK32 = 0xFFFF_FFFF
 _MERGE_EVERY = 4_000_000  # pending candidate pairs (32 MB) before they are deduplicated
+
+# datasketch's permutation scheme, pinned: 2.0 changed the default from "legacy" to
+# "affine32". affine32 is bijective on 32-bit hashes (no collisions added by the
+# permutation), stores uint32 and needs no 61-bit modulo; bench/dedup.py's figures use it.
+MINHASH_SCHEME = "affine32"
 
 EXACT_REASON = "exact duplicate"
 NEAR_REASON = "near duplicate"
@@ -252,14 +270,19 @@ class NearDedupReport:
     clusters: int = 0  # kept tasks that have duplicates removed in their favour
     removed: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    # what the signatures depend on beyond the config: the same data, scheme and seed give
+    # the same candidates whatever datasketch computed them
+    minhash_scheme: str = MINHASH_SCHEME
+    datasketch_version: str = field(default_factory=lambda: datasketch_version())
 
     def summary(self) -> str:
-        """One line for logs and the CLI."""
+        """One line for logs, the CLI and stats.json."""
         return (
             f"near dedup: {self.tasks} tasks, {self.removed} removed in {self.clusters} clusters; "
             f"LSH {self.b} bands x {self.r} rows of {self.num_perm}, "
             f"{self.candidate_pairs} candidate pairs, {self.scored_pairs} scored, "
-            f"{self.duplicate_pairs} duplicates, {sum(self.seconds.values()):.2f} s"
+            f"{self.duplicate_pairs} duplicates, {sum(self.seconds.values()):.2f} s; "
+            f"minhash_scheme={self.minhash_scheme} datasketch_version={self.datasketch_version}"
         )
 
 
@@ -400,22 +423,72 @@ def minhash_elements(sets: Iterable[set[Hashable]], weight: dict[Hashable, int])
     return (list(chain.from_iterable(map(elements.__getitem__, shingle_set))) for shingle_set in sets)
 
 
+def datasketch_version() -> str:
+    """The installed datasketch's version ("unknown" when its metadata is missing)."""
+    try:
+        return package_version("datasketch")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+@cache
+def _datasketch_takes_scheme() -> bool:
+    """datasketch 2.x's MinHash takes `scheme=`; 1.x's does not (it only has "legacy")."""
+    return "scheme" in inspect.signature(MinHash.__init__).parameters
+
+
+_FMIX32 = (np.uint32(16), np.uint32(0x85EBCA6B), np.uint32(13), np.uint32(0xC2B2AE35), np.uint32(16))
+
+
+def affine32_permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """datasketch's affine32 parameters: odd a and any b, uint32, from RandomState(seed)."""
+    generator = np.random.RandomState(seed)
+    a = generator.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+    b = generator.randint(0, 1 << 32, num_perm, dtype=np.uint32)
+    return a, b
+
+
+def affine32_signature(values: Sequence[int], a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The affine32 MinHash of 32-bit ints: MurmurHash3's fmix32, then min over a*h + b mod 2^32.
+
+    What datasketch 2.x's `MinHash(scheme="affine32", hashfunc=int).update_batch` computes;
+    used where the installed datasketch (1.x) cannot be asked for that scheme.
+    """
+    if len(values) == 0:
+        return np.full(len(a), np.iinfo(np.uint32).max, dtype=np.uint32)
+    s1, m1, s2, m2, s3 = _FMIX32
+    h = np.asarray(values, dtype=np.uint32).reshape(-1, 1)
+    h = h ^ (h >> s1)
+    h = h * m1  # uint32 arithmetic wraps: that is the mod 2^32
+    h = h ^ (h >> s2)
+    h = h * m2
+    h = h ^ (h >> s3)
+    return (h * a + b).min(axis=0)
+
+
 def minhash_signatures(elements: Iterable[Sequence[int]], num_perm: int = 128, seed: int = 1) -> np.ndarray:
-    """datasketch MinHash values of each element list, one uint32 row each (affine32 scheme).
+    """MinHash values (scheme `MINHASH_SCHEME`) of each element list, one uint32 row each.
 
     Each list goes through `MinHash.update_batch`, datasketch's batch path (one numpy pass
     per text), into one sketch cleared between texts; the values equal `MinHash.bulk`'s
     (tests check it), which builds a full sketch copy per text and is ~20% slower. The
     inputs are ints already, so `hashfunc=int` passes them through (the scheme's murmur
-    finalizer still mixes them).
+    finalizer still mixes them). The scheme is always named: datasketch's default depends on
+    its version. A datasketch without `scheme=` gets `affine32_signature`, the same values.
     """
-    minhash = MinHash(num_perm=num_perm, seed=seed, hashfunc=int)
+    if _datasketch_takes_scheme():
+        minhash = MinHash(num_perm=num_perm, seed=seed, hashfunc=int, scheme=MINHASH_SCHEME)
 
-    def rows() -> Iterator[np.ndarray]:
-        for batch in elements:
-            minhash.clear()
-            minhash.update_batch(batch)
-            yield minhash.hashvalues
+        def rows() -> Iterator[np.ndarray]:
+            for batch in elements:
+                minhash.clear()
+                minhash.update_batch(batch)
+                yield minhash.hashvalues
+    else:
+        a, b = affine32_permutations(num_perm, seed)
+
+        def rows() -> Iterator[np.ndarray]:
+            return (affine32_signature(batch, a, b) for batch in elements)
 
     return np.fromiter(rows(), dtype=np.dtype((np.uint32, num_perm))).reshape(-1, num_perm)
 

@@ -16,9 +16,24 @@ and ends with the same weights an uninterrupted run would have. It writes:
     OUT/train_log.jsonl one line per optimiser step: loss, lr, tokens/s, grad norm
     OUT/summary.json    settings, data statistics, final loss, throughput, peak memory
 
-QLoRA loads the base in 4-bit NF4 with double quantisation and bf16 compute
-(bitsandbytes; not the library defaults), prepares it for k-bit training and uses a
-paged AdamW. It needs a CUDA device and says so when there is none.
+QLoRA loads the base in 4-bit NF4 with double quantisation (bitsandbytes; not the
+library defaults), prepares it for k-bit training and uses a paged AdamW. Weights are
+stored in NF4; matmuls compute in bf16, or in fp16 with loss scaling on a GPU without
+bf16. It needs a CUDA device and says so when there is none.
+
+Precision (`choose_precision`): float32 on CPU, bf16 on a GPU that has it, otherwise fp16.
+fp16 compute always trains with a `torch.amp.GradScaler` (the LoRA weights themselves stay
+float32): each micro-batch's loss is scaled before backward, gradients are unscaled once
+per optimiser step before clipping, and a step whose gradients overflowed is skipped.
+
+Start-up self-checks, on the data's own first batch, in eval mode without gradients:
+
+- Loss path (`check_fast_loss`): the output layer on supervised positions only must give
+  the model's own loss (its forward with labels). Families that post-process logits
+  (soft-capping, logit scaling, multipliers) do not, and take the full-logits path; one
+  line says so.
+- Packing (`check_packing`): two examples packed into one row must get the logits they
+  get alone, or packing is refused with the transformers version to upgrade to.
 """
 
 from __future__ import annotations
@@ -29,16 +44,30 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
 
 from datagen.config import DEFAULT_MODEL, Strict
-from datagen.errors import DatagenError
+from datagen.errors import ConfigError, DatagenError
 from datagen.io import atomic_write_json, write_dir_atomic
 
 CHECKPOINT_PREFIX = "step-"
+
+# How the loss is computed (summary.json "loss_path").
+LOSS_PATH_FAST = "supervised positions"  # the output layer on supervised positions only
+LOSS_PATH_FULL = "full logits"  # the model's own forward, logits for every position
+# Relative agreement of the two loss paths that counts as "the same loss": float32 sums
+# agree to ~1e-6; half-precision matmuls of different shapes round differently.
+FAST_LOSS_RTOL = {"float32": 1e-4, "half": 2e-3}
+# Largest logit difference, relative to the largest logit, of an example packed after
+# another versus alone: attending across the boundary moves logits by whole units.
+PACKING_RTOL = {"float32": 1e-3, "half": 5e-2}
+# transformers masks attention per example from restarted position ids (no attention
+# mask) on the eager / sdpa paths since this release (PR #39194, masking_utils).
+PACKING_TRANSFORMERS = "4.54"
 
 
 class FinetuneConfig(Strict):
@@ -90,14 +119,55 @@ def pick_device(setting: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def pick_dtype(setting: str, device: str):
+@dataclass(frozen=True)
+class Precision:
+    """What a run computes in, and whether its loss needs scaling."""
+
+    dtype: Literal["float32", "bfloat16", "float16"]
+    loss_scaling: bool  # fp16: a GradScaler keeps small gradients from flushing to zero
+
+
+def choose_precision(setting: str, device: str, bf16_supported: bool) -> Precision:
+    """The compute dtype for `setting` ("auto" or a dtype name) on `device`.
+
+    "auto": float32 on CPU; on CUDA bf16 where the GPU has it, else fp16 with loss scaling.
+    QLoRA's 4-bit matmuls compute in that dtype too (float32 if asked). Refused: bf16 on a
+    GPU without it, fp16 on CPU (no speed to gain and no fused kernels for it).
+    """
+    cuda = device.startswith("cuda")
+    if setting == "auto":
+        if not cuda:
+            setting = "float32"
+        else:
+            setting = "bfloat16" if bf16_supported else "float16"
+    if setting == "bfloat16" and cuda and not bf16_supported:
+        raise ConfigError("finetune.dtype: this GPU has no bfloat16; use float16 (trained with loss scaling) "
+                          "or auto")
+    if setting == "float16" and not cuda:
+        raise ConfigError("finetune.dtype: float16 training needs a CUDA device; use float32 or bfloat16 on CPU")
+    return Precision(setting, loss_scaling=setting == "float16")
+
+
+def precision_for(config: FinetuneConfig, device: str) -> Precision:
     import torch
 
-    if setting != "auto":
-        return getattr(torch, setting)
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    bf16 = device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return choose_precision(config.dtype, device, bf16)
+
+
+def pick_dtype(setting: str, device: str):
+    """The torch dtype `choose_precision` picks for a LoRA run (bench/sft.py uses it too)."""
+    import torch
+
+    bf16 = device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return getattr(torch, choose_precision(setting, device, bf16).dtype)
+
+
+def make_grad_scaler(precision: Precision, device: str):
+    """A GradScaler for fp16 compute, else None."""
+    import torch
+
+    return torch.amp.GradScaler("cuda") if precision.loss_scaling and device.startswith("cuda") else None
 
 
 def require_qlora_support(device: str) -> None:
@@ -115,8 +185,9 @@ def require_qlora_support(device: str) -> None:
         raise DatagenError("--method qlora needs bitsandbytes: pip install bitsandbytes")
 
 
-def quantization_config():
-    """QLoRA's 4-bit setting: NF4, double quantisation, bf16 compute (not bitsandbytes' defaults)."""
+def quantization_config(compute_dtype: str = "bfloat16"):
+    """QLoRA's 4-bit setting: NF4 storage, double quantisation, `compute_dtype` matmuls
+    (bf16, or fp16 on a GPU without it; not bitsandbytes' defaults)."""
     import torch
     from transformers import BitsAndBytesConfig
 
@@ -124,24 +195,30 @@ def quantization_config():
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
     )
 
 
-def load_student(config: FinetuneConfig, base_path: str, device: str):
-    """The base model wrapped in a fresh LoRA adapter, ready to train on `device`."""
+def load_student(config: FinetuneConfig, base_path: str, device: str, precision: Precision | None = None):
+    """The base model wrapped in a fresh LoRA adapter, ready to train on `device`.
+
+    The frozen base is in the compute dtype; peft keeps the adapter weights in float32.
+    """
+    import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
+    precision = precision or precision_for(config, device)
     if config.method == "qlora":
         model = AutoModelForCausalLM.from_pretrained(
-            base_path, quantization_config=quantization_config(), device_map={"": device}
+            base_path, quantization_config=quantization_config(precision.dtype), device_map={"": device},
+            dtype=getattr(torch, precision.dtype),
         )
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=config.gradient_checkpointing
         )
     else:
-        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=pick_dtype(config.dtype, device)).to(device)
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, precision.dtype)).to(device)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.enable_input_require_grads()
@@ -190,52 +267,146 @@ def logits_of(model, batch: dict[str, Any]):
     No KV cache: transformers only turns restarting position ids into per-example
     attention (packing) when no cache is passed, and training never needs one.
     """
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-    return model(**inputs, use_cache=False).logits
+    return model(**_model_inputs(batch), use_cache=False).logits
 
 
-def summed_loss(model, batch: dict[str, Any]):
+def _model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+
+
+def summed_loss(model, batch: dict[str, Any], fast: bool = True):
     """Summed cross-entropy over supervised tokens, and their count (for token-weighted means).
 
-    The output layer runs only on the positions that predict a supervised token: prompt
-    positions never need their logits, and over a 49k-token vocabulary those logits are
-    most of the memory of a step. Models that post-process logits (soft-capping, scaling)
-    take the plain full-logits path.
+    fast: the output layer runs only on the positions that predict a supervised token:
+    prompt positions never need their logits, and over a 49k-token vocabulary those logits
+    are most of the memory of a step. That is the model's own loss only when its forward
+    does nothing to logits after the output layer; `check_fast_loss` decides, once per run.
+    Otherwise: the logits of the model's own forward at every position.
     """
     import torch
 
     labels = batch["labels"][:, 1:]
     supervised = labels != -100
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = causal_lm.get_output_embeddings()
-    config = causal_lm.config
-    if head is None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
-        logits = logits_of(model, batch)[:, :-1][supervised]
+    if fast:
+        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        hidden = causal_lm.base_model(**_model_inputs(batch), use_cache=False).last_hidden_state
+        logits = causal_lm.get_output_embeddings()(hidden[:, :-1][supervised])
     else:
-        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-        hidden = causal_lm.base_model(**inputs, use_cache=False).last_hidden_state
-        logits = head(hidden[:, :-1][supervised])
+        logits = logits_of(model, batch)[:, :-1][supervised]
     loss = torch.nn.functional.cross_entropy(logits.float(), labels[supervised], reduction="sum")
     return loss, int(supervised.sum())
 
 
-def accumulate_gradients(model, batches: Sequence[dict[str, Any]]) -> float:
+def _half(model) -> bool:
+    import torch
+
+    return any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters() if p.is_floating_point())
+
+
+def check_fast_loss(model, batch: dict[str, Any]) -> str | None:
+    """None if the supervised-positions loss on `batch` is the model's own loss; else why not.
+
+    The model's own loss is its forward with labels (whatever it does to logits: soft-capping,
+    scaling, multipliers). Compared in eval mode (no dropout) without gradients.
+    """
+    import torch
+
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if causal_lm.get_output_embeddings() is None or not hasattr(causal_lm, "base_model"):
+        return f"{type(causal_lm).__name__} has no separate output layer"
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            own = model(**_model_inputs(batch), labels=batch["labels"], use_cache=False).loss
+            fast_sum, count = summed_loss(model, batch, fast=True)
+    finally:
+        model.train(was_training)
+    if own is None or count == 0:
+        return "no supervised token to compare on"
+    own, fast = float(own), float(fast_sum) / count
+    tolerance = FAST_LOSS_RTOL["half" if _half(model) else "float32"]
+    if not math.isfinite(fast) or abs(fast - own) > tolerance * max(abs(own), 1e-6):
+        return (f"{type(causal_lm).__name__}: loss on supervised positions {fast:.6f} differs from the "
+                f"model's own {own:.6f} (it post-processes logits)")
+    return None
+
+
+def check_packing(model, examples: Sequence, pad_id: int, device: str, probe_tokens: int = 64) -> None:
+    """Refuse packing unless this transformers keeps packed examples apart.
+
+    Two examples (cut to `probe_tokens`) packed into one row must get the logits each gets
+    alone; the second one would see the first where attention is not masked per example.
+    """
+    import torch
+    import transformers
+
+    from datagen.finetune.data import Batch, Encoded, collate
+
+    probes = [Encoded(e.input_ids[:probe_tokens], e.labels[:probe_tokens], e.source) for e in examples[:2]]
+    if len(probes) < 2:
+        return
+    packed = _to_device(collate(probes, Batch(((0, 1),)), pad_id), device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            together = logits_of(model, packed)[0].float()
+            alone = model(input_ids=torch.tensor([probes[1].input_ids], device=device), use_cache=False).logits[0]
+    finally:
+        model.train(was_training)
+    start = len(probes[0].input_ids)
+    second = together[start : start + len(probes[1].input_ids)]
+    difference = float((second - alone.float()).abs().max())
+    tolerance = PACKING_RTOL["half" if _half(model) else "float32"] * float(alone.float().abs().max())
+    if not difference <= tolerance:
+        raise ConfigError(
+            f"finetune.packing: this transformers ({transformers.__version__}) does not isolate packed "
+            f"examples; upgrade to >= {PACKING_TRANSFORMERS} or set packing: false"
+        )
+
+
+def accumulate_gradients(model, batches: Sequence[dict[str, Any]], fast: bool = True, scaler=None) -> float:
     """Backpropagate one optimiser step's micro-batches; return the step's mean loss.
 
     Each micro-batch's summed loss is divided by the supervised tokens of the whole step,
-    so every token weighs the same however the tokens fall into micro-batches.
+    so every token weighs the same however the tokens fall into micro-batches. With a
+    GradScaler (fp16) each backward runs on the scaled loss; the caller unscales once.
     """
     supervised = sum(int((batch["labels"][:, 1:] != -100).sum()) for batch in batches)
     step_loss = 0.0
     for batch in batches:
-        loss_sum, _count = summed_loss(model, batch)
-        (loss_sum / supervised).backward()
+        loss_sum, _count = summed_loss(model, batch, fast)
+        loss = loss_sum / supervised
+        (scaler.scale(loss) if scaler is not None else loss).backward()
         step_loss += float(loss_sum.detach()) / supervised
     return step_loss
 
 
+def optimizer_step(optimizer, trainable: list, max_grad_norm: float, scaler=None) -> float:
+    """Clip and step; returns the gradient norm before clipping.
+
+    With a GradScaler: unscale first, so the clip sees true gradients; `scaler.step` skips
+    the step when they overflowed (inf/nan norm), and `update` lowers the scale then.
+    """
+    import torch
+
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm))
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 def mean_completion_loss(model, examples: Sequence, pad_id: int, device: str, batch_size: int = 8) -> float:
-    """Token-weighted mean loss on the supervised tokens of `examples` (no gradients)."""
+    """Token-weighted mean loss on the supervised tokens of `examples` (no gradients).
+
+    The loss path is checked on the first batch, as in training."""
     import torch
 
     from datagen.finetune.data import collate, plan_batches
@@ -244,10 +415,13 @@ def mean_completion_loss(model, examples: Sequence, pad_id: int, device: str, ba
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
+    fast = None
     with torch.inference_mode():
         for batch in batches:
             tensors = _to_device(collate(examples, batch, pad_id), device)
-            loss, tokens = summed_loss(model, tensors)
+            if fast is None:
+                fast = check_fast_loss(model, tensors) is None
+            loss, tokens = summed_loss(model, tensors, fast)
             total += float(loss)
             count += tokens
     model.train(was_training)
@@ -277,7 +451,8 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, state: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, state: dict[str, Any], keep: int,
+                    scaler=None) -> Path:
     """Adapter + optimiser + scheduler position + RNG into `step-NNNNNN`, atomically (temp dir, rename)."""
     import torch
 
@@ -288,6 +463,7 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, state:
         torch.save(
             {**state, "step": step, "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+             "scaler": scaler.state_dict() if scaler is not None else None,
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             staging / "state.pt",
         )
@@ -298,7 +474,7 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, state:
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, expected_fingerprint: str) -> int:
+def load_checkpoint(path: Path, model, optimizer, scheduler, expected_fingerprint: str, scaler=None) -> int:
     """Restore a checkpoint into the live objects; return its step. Refuses one made from
     other data or settings: resuming it would silently train something else."""
     import torch
@@ -314,6 +490,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, expected_fingerprin
     set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler") is not None:
+        scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["torch_rng"])
     if state.get("cuda_rng") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -356,6 +534,7 @@ def train(
     device = pick_device(config.device)
     if config.method == "qlora":
         require_qlora_support(device)
+    precision = precision_for(config, device)
     base_path = resolve_model(config.base)
     conversations = load_conversations(data, prompt_erasure=config.prompt_erasure)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
@@ -378,10 +557,13 @@ def train(
     warmup = int(config.warmup_ratio * total_steps)
 
     torch.manual_seed(config.seed)
-    model = load_student(config, base_path, device)
+    model = load_student(config, base_path, device, precision)
     model.train()
+    if config.packing:
+        check_packing(model, examples, pad_id, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(config, trainable)
+    scaler = make_grad_scaler(precision, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, warmup, config.scheduler)
     )
@@ -392,7 +574,7 @@ def train(
     step, resumed_from = 0, None
     last = latest_checkpoint(checkpoints)
     if last is not None:
-        step = resumed_from = load_checkpoint(last, model, optimizer, scheduler, run_fingerprint)
+        step = resumed_from = load_checkpoint(last, model, optimizer, scheduler, run_fingerprint, scaler)
         print_(f"resuming from {last} (step {step} of {total_steps})")
     if encoded.dropped_overlong:
         print_(f"dropped {len(encoded.dropped_overlong)} examples longer than {encoded.max_length} tokens "
@@ -403,15 +585,19 @@ def train(
     _truncate_log(log_path, step)
     started = time.monotonic()
     tokens_seen = 0
+    fast_loss, loss_note = None, None  # decided on the first batch this run trains on
     with _progress(show_progress, total_steps, step) as advance, log_path.open("a") as log:
         while step < total_steps:
             chunk = micro_batches(plan_epoch, step * config.grad_accum, config.grad_accum)
             tensors = [_to_device(collate(examples, batch, pad_id), device) for _epoch, batch in chunk]
-            step_loss = accumulate_gradients(model, tensors)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm))
-            optimizer.step()
+            if fast_loss is None:
+                loss_note = check_fast_loss(model, tensors[0])
+                fast_loss = loss_note is None
+                if loss_note:
+                    print_(f"loss: {loss_note}; using the model's own forward ({LOSS_PATH_FULL})")
+            step_loss = accumulate_gradients(model, tensors, fast_loss, scaler)
+            grad_norm = optimizer_step(optimizer, trainable, config.max_grad_norm, scaler)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             step += 1
             step_tokens = sum(t["tokens"] for t in tensors)
             tokens_seen += step_tokens
@@ -426,12 +612,15 @@ def train(
             advance(record)
             if step % config.save_every == 0 or step == total_steps:
                 save_checkpoint(checkpoints, step, model, optimizer, scheduler,
-                                {"fingerprint": run_fingerprint}, config.keep_checkpoints)
+                                {"fingerprint": run_fingerprint}, config.keep_checkpoints, scaler)
     train_seconds = time.monotonic() - started
     finished = step >= total_steps
     summary: dict[str, Any] = {
         "finished": finished, "step": step, "total_steps": total_steps, "resumed_from_step": resumed_from,
         "method": config.method, "base": config.base, "base_path": base_path, "device": device,
+        "compute_dtype": precision.dtype, "loss_scaling": precision.loss_scaling,
+        "loss_path": None if fast_loss is None else (LOSS_PATH_FAST if fast_loss else LOSS_PATH_FULL),
+        "loss_path_note": loss_note,
         "data": str(data), "examples": len(examples), "dropped_overlong": encoded.dropped_overlong,
         "max_length": encoded.max_length, "length_stats": encoded.length_stats,
         "trainable_parameters": sum(p.numel() for p in trainable),

@@ -8,6 +8,7 @@ outcome is then decided by the exact tests, which is what these tests pin.
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -15,8 +16,12 @@ import pytest
 from datasketch import LeanMinHash, MinHash, MinHashLSH
 from pydantic import ValidationError
 
+from datagen.filters import dedup as dedup_module
 from datagen.filters.dedup import (
+    MINHASH_SCHEME,
     DedupConfig,
+    affine32_permutations,
+    affine32_signature,
     candidate_pairs,
     dedup,
     exact_dedup,
@@ -32,6 +37,7 @@ from datagen.filters.dedup import (
 )
 from datagen.records import Instance, Lineage, Task
 from datagen.rouge import rouge_l_f1
+from tests.helpers import run_cli
 
 
 def task(id_: str, instruction: str, instances: int = 0, output: str = "out", inputs: str = "", **lineage) -> Task:
@@ -357,8 +363,89 @@ def random_texts(n: int, seed: int = 0) -> list[list[str]]:
 def test_signatures_are_datasketch_minhash_values() -> None:
     elements = [[1, 2, 3], [4, 5], [2**32 - 1, 0, 7]]
     signatures = minhash_signatures(elements, num_perm=64, seed=3)
-    expected = [m.hashvalues for m in MinHash.bulk(elements, num_perm=64, seed=3, hashfunc=int)]
+    expected = [m.hashvalues for m in MinHash.bulk(elements, num_perm=64, seed=3, hashfunc=int, scheme=MINHASH_SCHEME)]
     np.testing.assert_array_equal(signatures, np.array(expected))
+
+
+# -- the pinned MinHash scheme: the same kept set whatever datasketch's default ---------
+
+
+class LegacyDefaultMinHash(MinHash):
+    """A datasketch whose default scheme is 1.x's "legacy" (2.0 changed it to affine32)."""
+
+    def __init__(self, *args, scheme: str = "legacy", **kwargs) -> None:
+        super().__init__(*args, scheme=scheme, **kwargs)
+
+
+class SchemelessMinHash(MinHash):
+    """datasketch 1.x's constructor: no `scheme=`, legacy values."""
+
+    def __init__(self, num_perm=128, seed=1, hashfunc=None, hashobj=None, hashvalues=None, permutations=None):
+        super().__init__(num_perm=num_perm, seed=seed, hashfunc=hashfunc, hashvalues=hashvalues,
+                         permutations=permutations, scheme="legacy")
+
+
+@pytest.fixture
+def installed_minhash(monkeypatch):
+    """Swap in another datasketch MinHash class for the duration of a test."""
+
+    def install(cls) -> None:
+        monkeypatch.setattr(dedup_module, "MinHash", cls)
+        dedup_module._datasketch_takes_scheme.cache_clear()
+
+    yield install
+    dedup_module._datasketch_takes_scheme.cache_clear()
+
+
+def near_dedup_outcome(tasks):
+    (kept, rejected), report = near_dedup(tasks)
+    return [t.id for t in kept], [(r.task.id, r.duplicate_of, r.detail) for r in rejected], report.candidate_pairs
+
+
+def test_numpy_affine32_equals_datasketch_affine32() -> None:
+    """The fallback for a datasketch without `scheme=` computes the pinned scheme bit for bit."""
+    rng = random.Random(0)
+    a, b = affine32_permutations(128, 1)
+    for size in (1, 5, 300):
+        values = [rng.randrange(2**32) for _ in range(size)]
+        reference = MinHash(num_perm=128, seed=1, hashfunc=int, scheme="affine32")
+        reference.update_batch(values)
+        np.testing.assert_array_equal(affine32_signature(values, a, b), reference.hashvalues)
+    empty = MinHash(num_perm=128, seed=1, hashfunc=int, scheme="affine32")
+    np.testing.assert_array_equal(affine32_signature([], a, b), empty.hashvalues)
+
+
+def test_kept_set_does_not_depend_on_the_datasketch_default(installed_minhash) -> None:
+    sets = shingle_sets(random_texts(200), DedupConfig())
+    elements = list(minhash_elements(sets, idf_weights(sets)))
+    tasks = known_corpus()
+    pinned_signatures, pinned_outcome = minhash_signatures(elements), near_dedup_outcome(tasks)
+
+    installed_minhash(LegacyDefaultMinHash)  # a datasketch defaulting to legacy, taking scheme=
+    np.testing.assert_array_equal(minhash_signatures(elements), pinned_signatures)
+    assert near_dedup_outcome(tasks) == pinned_outcome
+
+    installed_minhash(SchemelessMinHash)  # datasketch 1.x: no scheme=, so our numpy affine32
+    np.testing.assert_array_equal(minhash_signatures(elements), pinned_signatures)
+    assert near_dedup_outcome(tasks) == pinned_outcome
+
+    # and the default would have mattered: legacy signatures are other values
+    legacy = [m.hashvalues for m in MinHash.bulk(elements[:5], num_perm=128, seed=1, hashfunc=int, scheme="legacy")]
+    assert not np.array_equal(np.array(legacy, dtype=np.uint32), pinned_signatures[:5])
+
+
+def test_report_and_stats_record_the_scheme_and_datasketch_version(tmp_path) -> None:
+    import datasketch
+
+    _result, report = near_dedup(known_corpus())
+    assert (report.minhash_scheme, report.datasketch_version) == ("affine32", datasketch.__version__)
+    source = tmp_path / "raw.jsonl"
+    source.write_text("".join(t.model_dump_json() + "\n" for t in known_corpus()))
+    result = run_cli("dedup", str(source), "--out", str(tmp_path / "kept.jsonl"))
+    assert result.returncode == 0, result.stderr
+    stats = json.loads((tmp_path / "kept.stats.json").read_text())
+    [near] = [entry for entry in stats["passes"] if entry["pass"] == "near-dedup"]
+    assert f"minhash_scheme=affine32 datasketch_version={datasketch.__version__}" in near["report"]
 
 
 @pytest.mark.parametrize(("b", "r"), [(25, 5), (8, 2)])

@@ -1,9 +1,13 @@
 """SFT on the embedded SmolLM2-135M: masking token by token, packing, a real LoRA run whose
-loss goes down, merge equivalence, resume after a SIGKILL, QLoRA's CUDA guard, eval."""
+loss goes down, merge equivalence, resume after a SIGKILL, QLoRA's CUDA guard, eval.
+
+Start-up self-checks (loss path, packing) and precision run on tiny models built from
+configs (a few layers of width 16, the embedded tokenizer; nothing downloaded)."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -23,7 +27,21 @@ from datagen.finetune.data import (
     load_conversations,
     plan_batches,
 )
-from datagen.finetune.sft import FinetuneConfig, logits_of, lr_factor, micro_batches, train
+from datagen.errors import ConfigError
+from datagen.finetune.sft import (
+    LOSS_PATH_FAST,
+    LOSS_PATH_FULL,
+    FinetuneConfig,
+    Precision,
+    check_fast_loss,
+    check_packing,
+    choose_precision,
+    logits_of,
+    lr_factor,
+    micro_batches,
+    optimizer_step,
+    train,
+)
 from tests.helpers import run_cli
 
 
@@ -237,6 +255,173 @@ def test_loss_on_supervised_positions_only_equals_the_full_logits_loss(embedded_
                                                  ignore_index=IGNORE_INDEX, reduction="sum")
     assert count == sum(e.supervised for e in examples)
     assert float(ours) == pytest.approx(float(full), rel=1e-5)
+    assert check_fast_loss(model, tensors) is None  # the start-up check keeps the fast path here
+
+
+# ---------------------------------------------------------------- start-up self-checks, tiny models
+
+
+TINY_SIZES = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, max_position_embeddings=512, initializer_range=0.5)
+# families whose forward does something to logits after the output layer
+LOGIT_POSTPROCESSING = {
+    "granite logits_scaling": ("GraniteConfig", {"logits_scaling": 4.0}),
+    "gemma2 final_logit_softcapping": ("Gemma2Config", {"final_logit_softcapping": 2.0, "head_dim": 8}),
+    "cohere logit_scale": ("CohereConfig", {"logit_scale": 4.0}),
+}
+
+
+def tiny_model(folder, tokenizer, config_class: str = "LlamaConfig", **extra):
+    """A randomly initialised tiny causal LM from a config, saved with the embedded tokenizer."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = getattr(transformers, config_class)(
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False, **TINY_SIZES, **extra)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model.eval()
+
+
+def arithmetic_batch(tokenizer, count: int = 4):
+    from datagen.finetune.data import Batch
+
+    rows = arithmetic_rows(count)
+    examples = [encode_conversation(tokenizer, Conversation(
+        tuple((m["role"], m["content"]) for m in row["messages"]), f"t:{i}")) for i, row in enumerate(rows)]
+    return examples, collate(examples, Batch(tuple((i,) for i in range(count))), tokenizer.pad_token_id)
+
+
+def test_fast_loss_path_is_kept_where_it_is_the_models_own_loss(tokenizer, tmp_path):
+    model = tiny_model(tmp_path, tokenizer)
+    _examples, batch = arithmetic_batch(tokenizer)
+    assert check_fast_loss(model, batch) is None
+
+
+@pytest.mark.parametrize("family", list(LOGIT_POSTPROCESSING))
+def test_fast_loss_check_fails_where_the_model_postprocesses_logits(tokenizer, tmp_path, family):
+    import transformers
+
+    config_class, extra = LOGIT_POSTPROCESSING[family]
+    if not hasattr(transformers, config_class):
+        pytest.skip(f"this transformers has no {config_class}")
+    model = tiny_model(tmp_path, tokenizer, config_class, **extra)
+    _examples, batch = arithmetic_batch(tokenizer)
+    reason = check_fast_loss(model, batch)
+    assert reason is not None and "differs from the model's own" in reason
+    assert model.training is False  # the check leaves the mode as it found it
+
+
+@pytest.mark.parametrize(("config_class", "extra", "path"), [
+    ("LlamaConfig", {}, LOSS_PATH_FAST),
+    ("GraniteConfig", {"logits_scaling": 4.0}, LOSS_PATH_FULL),
+])
+def test_training_loss_is_the_models_own_loss(tokenizer, tmp_path, config_class, extra, path):
+    """One step over one batch of all examples: the logged loss is the model's forward-with-labels
+    loss, on whichever path the start-up check chose."""
+    import torch
+
+    model = tiny_model(tmp_path / "base", tokenizer, config_class, **extra)
+    rows = arithmetic_rows(4)
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    examples, batch = arithmetic_batch(tokenizer)
+    with torch.no_grad():
+        own = float(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          labels=batch["labels"]).loss)
+    summary = train(FinetuneConfig(base=str(tmp_path / "base"), max_steps=1, batch_size=4, merge=False),
+                    data, tmp_path / "out", show_progress=False)
+    assert summary["loss_path"] == path
+    assert (summary["loss_path_note"] is None) == (path == LOSS_PATH_FAST)
+    assert summary["compute_dtype"] == "float32" and summary["loss_scaling"] is False
+    [step] = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert step["loss"] == pytest.approx(own, rel=1e-5)
+
+
+def test_packing_check_passes_on_this_transformers(tokenizer, tmp_path):
+    model = tiny_model(tmp_path, tokenizer)
+    examples, _batch = arithmetic_batch(tokenizer)
+    check_packing(model, examples, tokenizer.pad_token_id, "cpu")  # no error: examples are isolated
+
+
+def test_packing_is_refused_where_packed_examples_attend_to_each_other(tokenizer, tmp_path, monkeypatch):
+    """Fault injected: transformers' packed-sequence detection switched off, as before it existed."""
+    import transformers
+    from transformers import masking_utils
+
+    model = tiny_model(tmp_path / "base", tokenizer)
+    examples, _batch = arithmetic_batch(tokenizer)
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    expected = (f"finetune.packing: this transformers ({transformers.__version__}) does not isolate packed "
+                "examples; upgrade to >= 4.54 or set packing: false")
+    with pytest.raises(ConfigError) as caught:
+        check_packing(model, examples, tokenizer.pad_token_id, "cpu")
+    assert str(caught.value) == expected
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(4))
+    with pytest.raises(ConfigError, match="finetune.packing: "):
+        train(FinetuneConfig(base=str(tmp_path / "base"), max_steps=1, packing=True, merge=False), data,
+              tmp_path / "out", show_progress=False)
+
+
+# ---------------------------------------------------------------- precision
+
+
+@pytest.mark.parametrize(("setting", "device", "bf16", "expected"), [
+    ("auto", "cpu", False, Precision("float32", False)),
+    ("auto", "cpu", True, Precision("float32", False)),
+    ("auto", "cuda", True, Precision("bfloat16", False)),
+    ("auto", "cuda:1", False, Precision("float16", True)),  # e.g. a T4 or V100: fp16 needs loss scaling
+    ("float16", "cuda", True, Precision("float16", True)),
+    ("float32", "cuda", False, Precision("float32", False)),
+    ("bfloat16", "cpu", False, Precision("bfloat16", False)),
+])
+def test_precision_for_each_device(setting, device, bf16, expected):
+    assert choose_precision(setting, device, bf16) == expected
+
+
+@pytest.mark.parametrize(("setting", "device", "bf16", "message"), [
+    ("bfloat16", "cuda", False, "finetune.dtype: this GPU has no bfloat16"),
+    ("float16", "cpu", False, "finetune.dtype: float16 training needs a CUDA device"),
+])
+def test_precision_refusals_are_one_clear_line(setting, device, bf16, message):
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        choose_precision(setting, device, bf16)
+
+
+def test_optimizer_step_unscales_before_clipping_and_skips_overflow():
+    """The GradScaler sequence, on a CPU scaler: the clip sees true gradients, not scaled ones."""
+    import torch
+
+    weight = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale((weight * torch.tensor([3.0, 4.0])).sum()).backward()  # true gradient (3, 4), norm 5
+    assert optimizer_step(optimizer, [weight], max_grad_norm=1.0, scaler=scaler) == pytest.approx(5.0)
+    assert weight.detach().tolist() == pytest.approx([1.0 - 0.1 * 0.6, 1.0 - 0.1 * 0.8])  # clipped to norm 1
+    assert weight.grad is None
+
+    before = weight.detach().clone()
+    scaler.scale((weight * torch.tensor([float("inf"), 1.0])).sum()).backward()
+    optimizer_step(optimizer, [weight], max_grad_norm=1.0, scaler=scaler)
+    assert torch.equal(weight.detach(), before)  # overflowed step skipped
+    assert scaler.get_scale() == 512.0  # and the scale lowered
+
+
+@pytest.mark.gpu
+def test_fp16_training_with_loss_scaling_on_a_gpu(tokenizer, tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    tiny_model(tmp_path / "base", tokenizer)
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(24))
+    summary = train(FinetuneConfig(base=str(tmp_path / "base"), dtype="float16", grad_accum=2, **TINY),
+                    data, tmp_path / "out", show_progress=False)
+    log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert summary["compute_dtype"] == "float16" and summary["loss_scaling"] is True
+    assert all(map(math.isfinite, (entry["loss"] for entry in log))) and log[-1]["loss"] < log[0]["loss"]
 
 
 # ---------------------------------------------------------------- real training
