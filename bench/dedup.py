@@ -74,7 +74,7 @@ from datagen.filters.dedup import (  # noqa: E402
     minhash_signatures,
     near_dedup,
     weighted_jaccard,
-    words,
+    rouge_tokens,
 )
 from datagen.records import Instance, Task  # noqa: E402
 from datagen.rouge import RougeLIndex, rouge_l_f1  # noqa: E402
@@ -349,8 +349,8 @@ def star_removals(tasks: Sequence[Task], edges: Sequence[tuple[int, int, tuple]]
 
 def word_sets_and_weights(tasks: Sequence[Task]) -> tuple[list[set], dict]:
     """Distinct words per task and their IDF weights, as near_dedup computes them."""
-    sets = [set(words(task.instruction)) for task in tasks]
-    distinct = list({tuple(words(task.instruction)) for task in tasks})  # weights count distinct texts
+    sets = [set(rouge_tokens(task.instruction)) for task in tasks]
+    distinct = list({tuple(rouge_tokens(task.instruction)) for task in tasks})  # weights count distinct texts
     return sets, idf_weights([set(tokens) for tokens in distinct])
 
 

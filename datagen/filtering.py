@@ -24,7 +24,7 @@ from datagen.errors import InputError
 from datagen.filters import decontaminate, dedup, heuristics, judge, novelty
 from datagen.filters.base import FilterPass, PassContext
 from datagen.io import atomic_write_json, read_tasks_lenient, stats_path, write_jsonl_atomic
-from datagen.records import Reject, Task
+from datagen.records import Reject
 
 # The passes by name, in no particular order (`filter.passes` gives the order). Adding a
 # pass: write filters/NAME.py with its settings model and `run(tasks, context)`, add a

@@ -33,7 +33,7 @@ class DecontaminateConfig(BaseModel):
     fields: Fields = "instruction+input"
 
 
-def words(text: str) -> list[str]:
+def ngram_words(text: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", text.lower())
 
 
@@ -85,7 +85,7 @@ class EvalIndex:
         return index
 
     def add(self, where: str, text: str) -> None:
-        tokens = words(text)
+        tokens = ngram_words(text)
         if not tokens:
             return
         if len(tokens) < self.n:
@@ -96,7 +96,7 @@ class EvalIndex:
             self.grams.setdefault(tuple(tokens[start : start + self.n]), where)
 
     def hit(self, text: str) -> str | None:
-        tokens = words(text)
+        tokens = ngram_words(text)
         for length in (self.n, *sorted(self.short_lengths)):
             for start in range(len(tokens) - length + 1):
                 where = self.grams.get(tuple(tokens[start : start + length]))

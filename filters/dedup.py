@@ -141,7 +141,7 @@ __all__ = [
     "shingle_sets",
     "shingles",
     "weighted_jaccard",
-    "words",
+    "rouge_tokens",
 ]
 
 KeepRule = Literal["most_instances", "longest_output", "first", "judge_score"]
@@ -198,7 +198,7 @@ _UNSPACED = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u0e00-\u0e7f"
 _UNICODE_TOKEN_RE = re.compile(rf"[{_UNSPACED}]|[^\W_{_UNSPACED}]+")
 
 
-def words(text: str) -> list[str]:
+def rouge_tokens(text: str) -> list[str]:
     """The tokens ROUGE-L is computed over: rouge-score's tokens for ASCII text.
 
     rouge-score keeps only [a-z0-9] runs, which turns a Chinese or accented instruction into
@@ -566,7 +566,7 @@ def _nodes(tasks: Sequence[Task], fields: Fields) -> _Nodes:
     node_of: dict[tuple[int, ...], int] = {}
     nodes = _Nodes([], [], [])
     for position, task in enumerate(tasks):
-        tokens = words(text_of(task, fields))
+        tokens = rouge_tokens(text_of(task, fields))
         if not tokens:  # nothing to compare; exact_dedup handles empty or symbol-only texts
             continue
         ids = tuple(map(ids_of.__getitem__, tokens))

@@ -113,7 +113,7 @@ class HeuristicsConfig(BaseModel):
     refusals: bool = True
     degenerate: bool = True
 
-    def words(self) -> tuple[str, ...]:
+    def blacklisted_words(self) -> tuple[str, ...]:
         if self.blacklist is not None:
             return self.blacklist
         extra = ALPACA_EXTRA_BLACKLIST if self.preset == "alpaca" else ()
@@ -124,7 +124,7 @@ def checks_for(config: HeuristicsConfig) -> list[Check]:
     """The configured checks, in the order their reasons are reported."""
     checks: list[Check] = []
     if config.reference_instruction_rules:
-        blacklist = config.words()
+        blacklist = config.blacklisted_words()
         checks.append(lambda task: instruction_reject_reason(
             task.instruction, blacklist, config.min_instruction_words, config.max_instruction_words))
     checks.append(_instances_check)

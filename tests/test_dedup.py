@@ -33,7 +33,7 @@ from datagen.filters.dedup import (
     normalize,
     shingle_sets,
     weighted_jaccard,
-    words,
+    rouge_tokens,
 )
 from datagen.records import Instance, Lineage, Task
 from datagen.rouge import rouge_l_f1
@@ -67,7 +67,7 @@ def assert_partition(tasks, kept, rejected) -> None:
 
 def test_normalize_folds_case_punctuation_whitespace_and_width() -> None:
     assert normalize("  Explain   PHOTOSYNTHESIS!\n") == "explain photosynthesis"
-    assert normalize("Hello,world") == normalize("hello world")  # punctuation separates words
+    assert normalize("Hello,world") == normalize("hello world")  # punctuation separates rouge_tokens
     assert normalize("ＷＲＩＴＥ a ﬁne poem.") == "write a fine poem"  # NFKC: full width, ligature
     assert normalize("Straße") == normalize("STRASSE")  # casefold, not just lower
     assert normalize("Compute 2+2.") != normalize("Compute 2=2.")  # symbols are not punctuation
@@ -168,7 +168,7 @@ def test_near_duplicate_rejection_carries_reason_keeper_and_scores() -> None:
     (kept, rejected), _ = near_dedup(tasks)
     [rejection] = rejected
     assert (rejection.task.id, rejection.reason, rejection.duplicate_of) == ("edit", "near duplicate", "base")
-    sets = shingle_sets([words(t.instruction) for t in tasks], DedupConfig())
+    sets = shingle_sets([rouge_tokens(t.instruction) for t in tasks], DedupConfig())
     overlap = weighted_jaccard(sets[0], sets[1], idf_weights(sets))
     rouge = rouge_l_f1(BASES["review"], VARIANTS["review~two"][1])  # rouge-score's value exactly
     assert rejection.detail == f"rouge_l={rouge:.3f} weighted_jaccard={overlap:.3f}"
@@ -184,7 +184,7 @@ def test_one_and_two_word_edits_of_a_twelve_word_instruction_are_caught() -> Non
         "del2": "Write an email asking my landlord to repair the heater.",
         "swap": "Write a formal email asking my landlord to repair the heater broken.",
     }
-    assert len(words(base)) == 12
+    assert len(rouge_tokens(base)) == 12
     for name, text in edits.items():
         (_, rejected), _ = near_dedup([task("base", base), task(name, text)])
         assert removed(rejected) == {name: "base"}, (name, rouge_l_f1(base, text))
@@ -260,7 +260,7 @@ def test_judge_score_falls_back_to_most_instances_then_earliest() -> None:
 
 # -- clustering -------------------------------------------------------------------------
 
-# Same words, different order: every pair is an LSH candidate (identical sets), and only
+# Same rouge_tokens, different order: every pair is an LSH candidate (identical sets), and only
 # ROUGE-L separates them. A~B and B~C at 0.8, A~C at 0.6.
 CHAIN = [
     task("A", "alpha bravo charlie delta echo foxtrot golf hotel india juliet"),
@@ -309,7 +309,7 @@ def test_verify_false_decides_by_the_minhash_estimate() -> None:
 
 
 def test_non_latin_text_is_tokenized_and_deduplicated() -> None:
-    assert words("把这句话翻译成法语。Hello wörld") == [*"把这句话翻译成法语", "hello", "wörld"]
+    assert rouge_tokens("把这句话翻译成法语。Hello wörld") == [*"把这句话翻译成法语", "hello", "wörld"]
     tasks = [
         task("zh", "请用三句话总结这篇关于远程工作的文章。"),  # summarize this article on remote work in 3 sentences
         task("zh2", "请用三句话概括这篇关于远程工作的文章。"),  # one character pair reworded

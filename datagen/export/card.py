@@ -41,7 +41,7 @@ def _read_json(path: Path | None) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _words(text: str) -> int:
+def _word_count(text: str) -> int:
     return len(text.split())
 
 
@@ -89,9 +89,9 @@ def card_facts(
                                          for t in tasks).items())),
         },
         "lengths": {
-            "instruction": [_words(t.instruction) for t in tasks],
-            "input": [_words(i.input) for i in instances],
-            "output": [_words(i.output) for i in instances],
+            "instruction": [_word_count(t.instruction) for t in tasks],
+            "input": [_word_count(i.input) for i in instances],
+            "output": [_word_count(i.output) for i in instances],
         },
         "teachers": dict(teachers.most_common()),
         "sampling": {key: count for key, count in sampling.most_common()},
