@@ -437,9 +437,12 @@ def main(argv: list[str] | None = None) -> None:
         else:
             typer.echo(_usage_error_line(error), err=True)
         sys.exit(error.exit_code)
-    except typer.Abort:
-        typer.echo("error: aborted", err=True)
-        sys.exit(130)
+    except typer.Abort as stop:
+        # Older click turns Ctrl-C into Abort; it gets the same line as below.
+        interrupted = isinstance(stop.__context__, KeyboardInterrupt)
+        typer.echo("error: interrupted; rerun the same command to resume" if interrupted else "error: aborted",
+                   err=True)
+        sys.exit(INTERRUPTED)
     except DatagenError as error:
         if "--debug" in args:
             raise

@@ -82,7 +82,9 @@ class PlainProgress:
         return " ".join(parts)
 
     def final_line(self) -> str:
-        counted = f"{self.done}/{self.total} ({min(self.done, self.total) / self.total:.0%})" if self.total else str(self.done)
+        counted = str(self.done)
+        if self.total:
+            counted += f"/{self.total} ({min(self.done, self.total) / self.total:.0%})"
         extra = "".join(f" {name} {value}" for name, value in self.fields.items())
         return f"{self.label}: done {counted} in {clock(self.now() - self.started)}{extra}"
 

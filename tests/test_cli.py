@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -281,3 +283,29 @@ def test_generate_prints_progress_lines_when_not_on_a_terminal(tmp_path):
     assert re.fullmatch(r"evol-instruct: 0/6 \(0%\) 0\.00/s ETA \?", lines[0]), lines
     assert any(re.fullmatch(r"evol-instruct: [1-6]/6 \(\d+%\) [\d.]+/s ETA \d\d:\d\d", line) for line in lines), lines
     assert re.fullmatch(r"evol-instruct: done 6/6 \(100%\) in \d\d:\d\d", lines[-1]), lines
+
+
+def test_progress_line_says_done_total_rate_and_eta():
+    from datagen.progress import PlainProgress
+
+    now = [100.0]
+    shown = PlainProgress("generate", total=40, done=4, fields=("loss",), stream=io.StringIO(), interval=30,
+                          now=lambda: now[0])
+    now[0] += 30
+    shown.advance(12, loss="0.41")
+    assert shown.line() == "generate: 16/40 (40%) 0.40/s ETA 01:00 loss 0.41"  # 4 were done before
+    now[0] += 3600
+    assert shown.final_line() == "generate: done 16/40 (40%) in 1:00:30 loss 0.41"
+
+
+def test_progress_lines_keep_coming_while_a_stage_waits(monkeypatch):
+    from datagen.progress import progress
+
+    monkeypatch.setenv("DATAGEN_PROGRESS_INTERVAL", "0.05")
+    log = io.StringIO()
+    with progress("judge", total=3, stream=log) as shown:
+        time.sleep(0.5)  # a slow teacher batch: nothing advances
+        shown.advance(3)
+    lines = log.getvalue().splitlines()
+    assert lines.count("judge: 0/3 (0%) 0.00/s ETA ?") >= 3
+    assert re.fullmatch(r"judge: done 3/3 \(100%\) in 00:0\d", lines[-1])
