@@ -15,12 +15,14 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Annotated, Any, Optional
 
-import click
 import typer
 
 from datagen.errors import ConfigError, DatagenError
+
+INTERRUPTED = 130  # exit status after Ctrl-C, as a shell reports it
 
 app = typer.Typer(
     name="datagen",
@@ -28,6 +30,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain click help: rich's option table cuts long option names at 80 columns.
+    rich_markup_mode=None,
 )
 
 # Teacher options shared by every command that talks to a teacher. Each maps onto a
@@ -405,28 +409,57 @@ def distill(
                + format_summary(result["report"]), err=True)
 
 
+def _click_exceptions() -> ModuleType:
+    """The exceptions module of the click that typer parses with: its own vendored copy
+    (typer >= 0.26, which no longer depends on click) or click itself (older typer)."""
+    try:
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions
+
+
+def _usage_error_line(error: Exception) -> str:
+    """A parse error (unknown option, bad value) as one line that says where help is."""
+    context = getattr(error, "ctx", None)
+    command = context.command_path if context is not None else "datagen"
+    return f"error: {error.format_message().rstrip('.')} (see '{command} --help')"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `datagen` console script."""
     args = sys.argv[1:] if argv is None else argv
     command = typer.main.get_command(app)
+    click_errors = _click_exceptions()
     try:
-        command.main(args=args, prog_name="datagen", standalone_mode=False)
-    except click.exceptions.Exit as stop:
+        status = command.main(args=args, prog_name="datagen", standalone_mode=False)
+    except typer.Exit as stop:  # click's Exit under older typer, typer's own under newer
         sys.exit(stop.exit_code)
-    except click.ClickException as error:
-        error.show()
+    except click_errors.ClickException as error:
+        if getattr(click_errors, "NoArgsIsHelpError", None) and isinstance(error, click_errors.NoArgsIsHelpError):
+            error.show()  # its message is the help text
+        else:
+            typer.echo(_usage_error_line(error), err=True)
         sys.exit(error.exit_code)
-    except click.exceptions.Abort:
-        typer.echo("error: aborted", err=True)
-        sys.exit(130)
+    except typer.Abort as stop:
+        # Older click turns Ctrl-C into Abort; it gets the same line as below.
+        interrupted = isinstance(stop.__context__, KeyboardInterrupt)
+        typer.echo("error: interrupted; rerun the same command to resume" if interrupted else "error: aborted",
+                   err=True)
+        sys.exit(INTERRUPTED)
     except DatagenError as error:
         if "--debug" in args:
             raise
         typer.echo(f"error: {error}", err=True)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
+        status = INTERRUPTED
+    # Without standalone mode an Exit raised inside comes back as its code; newer typer
+    # turns Ctrl-C into Exit(130) that way too.
+    if status == INTERRUPTED:
         typer.echo("error: interrupted; rerun the same command to resume", err=True)
-        sys.exit(130)
+    if isinstance(status, int) and status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from datagen.errors import ConfigError
+from datagen.errors import ConfigError, InputError
+from datagen.io import read_text
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -67,10 +68,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     import yaml
 
     path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: cannot read config ({'a folder' if path.is_dir() else 'no such file'})")
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read config ({error.strerror})") from None
+        text = read_text(path, "a YAML config file")
+    except InputError as error:
+        raise ConfigError(str(error)) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:

@@ -2,9 +2,10 @@
 
 Passes run in the order given. Every removed task goes to the rejects file with the pass,
 the reason and (for duplicates) the id it duplicates; `stats.json` and a closing table
-give the counts in/out per pass and per reason. A malformed input line stops the run
-before anything is written (`error: in.jsonl:12: ...`), or with `skip_invalid` becomes a
-reject carrying the parse error. Outputs are written atomically.
+give the counts in/out per pass and per reason. A malformed input line, or a task under
+an id an earlier line already used (ids are what `duplicate_of`, lineage and splits refer
+to), stops the run before anything is written (`error: in.jsonl:12: ...`), or with
+`skip_invalid` becomes a reject carrying the parse error. Outputs are written atomically.
 
     datagen filter raw.jsonl --out kept.jsonl --rejects rejects.jsonl --passes heuristics,near-dedup
 """

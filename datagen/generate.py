@@ -20,6 +20,7 @@ from datagen.config import Strict
 from datagen.errors import ConfigError
 from datagen.generators.common import TaskSink, instances_toward_target
 from datagen.io import atomic_write_json, progress_path, read_tasks, rejects_path, summary_path
+from datagen.progress import progress
 from datagen.records import Task
 from datagen.generators.alpaca import AlpacaConfig, run_alpaca
 from datagen.generators.evol_instruct import EvolInstructConfig, run_evol_instruct
@@ -72,19 +73,15 @@ def _batches_done(output: Path, method: str) -> int:
 
 def run_generate(config, command_line: str) -> dict[str, Any]:
     """Run `config.generate` and return the summary it also writes beside the output."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     settings = config.generate
     if not settings.out:
         raise ConfigError("--out: where to write the tasks is required")
     output = Path(settings.out)
     seeds = load_seeds(config)
     started = time.monotonic()
-    with TaskSink(output) as sink, make_teacher(config.teacher) as teacher, Progress(
-        TextColumn(f"{settings.method}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        transient=False,
+    with TaskSink(output) as sink, make_teacher(config.teacher) as teacher, progress(
+        settings.method, total=settings.num, done=min(len(sink.existing), settings.num),
     ) as bar:
-        bar_task = bar.add_task("tasks", total=settings.num, completed=min(len(sink.existing), settings.num))
 
         def mark_done(batches: int) -> None:
             atomic_write_json(progress_path(output), {"method": settings.method, "batches_done": batches})
@@ -94,7 +91,7 @@ def run_generate(config, command_line: str) -> dict[str, Any]:
         runner(
             seeds, teacher, sink, getattr(settings, section),
             num=settings.num, seed=settings.seed, instances_per_task=settings.instances_per_task,
-            progress=lambda n: bar.advance(bar_task, n),
+            progress=bar.advance,
             batches_done=_batches_done(output, settings.method), on_batch_done=mark_done,
         )
         summary = run_summary(

@@ -1,5 +1,9 @@
 """Reading and writing JSONL and JSON without losing work.
 
+- `read_text_lines` / `read_text` are the one place text files are decoded: UTF-8, a
+  byte-order mark accepted, and a bad byte reported as `FILE:LINE: not UTF-8 text`.
+  Every reader of user files (seeds, filter and export input, finetune data, eval files,
+  configs) goes through them.
 - `read_jsonl` / `read_tasks` report the file and line of a bad record as one line:
   `seeds.jsonl:12: missing "instruction"`.
 - `JsonlAppender` appends records and flushes them to disk per batch, so a killed run
@@ -38,28 +42,72 @@ def describe_validation_error(error: ValidationError) -> str:
     return f'field "{location}": {first["msg"]}'
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line number, object) for each non-blank line; bad JSON raises InputError."""
-    path = Path(path)
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def _open_binary(path: Path, kind: str):
     try:
-        handle = path.open(encoding="utf-8")
+        return path.open("rb")
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
     except IsADirectoryError:
-        raise InputError(f"{path}: is a directory, expected a JSONL file") from None
-    with handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
+        raise InputError(f"{path}: is a directory, expected {kind}") from None
+    except OSError as error:
+        raise InputError(f"{path}: cannot read ({error.strerror})") from None
+
+
+def _not_utf8(path: Path, line_number: int) -> InputError:
+    return InputError(f"{path}:{line_number}: not UTF-8 text")
+
+
+def read_text_lines(path: str | Path, kind: str = "a text file") -> Iterator[tuple[int, str]]:
+    """Yield (line number, line without its line ending) of a UTF-8 text file.
+
+    A leading byte-order mark is dropped; the first line holding a byte that is not UTF-8
+    raises InputError `FILE:LINE: not UTF-8 text`. Lines end at "\n" only (a "\r" before
+    it is dropped), so a U+2028 inside a JSON string does not split a record. `kind` names
+    what was expected when `path` is a folder.
+    """
+    path = Path(path)
+    with _open_binary(path, kind) as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            if line_number == 1 and raw.startswith(UTF8_BOM):
+                raw = raw[len(UTF8_BOM):]
             try:
-                value = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise InputError(f"{path}:{line_number}: invalid JSON ({error.msg})") from None
-            if not isinstance(value, dict):
-                raise InputError(
-                    f"{path}:{line_number}: expected a JSON object, got {type(value).__name__}"
-                )
-            yield line_number, value
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise _not_utf8(path, line_number) from None
+            yield line_number, line.rstrip("\n").removesuffix("\r")
+
+
+def read_text(path: str | Path, kind: str = "a text file") -> str:
+    """The whole of a UTF-8 text file (for YAML and JSON documents), decoded as
+    `read_text_lines` decodes: byte-order mark dropped, `FILE:LINE: not UTF-8 text`."""
+    path = Path(path)
+    with _open_binary(path, kind) as handle:
+        data = handle.read()
+    if data.startswith(UTF8_BOM):
+        data = data[len(UTF8_BOM):]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise _not_utf8(path, data.count(b"\n", 0, error.start) + 1) from None
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, object) for each non-blank line; bad JSON raises InputError."""
+    for line_number, line in read_text_lines(path, "a JSONL file"):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise InputError(f"{path}:{line_number}: invalid JSON ({error.msg})") from None
+        if not isinstance(value, dict):
+            raise InputError(
+                f"{path}:{line_number}: expected a JSON object, got {type(value).__name__}"
+            )
+        yield line_number, value
 
 
 def read_records(path: str | Path, model: type[BaseModel]) -> Iterator[Any]:
@@ -74,23 +122,33 @@ def read_records(path: str | Path, model: type[BaseModel]) -> Iterator[Any]:
 
 
 def read_tasks_lenient(path: str | Path) -> tuple[list[Task], list[tuple[str, str, str]]]:
-    """Tasks, and (file:line, problem, raw line) for every line that is not a valid task."""
+    """Tasks, and (file:line, problem, raw line) for every line that is not a valid task.
+
+    A task whose id an earlier line already used is not valid either, even when the
+    whole line repeats: ids are what `duplicate_of`, lineage and splits refer to, so two
+    records under one id would make those references ambiguous.
+    """
     path = Path(path)
     tasks, invalid = [], []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    for line_number, line in enumerate(text.splitlines(), start=1):
+    first_seen: dict[str, tuple[int, int]] = {}  # id -> (line, index in tasks)
+    for line_number, line in read_text_lines(path, "a JSONL file"):
         if not line.strip():
             continue
         where = f"{path}:{line_number}"
         try:
-            tasks.append(Task.model_validate_json(line))
+            task = Task.model_validate_json(line)
         except ValidationError as error:
             first = error.errors()[0]
             problem = "invalid JSON" if first["type"] == "json_invalid" else describe_validation_error(error)
             invalid.append((where, problem, line))
+            continue
+        if task.id in first_seen:
+            earlier, index = first_seen[task.id]
+            how = "(the same task repeated)" if tasks[index] == task else "with a different task"
+            invalid.append((where, f'id "{task.id}" already used by line {earlier} {how}', line))
+            continue
+        first_seen[task.id] = (line_number, len(tasks))
+        tasks.append(task)
     return tasks, invalid
 
 

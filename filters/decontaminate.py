@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from datagen.errors import ConfigError, InputError
 from datagen.filters.base import Fields, PassContext, PassResult, Rejection, text_of
+from datagen.io import read_text_lines
 from datagen.records import Task
 
 
@@ -50,12 +51,8 @@ def _strings(value) -> Iterator[str]:
 
 def _eval_items(path: Path) -> Iterator[tuple[str, str]]:
     """(where, text) for every item of an eval file."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as error:
-        raise InputError(f"{path}: cannot read eval file ({error.strerror})") from None
     is_jsonl = path.suffix in {".jsonl", ".json"}
-    for number, line in enumerate(lines, start=1):
+    for number, line in read_text_lines(path, "an eval file"):
         if not line.strip():
             continue
         if is_jsonl:

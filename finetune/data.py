@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from datagen.errors import InputError
-from datagen.io import read_jsonl
+from datagen.io import read_jsonl, read_text
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -89,7 +89,7 @@ def load_conversations(path: str | Path, *, prompt_erasure: bool = False) -> lis
     if not path.exists():
         raise InputError(f"{path}: no such file")
     if path.suffix == ".json":
-        rows = _json_array_rows(path, path.read_text(encoding="utf-8"))
+        rows = _json_array_rows(path, read_text(path, "a JSON file"))
     else:
         rows = [(f"{path}:{number}", row) for number, row in read_jsonl(path)]
     conversations: list[Conversation] = []

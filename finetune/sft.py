@@ -696,7 +696,7 @@ def _printer(enabled: bool) -> Callable[[str], None]:
 
 
 class _progress:
-    """A rich progress bar with loss, tokens/s and ETA; silent when disabled."""
+    """Progress with loss, tokens/s and ETA (datagen.progress); silent when disabled."""
 
     def __init__(self, enabled: bool, total: int, done: int):
         self.enabled, self.total, self.done = enabled, total, done
@@ -704,21 +704,16 @@ class _progress:
     def __enter__(self) -> Callable[[dict[str, Any]], None]:
         if not self.enabled:
             return lambda record: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from datagen.progress import progress
 
-        self.bar = Progress(
-            TextColumn("sft"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
-            TextColumn("ETA"), TimeRemainingColumn(),
-        )
-        self.bar.__enter__()
-        task = self.bar.add_task("steps", total=self.total, completed=self.done, loss="-", speed="-")
+        self.shown = progress("sft", total=self.total, done=self.done, fields=("loss", "tok/s"))
+        bar = self.shown.__enter__()
 
         def advance(record: dict[str, Any]) -> None:
-            self.bar.update(task, advance=1, loss=f"{record['loss']:.4f}", speed=f"{record['tokens_per_s']:.0f}")
+            bar.advance(1, loss=f"{record['loss']:.4f}", **{"tok/s": f"{record['tokens_per_s']:.0f}"})
 
         return advance
 
     def __exit__(self, *exc_info: object) -> None:
         if self.enabled:
-            self.bar.__exit__(*exc_info)
+            self.shown.__exit__(*exc_info)

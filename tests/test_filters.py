@@ -123,7 +123,7 @@ def write_tasks(path, tasks):
 
 def test_filter_cli_writes_kept_rejects_and_stats_that_add_up(tmp_path):
     source = tmp_path / "raw.jsonl"
-    tasks = [case for case, _ in HEURISTIC_CASES]
+    tasks = [case.model_copy(update={"id": f"h{number}"}) for number, (case, _) in enumerate(HEURISTIC_CASES)]
     tasks.append(task("Give me three tips for sleeping better at night.", task_id="n1"))
     tasks.append(task("Give me three tips for sleeping better tonight.", task_id="n2"))
     write_tasks(source, tasks)

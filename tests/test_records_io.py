@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from datagen.errors import InputError
-from datagen.io import JsonlAppender, atomic_write_json, read_tasks, write_jsonl_atomic
+from datagen.config import read_yaml
+from datagen.errors import DatagenError, InputError
+from datagen.io import (JsonlAppender, atomic_write_json, read_tasks, read_tasks_lenient, read_text,
+                        read_text_lines, write_jsonl_atomic)
 from datagen.records import Instance, Lineage, Task
 
 DATA = Path(__file__).parent / "data"
@@ -90,3 +92,96 @@ def test_atomic_writes_leave_no_temp_files(tmp_path):
     assert json.loads((tmp_path / "stats.json").read_text()) == {"kept": 3}
     assert [t.id for t in read_tasks(tmp_path / "kept.jsonl")] == ["a", "b"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.jsonl", "stats.json"]
+
+
+# -- text decoding: every reader goes through datagen.io.read_text_lines / read_text -----------
+
+def _read_tasks(path):
+    return [task.instruction for task in read_tasks(path)]
+
+
+def _read_tasks_lenient(path):
+    tasks, invalid = read_tasks_lenient(path)
+    assert invalid == []
+    return [task.instruction for task in tasks]
+
+
+def _read_config(path):
+    return read_yaml(path)["teacher"]["model"]
+
+
+def _load_conversations(path):
+    from datagen.finetune.data import load_conversations
+
+    return [conversation.messages for conversation in load_conversations(path)]
+
+
+def _eval_file(path):
+    from datagen.filters.decontaminate import EvalIndex
+
+    return sorted(set(EvalIndex.from_files([path], n=2).grams.values()))
+
+
+# reader, file name, the file's text (line 2 holds the only non-ASCII character, "é")
+READERS = [
+    (_read_tasks, "seeds.jsonl",
+     '{"id": "a", "instruction": "Say hi."}\n{"id": "b", "instruction": "Say café."}\n'),
+    (_read_tasks_lenient, "raw.jsonl",
+     '{"id": "a", "instruction": "Say hi."}\n{"id": "b", "instruction": "Say café."}\n'),
+    (_read_config, "run.yaml", "teacher:\n  model: café\n"),
+    (_load_conversations, "train.jsonl",
+     '{"prompt": "Say hi.", "completion": "hi"}\n{"prompt": "Say café.", "completion": "café"}\n'),
+    (_load_conversations, "alpaca.json",
+     '[{"instruction": "Say hi.", "output": "hi"},\n {"instruction": "Say café.", "output": "café"}]\n'),
+    (_eval_file, "eval.txt", "the first eval item here\nthe second café item\n"),
+    (_eval_file, "eval.jsonl", '{"q": "the first eval item"}\n{"q": "the second café item"}\n'),
+]
+
+
+@pytest.mark.parametrize(("read", "name", "text"), READERS, ids=lambda v: getattr(v, "__name__", v)[:20])
+def test_every_reader_accepts_a_byte_order_mark(tmp_path, read, name, text):
+    plain, marked = tmp_path / "plain" / name, tmp_path / "marked" / name
+    for path, data in ((plain, text.encode()), (marked, b"\xef\xbb\xbf" + text.encode())):
+        path.parent.mkdir()
+        path.write_bytes(data)
+    assert repr(read(marked)).replace("marked", "plain") == repr(read(plain))  # eval items name their file
+
+
+@pytest.mark.parametrize(("read", "name", "text"), READERS, ids=lambda v: getattr(v, "__name__", v)[:20])
+def test_every_reader_names_the_line_of_a_byte_that_is_not_utf8(tmp_path, read, name, text):
+    path = tmp_path / name
+    path.write_bytes(text.encode("latin-1"))  # "é" as the single byte 0xE9
+    with pytest.raises(DatagenError) as caught:
+        read(path)
+    assert str(caught.value) == f"{path}:2: not UTF-8 text"
+
+
+def test_read_text_counts_lines_to_the_first_bad_byte(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_bytes("one\r\ntwo é\nthree \xe9\n".encode() + b"four \xff\n")
+    with pytest.raises(InputError, match=r"notes\.txt:4: not UTF-8 text$"):
+        read_text(path)
+    lines = read_text_lines(path)
+    assert [next(lines), next(lines), next(lines)] == [(1, "one"), (2, "two é"), (3, "three é")]
+    with pytest.raises(InputError, match=r"notes\.txt:4: not UTF-8 text$"):
+        next(lines)
+
+
+def test_a_line_separator_inside_a_json_string_does_not_split_the_record(tmp_path):
+    path = tmp_path / "raw.jsonl"
+    path.write_text('{"id": "a", "instruction": "one\u2028two"}\n', encoding="utf-8")
+    tasks, invalid = read_tasks_lenient(path)
+    assert invalid == [] and tasks[0].instruction == "one\u2028two"
+
+
+def test_a_reused_id_is_named_with_both_lines(tmp_path):
+    path = tmp_path / "kept.jsonl"
+    first = Task(id="x", instruction="Say hi.").to_json()
+    path.write_text("\n".join([first, Task(id="y", instruction="Bye.").to_json(), first,
+                               Task(id="x", instruction="Say hello.").to_json()]) + "\n")
+    tasks, invalid = read_tasks_lenient(path)
+    assert [task.id for task in tasks] == ["x", "y"]
+    assert [(where, problem) for where, problem, _ in invalid] == [
+        (f"{path}:3", 'id "x" already used by line 1 (the same task repeated)'),
+        (f"{path}:4", 'id "x" already used by line 1 with a different task'),
+    ]

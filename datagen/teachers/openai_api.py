@@ -108,9 +108,10 @@ class OpenAIBackend:
         self._api_key = os.environ.get(config.api_key_env)
         if not self._api_key:
             if urlparse(self.base_url).hostname not in LOOPBACK_HOSTS:
+                # Said here, before the first request, not as a 401 from the server later.
                 raise TeacherError(
-                    f"the openai backend needs an API key for {self.base_url}: "
-                    f"set the environment variable {config.api_key_env}"
+                    f"--api-key-env: environment variable {config.api_key_env} is not set "
+                    f"(needed for {self.base_url})"
                 )
             self._api_key = "EMPTY"  # local servers ignore the key but the client wants one
         self._rng = random.Random(0)
