@@ -73,8 +73,8 @@ from datagen.filters.dedup import (  # noqa: E402
     minhash_elements,
     minhash_signatures,
     near_dedup,
-    weighted_jaccard,
     rouge_tokens,
+    weighted_jaccard,
 )
 from datagen.records import Instance, Task  # noqa: E402
 from datagen.rouge import RougeLIndex, rouge_l_f1  # noqa: E402

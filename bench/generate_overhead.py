@@ -30,10 +30,10 @@ def main() -> None:
     from vllm import SamplingParams as VllmSampling
 
     from datagen.config import SamplingParams
-    from datagen.teachers import TeacherConfig
     from datagen.generate import bundled_seeds_path
     from datagen.generators.self_instruct import bootstrap_messages, parse_bootstrap_reply, sample_prompt_tasks
     from datagen.io import read_tasks
+    from datagen.teachers import TeacherConfig
     from datagen.teachers.teacher import Teacher
     from datagen.teachers.vllm_engine import VLLMBackend
 

@@ -22,8 +22,7 @@ import contextlib
 import time
 
 from datagen.config import SamplingParams
-from datagen.teachers import TeacherConfig
-from datagen.teachers import make_teacher
+from datagen.teachers import TeacherConfig, make_teacher
 
 TOPICS = ["rivers", "chess", "bread", "volcanoes", "jazz", "bees", "glass", "comets", "tea", "bridges",
           "owls", "maps", "salt", "kites", "coral", "clocks"]

@@ -24,9 +24,9 @@ from datagen.config import Strict, read_yaml, validate_config
 from datagen.distill import DistillConfig
 from datagen.export.config import ExportConfig
 from datagen.filtering import FilterConfig
-from datagen.generate import GenerateConfig
 from datagen.finetune.evaluate import EvalConfig
 from datagen.finetune.sft import FinetuneConfig
+from datagen.generate import GenerateConfig
 from datagen.teachers import TeacherConfig
 
 

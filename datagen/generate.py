@@ -18,16 +18,15 @@ from pydantic import Field
 
 from datagen.config import Strict
 from datagen.errors import ConfigError
-from datagen.generators.common import TaskSink, instances_toward_target
-from datagen.io import atomic_write_json, progress_path, read_tasks, rejects_path, summary_path
-from datagen.progress import progress
-from datagen.records import Task
 from datagen.generators.alpaca import AlpacaConfig, run_alpaca
+from datagen.generators.common import TaskSink, instances_toward_target
 from datagen.generators.evol_instruct import EvolInstructConfig, run_evol_instruct
 from datagen.generators.orca import OrcaConfig, run_orca
 from datagen.generators.self_instruct import SelfInstructConfig, run_self_instruct
+from datagen.io import atomic_write_json, progress_path, read_tasks, rejects_path, summary_path
+from datagen.progress import progress
+from datagen.records import Task
 from datagen.teachers.teacher import make_teacher, run_summary
-
 
 # method -> (entry point, section of GenerateConfig holding its settings)
 METHODS = {

@@ -114,8 +114,14 @@ class RichProgress:
     """The same calls drawn as a rich bar (with elapsed time and ETA) on the terminal."""
 
     def __init__(self, label: str, total: int | None, done: int, fields: Sequence[str], console):
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         columns = [TextColumn(label), BarColumn(), MofNCompleteColumn()]
         columns += [TextColumn(f"{name} {{task.fields[{name}]}}") for name in fields]

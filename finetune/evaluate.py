@@ -29,9 +29,9 @@ from typing import Any
 from pydantic import Field
 
 from datagen.config import SamplingParams, Strict
-from datagen.teachers import TeacherConfig
 from datagen.errors import InputError
 from datagen.io import atomic_write_json, atomic_write_text
+from datagen.teachers import TeacherConfig
 
 JUDGE_TEMPLATE = "judge_pairwise.jinja"
 

@@ -31,9 +31,9 @@ from datagen.filters.dedup import (
     minhash_signatures,
     near_dedup,
     normalize,
+    rouge_tokens,
     shingle_sets,
     weighted_jaccard,
-    rouge_tokens,
 )
 from datagen.records import Instance, Lineage, Task
 from datagen.rouge import rouge_l_f1

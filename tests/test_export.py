@@ -15,12 +15,14 @@ from pathlib import Path
 
 import pytest
 
+from datagen.chat import GENERIC_SYSTEM
 from datagen.config import SamplingParams
 from datagen.config_file import load_config
 from datagen.errors import ConfigError
 from datagen.export import (
     FORMATS,
     ExportConfig,
+    alpaca_examples,
     chat_examples,
     detect_language,
     format_export_summary,
@@ -34,12 +36,9 @@ from datagen.export import (
     split_by_task,
     tasks_from_rows,
     validate_ni_task,
-    alpaca_examples,
 )
 from datagen.filtering import run_filter
-from datagen.io import rejects_path
-from datagen.chat import GENERIC_SYSTEM
-from datagen.io import read_tasks, write_jsonl_atomic
+from datagen.io import read_tasks, rejects_path, write_jsonl_atomic
 from datagen.records import Instance, Lineage, Reject, Task
 from datagen.teachers.base import BackendCounters, Completion
 from tests.helpers import run_cli

@@ -16,7 +16,6 @@ from datagen.io import read_records, rejects_path, stats_path
 from datagen.records import Reject, Task
 from tests.helpers import make_task, write_tasks
 
-
 MIN_WORDS = 6
 
 

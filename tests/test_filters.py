@@ -103,8 +103,7 @@ def test_judge_prompt_and_parse():
 
 @pytest.mark.slow
 def test_judge_pass_on_the_embedded_model(tmp_path):
-    from datagen.teachers import TeacherConfig
-    from datagen.teachers import make_teacher
+    from datagen.teachers import TeacherConfig, make_teacher
 
     tasks = [task("What is the capital of France?", ("", "Paris is the capital of France."), task_id="good"),
              task("What is the capital of France?", ("", "Bananas are yellow."), task_id="bad")]

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from datagen.errors import InputError
+from datagen.errors import ConfigError, InputError
 from datagen.finetune.data import (
     IGNORE_INDEX,
     Conversation,
@@ -27,7 +27,6 @@ from datagen.finetune.data import (
     load_conversations,
     plan_batches,
 )
-from datagen.errors import ConfigError
 from datagen.finetune.sft import (
     LOSS_PATH_FAST,
     LOSS_PATH_FULL,
@@ -578,8 +577,8 @@ def test_judge_prompt_is_pinned():
 
 @pytest.mark.slow
 def test_eval_compares_base_and_tuned_on_held_out_data(trained, tmp_path):
-    from datagen.teachers import TeacherConfig
     from datagen.finetune.evaluate import EvalConfig, evaluate
+    from datagen.teachers import TeacherConfig
 
     folder, _data, _summary = trained
     held_out = write_jsonl(tmp_path / "test.jsonl", arithmetic_rows(4, seed=99))

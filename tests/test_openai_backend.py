@@ -13,8 +13,7 @@ import time
 import pytest
 
 from datagen.config import SamplingParams
-from datagen.teachers import PriceTable, TeacherConfig
-from datagen.teachers import make_teacher
+from datagen.teachers import PriceTable, TeacherConfig, make_teacher
 from datagen.teachers.openai_api import RateLimiter, backoff_seconds, retry_after_seconds
 from tests.fault_proxy import FaultProxy
 

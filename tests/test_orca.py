@@ -12,10 +12,8 @@ from pathlib import Path
 import pytest
 
 from datagen.config import SamplingParams, validate_config
-from datagen.teachers import TeacherConfig
 from datagen.errors import ConfigError
 from datagen.generators.common import TaskSink, stable_id
-from datagen.io import rejects_path
 from datagen.generators.orca import (
     CATALOGUE,
     GENERIC_SYSTEM,
@@ -33,8 +31,9 @@ from datagen.generators.orca import (
     task_kind,
     training_messages,
 )
-from datagen.io import read_records, read_tasks
+from datagen.io import read_records, read_tasks, rejects_path
 from datagen.records import Instance, Task
+from datagen.teachers import TeacherConfig
 from datagen.teachers.base import BackendCounters, Completion, Request, ResultCallback
 from datagen.teachers.teacher import Teacher
 

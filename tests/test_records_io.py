@@ -9,8 +9,15 @@ import pytest
 
 from datagen.config import read_yaml
 from datagen.errors import DatagenError, InputError
-from datagen.io import (JsonlAppender, atomic_write_json, read_tasks, read_tasks_lenient, read_text,
-                        read_text_lines, write_jsonl_atomic)
+from datagen.io import (
+    JsonlAppender,
+    atomic_write_json,
+    read_tasks,
+    read_tasks_lenient,
+    read_text,
+    read_text_lines,
+    write_jsonl_atomic,
+)
 from datagen.records import Instance, Lineage, Task
 
 DATA = Path(__file__).parent / "data"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from datagen.config import SamplingParams
-from datagen.teachers import TeacherConfig
 from datagen.errors import TeacherError
+from datagen.teachers import TeacherConfig
 from datagen.teachers.base import Request
 from datagen.teachers.cache import RequestCache, request_key
 from datagen.teachers.teacher import Teacher, make_backend

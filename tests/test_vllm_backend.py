@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from datagen.config import SamplingParams
-from datagen.teachers import TeacherConfig
-from datagen.teachers import make_teacher
+from datagen.teachers import TeacherConfig, make_teacher
 
 pytestmark = pytest.mark.slow
 

@@ -18,8 +18,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from datagen.errors import ConfigError
 from datagen.chat import GENERIC_SYSTEM, instance_messages
+from datagen.errors import ConfigError
 from datagen.io import atomic_write_json, write_jsonl_atomic
 from datagen.records import Task
 

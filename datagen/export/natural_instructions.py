@@ -18,8 +18,8 @@ import hashlib
 import math
 import re
 from collections import Counter
-from contextlib import ExitStack
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 

@@ -10,11 +10,10 @@ the embedded SmolLM2-135M-Instruct (see `datagen.models`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import hashlib
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from datagen.config import SamplingParams
 from datagen.models import resolve_model

@@ -15,8 +15,6 @@ Works with vLLM's server, OpenAI itself, or anything else that speaks
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import asyncio
 import email.utils
 import json
@@ -25,6 +23,7 @@ import random
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from datagen.errors import TeacherError

@@ -11,10 +11,9 @@ processes); the `datagen` command has one.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from datagen.errors import TeacherError
 from datagen.models import resolve_model
