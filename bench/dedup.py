@@ -28,8 +28,8 @@ Rows, all scored the same way:
   three variants: union-find clusters, the MinHash estimate deciding, unweighted word sets.
 - naive: the textbook datasketch loop with the same shingles (IDF-weighted distinct words),
   threshold, num_perm and MinHash scheme: a `MinHash(scheme=MINHASH_SCHEME)` per task,
-  `update(element.encode())` per element (default sha1 hashfunc), `MinHashLSH.insert` per task, `lsh.query` per task, then the
-  same exact tests, clustering and keep rule as ours.
+  `update(element.encode())` per element (default sha1 hashfunc), `MinHashLSH.insert` per task,
+  `lsh.query` per task, then the same exact tests, clustering and keep rule as ours.
 - LSH stage only: our numpy banding against the same signatures inserted into a datasketch
   `MinHashLSH` with `insertion_session` (LeanMinHash) and its buckets read back; the two
   candidate-pair sets must be equal.
@@ -563,7 +563,7 @@ def main() -> None:
                 ("ours: weighting='none' (plain word sets)", {"weighting": "none"})]
     for label, update in variants:
         variant = config.model_copy(update=update)
-        (removals, _, _), seconds, peak = in_child(lambda: ours(tasks, variant))
+        (removals, _, _), seconds, peak = in_child(lambda variant=variant: ours(tasks, variant))
         row(label, args.n, seconds, peak, removals, cluster_of)
     (naive_removals, naive_summary, _), naive_s, naive_peak = in_child(lambda: naive(tasks, config))
     row("naive: datasketch update/insert/query loop", args.n, naive_s, naive_peak, naive_removals, cluster_of)
@@ -594,11 +594,12 @@ def main() -> None:
         sample, sample_clusters = [tasks[i] for i in positions], [cluster_of[i] for i in positions]
         header(f"sub-corpus of {len(sample)} tasks (whole true clusters, "
                f"{len(sample) - len(set(sample_clusters))} removals expected)")
-        (sub_removals, _, _), sub_s, sub_peak = in_child(lambda: ours(sample, config))
+        (sub_removals, _, _), sub_s, sub_peak = in_child(lambda sample=sample: ours(sample, config))
         row("ours: near_dedup (defaults)", len(sample), sub_s, sub_peak, sub_removals, sample_clusters)
         found = {}
         for label, method in methods:
-            (removals, summary, extra), seconds, peak = in_child(lambda: method(sample, config))
+            (removals, summary, extra), seconds, peak = in_child(
+                lambda method=method, sample=sample: method(sample, config))
             row(label, len(sample), seconds, peak, removals, sample_clusters)
             print(f"    {summary}; {seconds / sub_s:.0f}x the time of ours")
             found[method] = set(extra["pairs"])

@@ -170,7 +170,9 @@ def teacher(
 
 @app.command()
 def generate(
-    method: Annotated[Optional[str], typer.Option("--method", help="self-instruct | alpaca | evol-instruct | orca.")] = None,
+    method: Annotated[
+        Optional[str], typer.Option("--method", help="self-instruct | alpaca | evol-instruct | orca.")
+    ] = None,
     seeds: Annotated[Optional[Path], typer.Option("--seeds", help="Seed task JSONL (default: bundled seeds).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output task JSONL (appended, resumable).")] = None,
     num: Annotated[Optional[int], typer.Option("--num", "-n", help="Tasks to produce in total.")] = None,
@@ -329,10 +331,14 @@ def export_command(
 def finetune(
     data: Annotated[Path, typer.Argument(help="Chat/prompt-completion/Alpaca/task JSONL, or an export folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (adapter/, merged/, logs).")],
-    base: Annotated[Optional[str], typer.Option("--base", help="Student: alias, model folder, .gguf or hub id.")] = None,
+    base: Annotated[
+        Optional[str], typer.Option("--base", help="Student: alias, model folder, .gguf or hub id.")
+    ] = None,
     method: Annotated[Optional[str], typer.Option("--method", help="lora | qlora (QLoRA needs CUDA).")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs")] = None,
-    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Optimiser steps (overrides --epochs).")] = None,
+    max_steps: Annotated[
+        Optional[int], typer.Option("--max-steps", help="Optimiser steps (overrides --epochs).")
+    ] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size")] = None,
     grad_accum: Annotated[Optional[int], typer.Option("--grad-accum")] = None,
     learning_rate: Annotated[Optional[float], typer.Option("--learning-rate", "--lr")] = None,

@@ -116,7 +116,8 @@ def judge_messages(request: str, answer_a: str, answer_b: str) -> list[dict[str,
     return [{"role": "user", "content": text}]
 
 
-def win_rate(teacher, requests: list[str], tuned: list[str], base: list[str], sampling: SamplingParams) -> dict[str, Any]:
+def win_rate(teacher, requests: list[str], tuned: list[str], base: list[str],
+             sampling: SamplingParams) -> dict[str, Any]:
     """Tuned-over-base win rate, each pair judged in both orders (win 1, tie 0.5, loss 0).
 
     Unreadable verdicts are counted and left out of the rate, not guessed.
@@ -158,7 +159,8 @@ def evaluate(
     if config.max_examples:
         conversations = conversations[: config.max_examples]
     tuned_model = resolve_student(tuned)
-    results = {"base": score_model(base, conversations, config), "tuned": score_model(tuned_model, conversations, config)}
+    results = {"base": score_model(base, conversations, config),
+               "tuned": score_model(tuned_model, conversations, config)}
     report: dict[str, Any] = {
         "data": str(source),
         "examples": len(conversations),

@@ -135,7 +135,9 @@ def test_generate_needs_an_output():
 def test_unknown_method():
     result = run_cli("generate", "--method", "magic", "--out", "x.jsonl")
     assert result.returncode == 2
-    assert single_error_line(result).startswith("error: --method: Input should be 'self-instruct', 'alpaca', 'evol-instruct' or 'orca'")
+    assert single_error_line(result).startswith(
+        "error: --method: Input should be 'self-instruct', 'alpaca', 'evol-instruct' or 'orca'"
+    )
 
 
 # -- bad input: one line, never a traceback ------------------------------------------------------

@@ -16,7 +16,8 @@ def write(tmp_path, text):
 
 def test_defaults_and_yaml_values(tmp_path):
     assert load_config().teacher.backend == "local"
-    config = load_config(write(tmp_path, "teacher:\n  backend: openai\n  sampling: {temperature: 0.2, stop: [\"\\n\\n\"]}\n"))
+    config = load_config(write(tmp_path, "teacher:\n  backend: openai\n"
+                                         "  sampling: {temperature: 0.2, stop: [\"\\n\\n\"]}\n"))
     assert config.teacher.backend == "openai"
     assert config.teacher.sampling.temperature == 0.2
     assert config.teacher.sampling.stop == ("\n\n",)

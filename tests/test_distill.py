@@ -52,7 +52,9 @@ def test_a_change_reruns_its_stage_and_every_later_one(tmp_path):
 def test_unknown_stage_is_a_usage_error(tmp_path):
     result = run_cli("distill", str(write_config(tmp_path)), "--from", "deploy")
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: --from: expected one of generate, filter, export, finetune, eval, got 'deploy'"
+    assert result.stderr.strip() == (
+        "error: --from: expected one of generate, filter, export, finetune, eval, got 'deploy'"
+    )
 
 
 def test_bad_config_names_the_key(tmp_path):

@@ -100,7 +100,8 @@ def test_split_by_task_is_deterministic_and_has_no_leakage():
     splits = split_by_task(tasks, validation=0.1, test=0.2, seed=3)
     assert set(splits) == {"train", "validation", "test"}
     ids = {name: {t.id for t in members} for name, members in splits.items()}
-    assert not ids["train"] & ids["test"] and not ids["train"] & ids["validation"] and not ids["test"] & ids["validation"]
+    assert (not ids["train"] & ids["test"] and not ids["train"] & ids["validation"]
+            and not ids["test"] & ids["validation"])
     assert (len(ids["train"]), len(ids["validation"]), len(ids["test"])) == (35, 5, 10)
     assert sum(len(m) for m in splits.values()) == len(tasks)
     assert split_by_task(list(reversed(tasks)), validation=0.1, test=0.2, seed=3)["test"] == list(
@@ -118,7 +119,8 @@ def test_split_by_task_with_few_tasks(count, expected):
 def test_split_fractions_must_leave_train():
     with pytest.raises(ConfigError):
         split_by_task([], validation=0.5, test=0.5)
-    with pytest.raises(ConfigError, match="config: export: Value error, validation \\+ test must leave some tasks for train"):
+    with pytest.raises(ConfigError,
+                       match="config: export: Value error, validation \\+ test must leave some tasks for train"):
         config(validation=0.6, test=0.4)
 
 
@@ -295,7 +297,8 @@ def test_strict_exports_the_conforming_task_and_names_the_rules_the_others_break
     good = even_odd_task("good")
     short = even_odd_task("short", n=10, name="short_task", instruction="Say whether this number is even or odd.")
     skewed = even_odd_task("skewed", name="skewed_task", instruction="Classify the number as even or odd, please.",
-                           instances=[Instance(input=f"n = {k}", output="Even" if k < 29 else "Odd") for k in range(30)])
+                           instances=[Instance(input=f"n = {k}", output="Even" if k < 29 else "Odd")
+                                      for k in range(30)])
     # not a classification task, so no other label stands in for a rejected output
     no_negative = even_odd_task("lonely", name="no_rejects", instruction="Is the number odd or even?",
                                 is_classification=False)
@@ -330,7 +333,9 @@ def test_strict_with_no_passing_task_is_an_error(tmp_path):
     result = run_cli("export", str(source), "--format", "natural-instructions", "--out", str(tmp_path / "ni"),
                      "--strict", "--no-teacher-negatives")
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == "error: --strict: none of the 1 tasks passes; see the reasons above"
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --strict: none of the 1 tasks passes; see the reasons above"
+    )
 
 
 def test_rerun_replaces_its_own_files_and_leaves_others(tmp_path):

@@ -55,7 +55,8 @@ def test_alpaca_preset_and_length_limits():
     assert rejection.reason == "blacklisted word: music"
     limits = checks_for(HeuristicsConfig(min_output_words=3, max_output_words=5))
     assert check_pass(limits)([task(GOOD, ("", "Yes."))])[1][0].reason == "output shorter than 3 words"
-    assert check_pass(limits)([task(GOOD, ("", "one two three four five six"))])[1][0].reason == "output longer than 5 words"
+    assert (check_pass(limits)([task(GOOD, ("", "one two three four five six"))])[1][0].reason
+            == "output longer than 5 words")
 
 
 def test_novelty_pass_keeps_the_first_and_names_it():
@@ -72,11 +73,13 @@ def test_novelty_pass_keeps_the_first_and_names_it():
 def test_decontamination_names_the_eval_item(tmp_path):
     evals = tmp_path / "evals.jsonl"
     evals.write_text(
-        json.dumps({"question": "Alice has five apples and gives two of them to Bob who already had three apples, how many does Bob have now"}) + "\n"
+        json.dumps({"question": "Alice has five apples and gives two of them to Bob who already had three apples, "
+                                "how many does Bob have now"}) + "\n"
         + json.dumps({"question": "What is the boiling point of water?"}) + "\n"
     )
     index = EvalIndex.from_files([evals], n=13)
-    leaked = task("Solve: alice has five apples and gives two of them to Bob, who already had three apples. How many does Bob have now?")
+    leaked = task("Solve: alice has five apples and gives two of them to Bob, who already had three apples. "
+                  "How many does Bob have now?")
     short_hit = task("Answer this: what is the boiling point of water?")
     clean = task("Alice has five pears; how many pears remain if she eats one?")
     kept, rejected = decontaminate_pass([leaked, short_hit, clean], index)
@@ -147,7 +150,9 @@ def test_malformed_line_stops_before_writing(tmp_path):
     out = tmp_path / "kept.jsonl"
     result = run_cli("filter", str(source), "--out", str(out))
     assert result.returncode == 1
-    assert result.stderr.strip() == f"error: {source}:2: invalid JSON (and 1 more bad lines); fix it or pass --skip-invalid"
+    assert result.stderr.strip() == (
+        f"error: {source}:2: invalid JSON (and 1 more bad lines); fix it or pass --skip-invalid"
+    )
     assert not out.exists()
     result = run_cli("filter", str(source), "--out", str(out), "--skip-invalid")
     assert result.returncode == 0, result.stderr

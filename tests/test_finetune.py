@@ -242,7 +242,8 @@ def test_loss_on_supervised_positions_only_equals_the_full_logits_loss(embedded_
     from datagen.finetune.sft import summed_loss
 
     model = AutoModelForCausalLM.from_pretrained(embedded_model_path, dtype=torch.float32).eval()
-    examples = [encode_conversation(tokenizer, conversation(("user", f"Add {i} and 3."), ("assistant", f"It is {i + 3}.")))
+    examples = [encode_conversation(tokenizer,
+                                    conversation(("user", f"Add {i} and 3."), ("assistant", f"It is {i + 3}.")))
                 for i in range(5)]
     batch = plan_batches([len(e.input_ids) for e in examples], 5, 0, packing=False, max_length=0)[0]
     tensors = collate(examples, batch, tokenizer.pad_token_id)
@@ -533,7 +534,8 @@ def test_qlora_without_cuda_is_one_clear_error(tmp_path):
     result = run_cli("finetune", str(data), "--out", str(tmp_path / "out"), "--method", "qlora")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        "error: --method qlora needs a CUDA device (bitsandbytes 4-bit NF4) and none is available; use --method lora here"
+        "error: --method qlora needs a CUDA device (bitsandbytes 4-bit NF4) and none is available; "
+        "use --method lora here"
     ]
     assert not (tmp_path / "out").exists()
 
@@ -571,8 +573,8 @@ def test_judge_prompt_is_pinned():
 
     [message] = judge_messages("Add 2 and 3.", "5", "6")
     assert message["content"].startswith("You are comparing two AI assistants' answers to the same request.")
-    assert "Request:\nAdd 2 and 3.\n\nAnswer A:\n5\n\nAnswer B:\n6\n\nReply in exactly this form:\nVerdict: <A, B or tie>" \
-        in message["content"]
+    assert ("Request:\nAdd 2 and 3.\n\nAnswer A:\n5\n\nAnswer B:\n6\n\n"
+            "Reply in exactly this form:\nVerdict: <A, B or tie>") in message["content"]
 
 
 @pytest.mark.slow

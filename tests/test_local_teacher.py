@@ -34,7 +34,8 @@ def test_batch_of_real_replies_with_usage(teacher):
 
 
 def test_length_limit_is_reported(teacher):
-    [[reply]] = teacher.complete([ask("Tell me a long story about a dragon.")], SamplingParams(temperature=0.0, max_tokens=5))
+    [[reply]] = teacher.complete([ask("Tell me a long story about a dragon.")],
+                                 SamplingParams(temperature=0.0, max_tokens=5))
     assert reply.finish_reason == "length"
     assert reply.completion_tokens == 5
 

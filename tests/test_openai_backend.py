@@ -84,7 +84,8 @@ def test_openai_backend_matches_server_sampling(vllm_server, tmp_path):
     config = api_config(vllm_server, tmp_path, sampling=SamplingParams(temperature=0.9, max_tokens=20, seed=11, n=3))
     with make_teacher(config) as teacher:
         [samples] = teacher.complete([[{"role": "user", "content": "Invent a word."}]])
-        [[short]] = teacher.complete([[{"role": "user", "content": "Tell me a story."}]], SamplingParams(temperature=0, max_tokens=4))
+        [[short]] = teacher.complete([[{"role": "user", "content": "Tell me a story."}]],
+                                     SamplingParams(temperature=0, max_tokens=4))
     assert len(samples) == 3 and all(s.ok for s in samples)
     assert short.finish_reason == "length" and short.completion_tokens == 4
 

@@ -64,7 +64,8 @@ def test_config_defaults_and_errors():
     assert config.prompt_erasure is False and config.generic_system == GENERIC_SYSTEM
     # listed order does not matter: catalogue order is kept
     assert [m.id for m in OrcaConfig(system_messages=("eli5", "terse")).allowed_messages()] == ["terse", "eli5"]
-    with pytest.raises(ConfigError, match=r"^orca.yaml: system_messages: Value error, unknown system message id 'nope'"):
+    with pytest.raises(ConfigError,
+                       match=r"^orca.yaml: system_messages: Value error, unknown system message id 'nope'"):
         validate_config(OrcaConfig, {"system_messages": ["terse", "nope"]}, "orca.yaml")
     with pytest.raises(ConfigError, match="at least one"):
         validate_config(OrcaConfig, {"system_messages": []}, "orca.yaml")
@@ -224,7 +225,8 @@ ANSWERED = Task(
     instruction="Label the message as Spam or Not spam.",
     is_classification=True,
     system=CATALOGUE["labels"].text,
-    instances=[Instance(input="You won a free cruise!", output="Spam", explanation="Strangers rarely give cruises away.")],
+    instances=[Instance(input="You won a free cruise!", output="Spam",
+                        explanation="Strangers rarely give cruises away.")],
 )
 
 
@@ -288,7 +290,8 @@ class FaultyBackend:
 
 
 INPUT = [
-    task("A", "Reverse the word.", instances=[Instance(input="abc", output="cba"), Instance(input="ramble", output="x")]),
+    task("A", "Reverse the word.",
+         instances=[Instance(input="abc", output="cba"), Instance(input="ramble", output="x")]),
     task("B", "Label the review as Positive or Negative.", True,
          instances=[Instance(input="great", output="Positive"), Instance(input="awful", output="Negative")]),
     task("C", "Double the number.", instances=[Instance(input="boom", output="4"), Instance(input="cut", output="6")]),

@@ -39,7 +39,7 @@ The package, one module per piece:
 | `hf` | the `hf` format's typed rows and `tasks_from_rows` |
 | `card` | the dataset card |
 | `run` | `run_export` and `format_export_summary` |
-"""
+"""  # noqa: E501 - markdown table rows cannot be wrapped
 
 from datagen.chat import instance_messages
 from datagen.export.config import ExportConfig

@@ -69,8 +69,9 @@ def card_facts(
     tasks = [task for members in splits.values() for task in members]
     instances = [instance for task in tasks for instance in task.instances]
     lineages = [task.lineage for task in tasks if task.lineage is not None]
-    teachers = Counter(f"{l.teacher_backend}:{l.teacher_model}" for l in lineages if l.teacher_model)
-    sampling = Counter(json.dumps(l.sampling, sort_keys=True) for l in lineages if l.sampling)
+    teachers = Counter(f"{lineage.teacher_backend}:{lineage.teacher_model}"
+                       for lineage in lineages if lineage.teacher_model)
+    sampling = Counter(json.dumps(lineage.sampling, sort_keys=True) for lineage in lineages if lineage.sampling)
     return {
         "format": fmt,
         "source": source,
@@ -83,8 +84,10 @@ def card_facts(
         "instances_with_explanation": sum(bool(i.explanation) for i in instances),
         "orca_tasks": sum(t.system is not None for t in tasks),
         "breakdown": {
-            "method": dict(Counter((t.lineage.generator if t.lineage else None) or "unknown" for t in tasks).most_common()),
-            "operation": dict(Counter((t.lineage.operation if t.lineage else None) or "-" for t in tasks).most_common()),
+            "method": dict(Counter((t.lineage.generator if t.lineage else None) or "unknown"
+                                   for t in tasks).most_common()),
+            "operation": dict(Counter((t.lineage.operation if t.lineage else None) or "-"
+                                      for t in tasks).most_common()),
             "round": dict(sorted(Counter(str(t.lineage.round) if t.lineage and t.lineage.round is not None else "-"
                                          for t in tasks).items())),
         },
@@ -95,8 +98,8 @@ def card_facts(
         },
         "teachers": dict(teachers.most_common()),
         "sampling": {key: count for key, count in sampling.most_common()},
-        "lineage_tokens": {"prompt": sum(l.usage.prompt_tokens for l in lineages),
-                           "completion": sum(l.usage.completion_tokens for l in lineages)},
+        "lineage_tokens": {"prompt": sum(lineage.usage.prompt_tokens for lineage in lineages),
+                           "completion": sum(lineage.usage.completion_tokens for lineage in lineages)},
         "generation": generation,
         "generation_path": generation_path,
         "filter": filter_stats,
@@ -144,8 +147,10 @@ def write_plots(facts: dict[str, Any], folder: Path) -> dict[str, Path]:
         left, right = figure.subplots(1, 2)
         names = [entry["pass"] for entry in passes]
         positions = range(len(names))
-        left.bar([p - 0.2 for p in positions], [entry["in"] for entry in passes], width=0.4, label="in", color="#8172b2")
-        left.bar([p + 0.2 for p in positions], [entry["out"] for entry in passes], width=0.4, label="out", color="#4c72b0")
+        left.bar([p - 0.2 for p in positions], [entry["in"] for entry in passes], width=0.4,
+                 label="in", color="#8172b2")
+        left.bar([p + 0.2 for p in positions], [entry["out"] for entry in passes], width=0.4,
+                 label="out", color="#4c72b0")
         left.set_xticks(list(positions), names, rotation=20)
         left.set_ylabel("tasks")
         left.set_ylim(0, max(entry["in"] for entry in passes) * 1.25 + 1)  # room for the legend

@@ -25,7 +25,7 @@ Three sources, in order of precedence:
 
     from datagen.export.categories import rule_category
     rule_category(task)   # "Sentiment Analysis"
-"""
+"""  # noqa: E501 - markdown table rows cannot be wrapped
 
 from __future__ import annotations
 

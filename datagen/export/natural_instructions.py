@@ -202,7 +202,8 @@ def validate_ni_task(data: dict[str, Any], name: str) -> list[str]:
 
     instances = data.get("Instances") or []
     if not MIN_INSTANCES < len(instances) <= MAX_INSTANCES:
-        fail("instance count", f"{len(instances)} instances; needs more than {MIN_INSTANCES} and at most {MAX_INSTANCES}")
+        fail("instance count",
+             f"{len(instances)} instances; needs more than {MIN_INSTANCES} and at most {MAX_INSTANCES}")
     ids: set[str] = set()
     for position, instance in enumerate(instances):
         where = f"instance {position}"

@@ -71,7 +71,8 @@ def run_export(
             raise InputError(f"{source}: task id {task.id!r} appears more than once; export needs unique ids")
         seen.add(task.id)
     settings: ExportConfig = config.export
-    chat = {"prompt_erasure": config.generate.orca.prompt_erasure, "generic_system": config.generate.orca.generic_system}
+    chat = {"prompt_erasure": config.generate.orca.prompt_erasure,
+            "generic_system": config.generate.orca.generic_system}
     paths = provenance_paths(source)
     summary: dict[str, Any] = {"format": fmt, "input": str(source), "out": str(out_dir), "tasks": len(tasks),
                                "instances": sum(len(t.instances) for t in tasks), "command": command_line}
@@ -83,7 +84,8 @@ def run_export(
         written, splits = write_natural_instructions(config, tasks, out_dir, strict, rejects, summary)
     else:
         splits = split_by_task(tasks, validation=settings.validation, test=settings.test, seed=settings.seed)
-        written = write_hf_files(splits, out_dir, chat) if fmt == "hf" else write_split_files(fmt, splits, out_dir, chat)
+        written = (write_hf_files(splits, out_dir, chat) if fmt == "hf"
+                   else write_split_files(fmt, splits, out_dir, chat))
     summary["splits"] = {name: {"tasks": len(members), "instances": sum(len(t.instances) for t in members)}
                          for name, members in splits.items()}
     card, plots = write_card(out_dir, fmt=fmt, source=source, splits=splits, provenance=paths,
