@@ -61,7 +61,7 @@ def run_trl(args, data: Path, out: Path) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from datagen.finetune.sft import peak_memory_mib, pick_device, pick_dtype
-    from datagen.models import resolve_model
+    from datagen.model_paths import resolve_model
 
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     dataset = Dataset.from_list([{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows])

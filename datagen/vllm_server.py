@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from datagen.models import resolve_model
+from datagen.model_paths import resolve_model
 
 START_TIMEOUT_S = 600
 

@@ -528,7 +528,7 @@ def train(
     from transformers import AutoTokenizer
 
     from datagen.finetune.data import collate, encode_all, load_conversations, plan_batches
-    from datagen.models import resolve_model
+    from datagen.model_paths import resolve_model
 
     out_dir = Path(out_dir)
     device = pick_device(config.device)

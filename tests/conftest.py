@@ -23,7 +23,7 @@ EMBEDDED_ALIAS = "smollm2-135m"
 
 @pytest.fixture(scope="session")
 def embedded_model_path() -> str:
-    from datagen.models import resolve_model
+    from datagen.model_paths import resolve_model
 
     return resolve_model(EMBEDDED_ALIAS)
 

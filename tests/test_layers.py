@@ -24,7 +24,7 @@ PACKAGE_DIRS = {
 LAYERS: list[tuple[str, ...]] = [
     # the vocabulary: task shape, errors, templates, ROUGE, model paths, chat views, progress
     ("datagen", "datagen.records", "datagen.errors", "datagen.prompts", "datagen.rouge",
-     "datagen.models", "datagen.templates", "datagen.chat", "datagen.progress", "datagen.rejects"),
+     "datagen.model_paths", "datagen.templates", "datagen.chat", "datagen.progress", "datagen.rejects"),
     # config sections' building blocks; reading and atomic writing
     ("datagen.config", "datagen.io"),
     # the Backend protocol, Teacher (cache, stats), the backends and their registry

@@ -3,7 +3,7 @@
 Batched, left-padded generation with the model's own chat template. Requests are
 sorted by prompt length so a batch wastes little on padding, and grouped by sampling
 parameters so each batch is one `generate` call. The default model alias resolves to
-the embedded SmolLM2-135M-Instruct (see `datagen.models`).
+the embedded SmolLM2-135M-Instruct (see `datagen.model_paths`).
 
     datagen teacher "Name three primes." --backend local
 """
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from datagen.config import SamplingParams
-from datagen.models import resolve_model
+from datagen.model_paths import resolve_model
 from datagen.teachers.base import BackendCounters, Completion, Request, ResultCallback
 
 if TYPE_CHECKING:  # a type hint only: the teacher module imports this one

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from datagen.errors import TeacherError
-from datagen.models import resolve_model
+from datagen.model_paths import resolve_model
 from datagen.teachers.base import BackendCounters, Completion, Request, ResultCallback
 
 if TYPE_CHECKING:  # a type hint only: the teacher module imports this one

@@ -6,7 +6,7 @@ imported, it would pull llama-cpp). transformers de-quantizes a GGUF to float in
 20-30 s, so the first use converts it once to a safetensors folder under the cache
 (`$DATAGEN_CACHE_DIR/models/smollm2-135m`) and every later use loads that folder.
 
-    from datagen.models import resolve_model
+    from datagen.model_paths import resolve_model
     path = resolve_model("smollm2-135m")   # a folder transformers and vLLM both load
 """
 
