@@ -247,6 +247,10 @@ def filter_command(
         Optional[list[Path]], typer.Option("--eval", help="Evaluation file for decontamination (repeatable).")
     ] = None,
     judge_threshold: Annotated[Optional[float], typer.Option("--judge-threshold")] = None,
+    overrides_file: Annotated[
+        Optional[Path], typer.Option("--overrides", help="Keep/drop marks (JSONL, from `datagen view`) for the "
+                                                         "manual pass.")
+    ] = None,
     skip_invalid: SkipInvalidOpt = False,
     config: ConfigOpt = None,
     backend: BackendOpt = None,
@@ -262,6 +266,7 @@ def filter_command(
         "filter.passes": ("--passes", [p.strip() for p in passes.split(",") if p.strip()] if passes else None),
         "filter.decontaminate.eval_files": ("--eval", [str(p) for p in eval_files] if eval_files else None),
         "filter.judge.threshold": ("--judge-threshold", judge_threshold),
+        "filter.manual.overrides": ("--overrides", str(overrides_file) if overrides_file else None),
         "filter.skip_invalid": ("--skip-invalid", True if skip_invalid else None),
     })
     _filter(source, out, rejects, overrides, config)
@@ -413,6 +418,25 @@ def distill(
                          say=lambda text: typer.echo(text, err=True))
     typer.echo(f"\ndistilled into {result['workdir']}/student; before -> after:\n"
                + format_summary(result["report"]), err=True)
+
+
+@app.command()
+def view(
+    path: Annotated[Path, typer.Argument(help="Run folder (e.g. distill.workdir) or task JSONL to look at.")],
+    port: Annotated[int, typer.Option("--port", help="Port to serve on (0 picks a free one).")] = 8765,
+    host: Annotated[str, typer.Option("--host", help="Address to bind; anything but 127.0.0.1 lets other "
+                                                     "machines read the data.")] = "127.0.0.1",
+) -> None:
+    """Browse, trace and curate a run in a local web page (keep/drop marks go to an overrides JSONL)."""
+    from datagen.view import serve
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(f"warning: serving on {host}, not 127.0.0.1: anyone who can reach this address can read "
+                   f"the data under {path} and write marks", err=True)
+    try:
+        serve(path, host=host, port=port, announce=lambda line: typer.echo(line, err=True))
+    except OSError as error:
+        raise ConfigError(f"--host {host} --port {port}: cannot serve there ({error.strerror or error})") from None
 
 
 def _click_exceptions() -> ModuleType:

@@ -22,7 +22,7 @@ from pydantic_core import PydanticCustomError
 
 from datagen.config import Strict, with_sections
 from datagen.errors import InputError
-from datagen.filters import decontaminate, dedup, heuristics, judge, novelty
+from datagen.filters import decontaminate, dedup, heuristics, judge, manual, novelty
 from datagen.filters.base import FilterPass, PassContext
 from datagen.io import atomic_write_json, read_tasks_lenient, stats_path, write_jsonl_atomic
 from datagen.records import Reject
@@ -38,6 +38,7 @@ PASSES: dict[str, FilterPass] = {
     "decontaminate": FilterPass(decontaminate.run_decontaminate_pass, "decontaminate",
                                 decontaminate.DecontaminateConfig),
     "judge": FilterPass(judge.run_judge_pass, "judge", judge.JudgeConfig),
+    "manual": FilterPass(manual.run_manual_pass, "manual", manual.ManualConfig),
 }
 
 
