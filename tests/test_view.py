@@ -102,7 +102,7 @@ def run_folder(tmp_path_factory) -> Path:
 def served(run_folder):
     """Base URL of `datagen view` on the fixture run (a real server on 127.0.0.1, port picked by the OS)."""
     server, state = make_server(run_folder, "127.0.0.1", 0)
-    state.detect_languages_later().join(timeout=60)
+    state.warm_up_later().join(timeout=60)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}", state
@@ -375,6 +375,7 @@ def test_browser_mark_dropped_writes_overrides_and_the_manual_pass_honours_it(br
     browser.find_element("id", "note").send_keys("too far from the seed")
     browser.find_element("id", "mark-drop").click()
     wait_for(browser, lambda d: d.find_element("id", "mark-saved").text.startswith("saved to"))
+    assert browser.find_element("id", "mark-state").text == "drop too far from the seed"
     overrides = run_folder / "overrides.jsonl"
     marks = [json.loads(line) for line in overrides.read_text().splitlines()]
     assert [(m["id"], m["decision"], m["note"]) for m in marks] == [("evol-r3b", "drop", "too far from the seed")]

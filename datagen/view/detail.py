@@ -50,6 +50,10 @@ class TaskDetails:
                 self._rouge = RougeLIndex(index.instruction[r] for r in rows)
             return self._rouge, self._rouge_rows
 
+    def similar_ready(self) -> None:
+        """Build the ROUGE-L pool now (a task page would otherwise build it on first use)."""
+        self._rouge_index()
+
     def chain(self, row: int) -> list[dict[str, Any]]:
         """Parents back to the seed, oldest first (the first parent id of each step)."""
         index = self.index

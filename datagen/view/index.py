@@ -122,19 +122,22 @@ def _teacher(lineage: dict) -> str:
 
 
 class _Column:
-    """A categorical column: one small int code per row and the values the codes stand for."""
+    """A categorical column: one small int code per row and the values the codes stand for.
+
+    While the index is built a column is a plain list of values (appending is the hot loop);
+    `freeze` turns it into codes once."""
 
     def __init__(self) -> None:
+        self.raw: list[str] = []
         self.values: list[str] = []
         self.code_of: dict[str, int] = {}
-        self.codes: list[int] = []
 
-    def append(self, value: str) -> None:
-        code = self.code_of.get(value)
-        if code is None:
-            code = self.code_of[value] = len(self.values)
-            self.values.append(value)
-        self.codes.append(code)
+    def freeze(self) -> None:
+        code_of = self.code_of
+        codes = [code_of.setdefault(value, len(code_of)) for value in self.raw]
+        self.values = list(code_of)
+        self.array = np.asarray(codes, dtype=np.int32)
+        del self.raw
 
     def set(self, row: int, value: str) -> None:
         code = self.code_of.get(value)
@@ -142,10 +145,6 @@ class _Column:
             code = self.code_of[value] = len(self.values)
             self.values.append(value)
         self.array[row] = code
-
-    def freeze(self) -> None:
-        self.array = np.asarray(self.codes, dtype=np.int32)
-        del self.codes
 
 
 class TaskIndex:
@@ -163,6 +162,7 @@ class TaskIndex:
         self.parents: dict[int, list[str]] = {}  # row -> parent ids (rows that have some)
         self.columns = {name: _Column() for name in FACETS}
         self.row_of_id: dict[str, int] = {}
+        self.rejected_rows: set[int] = set()
         self.children: dict[str, list[int]] = {}
         self.marks: dict[str, Any] = {}
         self._orders: dict[str, np.ndarray] = {}
@@ -209,65 +209,77 @@ class TaskIndex:
         return hidden
 
     def _add_file(self, number: int, name: str, is_rejects: bool, hidden: Iterable[str]) -> None:
+        # the hot loop of opening a run: plain list appends, one stdlib JSON parse a line
         hidden = set(hidden)
-        columns = self.columns
+        decode = json.JSONDecoder().raw_decode
+        col = {key: column.raw.append for key, column in self.columns.items()}
+        status_of, method_of, operation_of, round_of = col["status"], col["method"], col["operation"], col["round"]
+        teacher_of, stage_of, reason_of, class_of = col["teacher"], col["stage"], col["reason"], col["classification"]
+        language_of, mark_of, file_of = col["language"], col["mark"], col["file"]
+        ids, rejected_rows, row_of_id = self.ids, self.rejected_rows, self.row_of_id
         with (self.files.root / name).open("rb") as handle:
             offset = 0
             for line_number, raw in enumerate(handle, start=1):
                 start, offset = offset, offset + len(raw)
-                if not raw.strip():
+                text = raw.decode("utf-8", "replace").strip()
+                if not text:
                     continue
                 try:
-                    record = json.loads(raw)
+                    record, end = decode(text)
                 except ValueError:
-                    record = None
-                if not isinstance(record, dict):
-                    record = {"reason": "invalid line", "stage": "read", "raw": raw.decode("utf-8", "replace")}
-                    rejected = True
+                    record, end = None, 0
+                if not isinstance(record, dict) or end != len(text):
+                    record, rejected = {"reason": "invalid line", "stage": "read", "raw": text}, True
                 else:
                     rejected = is_rejects
                 task = record.get("task") if rejected else record
-                task = task if isinstance(task, dict) else {}
-                task_id = str(task.get("id") or f"{name}:{line_number}")
+                if not isinstance(task, dict):
+                    task = {}
+                task_id = task.get("id")
+                task_id = str(task_id) if task_id else f"{name}:{line_number}"
                 if task_id in hidden:
                     continue
-                row = len(self.ids)
-                instruction = str(task.get("instruction") or "")
-                shown = instruction or "(raw) " + str(record.get("raw") or "")
-                lineage = task.get("lineage") if isinstance(task.get("lineage"), dict) else {}
+                row = len(ids)
+                instruction = task.get("instruction")
+                shown = str(instruction) if instruction else "(raw) " + str(record.get("raw") or "")
+                lineage = task.get("lineage")
+                if not isinstance(lineage, dict):
+                    lineage = {}
                 reason = str(record.get("reason") or NO_VALUE) if rejected else NO_VALUE
                 self.file_of.append(number)
                 self.offset.append(start)
                 self.line.append(line_number)
-                self.ids.append(task_id)
+                ids.append(task_id)
                 self.instruction.append(shown[:SHOWN_CHARS])
                 self.haystack.append(f"{task_id}\n{shown}\n{reason}".lower())
                 instances = task.get("instances")
                 self.instances.append(len(instances) if isinstance(instances, list) else 0)
                 round_number = lineage.get("round")
-                columns["status"].append(STATUS_REJECTED if rejected else STATUS_KEPT)
-                columns["method"].append(str(lineage.get("generator") or NO_VALUE))
-                columns["operation"].append(str(lineage.get("operation") or NO_VALUE))
-                columns["round"].append(NO_VALUE if round_number is None else str(round_number))
-                columns["teacher"].append(_teacher(lineage))
-                columns["stage"].append(str(record.get("stage") or NO_VALUE) if rejected else NO_VALUE)
-                columns["reason"].append(reason)
-                columns["classification"].append("yes" if task.get("is_classification") else "no")
-                columns["language"].append(NO_VALUE)  # filled by detect_languages()
-                columns["mark"].append(NO_VALUE)
-                columns["file"].append(name)
+                status_of(STATUS_REJECTED if rejected else STATUS_KEPT)
+                method_of(str(lineage.get("generator") or NO_VALUE))
+                operation_of(str(lineage.get("operation") or NO_VALUE))
+                round_of(NO_VALUE if round_number is None else str(round_number))
+                teacher_of(_teacher(lineage))
+                stage_of(str(record.get("stage") or NO_VALUE) if rejected else NO_VALUE)
+                reason_of(reason)
+                class_of("yes" if task.get("is_classification") else "no")
+                language_of(NO_VALUE)  # filled by detect_languages()
+                mark_of(NO_VALUE)
+                file_of(name)
                 parent_ids = lineage.get("parent_ids")
                 if isinstance(parent_ids, list) and parent_ids:
-                    self.parents[row] = [str(p) for p in parent_ids]
-                    for parent in self.parents[row]:
+                    parents = self.parents[row] = [str(p) for p in parent_ids]
+                    for parent in parents:
                         self.children.setdefault(parent, []).append(row)
-                if task_id not in self.row_of_id or (not rejected and self.status(self.row_of_id[task_id]) != STATUS_KEPT):
-                    self.row_of_id[task_id] = row
+                if rejected:
+                    rejected_rows.add(row)
+                # an id in two files links to its kept row
+                earlier = row_of_id.get(task_id)
+                if earlier is None or (not rejected and earlier in rejected_rows):
+                    row_of_id[task_id] = row
 
     def status(self, row: int) -> str:
-        column = self.columns["status"]
-        codes = column.array if hasattr(column, "array") else column.codes
-        return column.values[codes[row]]
+        return STATUS_REJECTED if row in self.rejected_rows else STATUS_KEPT
 
     def value(self, name: str, row: int) -> str:
         column = self.columns[name]

@@ -84,11 +84,14 @@ class ViewState:
             mark = self.index.marks.get(task_id)
             return {"id": task_id, "mark": mark.model_dump() if mark else None, "overrides": str(self.overrides)}
 
-    def detect_languages_later(self) -> threading.Thread:
+    def warm_up_later(self) -> threading.Thread:
+        """Fill the language facet, then build the ROUGE-L pool, in a background thread: both
+        take seconds on a big run, and the first page must not wait for them."""
         def work() -> None:
             from datagen.export.languages import detect_language
 
             self.index.detect_languages(detect_language, self.lock)
+            self.details.similar_ready()
 
         thread = threading.Thread(target=work, name="datagen-view-languages", daemon=True)
         thread.start()
@@ -262,7 +265,7 @@ def serve(path: Path, host: str = "127.0.0.1", port: int = 8765, announce=print)
     """Serve PATH until interrupted; `announce` gets the URL and any warning lines."""
     server, state = make_server(path, host, port)
     bound_host, bound_port = server.server_address[:2]
-    state.detect_languages_later()
+    state.warm_up_later()
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     announce(f"datagen view: {len(state.index)} tasks from {len(state.files.tasks) + len(state.files.rejects)} "
              f"files under {state.files.root}")

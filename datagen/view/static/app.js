@@ -16,8 +16,7 @@ const FACET_LABELS = {
   language: "language", mark: "curation mark", file: "file",
 };
 const COLUMNS = [
-  ["status", "status"], ["id", "id"], ["instruction", "instruction"], ["method", "method"],
-  ["operation", "operation"], ["round", "round"], ["instances", "inst."], ["reason", "reject reason"],
+  ["status", "status"], ["id", "id"], ["instruction", "instruction"], ["operation", "operation"], ["round", "round"], ["instances", "inst."], ["reason", "reject reason"],
   ["mark", "mark"],
 ];
 
@@ -200,10 +199,10 @@ function renderTable(page, params) {
     body.append(el("tr", { class: `status-${row.status}`, "data-row": row.row, onclick: open },
       el("td", {}, badge(row.status)),
       el("td", { class: "col-id" }, el("a", { href: `#/task/${Number(row.row)}` }, row.id)),
-      el("td", { class: "col-instruction" }, row.instruction),
-      el("td", {}, row.method), el("td", {}, row.operation), el("td", {}, row.round),
+      el("td", { class: "col-instruction", title: row.instruction }, row.instruction),
+      el("td", { title: row.method }, row.operation), el("td", {}, row.round),
       el("td", { class: "num" }, row.instances),
-      el("td", { class: "col-reason" }, row.reason === "-" ? "" : `${row.stage}: ${row.reason}`),
+      el("td", { class: "col-reason", title: row.reason }, row.reason === "-" ? "" : `${row.stage}: ${row.reason}`),
       el("td", {}, row.mark === "-" ? "" : badge(row.mark, "mark"))));
   }
 }
@@ -233,11 +232,9 @@ async function showTask(query) {
   const task = page.task || {};
   const record = page.record || {};
   const lineage = task.lineage || {};
-  const view = el("div", { id: "task-view", class: "task" });
-  view.append(el("p", {}, el("a", { href: lastTasksHash, id: "back" }, "← Tasks")));
-  view.append(el("h2", {}, badge(page.status), " ", el("span", { id: "task-id" }, page.id),
-    el("span", { class: "muted where" }, ` ${page.file}:${page.line}`)));
-  view.append(curatePanel(page));
+  const view = el("div", { class: "task-main" }); // the task itself
+  const side = el("div", { class: "task-side" }); // curation and where the task comes from
+  side.append(curatePanel(page));
 
   if (page.status === "rejected") {
     view.append(section("Rejected",
@@ -256,12 +253,13 @@ async function showTask(query) {
         el("div", { class: "label" }, "output"), textBlock(instance.output),
         instance.explanation ? [el("div", { class: "label" }, "explanation"), textBlock(instance.explanation)] : []))));
   }
+  let lineageSection = null; // shown last on the side, after the chain and the neighbours
   if (Object.keys(lineage).length) {
     const pairs = Object.entries(lineage)
       .filter(([key]) => key !== "most_similar")
       .map(([key, value]) => [key, key === "parent_ids" ? el("span", { id: "parents" },
         page.parents.map((link, i) => [i ? ", " : "", taskLink(link)])) : show(value)]);
-    view.append(section("Lineage", keyValues(pairs)));
+    lineageSection = section("Lineage", keyValues(pairs));
   }
   if (page.chain.length || page.children.length) {
     const chain = el("ol", { id: "chain", class: "chain" },
@@ -273,21 +271,26 @@ async function showTask(query) {
       ? el("ul", { id: "children" }, page.children.map((link) => el("li", {}, taskLink(link), " ",
         el("span", { class: "muted" }, link.operation || ""), el("div", { class: "snippet" }, link.instruction || ""))))
       : el("p", { class: "muted" }, "no children in this run");
-    view.append(section("Evolution", el("h4", {}, "from the seed"), chain, el("h4", {}, "children"), children));
+    side.append(section("Evolution", el("h4", {}, "from the seed"), chain, el("h4", {}, "children"), children));
   }
   if (page.similar.length || page.stored_similar.length) {
     const rows = page.similar.map((item) => el("tr", {}, el("td", { class: "num" }, item.rouge_l.toFixed(3)),
       el("td", {}, taskLink(item)), el("td", {}, item.instruction)));
-    view.append(section("Most similar instructions (ROUGE-L F1)",
+    side.append(section("Most similar instructions (ROUGE-L F1)",
       el("table", { id: "similar", class: "grid" }, el("tr", {}, el("th", {}, "ROUGE-L"), el("th", {}, "task"),
         el("th", {}, "instruction")), rows),
       page.stored_similar.length ? [el("h4", {}, "stored by Self-Instruct when the task was made"),
         el("table", { class: "grid" }, page.stored_similar.map((item) => el("tr", {},
           el("td", { class: "num" }, Number(item.rouge_l).toFixed(3)), el("td", {}, item.instruction))))] : []));
   }
+  if (lineageSection) side.append(lineageSection);
   view.append(el("details", { class: "card" }, el("summary", {}, "the record as stored"),
     el("pre", { class: "text" }, JSON.stringify(record, null, 2))));
-  clear(main()).append(view);
+  clear(main()).append(el("div", { id: "task-view", class: "task" },
+    el("div", { class: "task-head" }, el("a", { href: lastTasksHash, id: "back" }, "← Tasks"),
+      el("h2", {}, badge(page.status), " ", el("span", { id: "task-id" }, page.id),
+        el("span", { class: "muted where" }, ` ${page.file}:${page.line}`))),
+    view, side));
   window.scrollTo(0, 0);
 }
 
@@ -296,7 +299,7 @@ function curatePanel(page) {
   const saved = el("span", { id: "mark-saved", class: "muted" });
   const note = el("input", { id: "note", type: "text", placeholder: "note (why)", value: page.mark ? page.mark.note : "" });
   const describe = (mark) => {
-    clear(current).append(mark ? [badge(mark.decision, "mark"), mark.note ? ` ${mark.note}` : ""] : "not marked");
+    clear(current).append(...(mark ? [badge(mark.decision, "mark"), mark.note ? ` ${mark.note}` : ""] : ["not marked"]));
   };
   describe(page.mark);
   const send = async (decision) => {
