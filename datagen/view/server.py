@@ -204,7 +204,8 @@ class ViewHandler(BaseHTTPRequestHandler):
             raise _Refused(HTTPStatus.BAD_REQUEST, f"limit: between 1 and {PAGE_LIMIT}")
         with self.state.lock:
             page = self.state.index.query(search=query.get("q", [""])[0], filters=filters,
-                                          sort=query.get("sort", [None])[0], descending=query.get("desc", ["0"])[0] == "1",
+                                          sort=query.get("sort", [None])[0],
+                                          descending=query.get("desc", ["0"])[0] == "1",
                                           offset=_int(query, "offset", 0), limit=limit)
         page["overrides"] = str(self.state.overrides)
         page["root"] = str(self.state.path)
@@ -235,7 +236,8 @@ class ViewHandler(BaseHTTPRequestHandler):
             body = json.loads(self.rfile.read(length))
         except ValueError:
             raise _Refused(HTTPStatus.BAD_REQUEST, "invalid JSON") from None
-        if not isinstance(body, dict) or body.get("decision") not in DECISIONS or not isinstance(body.get("note", ""), str):
+        note = body.get("note", "") if isinstance(body, dict) else None
+        if not isinstance(body, dict) or body.get("decision") not in DECISIONS or not isinstance(note, str):
             raise _Refused(HTTPStatus.BAD_REQUEST, f"expected {{id, decision: {'|'.join(DECISIONS)}, note}}")
         task_id = body.get("id")
         if task_id not in self.state.index.row_of_id:
