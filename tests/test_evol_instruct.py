@@ -22,6 +22,7 @@ from datagen.errors import ConfigError
 from datagen.generators.common import TaskSink
 from datagen.io import rejects_path
 from datagen.generators.evol_instruct import (
+    ANSWER_CUT_OFF,
     BREADTH,
     COMPLICATE_INPUT,
     DATA_FORMATS,
@@ -235,10 +236,15 @@ def test_rule_2_sorry_in_a_short_answer():
 def test_rule_3_only_punctuation_and_stop_words():
     assert stop_words_reason("It is what it is.") == "answer is only punctuation and stop words"
     assert stop_words_reason("... !? --") == "answer is only punctuation and stop words"
-    assert stop_words_reason("Yes, I don’t!") == "answer is only punctuation and stop words"
+    assert stop_words_reason("So, I don’t!") == "answer is only punctuation and stop words"
     assert stop_words_reason("   ") == "empty answer"
     assert stop_words_reason("It is 42.") is None
     assert stop_words_reason("The Nile.") is None
+
+
+@pytest.mark.parametrize("answer", ["Yes.", "No.", "42", "Both.", "yes", "No, it is not.", "Yes, it is."])
+def test_rule_3_spares_short_correct_answers(answer):
+    assert stop_words_reason(answer) is None
     assert {"the", "and", "is", "don't", "yourselves"} <= STOP_WORDS and "river" not in STOP_WORDS
 
 
@@ -356,6 +362,10 @@ class FaultyBackend:
             return Completion("I think so" if has("garbled") else "Not Equal", "stop", 80, 2)
         if has("sorry"):
             return Completion("Sorry, I cannot do that.", "stop", 30, 7)
+        if has("answercut"):
+            return Completion("The Danube rises in the Black Forest and flows", "length", 30, 1024)
+        if has("yesno"):
+            return Completion("No.", "stop", 30, 2)
         if has("stopwords"):
             return Completion("It is what it is!", "stop", 30, 6)
         return Completion("The Danube, the Rhine and the Volga are long European rivers.", "stop", 30, 15)
@@ -457,6 +467,20 @@ def test_every_failure_is_a_reject_and_the_parent_stays_in_the_pool(tmp_path):
     # backend repeats (same parent, same rewrite) are the same question, answered from the cache
     assert teacher.stats.requests_sent == len(backend.seen) == 2 * (9 + 5 + 3) - 4
     assert teacher.stats.cache_hits == 4
+
+
+def test_a_cut_off_answer_is_rejected_and_a_one_word_answer_kept(tmp_path):
+    seeds = [Task(id=f"seed-{fault}", instruction=f"[{fault}] Name some rivers.") for fault in ("answercut", "yesno")]
+    teacher = Teacher(FaultyBackend(), TeacherConfig(cache="off"))
+    with TaskSink(tmp_path / "evol.jsonl") as sink:
+        run_evol_instruct(seeds, teacher, sink, EvolInstructConfig(rounds=1), num=10, seed=5, instances_per_task=1)
+    tasks, rejects = read_out(tmp_path)
+    assert [(t.lineage.parent_ids, t.instances[0].output) for t in tasks] == [(["seed-yesno"], "No.")]
+    [cut] = rejects
+    assert cut.reason == "answer hit the length limit" == ANSWER_CUT_OFF
+    assert cut.raw == "The Danube rises in the Black Forest and flows" and cut.detail == "answer"
+    assert cut.task.lineage.parent_ids == ["seed-answercut"]
+    assert cut.task.lineage.answer_finish_reason == "length"
 
 
 def test_stops_once_the_sink_holds_num_tasks(tmp_path):

@@ -27,6 +27,13 @@ The reference is `generate_instruction.py` and `prompt.txt` of that repository. 
    any seed or accepted instruction rejects it. The 10 most similar instructions and the
    mean similarity go into lineage, as the reference stores them.
 
+4. *Copying* (not in the reference): an item whose instruction equals one of its prompt's
+   tasks, or whose input or output equals the input or output shown with them (texts of
+   three words or more, whitespace and case folded), is rejected as "copies a
+   demonstration"; an item whose non-empty input more than `max_other_tasks_per_input`
+   other tasks of the run already carry (tasks on disk, counted again on resume, and items
+   kept earlier in the batch) is rejected as "input shared by too many tasks".
+
 Unlike Self-Instruct, there is no classification step and no second request for
 instances: one reply gives whole tasks, each with exactly one instance, so
 `instances_per_task` does not apply. Every task gets `is_classification=False`.
@@ -74,12 +81,23 @@ from pydantic import Field, model_validator
 
 from datagen.config import SamplingParams, Strict
 from datagen.errors import DatagenError
-from datagen.generators.common import TaskSink, lineage, stable_id
+from datagen.generators.common import (
+    REASON_COPIED_DEMONSTRATION,
+    REASON_SURPLUS,
+    InputTally,
+    TaskSink,
+    lineage,
+    normalised_text,
+    shared_input_reason,
+    stable_id,
+)
 from datagen.generators.self_instruct import (
     REFERENCE_BLACKLIST,
     GenerationStalled,
     _neighbours,
     clean_instruction,
+    copied_demonstration,
+    copied_instruction,
     instruction_reject_reason,
     sample_prompt_tasks,
     user,
@@ -133,6 +151,9 @@ class AlpacaConfig(Strict):
     )
     # give up (with a message) after this many batches in a row add no task
     max_stalled_batches: int = Field(20, ge=1)
+    # an item whose non-empty input more than this many other tasks of the run already carry
+    # is rejected (weak teachers paste one input into every task); not in the reference
+    max_other_tasks_per_input: int = Field(2, ge=0)
 
     @model_validator(mode="after")
     def _check_counts(self) -> AlpacaConfig:
@@ -227,6 +248,16 @@ def parse_alpaca_reply(text: str, first_number: int, finish_reason: str) -> Pars
     return parsed
 
 
+def copied_from_prompt(item: AlpacaItem, shown: Sequence[Task]) -> str | None:
+    """What `item` repeats of the tasks its prompt showed (their instruction, or the input or
+    output of the instance shown, three words or more), or None."""
+    copied = copied_instruction(item.instruction, [task.instruction for task in shown])
+    if copied is None:
+        demonstrations = [task.model_copy(update={"instances": task.instances[:1]}) for task in shown]
+        copied = copied_demonstration(Instance(input=item.input, output=item.output), demonstrations)
+    return copied
+
+
 def item_reject_reason(
     item: AlpacaItem,
     blacklist: Sequence[str] = ALPACA_BLACKLIST,
@@ -268,6 +299,7 @@ def run_alpaca(
         raise DatagenError("alpaca: no seed task has an instance to show the teacher")
     count = len(sink.existing)
     accepted_index = RougeLIndex([t.instruction for t in seeds] + [t.instruction for t in sink.existing])
+    tally = InputTally(sink.existing)  # rebuilt from OUT, so a resumed run decides the same
     backend = (teacher.backend.name, teacher.backend.model)
     template = load_template(GENERATE)
     batch = batches_done
@@ -286,19 +318,22 @@ def run_alpaca(
         params = settings.sampling.model_copy(update={"seed": seed * 1_000_003 + batch})
         replies = teacher.complete([alpaca_messages(s, settings.tasks_per_prompt) for s in shown], params)
         batch_index = RougeLIndex()
+        batch_inputs = InputTally()
         candidates: list[Task] = []
         for tasks_shown, [reply] in zip(shown, replies):
             candidates += _screen_reply(
-                reply, tasks_shown, settings, sink, (accepted_index, batch_index),
+                reply, tasks_shown, settings, sink, (accepted_index, batch_index), (tally, batch_inputs),
                 backend=backend, template=template, params=params, seed=seed,
             )
         keep = candidates[: num - count]
         for task in candidates[len(keep):]:
-            sink.reject("surplus beyond num", STAGE, task=task, detail=f"{num} tasks were asked for")
+            sink.reject(REASON_SURPLUS, STAGE, task=task, detail=f"{num} tasks were asked for")
         fresh = sink.accept(keep)
         sink.flush()
         count += len(fresh)
         accepted_index.extend(t.instruction for t in fresh)
+        for task in fresh:
+            tally.add(task.instances)
         batch += 1
         stalled = 0 if fresh else stalled + 1
         on_batch_done(batch)
@@ -317,6 +352,7 @@ def _screen_reply(
     settings: AlpacaConfig,
     sink: TaskSink,
     pools: tuple[RougeLIndex, RougeLIndex],
+    inputs: tuple[InputTally, InputTally],
     *,
     backend: tuple[str, str],
     template: Template,
@@ -339,6 +375,18 @@ def _screen_reply(
         if reason is not None:
             sink.reject(reason, STAGE, raw=item.raw, task=_bare_task(item))
             continue
+        copied = copied_from_prompt(item, shown)
+        if copied is not None:
+            sink.reject(REASON_COPIED_DEMONSTRATION, STAGE, raw=item.raw, task=_bare_task(item),
+                        detail=f"shown in its prompt: {copied}")
+            continue
+        # other tasks: accepted ones and items kept earlier in this batch
+        reason = shared_input_reason(item.input, sum(tally.tasks_with(item.input) for tally in inputs),
+                                     settings.max_other_tasks_per_input)
+        if reason is not None:
+            sink.reject(reason, STAGE, raw=item.raw, task=_bare_task(item),
+                        detail=f"input: {normalised_text(item.input)[:80]}")
+            continue
         close = next(
             (m for pool in pools if (m := pool.first_above(item.instruction, settings.similarity_threshold))), None
         )
@@ -348,6 +396,7 @@ def _screen_reply(
             continue
         similar, mean = _neighbours(pools, item.instruction, settings.most_similar_kept)
         pools[1].add(item.instruction)
+        inputs[1].add([Instance(input=item.input, output=item.output)])
         kept.append((item, similar, mean))
     if not kept:
         return []
