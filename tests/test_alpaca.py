@@ -16,6 +16,7 @@ from datagen.generators.alpaca import (
     AlpacaItem,
     ParsedReply,
     alpaca_messages,
+    copied_from_prompt,
     item_reject_reason,
     parse_alpaca_reply,
     run_alpaca,
@@ -354,6 +355,59 @@ def test_loop_decisions_lineage_and_resume(tmp_path):
     assert more[1] == {"reason": "parse failure", "stage": "alpaca", "raw": "4. Instruction:SUBTRAILED\n",
                        "detail": "expected 'N. Instruction:', 'N. Input:', 'N. Output:' once each in that order; "
                                  "found '4. Instruction:'"}
+
+
+@pytest.mark.parametrize(
+    ("instruction", "instance_input", "output", "copied"),
+    [
+        ("classify the  sentiment of the review", "Lovely staff.", "Positive", "Classify the sentiment of the review."),
+        ("Rate the soup review from 1 to 5.", "the soup was cold and  bland.", "1", "the soup was cold and  bland."),
+        ("List some healthy habits.", "", "1. Eat a balanced diet. 2. Exercise regularly. 3. Sleep enough.",
+         "1. Eat a balanced diet. 2. Exercise regularly. 3. Sleep enough."),
+        # a shared label and a seed's second instance (never shown) are not copies
+        ("Classify the sentiment of the tweet.", "Worst phone ever.", "Negative", None),
+        ("Say what the seed's unseen example says.", "", "only the first instance is shown", None),
+    ],
+)
+def test_an_item_copying_its_prompt(instruction, instance_input, output, copied):
+    assert copied_from_prompt(AlpacaItem(instruction, instance_input, output), SEEDS) == copied
+
+
+def test_copies_and_inputs_shared_by_too_many_tasks_are_rejected_also_after_a_resume(tmp_path):
+    settings = AlpacaConfig(prompts_per_batch=1, max_stalled_batches=1, max_other_tasks_per_input=1)
+    rng = random.Random("alpaca:7:0")
+    [shown] = [sample_prompt_tasks(LOOP_SEEDS, (), rng, settings.seeds_per_prompt, 0)]
+    museum = "The museum opens at nine and closes at five on weekdays."
+    reply = "".join(
+        f"{'###' if n > 4 else ''}\n{n}. Instruction: {instruction}\n{n}. Input:\n{text}\n{n}. Output:\n{answer}\n"
+        for n, (instruction, text, answer) in enumerate([
+            ("Say when the museum closes on a weekday.", museum, "At five."),
+            ("How many hours is the museum open each weekday?", museum, "Eight hours."),
+            ("Translate the notice into German for visitors.", f"  {museum.upper()} ", "Das Museum ..."),
+            (shown[0].instruction, "A fresh input for the copied instruction.", "Something new."),
+        ], start=4)).lstrip()
+    cache_dir, out = tmp_path / "cache", tmp_path / "raw.jsonl"
+    pin_batch(cache_dir, settings, 7, 0, [Completion(reply, "stop", 600, 200)])
+    pin_batch(cache_dir, settings, 7, 1, [NOT_A_LIST])
+    with replay_teacher(cache_dir) as teacher, TaskSink(out) as sink, pytest.raises(GenerationStalled):
+        run_alpaca(LOOP_SEEDS, teacher, sink, settings, num=10, seed=7, instances_per_task=1)
+    assert [t.instruction for t in read_tasks(out)] == [
+        "Say when the museum closes on a weekday.", "How many hours is the museum open each weekday?"]
+    rejects = [json.loads(line) for line in rejects_path(out).read_text().splitlines()]
+    assert [(r["reason"], r["task"]["instruction"]) for r in rejects[:2]] == [
+        ("input shared by too many tasks", "Translate the notice into German for visitors."),
+        ("copies a demonstration", shown[0].instruction),
+    ]
+    assert rejects[1]["detail"] == f"shown in its prompt: {shown[0].instruction}"
+
+    # resumed: the two tasks on disk already carry the museum input, so a third is rejected
+    fresh = "\n4. Instruction: Write a polite reminder about the closing time.\n4. Input:\n" + museum
+    pin_batch(cache_dir, settings, 7, 2, [Completion(fresh + "\n4. Output:\nWe close at five.\n###", "stop", 600, 20)])
+    with replay_teacher(cache_dir) as teacher, TaskSink(out) as sink, pytest.raises(GenerationStalled):
+        run_alpaca(LOOP_SEEDS, teacher, sink, settings, num=10, seed=7, instances_per_task=1, batches_done=2)
+    more = [json.loads(line) for line in rejects_path(out).read_text().splitlines()][len(rejects):]
+    assert [(r["reason"], r["task"]["instruction"]) for r in more] == [
+        ("input shared by too many tasks", "Write a polite reminder about the closing time.")]
 
 
 def test_seeds_without_instances_cannot_be_shown(tmp_path):

@@ -42,9 +42,10 @@ REASON_SURPLUS = "surplus beyond num"
 
 
 def normalised_text(text: str) -> str:
-    """`text` with whitespace folded and case removed: what "the same text" means when a reply
-    is compared with the demonstrations of its prompt or with other tasks' inputs."""
-    return re.sub(r"\s+", " ", text).strip().casefold()
+    """`text` with whitespace folded, case removed and final punctuation (.:;!?) dropped: what
+    "the same text" means when a reply is compared with the demonstrations of its prompt or
+    with other tasks' inputs."""
+    return re.sub(r"\s+", " ", text).strip().rstrip(".:;!?").rstrip().casefold()
 
 
 def copied_text(texts: Iterable[str], demonstrations: Iterable[str]) -> str | None:

@@ -24,7 +24,7 @@ One batch of the loop:
 Copying from the prompt (not in the reference; weak teachers do it often, strong ones
 sometimes): a new instruction equal to one the bootstrap prompt listed, and an instance whose
 input or output equals a text of the instance prompt's demonstrations (texts of three words
-or more, whitespace and case folded), are rejected as "copies a demonstration"; an instance
+or more; whitespace, case and final punctuation folded), are rejected as "copies a demonstration"; an instance
 whose non-empty input more than `max_other_tasks_per_input` other tasks of the run already
 carry (accepted tasks, counted again from OUT on resume, and candidates of the same batch)
 is rejected as "input shared by too many tasks".
