@@ -300,6 +300,7 @@ def test_config_defaults_and_operation_names():
     assert config.rounds == 4 and config.items_per_batch == 32 and config.min_answer_words_for_sorry == 80
     assert config.operations == OPERATIONS and len(OPERATIONS) == 6
     assert config.judge_sampling.temperature == 0.0 and config.judge_sampling.max_tokens == 8
+    assert config.answer_sampling.max_tokens == 2048  # the reference's; a cut-off answer is rejected
     assert EvolInstructConfig(operations=["deepen", "evol:breadth"]).operations == ("evol:deepen", "evol:breadth")
     with pytest.raises(ConfigError, match=r"evol_instruct.operations: .*unknown operation 'evol:shorten'"):
         validate_config(_Wrapper, {"evol_instruct": {"operations": ["shorten"]}}, "config.yaml")
@@ -522,7 +523,7 @@ def test_the_same_run_sends_the_same_prompts(tmp_path):
 
 KNOWN_REASONS = {
     "no information gain", "teacher could not answer", "answer is only punctuation and stop words",
-    "empty answer", "parse failure", "teacher error", "rewrite hit the length limit",
+    "empty answer", "parse failure", "teacher error", "rewrite hit the length limit", "answer hit the length limit",
 }
 
 

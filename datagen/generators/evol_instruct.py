@@ -153,8 +153,8 @@ class EvolInstructConfig(Strict):
     # ample for a prompt that may add 10-20 words, or a table or code for complicate input.
     rewrite_sampling: SamplingParams = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=512)
     # Answers should be right rather than varied (variety comes from the instructions);
-    # 1024 tokens fits a full answer to a multi-step instruction.
-    answer_sampling: SamplingParams = SamplingParams(temperature=0.7, top_p=1.0, max_tokens=1024)
+    # the reference's 2048 tokens, since an answer cut off by the limit is rejected.
+    answer_sampling: SamplingParams = SamplingParams(temperature=0.7, top_p=1.0, max_tokens=2048)
     # The verdict is "Equal" or "Not Equal" (a few tokens); greedy, so it is reproducible.
     judge_sampling: SamplingParams = SamplingParams(temperature=0.0, max_tokens=8)
     # rule (2): an answer saying "sorry" in fewer words than this means the teacher gave up
