@@ -185,13 +185,22 @@ def test_malformed_pieces_are_kept_with_their_raw_text():
 
 
 def test_unparseable_and_empty_replies():
-    chatty = "Sure! Here are some more tasks for you."
+    chatty = "Let me add some more tasks for you."
     assert parse_alpaca_reply(chatty, 4, "stop").malformed == [
         ("4. Instruction:" + chatty, "expected 'N. Instruction:', 'N. Input:', 'N. Output:' once each in that "
                                      "order; found '4. Instruction:'"),
     ]
     assert parse_alpaca_reply("  \n", 4, "stop").malformed == [("  \n", "empty reply")]
     assert parse_alpaca_reply("###\n###", 4, "stop").malformed == [("###\n###", "no items in the reply")]
+
+
+@pytest.mark.parametrize("preamble", ["Sure! Here are some more tasks for you.", "Here are 16 more tasks:"])
+def test_a_chat_preamble_is_set_apart_and_the_list_after_it_kept(preamble):
+    assert parse_alpaca_reply(preamble, 4, "stop") == ParsedReply(preamble=preamble)
+    parsed = parse_alpaca_reply(f"{preamble}\n4. Instruction:{WELL_FORMED}", 4, "stop")
+    assert parsed.preamble == preamble and parsed.malformed == []
+    assert [i.instruction for i in parsed.items] == ["Name the largest planet in the solar system.",
+                                                     "Summarize the paragraph in one sentence."]
 
 
 def test_the_last_item_of_a_cut_off_reply_is_dropped():

@@ -39,7 +39,8 @@ instances: one reply gives whole tasks, each with exactly one instance, so
 `instances_per_task` does not apply. Every task gets `is_classification=False`.
 
 Every thrown-away item goes to the rejects file (stage "alpaca") with its reason and raw
-text: unparseable pieces ("parse failure"), the cut-off last item ("reply hit the length
+text: a chat model's opening line ("chat preamble", as in Self-Instruct), unparseable
+pieces ("parse failure"), the cut-off last item ("reply hit the length
 limit"), every filter rule, and valid tasks beyond `--num` ("surplus beyond num").
 
 Where we differ from the reference, on purpose:
@@ -92,6 +93,8 @@ from datagen.generators.common import (
     stable_id,
 )
 from datagen.generators.self_instruct import (
+    CHAT_OPENER,
+    REASON_PREAMBLE,
     REFERENCE_BLACKLIST,
     GenerationStalled,
     _neighbours,
@@ -198,6 +201,7 @@ class ParsedReply:
     items: list[AlpacaItem] = field(default_factory=list)
     malformed: list[tuple[str, str]] = field(default_factory=list)  # (raw piece, what is wrong)
     cut_off: str | None = None  # the last piece, dropped because the reply hit the length limit
+    preamble: str | None = None  # a chat model's opening line ("Sure! Here are more tasks:")
 
 
 _LABEL = re.compile(r"(\d+)\.\s+(Instruction|Input|Output):")
@@ -229,6 +233,11 @@ def parse_alpaca_reply(text: str, first_number: int, finish_reason: str) -> Pars
     if not text.strip():
         parsed.malformed.append((text, "empty reply"))
         return parsed
+    first, _newline, rest = text.strip().partition("\n")
+    if not _OWN_START.match(text) and CHAT_OPENER.match(first):
+        parsed.preamble, text = first, rest
+        if not text.strip():
+            return parsed
     body = text if _OWN_START.match(text) else f"{first_number}. Instruction:{text}"
     pieces = body.split(SEPARATOR)
     if finish_reason == "length":
@@ -364,6 +373,8 @@ def _screen_reply(
         sink.reject("teacher error", STAGE, detail=reply.error)
         return []
     parsed = parse_alpaca_reply(reply.text, len(shown) + 1, reply.finish_reason)
+    if parsed.preamble is not None:
+        sink.reject(REASON_PREAMBLE, STAGE, raw=parsed.preamble)
     for raw, why in parsed.malformed:
         sink.reject("parse failure", STAGE, raw=raw, detail=why)
     if parsed.cut_off is not None:

@@ -193,7 +193,7 @@ def bootstrap_messages(instructions: Sequence[str]) -> list[Message]:
 
 
 # A chat model's opening line: "Sure!", "Certainly, ...", "Here are more tasks:".
-_CHAT_OPENER = re.compile(
+CHAT_OPENER = re.compile(
     r"(?:sure|certainly|of course|absolutely|okay|ok|alright|great|no problem)\b\s*[!,.:]"
     r"|here(?:\s+are|\s+is|'s)\b.*:$",
     re.IGNORECASE,
@@ -212,7 +212,7 @@ def parse_bootstrap_reply(text: str) -> tuple[list[str], str | None]:
     if not re.match(r"\d+\s?\.", text):
         first, newline, rest = text.partition("\n")
         before_list = newline and first.rstrip().endswith(":") and re.match(r"\s*\d+\s?\. ", rest)
-        if before_list or _CHAT_OPENER.match(first.strip()):
+        if before_list or CHAT_OPENER.match(first.strip()):
             preamble, text = first.strip(), rest.strip()
     text = re.sub(r"^\d+\s?\.\s*", "", text)  # a chat model may repeat the number it was given
     instructions = []
