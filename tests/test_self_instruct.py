@@ -329,7 +329,8 @@ def test_an_input_shared_by_more_than_k_other_tasks_is_rejected(tmp_path):
     sink.flush()
     reasons = [json.loads(line)["reason"] for line in rejects_path(tmp_path / "raw.jsonl").read_text().splitlines()]
     assert reasons == ["instance: input shared by too many tasks"]
-    assert _InputUse(InputTally(on_disk), limit=1).reason(second, "Shared text here") == "input shared by too many tasks"
+    stricter = _InputUse(InputTally(on_disk), limit=1)
+    assert stricter.reason(second, "Shared text here") == "input shared by too many tasks"
     assert _InputUse(InputTally(on_disk), limit=0).reason(second, "  ") is None  # an empty input is never shared
 
 

@@ -29,8 +29,8 @@ The reference is `generate_instruction.py` and `prompt.txt` of that repository. 
 
 4. *Copying* (not in the reference): an item whose instruction equals one of its prompt's
    tasks, or whose input or output equals the input or output shown with them (texts of
-   three words or more; whitespace, case and final punctuation folded), is rejected as "copies a
-   demonstration"; an item whose non-empty input more than `max_other_tasks_per_input`
+   three words or more; whitespace, case and final punctuation folded), is rejected as
+   "copies a demonstration"; an item whose non-empty input more than `max_other_tasks_per_input`
    other tasks of the run already carry (tasks on disk, counted again on resume, and items
    kept earlier in the batch) is rejected as "input shared by too many tasks".
 

@@ -458,8 +458,8 @@ def _evolve_batch(
         evolution.answer = answer
         task = _to_task(evolution, *lineage_args)
         # a cut-off answer is half an answer: not training data
-        reason = ANSWER_CUT_OFF if answer.finish_reason == "length" else None
-        reason = reason or sorry_reason(answer.text, settings.min_answer_words_for_sorry) or stop_words_reason(answer.text)
+        reason = (ANSWER_CUT_OFF if answer.finish_reason == "length" else None) or sorry_reason(
+            answer.text, settings.min_answer_words_for_sorry) or stop_words_reason(answer.text)
         if reason:
             reject(reason, STAGE, raw=answer.text, detail="answer", task=task)
             continue

@@ -22,12 +22,13 @@ One batch of the loop:
    Tasks without inputs get the reference prompt again, resampled.
 
 Copying from the prompt (not in the reference; weak teachers do it often, strong ones
-sometimes): a new instruction equal to one the bootstrap prompt listed, and an instance whose
-input or output equals a text of the instance prompt's demonstrations (texts of three words
-or more; whitespace, case and final punctuation folded), are rejected as "copies a demonstration"; an instance
-whose non-empty input more than `max_other_tasks_per_input` other tasks of the run already
-carry (accepted tasks, counted again from OUT on resume, and candidates of the same batch)
-is rejected as "input shared by too many tasks".
+sometimes): a new instruction equal to one the bootstrap prompt listed, and an instance
+whose input or output equals a text of the instance prompt's demonstrations (texts of
+three words or more; whitespace, case and final punctuation folded), are rejected as
+"copies a demonstration"; an instance whose non-empty input more than
+`max_other_tasks_per_input` other tasks of the run already carry (accepted tasks, counted
+again from OUT on resume, and candidates of the same batch) is rejected as "input shared
+by too many tasks".
 
 Every rejected instruction, instance and unparseable reply goes to the rejects file with
 its reason, and so do valid candidates beyond `num` ("surplus beyond num"; the reference
@@ -112,7 +113,8 @@ INPUT_FIRST_DEMONSTRATIONS: tuple[Task, ...] = (
 OUTPUT_FIRST_DEMONSTRATIONS: tuple[Task, ...] = (
     Task(id="demo-mood", instruction="Decide whether the sentence expresses happiness or sadness.",
          is_classification=True,
-         instances=[Instance(input="We finally moved into the house we had dreamed about for years.", output="happiness"),
+         instances=[Instance(input="We finally moved into the house we had dreamed about for years.",
+                             output="happiness"),
                     Instance(input="The little café where we first met closed down last week.", output="sadness")]),
     Task(id="demo-parity", instruction="Is the number even or odd?", is_classification=True,
          instances=[Instance(input="48", output="even"), Instance(input="17", output="odd")]),
@@ -474,7 +476,8 @@ def _screen_reply(
     for instruction in instructions:
         reason = instruction_reject_reason(instruction, settings.blacklist, settings.min_words, settings.max_words)
         if reason is None and (copied := copied_instruction(instruction, [t.instruction for t in shown])):
-            sink.reject(REASON_COPIED_DEMONSTRATION, "bootstrap", raw=instruction, detail=f"shown in its prompt: {copied}")
+            sink.reject(REASON_COPIED_DEMONSTRATION, "bootstrap", raw=instruction,
+                        detail=f"shown in its prompt: {copied}")
             continue
         if reason is None:
             close = next((m for pool in pools if (m := pool.first_above(instruction, settings.similarity_threshold))), None)
