@@ -359,6 +359,8 @@ class ScriptedBackend:
                 text = "No"
             elif prompt.endswith("Task: Reverse the letters of the given word.") and self.unparseable_reverse:
                 text = "I do not know."
+            elif prompt.startswith("Below is a task with some examples."):  # a later round
+                text = " The elephant walked slowly across the field.\nOutput: 7"
             else:
                 text = "Example 1\nInput: banana\nOutput: " + ("3" if "vowels" in prompt[-40:] else "ananab")
             on_result(index, Completion(text, "stop", 10, 5))
@@ -367,7 +369,7 @@ class ScriptedBackend:
         pass
 
 
-def run_scripted(out: Path, num: int, backend=None, **settings) -> list[tuple[str, str]]:
+def run_scripted(out: Path, num: int, backend=None, instances_per_task=1, **settings) -> list[tuple[str, str]]:
     """Run the loop on `ScriptedBackend`; the (reason, instruction or raw) of every reject."""
     from datagen.records import Reject
     from datagen.generators.self_instruct import run_self_instruct
@@ -380,7 +382,7 @@ def run_scripted(out: Path, num: int, backend=None, **settings) -> list[tuple[st
     teacher = Teacher(backend or ScriptedBackend(), TeacherConfig(cache="off"))
     with TaskSink(out) as sink:
         try:
-            run_self_instruct(seeds, teacher, sink, config, num=num, seed=0, instances_per_task=1)
+            run_self_instruct(seeds, teacher, sink, config, num=num, seed=0, instances_per_task=instances_per_task)
         except GenerationStalled:
             pass
     rejects = read_records(rejects_path(out), Reject) if rejects_path(out).exists() else []
@@ -391,6 +393,14 @@ def test_candidates_beyond_num_are_rejects(tmp_path):
     rejects = run_scripted(tmp_path / "raw.jsonl", num=1)
     assert [t.instruction for t in read_tasks(tmp_path / "raw.jsonl")] == ["Count the vowels in the given word."]
     assert rejects == [("surplus beyond num", "Reverse the letters of the given word.")]
+
+
+def test_a_later_round_copying_the_first_rounds_demonstrations_is_rejected(tmp_path):
+    rejects = run_scripted(tmp_path / "raw.jsonl", num=1, instances_per_task=2, max_instance_rounds=2)
+    copied = [raw for reason, raw in rejects if reason == "instance: copies a demonstration"]
+    assert copied and all(json.loads(raw)["input"] == "The elephant walked slowly across the field." for raw in copied)
+    [task] = read_tasks(tmp_path / "raw.jsonl")
+    assert task.instances == [Instance(input="banana", output="3")]
 
 
 def test_the_shared_input_count_is_rebuilt_from_the_output_on_resume(tmp_path):

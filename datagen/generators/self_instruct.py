@@ -23,8 +23,9 @@ One batch of the loop:
 
 Copying from the prompt (not in the reference; weak teachers do it often, strong ones
 sometimes): a new instruction equal to one the bootstrap prompt listed, and an instance
-whose input or output equals a text of the instance prompt's demonstrations (texts of
-three words or more; whitespace, case and final punctuation folded), are rejected as
+(of any round) whose input or output equals a text of the instance prompts'
+demonstrations (texts of three words or more; whitespace, case and final punctuation
+folded), are rejected as
 "copies a demonstration"; an instance whose non-empty input more than
 `max_other_tasks_per_input` other tasks of the run already carry (accepted tasks, counted
 again from OUT on resume, and candidates of the same batch) is rejected as "input shared
@@ -534,9 +535,10 @@ def _add_instances(
                 continue
             replies = teacher.complete([messages for _, messages, _ in asks], asked_with)
             for (candidate, _, opening), samples in zip(asks, replies):
-                # the reference prompt shows other tasks' examples; the more-prompt shows the
-                # task's own, whose inputs the "input already present" rule covers
-                shown = () if opening else instance_demonstrations(candidate.is_classification)
+                # the fixed demonstrations count in every round: a later round's prompt shows the
+                # task's own instances, which a weak teacher filled from them (its own inputs
+                # are covered by the "input already present" rule)
+                shown = instance_demonstrations(candidate.is_classification)
                 for reply in samples:
                     _take_instances(candidate, reply, opening, round_number > 0, sink,
                                     demonstrations=shown, inputs=inputs)
