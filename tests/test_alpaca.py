@@ -10,21 +10,21 @@ from pathlib import Path
 import pytest
 
 from datagen.config import SamplingParams
+from datagen.errors import DatagenError
 from datagen.generators.alpaca import (
     ALPACA_BLACKLIST,
     AlpacaConfig,
     AlpacaItem,
     ParsedReply,
     alpaca_messages,
+    copied_from_prompt,
     item_reject_reason,
     parse_alpaca_reply,
     run_alpaca,
 )
 from datagen.generators.common import TaskSink, stable_id
-from datagen.io import rejects_path
 from datagen.generators.self_instruct import REFERENCE_BLACKLIST, GenerationStalled, sample_prompt_tasks
-from datagen.errors import DatagenError
-from datagen.io import read_records, read_tasks
+from datagen.io import read_records, read_tasks, rejects_path
 from datagen.records import Instance, Task
 from datagen.teachers.base import Completion, Request
 from datagen.teachers.cache import RequestCache, request_key
@@ -184,13 +184,22 @@ def test_malformed_pieces_are_kept_with_their_raw_text():
 
 
 def test_unparseable_and_empty_replies():
-    chatty = "Sure! Here are some more tasks for you."
+    chatty = "Let me add some more tasks for you."
     assert parse_alpaca_reply(chatty, 4, "stop").malformed == [
         ("4. Instruction:" + chatty, "expected 'N. Instruction:', 'N. Input:', 'N. Output:' once each in that "
                                      "order; found '4. Instruction:'"),
     ]
     assert parse_alpaca_reply("  \n", 4, "stop").malformed == [("  \n", "empty reply")]
     assert parse_alpaca_reply("###\n###", 4, "stop").malformed == [("###\n###", "no items in the reply")]
+
+
+@pytest.mark.parametrize("preamble", ["Sure! Here are some more tasks for you.", "Here are 16 more tasks:"])
+def test_a_chat_preamble_is_set_apart_and_the_list_after_it_kept(preamble):
+    assert parse_alpaca_reply(preamble, 4, "stop") == ParsedReply(preamble=preamble)
+    parsed = parse_alpaca_reply(f"{preamble}\n4. Instruction:{WELL_FORMED}", 4, "stop")
+    assert parsed.preamble == preamble and parsed.malformed == []
+    assert [i.instruction for i in parsed.items] == ["Name the largest planet in the solar system.",
+                                                     "Summarize the paragraph in one sentence."]
 
 
 def test_the_last_item_of_a_cut_off_reply_is_dropped():
@@ -251,8 +260,7 @@ NOT_A_LIST = Completion("SUBTRAILED\n", "stop", 600, 4)
 
 def replay_teacher(cache_dir: Path):
     """A real teacher that may only answer from its cache (the OpenAI backend is never reached)."""
-    from datagen.teachers import TeacherConfig
-    from datagen.teachers import make_teacher
+    from datagen.teachers import TeacherConfig, make_teacher
 
     return make_teacher(TeacherConfig(backend="openai", base_url="http://127.0.0.1:9/v1", cache="only",
                                       cache_dir=str(cache_dir)))
@@ -356,6 +364,59 @@ def test_loop_decisions_lineage_and_resume(tmp_path):
                                  "found '4. Instruction:'"}
 
 
+@pytest.mark.parametrize(
+    ("instruction", "instance_input", "output", "copied"),
+    [
+        ("classify the  sentiment of the review", "Lovely staff.", "Positive", "Classify the sentiment of the review."),
+        ("Rate the soup review from 1 to 5.", "the soup was cold and  bland.", "1", "the soup was cold and  bland."),
+        ("List some healthy habits.", "", "1. Eat a balanced diet. 2. Exercise regularly. 3. Sleep enough.",
+         "1. Eat a balanced diet. 2. Exercise regularly. 3. Sleep enough."),
+        # a shared label and a seed's second instance (never shown) are not copies
+        ("Classify the sentiment of the tweet.", "Worst phone ever.", "Negative", None),
+        ("Say what the seed's unseen example says.", "", "only the first instance is shown", None),
+    ],
+)
+def test_an_item_copying_its_prompt(instruction, instance_input, output, copied):
+    assert copied_from_prompt(AlpacaItem(instruction, instance_input, output), SEEDS) == copied
+
+
+def test_copies_and_inputs_shared_by_too_many_tasks_are_rejected_also_after_a_resume(tmp_path):
+    settings = AlpacaConfig(prompts_per_batch=1, max_stalled_batches=1, max_other_tasks_per_input=1)
+    rng = random.Random("alpaca:7:0")
+    [shown] = [sample_prompt_tasks(LOOP_SEEDS, (), rng, settings.seeds_per_prompt, 0)]
+    museum = "The museum opens at nine and closes at five on weekdays."
+    reply = "".join(
+        f"{'###' if n > 4 else ''}\n{n}. Instruction: {instruction}\n{n}. Input:\n{text}\n{n}. Output:\n{answer}\n"
+        for n, (instruction, text, answer) in enumerate([
+            ("Say when the museum closes on a weekday.", museum, "At five."),
+            ("How many hours is the museum open each weekday?", museum, "Eight hours."),
+            ("Translate the notice into German for visitors.", f"  {museum.upper()} ", "Das Museum ..."),
+            (shown[0].instruction, "A fresh input for the copied instruction.", "Something new."),
+        ], start=4)).lstrip()
+    cache_dir, out = tmp_path / "cache", tmp_path / "raw.jsonl"
+    pin_batch(cache_dir, settings, 7, 0, [Completion(reply, "stop", 600, 200)])
+    pin_batch(cache_dir, settings, 7, 1, [NOT_A_LIST])
+    with replay_teacher(cache_dir) as teacher, TaskSink(out) as sink, pytest.raises(GenerationStalled):
+        run_alpaca(LOOP_SEEDS, teacher, sink, settings, num=10, seed=7, instances_per_task=1)
+    assert [t.instruction for t in read_tasks(out)] == [
+        "Say when the museum closes on a weekday.", "How many hours is the museum open each weekday?"]
+    rejects = [json.loads(line) for line in rejects_path(out).read_text().splitlines()]
+    assert [(r["reason"], r["task"]["instruction"]) for r in rejects[:2]] == [
+        ("input shared by too many tasks", "Translate the notice into German for visitors."),
+        ("copies a demonstration", shown[0].instruction),
+    ]
+    assert rejects[1]["detail"] == f"shown in its prompt: {shown[0].instruction}"
+
+    # resumed: the two tasks on disk already carry the museum input, so a third is rejected
+    fresh = "\n4. Instruction: Write a polite reminder about the closing time.\n4. Input:\n" + museum
+    pin_batch(cache_dir, settings, 7, 2, [Completion(fresh + "\n4. Output:\nWe close at five.\n###", "stop", 600, 20)])
+    with replay_teacher(cache_dir) as teacher, TaskSink(out) as sink, pytest.raises(GenerationStalled):
+        run_alpaca(LOOP_SEEDS, teacher, sink, settings, num=10, seed=7, instances_per_task=1, batches_done=2)
+    more = [json.loads(line) for line in rejects_path(out).read_text().splitlines()][len(rejects):]
+    assert [(r["reason"], r["task"]["instruction"]) for r in more] == [
+        ("input shared by too many tasks", "Write a polite reminder about the closing time.")]
+
+
 def test_seeds_without_instances_cannot_be_shown(tmp_path):
     with TaskSink(tmp_path / "raw.jsonl") as sink, pytest.raises(DatagenError, match="no seed task has an instance"):
         run_alpaca([Task(id="bare", instruction="Name a colour.")], None, sink, AlpacaConfig(),
@@ -382,8 +443,7 @@ class KilledAfterReplies:
 
 @pytest.mark.slow
 def test_end_to_end_on_the_embedded_model_with_resume(tmp_path):
-    from datagen.teachers import TeacherConfig
-    from datagen.teachers import make_teacher
+    from datagen.teachers import TeacherConfig, make_teacher
 
     seeds = read_tasks(Path("datagen/data/seed_tasks.jsonl"))
     seed_ids = {t.id for t in seeds}

@@ -18,11 +18,10 @@ from pathlib import Path
 import pytest
 
 from datagen.config import SamplingParams, Strict, validate_config
-from datagen.teachers import TeacherConfig
 from datagen.errors import ConfigError
 from datagen.generators.common import TaskSink
-from datagen.io import rejects_path
 from datagen.generators.evol_instruct import (
+    ANSWER_CUT_OFF,
     BREADTH,
     COMPLICATE_INPUT,
     DATA_FORMATS,
@@ -42,8 +41,9 @@ from datagen.generators.evol_instruct import (
     sorry_reason,
     stop_words_reason,
 )
-from datagen.io import read_records, read_tasks
+from datagen.io import read_records, read_tasks, rejects_path
 from datagen.records import Instance, Reject, Task
+from datagen.teachers import TeacherConfig
 from datagen.teachers.base import BackendCounters, Completion
 from datagen.teachers.teacher import Teacher
 
@@ -236,10 +236,15 @@ def test_rule_2_sorry_in_a_short_answer():
 def test_rule_3_only_punctuation_and_stop_words():
     assert stop_words_reason("It is what it is.") == "answer is only punctuation and stop words"
     assert stop_words_reason("... !? --") == "answer is only punctuation and stop words"
-    assert stop_words_reason("Yes, I don’t!") == "answer is only punctuation and stop words"
+    assert stop_words_reason("So, I don’t!") == "answer is only punctuation and stop words"
     assert stop_words_reason("   ") == "empty answer"
     assert stop_words_reason("It is 42.") is None
     assert stop_words_reason("The Nile.") is None
+
+
+@pytest.mark.parametrize("answer", ["Yes.", "No.", "42", "Both.", "yes", "No, it is not.", "Yes, it is."])
+def test_rule_3_spares_short_correct_answers(answer):
+    assert stop_words_reason(answer) is None
     assert {"the", "and", "is", "don't", "yourselves"} <= STOP_WORDS and "river" not in STOP_WORDS
 
 
@@ -295,6 +300,7 @@ def test_config_defaults_and_operation_names():
     assert config.rounds == 4 and config.items_per_batch == 32 and config.min_answer_words_for_sorry == 80
     assert config.operations == OPERATIONS and len(OPERATIONS) == 6
     assert config.judge_sampling.temperature == 0.0 and config.judge_sampling.max_tokens == 8
+    assert config.answer_sampling.max_tokens == 2048  # the reference's; a cut-off answer is rejected
     assert EvolInstructConfig(operations=["deepen", "evol:breadth"]).operations == ("evol:deepen", "evol:breadth")
     with pytest.raises(ConfigError, match=r"evol_instruct.operations: .*unknown operation 'evol:shorten'"):
         validate_config(_Wrapper, {"evol_instruct": {"operations": ["shorten"]}}, "config.yaml")
@@ -357,6 +363,10 @@ class FaultyBackend:
             return Completion("I think so" if has("garbled") else "Not Equal", "stop", 80, 2)
         if has("sorry"):
             return Completion("Sorry, I cannot do that.", "stop", 30, 7)
+        if has("answercut"):
+            return Completion("The Danube rises in the Black Forest and flows", "length", 30, 1024)
+        if has("yesno"):
+            return Completion("No.", "stop", 30, 2)
         if has("stopwords"):
             return Completion("It is what it is!", "stop", 30, 6)
         return Completion("The Danube, the Rhine and the Volga are long European rivers.", "stop", 30, 15)
@@ -460,6 +470,20 @@ def test_every_failure_is_a_reject_and_the_parent_stays_in_the_pool(tmp_path):
     assert teacher.stats.cache_hits == 4
 
 
+def test_a_cut_off_answer_is_rejected_and_a_one_word_answer_kept(tmp_path):
+    seeds = [Task(id=f"seed-{fault}", instruction=f"[{fault}] Name some rivers.") for fault in ("answercut", "yesno")]
+    teacher = Teacher(FaultyBackend(), TeacherConfig(cache="off"))
+    with TaskSink(tmp_path / "evol.jsonl") as sink:
+        run_evol_instruct(seeds, teacher, sink, EvolInstructConfig(rounds=1), num=10, seed=5, instances_per_task=1)
+    tasks, rejects = read_out(tmp_path)
+    assert [(t.lineage.parent_ids, t.instances[0].output) for t in tasks] == [(["seed-yesno"], "No.")]
+    [cut] = rejects
+    assert cut.reason == "answer hit the length limit" == ANSWER_CUT_OFF
+    assert cut.raw == "The Danube rises in the Black Forest and flows" and cut.detail == "answer"
+    assert cut.task.lineage.parent_ids == ["seed-answercut"]
+    assert cut.task.lineage.answer_finish_reason == "length"
+
+
 def test_stops_once_the_sink_holds_num_tasks(tmp_path):
     (tmp_path / "evol.jsonl").write_text(Task(id="old", instruction="Old task.").to_json() + "\n")
     backend, teacher, calls, progressed = run_faulty(tmp_path, num=2, rounds=4)
@@ -499,7 +523,7 @@ def test_the_same_run_sends_the_same_prompts(tmp_path):
 
 KNOWN_REASONS = {
     "no information gain", "teacher could not answer", "answer is only punctuation and stop words",
-    "empty answer", "parse failure", "teacher error", "rewrite hit the length limit",
+    "empty answer", "parse failure", "teacher error", "rewrite hit the length limit", "answer hit the length limit",
 }
 
 

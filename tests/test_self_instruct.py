@@ -13,19 +13,24 @@ from pathlib import Path
 import pytest
 
 from datagen.config import SamplingParams
-from datagen.teachers import TeacherConfig
-from datagen.generators.common import TaskSink
-from datagen.io import rejects_path
+from datagen.generators.common import InputTally, TaskSink
 from datagen.generators.self_instruct import (
+    INPUT_FIRST_DEMONSTRATIONS,
     INSTANCE_STOP,
+    OUTPUT_FIRST_DEMONSTRATIONS,
+    GenerationStalled,
     SelfInstructConfig,
     _add_instances,
     _Candidate,
+    _InputUse,
     _more_prompts,
+    _screen_reply,
     _take_instances,
     bootstrap_messages,
     classification_messages,
     continue_opening,
+    copied_demonstration,
+    copied_instruction,
     has_conflicting_outputs,
     instance_messages,
     instance_reject_reason,
@@ -36,8 +41,9 @@ from datagen.generators.self_instruct import (
     parse_instances,
     sample_prompt_tasks,
 )
-from datagen.io import read_tasks
+from datagen.io import read_tasks, rejects_path
 from datagen.records import Instance, Task
+from datagen.teachers import TeacherConfig
 
 HEADER = (
     "Below is a numbered list of varied tasks that a person could ask a capable AI assistant to do. "
@@ -84,10 +90,56 @@ def test_prompt_mixes_six_seeds_and_two_generated_tasks():
         ("Here are some more tasks:\n9. Give a synonym for happy.\n10. Count vowels in a word.",
          ["Give a synonym for happy.", "Count vowels in a word."], "Here are some more tasks:"),
         ("", [], None),
+        # the "\n\n" stop cuts a chat reply right after its preamble
+        ("Sure! Here are more tasks:", [], "Sure! Here are more tasks:"),
+        ("Here are 7 more tasks:", [], "Here are 7 more tasks:"),
+        ("Certainly, here you go.", [], "Certainly, here you go."),
+        ("Sure! Here are some more:\n9. Give a synonym for happy.", ["Give a synonym for happy."],
+         "Sure! Here are some more:"),
+        # an instruction that ends with ':' is not a preamble
+        (" Rewrite the following sentence in the passive voice:",
+         ["Rewrite the following sentence in the passive voice:"], None),
+        (" Surely you can name three rivers in Africa?", ["Surely you can name three rivers in Africa?"], None),
     ],
 )
 def test_bootstrap_reply_parse(reply, instructions, preamble):
     assert parse_bootstrap_reply(reply) == (instructions, preamble)
+
+
+def _screen(tmp_path, text, shown=(), settings=None):
+    from datagen.rouge import RougeLIndex
+    from datagen.teachers.base import Completion
+
+    sink = TaskSink(tmp_path / "raw.jsonl")
+    shown = [Task(id=f"s{n}", instruction=instruction) for n, instruction in enumerate(shown)]
+    kept = _screen_reply(Completion(text, "stop", 10, 10), shown, settings or SelfInstructConfig(), sink,
+                         (RougeLIndex(), RougeLIndex()))
+    sink.flush()
+    rejects = [json.loads(line) for line in rejects_path(tmp_path / "raw.jsonl").read_text().splitlines()]
+    return [c.instruction for c in kept], [(r["reason"], r.get("raw"), r.get("detail")) for r in rejects]
+
+
+def test_a_reply_that_is_only_a_preamble_is_one_preamble_reject(tmp_path):
+    assert _screen(tmp_path, "Sure! Here are more tasks:") == (
+        [], [("chat preamble", "Sure! Here are more tasks:", None)])
+
+
+def test_an_instruction_copied_from_the_prompt_is_rejected(tmp_path):
+    shown = ["Name a river in  Europe:", "Translate the sentence into French."]
+    assert copied_instruction("name a river in Europe", shown) == "Name a river in  Europe:"
+    assert copied_instruction("Name a river in Asia.", shown) is None
+    # the similarity threshold allows exact copies at 1.0; the copy rule still catches them
+    settings = SelfInstructConfig(similarity_threshold=1.0)
+    kept, rejects = _screen(tmp_path, " Translate the sentence into  french.\n10. Name a mountain in South America.",
+                            shown, settings)
+    assert kept == ["Name a mountain in South America."]
+    assert rejects == [("copies a demonstration", "Translate the sentence into french.",
+                        "shown in its prompt: Translate the sentence into French.")]
+
+
+def test_classification_reply():
+    assert parse_classification_reply(" Yes") is True
+    assert parse_classification_reply("No") is False
 
 
 @pytest.mark.parametrize(
@@ -116,9 +168,15 @@ def test_alpaca_blacklist_is_a_parameter():
     assert instruction_reject_reason("Describe the music of the Baroque era.", words) == "blacklisted word: music"
 
 
-def test_classification_reply():
-    assert parse_classification_reply(" Yes") is True
-    assert parse_classification_reply("No") is False
+@pytest.mark.parametrize(
+    ("reply", "lenient", "reference"),
+    [(" Yes", True, True), ("YES", True, True), ("Yes.", True, False), ("yes, it is", True, False),
+     ("No", False, False), ("Not really", False, False)],
+)
+def test_classification_match_lenient_and_reference(reply, lenient, reference):
+    assert parse_classification_reply(reply) is lenient
+    assert parse_classification_reply(reply, "lenient") is lenient
+    assert parse_classification_reply(reply, "reference") is reference
 
 
 def test_input_first_parse_drops_the_cut_off_last_instance():
@@ -193,6 +251,187 @@ def test_a_reply_continues_the_opening_unless_it_restarts_the_example():
     assert [(i.input, i.output) for i in parse_instances(text, True, "stop")] == [("31", "odd"), ("10", "even")]
     text = continue_opening(" even\nInput: 12", "Class label:")
     assert [(i.input, i.output) for i in parse_instances(text, True, "stop")] == [("12", "even")]
+
+
+def test_instance_prompts_show_the_demonstrations_the_copy_rule_checks():
+    [message] = instance_messages("Sort the numbers.", is_classification=False)
+    for demonstration in INPUT_FIRST_DEMONSTRATIONS:
+        assert f"Task: {demonstration.instruction}\n" in message["content"]
+        for example in demonstration.instances:
+            assert f"Output: {example.output}\n" in message["content"]
+            assert not example.input or f"Input: {example.input}\n" in message["content"]
+    [message] = instance_messages("Even or odd?", is_classification=True)
+    for demonstration in OUTPUT_FIRST_DEMONSTRATIONS:
+        for example in demonstration.instances:
+            assert f"Class label: {example.output}\n" in message["content"]
+
+
+@pytest.mark.parametrize(
+    ("instance", "copied"),
+    [
+        # the demo's inputs and outputs from `make demo`: pasted as input or as output
+        (Instance(input="1. Keep your phone in another room. 2. Work in blocks of 25 minutes with short "
+                        "breaks. 3. Tidy your desk before you start.", output="Done."),
+         "1. Keep your phone in another room. 2. Work in blocks of 25 minutes with short breaks. "
+         "3. Tidy your desk before you start."),
+        (Instance(input="Write a sentence about an animal.", output="The  elephant walked slowly across the FIELD."),
+         "The  elephant walked slowly across the FIELD."),
+        (Instance(input="curiosity drives discovery.", output="3"), "curiosity drives discovery."),
+        # short texts (labels, numbers, one word) are shared by design
+        (Instance(input="An elephant is big.", output="elephant"), None),
+        (Instance(input="25 °C", output="298 K"), None),
+        (Instance(input="The tiger ran quickly across the road.", output="tiger"), None),
+    ],
+)
+def test_copied_demonstration(instance, copied):
+    assert copied_demonstration(instance, INPUT_FIRST_DEMONSTRATIONS) == copied
+
+
+def test_an_instance_copying_its_prompt_is_rejected_with_its_own_reason(tmp_path):
+    from datagen.teachers.base import Completion
+
+    sink = TaskSink(tmp_path / "raw.jsonl")
+    candidate = _candidate([], False)
+    candidate.instruction = "Count the words in the sentence."
+    reply = ("Example 1\nInput: The elephant walked slowly across the field.\nOutput: 7\n"
+             "Example 2\nInput: Rain fell all night.\nOutput: 4")
+    _take_instances(candidate, Completion(reply, "stop", 1, 1), "", False, sink,
+                    demonstrations=INPUT_FIRST_DEMONSTRATIONS)
+    assert candidate.instances == [Instance(input="Rain fell all night.", output="4")]
+    sink.flush()
+    [reject] = [json.loads(line) for line in rejects_path(tmp_path / "raw.jsonl").read_text().splitlines()]
+    assert reject["reason"] == "instance: copies a demonstration" and reject["stage"] == "instances"
+    assert json.loads(reject["raw"]) == {"input": "The elephant walked slowly across the field.", "output": "7",
+                                         "explanation": None}
+    assert reject["detail"] == ("Count the words in the sentence. | shown in its prompt: "
+                                "The elephant walked slowly across the field.")
+    # the more-prompt shows the task's own instances: no demonstrations to compare with
+    _take_instances(candidate, Completion(" Snow fell.\nOutput: 2", "stop", 1, 1), "Example 2\nInput:", True, sink)
+    assert candidate.instances[-1] == Instance(input="Snow fell.", output="2")
+
+
+def test_an_input_shared_by_more_than_k_other_tasks_is_rejected(tmp_path):
+    from datagen.teachers.base import Completion
+
+    on_disk = [Task(id=f"t{n}", instruction=f"Task {n}.", instances=[Instance(input="Shared  TEXT here", output="x"),
+                                                                      Instance(input="Shared text here", output="y")])
+               for n in range(2)]
+    inputs = _InputUse(InputTally(on_disk), limit=2)
+    sink = TaskSink(tmp_path / "raw.jsonl")
+    first, second = _candidate([], False), _candidate([], False)
+    reply = Completion("Example 1\nInput: shared text here\nOutput: 1\nExample 2\nInput: Own text.\nOutput: 2",
+                       "stop", 1, 1)
+    _take_instances(first, reply, "", False, sink, inputs=inputs)  # 2 other tasks carry it: allowed
+    assert [i.input for i in first.instances] == ["shared text here", "Own text."]
+    assert inputs.reason(first, "Shared text here") is None  # its own use does not count against it
+    _take_instances(second, reply, "", False, sink, inputs=inputs)  # 2 on disk + the first candidate
+    assert [i.input for i in second.instances] == ["Own text."]
+    sink.flush()
+    reasons = [json.loads(line)["reason"] for line in rejects_path(tmp_path / "raw.jsonl").read_text().splitlines()]
+    assert reasons == ["instance: input shared by too many tasks"]
+    stricter = _InputUse(InputTally(on_disk), limit=1)
+    assert stricter.reason(second, "Shared text here") == "input shared by too many tasks"
+    assert _InputUse(InputTally(on_disk), limit=0).reason(second, "  ") is None  # an empty input is never shared
+
+
+class ScriptedBackend:
+    """Instant replies: two instructions per bootstrap prompt, "No" to the classification
+    check, and one instance on the input "banana" (the word-reversing task's reply cannot
+    be parsed when `unparseable_reverse`)."""
+
+    name = "scripted"
+    model = "scripted"
+
+    def __init__(self, unparseable_reverse: bool = False) -> None:
+        from datagen.teachers.base import BackendCounters
+
+        self.counters = BackendCounters()
+        self.unparseable_reverse = unparseable_reverse
+
+    def generate(self, requests, on_result) -> None:
+        from datagen.teachers.base import Completion
+
+        for index, request in enumerate(requests):
+            prompt = request.messages[-1][1]
+            if prompt.startswith("Below is a numbered list"):
+                text = " Count the vowels in the given word.\n10. Reverse the letters of the given word."
+            elif prompt.startswith("For each task, decide"):
+                text = "No"
+            elif prompt.endswith("Task: Reverse the letters of the given word.") and self.unparseable_reverse:
+                text = "I do not know."
+            elif prompt.startswith("Below is a task with some examples."):  # a later round
+                text = " The elephant walked slowly across the field.\nOutput: 7"
+            else:
+                text = "Example 1\nInput: banana\nOutput: " + ("3" if "vowels" in prompt[-40:] else "ananab")
+            on_result(index, Completion(text, "stop", 10, 5))
+
+    def close(self) -> None:
+        pass
+
+
+def run_scripted(out: Path, num: int, backend=None, instances_per_task=1, **settings) -> list[tuple[str, str]]:
+    """Run the loop on `ScriptedBackend`; the (reason, instruction or raw) of every reject."""
+    from datagen.generators.self_instruct import run_self_instruct
+    from datagen.io import read_records
+    from datagen.records import Reject
+    from datagen.teachers.teacher import Teacher
+
+    seeds = [Task(id=f"seed{n}", instruction=text) for n, text in enumerate(
+        ["Name a famous painter from Spain.", "Suggest a title for a mystery novel.", "Explain how rainbows form."])]
+    config = SelfInstructConfig(prompts_per_batch=1, max_stalled_batches=1, **settings)
+    teacher = Teacher(backend or ScriptedBackend(), TeacherConfig(cache="off"))
+    with TaskSink(out) as sink:
+        try:
+            run_self_instruct(seeds, teacher, sink, config, num=num, seed=0, instances_per_task=instances_per_task)
+        except GenerationStalled:
+            pass
+    rejects = read_records(rejects_path(out), Reject) if rejects_path(out).exists() else []
+    return [(r.reason, r.task.instruction if r.task else r.raw) for r in rejects]
+
+
+def test_candidates_beyond_num_are_rejects(tmp_path):
+    rejects = run_scripted(tmp_path / "raw.jsonl", num=1)
+    assert [t.instruction for t in read_tasks(tmp_path / "raw.jsonl")] == ["Count the vowels in the given word."]
+    assert rejects == [("surplus beyond num", "Reverse the letters of the given word.")]
+
+
+def test_a_later_round_copying_the_first_rounds_demonstrations_is_rejected(tmp_path):
+    rejects = run_scripted(tmp_path / "raw.jsonl", num=1, instances_per_task=2, max_instance_rounds=2)
+    copied = [raw for reason, raw in rejects if reason == "instance: copies a demonstration"]
+    assert copied and all(json.loads(raw)["input"] == "The elephant walked slowly across the field." for raw in copied)
+    [task] = read_tasks(tmp_path / "raw.jsonl")
+    assert task.instances == [Instance(input="banana", output="3")]
+
+
+def test_the_shared_input_count_is_rebuilt_from_the_output_on_resume(tmp_path):
+    out = tmp_path / "raw.jsonl"
+    rejects = run_scripted(out, num=2, max_other_tasks_per_input=0)
+    # the second candidate of the batch pastes the first one's input
+    assert [t.instruction for t in read_tasks(out)] == ["Count the vowels in the given word."]
+    assert ("instance: input shared by too many tasks", '{"input":"banana","output":"ananab","explanation":null}'
+            ) in rejects
+    # a fresh run over an OUT whose task already carries "banana" decides the same for both
+    out2 = tmp_path / "resumed.jsonl"
+    out2.write_text(Task(id="old", instruction="Spell the given word backwards, letter by letter.",
+                         instances=[Instance(input="Banana", output="ananaB")]).to_json() + "\n")
+    rejects = run_scripted(out2, num=3, max_other_tasks_per_input=0)
+    assert [t.id for t in read_tasks(out2)] == ["old"]
+    assert [r for r in rejects if r[0] == "no valid instances"] == [
+        ("no valid instances", "Count the vowels in the given word."),
+        ("no valid instances", "Reverse the letters of the given word.")]
+    assert run_scripted(tmp_path / "loose.jsonl", num=3, max_other_tasks_per_input=1).count(
+        ("no valid instances", "Count the vowels in the given word.")) == 0
+
+
+@pytest.mark.parametrize(("pool", "second_run"), [
+    ("accepted", "no valid instances"), ("reference", "too similar to an existing instruction")])
+def test_novelty_pool_keeps_candidates_that_failed_at_the_instance_step_when_asked(tmp_path, pool, second_run):
+    out = tmp_path / "raw.jsonl"
+    first = run_scripted(out, num=3, backend=ScriptedBackend(unparseable_reverse=True), novelty_pool=pool)
+    assert ("no valid instances", "Reverse the letters of the given word.") in first
+    # rerun over the same OUT: the pool is rebuilt from OUT (and, for "reference", its rejects)
+    second = run_scripted(out, num=3, backend=ScriptedBackend(unparseable_reverse=True), novelty_pool=pool)[len(first):]
+    assert [reason for reason, text in second if "Reverse" in (text or "")] == [second_run]
 
 
 def _candidate(instances, is_classification):
@@ -357,9 +596,8 @@ def test_later_rounds_reject_known_inputs_but_keep_new_outputs_of_inputless_task
 
 
 def test_summary_counts_tasks_that_reached_the_instance_target(tmp_path):
-    from datagen.generate import _instance_target, format_summary
+    from datagen.generate import GenerateConfig, _instance_target, format_summary
     from datagen.io import write_jsonl_atomic
-    from datagen.generate import GenerateConfig
 
     full = Task(id="a", instruction="Sort.", instances=[Instance(input=str(n), output=str(n)) for n in range(3)])
     stray = Task(id="b", instruction="Sort!", instances=[Instance(input="1", output="1"), Instance(output="x"),

@@ -27,12 +27,20 @@ The reference is `generate_instruction.py` and `prompt.txt` of that repository. 
    any seed or accepted instruction rejects it. The 10 most similar instructions and the
    mean similarity go into lineage, as the reference stores them.
 
+4. *Copying* (not in the reference): an item whose instruction equals one of its prompt's
+   tasks, or whose input or output equals the input or output shown with them (texts of
+   three words or more; whitespace, case and final punctuation folded), is rejected as
+   "copies a demonstration"; an item whose non-empty input more than `max_other_tasks_per_input`
+   other tasks of the run already carry (tasks on disk, counted again on resume, and items
+   kept earlier in the batch) is rejected as "input shared by too many tasks".
+
 Unlike Self-Instruct, there is no classification step and no second request for
 instances: one reply gives whole tasks, each with exactly one instance, so
 `instances_per_task` does not apply. Every task gets `is_classification=False`.
 
 Every thrown-away item goes to the rejects file (stage "alpaca") with its reason and raw
-text: unparseable pieces ("parse failure"), the cut-off last item ("reply hit the length
+text: a chat model's opening line ("chat preamble", as in Self-Instruct), unparseable
+pieces ("parse failure"), the cut-off last item ("reply hit the length
 limit"), every filter rule, and valid tasks beyond `--num` ("surplus beyond num").
 
 Where we differ from the reference, on purpose:
@@ -74,12 +82,25 @@ from pydantic import Field, model_validator
 
 from datagen.config import SamplingParams, Strict
 from datagen.errors import DatagenError
-from datagen.generators.common import TaskSink, lineage, stable_id
+from datagen.generators.common import (
+    REASON_COPIED_DEMONSTRATION,
+    REASON_SURPLUS,
+    InputTally,
+    TaskSink,
+    lineage,
+    normalised_text,
+    shared_input_reason,
+    stable_id,
+)
 from datagen.generators.self_instruct import (
+    CHAT_OPENER,
+    REASON_PREAMBLE,
     REFERENCE_BLACKLIST,
     GenerationStalled,
     _neighbours,
     clean_instruction,
+    copied_demonstration,
+    copied_instruction,
     instruction_reject_reason,
     sample_prompt_tasks,
     user,
@@ -133,6 +154,9 @@ class AlpacaConfig(Strict):
     )
     # give up (with a message) after this many batches in a row add no task
     max_stalled_batches: int = Field(20, ge=1)
+    # an item whose non-empty input more than this many other tasks of the run already carry
+    # is rejected (weak teachers paste one input into every task); not in the reference
+    max_other_tasks_per_input: int = Field(2, ge=0)
 
     @model_validator(mode="after")
     def _check_counts(self) -> AlpacaConfig:
@@ -177,6 +201,7 @@ class ParsedReply:
     items: list[AlpacaItem] = field(default_factory=list)
     malformed: list[tuple[str, str]] = field(default_factory=list)  # (raw piece, what is wrong)
     cut_off: str | None = None  # the last piece, dropped because the reply hit the length limit
+    preamble: str | None = None  # a chat model's opening line ("Sure! Here are more tasks:")
 
 
 _LABEL = re.compile(r"(\d+)\.\s+(Instruction|Input|Output):")
@@ -208,6 +233,11 @@ def parse_alpaca_reply(text: str, first_number: int, finish_reason: str) -> Pars
     if not text.strip():
         parsed.malformed.append((text, "empty reply"))
         return parsed
+    first, _newline, rest = text.strip().partition("\n")
+    if not _OWN_START.match(text) and CHAT_OPENER.match(first):
+        parsed.preamble, text = first, rest
+        if not text.strip():
+            return parsed
     body = text if _OWN_START.match(text) else f"{first_number}. Instruction:{text}"
     pieces = body.split(SEPARATOR)
     if finish_reason == "length":
@@ -225,6 +255,16 @@ def parse_alpaca_reply(text: str, first_number: int, finish_reason: str) -> Pars
     if not (parsed.items or parsed.malformed or parsed.cut_off):
         parsed.malformed.append((text, "no items in the reply"))
     return parsed
+
+
+def copied_from_prompt(item: AlpacaItem, shown: Sequence[Task]) -> str | None:
+    """What `item` repeats of the tasks its prompt showed (their instruction, or the input or
+    output of the instance shown, three words or more), or None."""
+    copied = copied_instruction(item.instruction, [task.instruction for task in shown])
+    if copied is None:
+        demonstrations = [task.model_copy(update={"instances": task.instances[:1]}) for task in shown]
+        copied = copied_demonstration(Instance(input=item.input, output=item.output), demonstrations)
+    return copied
 
 
 def item_reject_reason(
@@ -268,6 +308,7 @@ def run_alpaca(
         raise DatagenError("alpaca: no seed task has an instance to show the teacher")
     count = len(sink.existing)
     accepted_index = RougeLIndex([t.instruction for t in seeds] + [t.instruction for t in sink.existing])
+    tally = InputTally(sink.existing)  # rebuilt from OUT, so a resumed run decides the same
     backend = (teacher.backend.name, teacher.backend.model)
     template = load_template(GENERATE)
     batch = batches_done
@@ -286,19 +327,22 @@ def run_alpaca(
         params = settings.sampling.model_copy(update={"seed": seed * 1_000_003 + batch})
         replies = teacher.complete([alpaca_messages(s, settings.tasks_per_prompt) for s in shown], params)
         batch_index = RougeLIndex()
+        batch_inputs = InputTally()
         candidates: list[Task] = []
         for tasks_shown, [reply] in zip(shown, replies):
             candidates += _screen_reply(
-                reply, tasks_shown, settings, sink, (accepted_index, batch_index),
+                reply, tasks_shown, settings, sink, (accepted_index, batch_index), (tally, batch_inputs),
                 backend=backend, template=template, params=params, seed=seed,
             )
         keep = candidates[: num - count]
         for task in candidates[len(keep):]:
-            sink.reject("surplus beyond num", STAGE, task=task, detail=f"{num} tasks were asked for")
+            sink.reject(REASON_SURPLUS, STAGE, task=task, detail=f"{num} tasks were asked for")
         fresh = sink.accept(keep)
         sink.flush()
         count += len(fresh)
         accepted_index.extend(t.instruction for t in fresh)
+        for task in fresh:
+            tally.add(task.instances)
         batch += 1
         stalled = 0 if fresh else stalled + 1
         on_batch_done(batch)
@@ -317,6 +361,7 @@ def _screen_reply(
     settings: AlpacaConfig,
     sink: TaskSink,
     pools: tuple[RougeLIndex, RougeLIndex],
+    inputs: tuple[InputTally, InputTally],
     *,
     backend: tuple[str, str],
     template: Template,
@@ -328,6 +373,8 @@ def _screen_reply(
         sink.reject("teacher error", STAGE, detail=reply.error)
         return []
     parsed = parse_alpaca_reply(reply.text, len(shown) + 1, reply.finish_reason)
+    if parsed.preamble is not None:
+        sink.reject(REASON_PREAMBLE, STAGE, raw=parsed.preamble)
     for raw, why in parsed.malformed:
         sink.reject("parse failure", STAGE, raw=raw, detail=why)
     if parsed.cut_off is not None:
@@ -339,6 +386,18 @@ def _screen_reply(
         if reason is not None:
             sink.reject(reason, STAGE, raw=item.raw, task=_bare_task(item))
             continue
+        copied = copied_from_prompt(item, shown)
+        if copied is not None:
+            sink.reject(REASON_COPIED_DEMONSTRATION, STAGE, raw=item.raw, task=_bare_task(item),
+                        detail=f"shown in its prompt: {copied}")
+            continue
+        # other tasks: accepted ones and items kept earlier in this batch
+        reason = shared_input_reason(item.input, sum(tally.tasks_with(item.input) for tally in inputs),
+                                     settings.max_other_tasks_per_input)
+        if reason is not None:
+            sink.reject(reason, STAGE, raw=item.raw, task=_bare_task(item),
+                        detail=f"input: {normalised_text(item.input)[:80]}")
+            continue
         close = next(
             (m for pool in pools if (m := pool.first_above(item.instruction, settings.similarity_threshold))), None
         )
@@ -348,6 +407,7 @@ def _screen_reply(
             continue
         similar, mean = _neighbours(pools, item.instruction, settings.most_similar_kept)
         pools[1].add(item.instruction)
+        inputs[1].add([Instance(input=item.input, output=item.output)])
         kept.append((item, similar, mean))
     if not kept:
         return []

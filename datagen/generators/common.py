@@ -1,4 +1,6 @@
-"""What every generator shares: the output sink, run counters, lineage stamping, ids.
+"""What every generator shares: the output sink, run counters, lineage stamping, ids, and
+the text normalisation and input tally behind the "copies a demonstration" and "input shared
+by too many tasks" rules.
 
 A generation run appends accepted tasks to OUT and everything it threw away to
 OUT's rejects file (`raw.jsonl` -> `raw.rejects.jsonl`), each flushed per batch, so a
@@ -12,8 +14,9 @@ killed run loses nothing it finished. A rerun reads OUT back and continues.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,52 @@ def instances_toward_target(instances: Sequence[Instance]) -> int:
     if takes_input(instances):
         return sum(1 for instance in instances if instance.input)
     return len(instances)
+
+
+# Reasons shared by Self-Instruct and Alpaca
+REASON_COPIED_DEMONSTRATION = "copies a demonstration"
+REASON_SHARED_INPUT = "input shared by too many tasks"
+REASON_SURPLUS = "surplus beyond num"
+
+
+def normalised_text(text: str) -> str:
+    """`text` with whitespace folded, case removed and final punctuation (.:;!?) dropped: what
+    "the same text" means when a reply is compared with the demonstrations of its prompt or
+    with other tasks' inputs."""
+    return re.sub(r"\s+", " ", text).strip().rstrip(".:;!?").rstrip().casefold()
+
+
+def copied_text(texts: Iterable[str], demonstrations: Iterable[str]) -> str | None:
+    """The first of `texts` equal (normalised) to a non-empty one of `demonstrations`, or None."""
+    shown = {normalised_text(d) for d in demonstrations} - {""}
+    return next((text for text in texts if normalised_text(text) in shown), None)
+
+
+class InputTally:
+    """How many tasks of a run carry each (normalised, non-empty) input.
+
+    Built from the tasks on disk, so a resumed run starts from the same counts and decides
+    the same; `add` counts a task that was just accepted.
+    """
+
+    def __init__(self, tasks: Iterable[Task] = ()):
+        self.counts: Counter[str] = Counter()
+        for task in tasks:
+            self.add(task.instances)
+
+    def add(self, instances: Iterable[Instance]) -> None:
+        self.counts.update({normalised_text(i.input) for i in instances} - {""})
+
+    def tasks_with(self, text: str) -> int:
+        return self.counts[normalised_text(text)]
+
+
+def shared_input_reason(text: str, other_tasks: int, limit: int) -> str | None:
+    """REASON_SHARED_INPUT when a non-empty input is already carried by more than `limit`
+    other tasks of the run (a teacher copying one input into every task it writes)."""
+    if text.strip() and other_tasks > limit:
+        return REASON_SHARED_INPUT
+    return None
 
 
 def stable_id(prefix: str, *parts: str) -> str:

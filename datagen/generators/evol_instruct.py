@@ -23,7 +23,8 @@ One round (there are `rounds` of them, M = 4 by default):
    "parse failure"); then the teacher answers the new instruction, as it is, and
    (2) an answer with "sorry" in it and under 80 words shows the teacher could not
    respond (`sorry_reason`), and (3) an answer of only punctuation and stop words is
-   no answer (`stop_words_reason`).
+   no answer (`stop_words_reason`); an answer cut off by the length limit is rejected
+   before these rules.
 4. A survivor becomes a task (instruction = the evolved prompt, one instance whose output
    is the answer) and replaces its parent in the pool; a failure is written to the rejects
    file with its reason, the raw text and the candidate task, and its parent stays in the
@@ -40,7 +41,10 @@ with the operation) and the whole elimination step, and it evolves each instruct
 this module runs all M rounds with the pool and elimination of the paper. Also: a rewrite
 identical to its parent counts as "no information gain" without asking the judge; a
 rewrite cut off by the length limit is rejected ("rewrite hit the length limit"), being
-half an instruction; an empty answer is rejected as "empty answer"; the reference's
+half an instruction, and so is an answer cut off by it ("answer hit the length limit"; raise
+`answer_sampling.max_tokens` to keep long answers); an empty answer is rejected as "empty
+answer", and rule (3) spares one-word answers and answers with "yes" or "no" in them
+("Yes.", "No, it is not.", "Both." are answers, not stop words); the reference's
 system message ("You are a helpful assistant.") is not sent (the teacher's chat
 template supplies its own). All prompt wording is ours; the facts are the reference's.
 
@@ -132,6 +136,9 @@ EMPTY_ANSWER = "empty answer"
 PARSE_FAILURE = "parse failure"
 TEACHER_ERROR = "teacher error"
 REWRITE_CUT_OFF = "rewrite hit the length limit"
+ANSWER_CUT_OFF = "answer hit the length limit"
+# "yes" and "no" answer a question: they count as content for rule (3)
+ANSWER_WORDS = frozenset({"yes", "no"})
 STAGE = "evol"
 
 
@@ -146,8 +153,8 @@ class EvolInstructConfig(Strict):
     # ample for a prompt that may add 10-20 words, or a table or code for complicate input.
     rewrite_sampling: SamplingParams = SamplingParams(temperature=1.0, top_p=0.95, max_tokens=512)
     # Answers should be right rather than varied (variety comes from the instructions);
-    # 1024 tokens fits a full answer to a multi-step instruction.
-    answer_sampling: SamplingParams = SamplingParams(temperature=0.7, top_p=1.0, max_tokens=1024)
+    # the reference's 2048 tokens, since an answer cut off by the limit is rejected.
+    answer_sampling: SamplingParams = SamplingParams(temperature=0.7, top_p=1.0, max_tokens=2048)
     # The verdict is "Equal" or "Not Equal" (a few tokens); greedy, so it is reproducible.
     judge_sampling: SamplingParams = SamplingParams(temperature=0.0, max_tokens=8)
     # rule (2): an answer saying "sorry" in fewer words than this means the teacher gave up
@@ -276,10 +283,16 @@ def sorry_reason(answer: str, min_words: int = 80) -> str | None:
 
 
 def stop_words_reason(answer: str) -> str | None:
-    """Rule (3): an answer made only of punctuation and stop words (or nothing) is no answer."""
+    """Rule (3): an answer made only of punctuation and stop words (or nothing) is no answer.
+
+    A one-word answer ("Both.", "42") is an answer, and "yes" / "no" count as content
+    ("No, it is not." answers a question): the rule is for replies with nothing in them.
+    """
     if not answer.strip():
         return EMPTY_ANSWER
     words = re.findall(r"\w+(?:'\w+)*", answer.lower().replace("’", "'"))
+    if len(words) == 1 or any(word in ANSWER_WORDS for word in words):
+        return None
     if all(word in STOP_WORDS for word in words):
         return ONLY_STOP_WORDS
     return None
@@ -444,7 +457,9 @@ def _evolve_batch(
             continue
         evolution.answer = answer
         task = _to_task(evolution, *lineage_args)
-        reason = sorry_reason(answer.text, settings.min_answer_words_for_sorry) or stop_words_reason(answer.text)
+        # a cut-off answer is half an answer: not training data
+        reason = (ANSWER_CUT_OFF if answer.finish_reason == "length" else None) or sorry_reason(
+            answer.text, settings.min_answer_words_for_sorry) or stop_words_reason(answer.text)
         if reason:
             reject(reason, STAGE, raw=answer.text, detail="answer", task=task)
             continue

@@ -21,12 +21,28 @@ One batch of the loop:
    each request names the label to write, the rarest first, so labels stay balanced.
    Tasks without inputs get the reference prompt again, resampled.
 
+Copying from the prompt (not in the reference; weak teachers do it often, strong ones
+sometimes): a new instruction equal to one the bootstrap prompt listed, and an instance
+(of any round) whose input or output equals a text of the instance prompts'
+demonstrations (texts of three words or more; whitespace, case and final punctuation
+folded), are rejected as
+"copies a demonstration"; an instance whose non-empty input more than
+`max_other_tasks_per_input` other tasks of the run already carry (accepted tasks, counted
+again from OUT on resume, and candidates of the same batch) is rejected as "input shared
+by too many tasks".
+
 Every rejected instruction, instance and unparseable reply goes to the rejects file with
-its reason. Where we differ from the reference, on purpose: a new instruction gets its
-first letter upper-cased (the reference's `str.capitalize()` also lower-cases every
-other letter, mangling names and acronyms); chat models may answer with a preamble
-line ending in ':' before the list, which is rejected as "chat preamble"; and the
-reference's presence penalty is not sent (not every backend supports it).
+its reason, and so do valid candidates beyond `num` ("surplus beyond num"; the reference
+keeps the whole last batch). Where we differ from the reference, on purpose: a new
+instruction gets its first letter upper-cased (the reference's `str.capitalize()` also
+lower-cases every other letter, mangling names and acronyms); a chat model's preamble
+("Here are more tasks:" before the list, or a reply such as "Sure! Here are more tasks:"
+that the "\\n\\n" stop cut right after) is rejected as "chat preamble"; the reference's
+presence penalty is not sent (not every backend supports it); the prompts are our own
+wording with fewer demonstrations; the classification check accepts any reply containing
+"yes" (`classification_match: reference` for the exact match); and a candidate that fails
+at the instance step leaves the novelty pool (`novelty_pool: reference` keeps it there).
+README.md ("Generating tasks") lists every difference.
 
     datagen generate --method self-instruct --num 20 --out raw.jsonl
 """
@@ -38,6 +54,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from pydantic import Field
 
@@ -49,9 +66,21 @@ from datagen.filters.heuristics import (  # the reference rules live with the ot
     instance_reject_reason,
     instruction_reject_reason,
 )
-from datagen.generators.common import TaskSink, instances_toward_target, lineage, stable_id
+from datagen.generators.common import (
+    REASON_COPIED_DEMONSTRATION,
+    REASON_SURPLUS,
+    InputTally,
+    TaskSink,
+    copied_text,
+    instances_toward_target,
+    lineage,
+    normalised_text,
+    shared_input_reason,
+    stable_id,
+)
+from datagen.io import read_records, rejects_path
 from datagen.prompts import load_template
-from datagen.records import Instance, Task, takes_input
+from datagen.records import Instance, Reject, Task, takes_input
 from datagen.rouge import RougeLIndex
 from datagen.teachers.base import Completion, Message
 from datagen.teachers.teacher import Teacher
@@ -65,6 +94,34 @@ IS_CLASSIFICATION = "self_instruct_is_classification.jinja"
 INPUT_FIRST = "self_instruct_instances_input_first.jinja"
 OUTPUT_FIRST = "self_instruct_instances_output_first.jinja"
 MORE_INSTANCES = "self_instruct_instances_more.jinja"
+
+REASON_PREAMBLE = "chat preamble"
+REASON_NO_INSTANCES = "no valid instances"
+REASON_CONFLICTING = "conflicting outputs for the same input"
+
+# The instance prompts' demonstrations (our own), rendered by the templates and compared with
+# every instance those prompts produce: a teacher that copies one is rejected.
+INPUT_FIRST_DEMONSTRATIONS: tuple[Task, ...] = (
+    Task(id="demo-celsius", instruction="Convert the temperature from Celsius to Fahrenheit.",
+         instances=[Instance(input="25 °C", output="77 °F"), Instance(input="-10 °C", output="14 °F")]),
+    Task(id="demo-tips", instruction="Give three tips for staying focused while studying at home.",
+         instances=[Instance(output="1. Keep your phone in another room. 2. Work in blocks of 25 minutes with "
+                                    "short breaks. 3. Tidy your desk before you start.")]),
+    Task(id="demo-longest", instruction="Find the longest word in the sentence.",
+         instances=[Instance(input="The elephant walked slowly across the field.", output="elephant"),
+                    Instance(input="Curiosity drives discovery.", output="Curiosity")]),
+)
+OUTPUT_FIRST_DEMONSTRATIONS: tuple[Task, ...] = (
+    Task(id="demo-mood", instruction="Decide whether the sentence expresses happiness or sadness.",
+         is_classification=True,
+         instances=[Instance(input="We finally moved into the house we had dreamed about for years.",
+                             output="happiness"),
+                    Instance(input="The little café where we first met closed down last week.", output="sadness")]),
+    Task(id="demo-parity", instruction="Is the number even or odd?", is_classification=True,
+         instances=[Instance(input="48", output="even"), Instance(input="17", output="odd")]),
+    Task(id="demo-weight", instruction="Which of the two is heavier, a kilogram of feathers or a kilogram of iron?",
+         is_classification=True, instances=[Instance(output="Neither, they weigh the same.")]),
+)
 
 
 class SelfInstructConfig(Strict):
@@ -95,6 +152,16 @@ class SelfInstructConfig(Strict):
     instance_sampling: SamplingParams = SamplingParams(temperature=0.0, max_tokens=350, stop=INSTANCE_STOP)
     # later rounds sample at this temperature so they do not repeat round one
     extra_round_temperature: float = Field(0.7, ge=0.0, le=2.0)
+    # an instance whose non-empty input more than this many other tasks of the run already
+    # carry is rejected (weak teachers paste one input into every task); not in the reference
+    max_other_tasks_per_input: int = Field(2, ge=0)
+    # "lenient": any reply containing "yes" marks a classification task, so a chat teacher's
+    # "Yes." counts; "reference": only "Yes", "yes" or "YES" after stripping, as the reference
+    classification_match: Literal["lenient", "reference"] = "lenient"
+    # "accepted": only accepted tasks join the ROUGE-L novelty pool, so a candidate that failed
+    # at the instance step leaves it; "reference": such candidates stay in it, as in the
+    # reference (which screens all instructions before it generates any instance)
+    novelty_pool: Literal["accepted", "reference"] = "accepted"
 
 
 class GenerationStalled(DatagenError):
@@ -128,14 +195,28 @@ def bootstrap_messages(instructions: Sequence[str]) -> list[Message]:
     return user(text)
 
 
+# A chat model's opening line: "Sure!", "Certainly, ...", "Here are more tasks:".
+CHAT_OPENER = re.compile(
+    r"(?:sure|certainly|of course|absolutely|okay|ok|alright|great|no problem)\b\s*[!,.:]"
+    r"|here(?:\s+are|\s+is|'s)\b.*:$",
+    re.IGNORECASE,
+)
+
+
 def parse_bootstrap_reply(text: str) -> tuple[list[str], str | None]:
-    """(new instructions, chat preamble if any) from a reply continuing the numbered list."""
+    """(new instructions, chat preamble if any) from a reply continuing the numbered list.
+
+    A first line that does not continue the list is a chat preamble when a numbered line
+    follows it and it ends with ':', or when it opens like a chat reply ("Sure! Here are
+    more tasks:"): the "\\n\\n" stop often cuts a reply right after such a line.
+    """
     text = text.strip()
     preamble = None
     if not re.match(r"\d+\s?\.", text):
         first, newline, rest = text.partition("\n")
-        if newline and first.rstrip().endswith(":") and re.match(r"\s*\d+\s?\. ", rest):
-            preamble, text = first, rest.strip()
+        before_list = newline and first.rstrip().endswith(":") and re.match(r"\s*\d+\s?\. ", rest)
+        if before_list or CHAT_OPENER.match(first.strip()):
+            preamble, text = first.strip(), rest.strip()
     text = re.sub(r"^\d+\s?\.\s*", "", text)  # a chat model may repeat the number it was given
     instructions = []
     for piece in re.split(r"\n\d+\s?\. ", text):
@@ -149,13 +230,38 @@ def classification_messages(instruction: str) -> list[Message]:
     return user(load_template(IS_CLASSIFICATION).render(instruction=clean_instruction(instruction)))
 
 
-def parse_classification_reply(text: str) -> bool:
+def parse_classification_reply(text: str, match: str = "lenient") -> bool:
+    """Whether the teacher said "yes": anywhere in the reply ("lenient"), or as the whole
+    stripped reply in one of the reference's three spellings ("reference")."""
+    if match == "reference":
+        return text.strip() in ("Yes", "yes", "YES")
     return "yes" in text.lower()
+
+
+def instance_demonstrations(is_classification: bool) -> tuple[Task, ...]:
+    return OUTPUT_FIRST_DEMONSTRATIONS if is_classification else INPUT_FIRST_DEMONSTRATIONS
 
 
 def instance_messages(instruction: str, is_classification: bool) -> list[Message]:
     template = OUTPUT_FIRST if is_classification else INPUT_FIRST
-    return user(load_template(template).render(instruction=instruction.strip()))
+    text = load_template(template).render(
+        instruction=instruction.strip(), demonstrations=instance_demonstrations(is_classification)
+    )
+    return user(text)
+
+
+def copied_demonstration(instance: Instance, demonstrations: Sequence[Task]) -> str | None:
+    """The input or output of `instance` that repeats a text of `demonstrations` (any input
+    or output of theirs, normalised), or None. Texts under three words (labels such as
+    "even", numbers such as "48") are shared by design and never count as copies."""
+    shown = [text for demo in demonstrations for i in demo.instances for text in (i.input, i.output)
+             if len(text.split()) >= 3]
+    return copied_text([instance.input, instance.output], shown)
+
+
+def copied_instruction(instruction: str, shown: Sequence[str]) -> str | None:
+    """The instruction of `shown` (the prompt's list) that `instruction` repeats, or None."""
+    return next((s for s in shown if copied_text([clean_instruction(instruction)], [clean_instruction(s)])), None)
 
 
 def more_instances_messages(
@@ -234,6 +340,25 @@ class _Candidate:
     asked_for_more: bool = False
 
 
+@dataclass
+class _InputUse:
+    """Which inputs the tasks of the run carry: the accepted ones (`run`, rebuilt from OUT on
+    resume) and the candidates of the batch being built (in reply order, so a replayed batch
+    decides the same), for the `max_other_tasks_per_input` rule."""
+
+    run: InputTally
+    limit: int
+    batch: dict[str, set[int]] = field(default_factory=dict)  # normalised input -> candidate ids
+
+    def reason(self, candidate: _Candidate, text: str) -> str | None:
+        holders = self.batch.get(normalised_text(text), set()) - {id(candidate)}
+        return shared_input_reason(text, self.run.tasks_with(text) + len(holders), self.limit)
+
+    def hold(self, candidate: _Candidate, text: str) -> None:
+        if text.strip():
+            self.batch.setdefault(normalised_text(text), set()).add(id(candidate))
+
+
 def _neighbours(pools: Sequence[RougeLIndex], text: str, k: int) -> tuple[dict[str, float], float]:
     matches, total, count = [], 0.0, 0
     for pool in pools:
@@ -262,6 +387,9 @@ def run_self_instruct(
     """Generate tasks into `sink` until it holds `num` (tasks already there count)."""
     machine = list(sink.existing)
     accepted_index = RougeLIndex([t.instruction for t in seeds] + [t.instruction for t in machine])
+    if settings.novelty_pool == "reference":
+        accepted_index.extend(_failed_at_instances(sink))
+    tally = InputTally(machine)
     backend = (teacher.backend.name, teacher.backend.model)
     templates = [load_template(name) for name in (BOOTSTRAP, IS_CLASSIFICATION, INPUT_FIRST, OUTPUT_FIRST, MORE_INSTANCES)]
     batch = batches_done
@@ -283,26 +411,46 @@ def run_self_instruct(
         candidates: list[_Candidate] = []
         for tasks_shown, [reply] in zip(shown, replies):
             candidates += _screen_reply(reply, tasks_shown, settings, sink, (accepted_index, batch_index))
+        for surplus in candidates[num - len(machine):]:
+            sink.reject(REASON_SURPLUS, "bootstrap", raw=surplus.instruction, detail=f"{num} tasks were asked for")
         candidates = candidates[: num - len(machine)]
         _classify(candidates, teacher, settings)
-        _add_instances(candidates, teacher, settings, instances_per_task, seed, batch, sink)
-        fresh = []
+        _add_instances(candidates, teacher, settings, instances_per_task, seed, batch, sink,
+                       inputs=_InputUse(tally, settings.max_other_tasks_per_input))
+        fresh, failed = [], []
         for candidate in candidates:
             task = _to_task(candidate, backend, templates, settings, seed)
             if not candidate.instances:
-                sink.reject("no valid instances", "instances", task=task)
+                sink.reject(REASON_NO_INSTANCES, "instances", task=task)
+                failed.append(task.instruction)
             elif has_conflicting_outputs(candidate.instances):
-                sink.reject("conflicting outputs for the same input", "instances", task=task)
+                sink.reject(REASON_CONFLICTING, "instances", task=task)
+                failed.append(task.instruction)
             else:
                 fresh.append(task)
         fresh = sink.accept(fresh)
         sink.flush()
         machine += fresh
         accepted_index.extend(t.instruction for t in fresh)
+        if settings.novelty_pool == "reference":
+            accepted_index.extend(failed)
+        for task in fresh:
+            tally.add(task.instances)
         batch += 1
         stalled = 0 if fresh else stalled + 1
         on_batch_done(batch)
         progress(len(fresh))
+
+
+def _failed_at_instances(sink: TaskSink) -> list[str]:
+    """Instructions of earlier candidates that passed screening but failed at the instance
+    step, read back from the rejects file (for `novelty_pool: reference` after a resume)."""
+    path = rejects_path(sink.output)
+    if not path.exists():
+        return []
+    return [reject.task.instruction for reject in read_records(path, Reject)
+            if reject.stage == "instances" and reject.task is not None
+            and reject.reason in (REASON_NO_INSTANCES, REASON_CONFLICTING)]
 
 
 def _screen_reply(
@@ -320,13 +468,18 @@ def _screen_reply(
         return []
     instructions, preamble = parse_bootstrap_reply(reply.text)
     if preamble:
-        sink.reject("chat preamble", "bootstrap", raw=preamble)
+        sink.reject(REASON_PREAMBLE, "bootstrap", raw=preamble)
     if not instructions:
-        sink.reject("parse failure", "bootstrap", raw=reply.text, detail="no numbered instructions")
+        if not preamble:
+            sink.reject("parse failure", "bootstrap", raw=reply.text, detail="no numbered instructions")
         return []
     kept = []
     for instruction in instructions:
         reason = instruction_reject_reason(instruction, settings.blacklist, settings.min_words, settings.max_words)
+        if reason is None and (copied := copied_instruction(instruction, [t.instruction for t in shown])):
+            sink.reject(REASON_COPIED_DEMONSTRATION, "bootstrap", raw=instruction,
+                        detail=f"shown in its prompt: {copied}")
+            continue
         if reason is None:
             close = next((m for pool in pools if (m := pool.first_above(instruction, settings.similarity_threshold))), None)
             if close is not None:
@@ -349,14 +502,15 @@ def _classify(candidates: list[_Candidate], teacher: Teacher, settings: SelfInst
         return
     replies = teacher.complete([classification_messages(c.instruction) for c in candidates], settings.classify_sampling)
     for candidate, [reply] in zip(candidates, replies):
-        candidate.is_classification = reply.ok and parse_classification_reply(reply.text)
+        candidate.is_classification = reply.ok and parse_classification_reply(reply.text, settings.classification_match)
         candidate.completions.append(reply)
 
 
 def _add_instances(
     candidates: list[_Candidate], teacher: Teacher, settings: SelfInstructConfig,
-    target: int, seed: int, batch: int, sink: TaskSink,
+    target: int, seed: int, batch: int, sink: TaskSink, inputs: _InputUse | None = None,
 ) -> None:
+    inputs = inputs or _InputUse(InputTally(), settings.max_other_tasks_per_input)
     for round_number in range(settings.max_instance_rounds):
         wanting = [c for c in candidates if instances_toward_target(c.instances) < target]
         if not wanting:
@@ -381,8 +535,13 @@ def _add_instances(
                 continue
             replies = teacher.complete([messages for _, messages, _ in asks], asked_with)
             for (candidate, _, opening), samples in zip(asks, replies):
+                # the fixed demonstrations count in every round: a later round's prompt shows the
+                # task's own instances, which a weak teacher filled from them (its own inputs
+                # are covered by the "input already present" rule)
+                shown = instance_demonstrations(candidate.is_classification)
                 for reply in samples:
-                    _take_instances(candidate, reply, opening, round_number > 0, sink)
+                    _take_instances(candidate, reply, opening, round_number > 0, sink,
+                                    demonstrations=shown, inputs=inputs)
 
 
 def _more_prompts(
@@ -407,7 +566,10 @@ def _more_prompts(
     return prompts
 
 
-def _take_instances(candidate: _Candidate, reply: Completion, opening: str, later_round: bool, sink: TaskSink) -> None:
+def _take_instances(
+    candidate: _Candidate, reply: Completion, opening: str, later_round: bool, sink: TaskSink,
+    *, demonstrations: Sequence[Task] = (), inputs: _InputUse | None = None,
+) -> None:
     candidate.completions.append(reply)
     candidate.asked_for_more |= bool(opening)
     if not reply.ok:
@@ -426,12 +588,19 @@ def _take_instances(candidate: _Candidate, reply: Completion, opening: str, late
         if reason is None and later_round and instance.input in known_inputs:
             # a second output for a known input is a repeat, not a sign that the task is ambiguous
             reason = "input already present"
+        detail = candidate.instruction
+        if reason is None and (copied := copied_demonstration(instance, demonstrations)):
+            reason, detail = REASON_COPIED_DEMONSTRATION, f"{candidate.instruction} | shown in its prompt: {copied}"
+        if reason is None and inputs is not None:
+            reason = inputs.reason(candidate, instance.input)
         if reason:
-            sink.reject(f"instance: {reason}", "instances", raw=instance.model_dump_json(), detail=candidate.instruction)
+            sink.reject(f"instance: {reason}", "instances", raw=instance.model_dump_json(), detail=detail)
         elif instance not in candidate.instances:
             candidate.instances.append(instance)
             if instance.input:
                 known_inputs.add(instance.input)
+                if inputs is not None:
+                    inputs.hold(candidate, instance.input)
 
 
 def _to_task(candidate: _Candidate, backend, templates, settings: SelfInstructConfig, seed: int) -> Task:
