@@ -26,6 +26,7 @@ from datagen.filters import decontaminate, dedup, heuristics, judge, manual, nov
 from datagen.filters.base import FilterPass, PassContext
 from datagen.io import atomic_write_json, read_tasks_lenient, stats_path, write_jsonl_atomic
 from datagen.records import Reject
+from datagen.rejects import INVALID_LINE, STAGE_READ
 
 # The passes by name, in no particular order (`filter.passes` gives the order). Adding a
 # pass: write filters/NAME.py with its settings model and `run(tasks, context)`, add a
@@ -95,7 +96,7 @@ def run_filter(config, source: Path, kept_path: Path, rejects_path: Path, comman
         where, problem, _raw = invalid[0]
         more = f" (and {len(invalid) - 1} more bad lines)" if len(invalid) > 1 else ""
         raise InputError(f"{where}: {problem}{more}; fix it or pass --skip-invalid")
-    rejects = [Reject(reason="invalid line", stage="read", detail=f"{where}: {problem}", raw=raw)
+    rejects = [Reject(reason=INVALID_LINE, stage=STAGE_READ, detail=f"{where}: {problem}", raw=raw)
                for where, problem, raw in invalid]
     stats: dict[str, Any] = {"input": str(source), "in": len(tasks) + len(invalid), "invalid_lines": len(invalid),
                              "passes": []}
@@ -128,7 +129,7 @@ def run_filter(config, source: Path, kept_path: Path, rejects_path: Path, comman
 def format_stats(stats: dict[str, Any]) -> str:
     lines = [f"{'pass':<16}{'in':>8}{'out':>8}  reasons"]
     if stats["invalid_lines"]:
-        lines.append(f"{'read':<16}{stats['in']:>8}{stats['in'] - stats['invalid_lines']:>8}  "
+        lines.append(f"{STAGE_READ:<16}{stats['in']:>8}{stats['in'] - stats['invalid_lines']:>8}  "
                      f"invalid line: {stats['invalid_lines']}")
     for entry in stats["passes"]:
         reasons = ", ".join(f"{reason}: {count}" for reason, count in entry["reasons"].items()) or "-"

@@ -62,3 +62,11 @@ def test_an_unregistered_pass_name_lists_the_registered_ones():
 def test_every_pass_section_is_a_config_key():
     sections = {entry.section for entry in filtering.PASSES.values() if entry.section}
     assert sections <= set(filtering.FilterConfig.model_fields)
+
+
+def test_the_reject_vocabulary_names_registered_passes():
+    from datagen import rejects
+
+    generator_stages = {rejects.STAGE_READ, rejects.STAGE_BOOTSTRAP, rejects.STAGE_INSTANCES,
+                        rejects.STAGE_ALPACA, rejects.STAGE_EVOL, rejects.STAGE_ORCA}
+    assert rejects.NOT_ABOUT_OUTPUT_STAGES <= set(filtering.PASSES) | generator_stages

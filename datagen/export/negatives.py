@@ -24,19 +24,10 @@ from pydantic import ValidationError
 from datagen.config import SamplingParams
 from datagen.prompts import load_template
 from datagen.records import Instance, Reject, Task
+from datagen.rejects import INSTANCE_PREFIX, NOT_ABOUT_OUTPUT_REASONS, NOT_ABOUT_OUTPUT_STAGES, TEACHER_ERROR
 from datagen.teachers.base import Message
 
 NEGATIVE_TEMPLATE = "negative_example.jinja"
-
-# Rejections that say nothing about an output being wrong: duplicates, novelty,
-# contamination, prompt-level failures.
-_NOT_ABOUT_OUTPUT_STAGES = frozenset({"exact-dedup", "near-dedup", "novelty", "decontaminate", "bootstrap", "read"})
-_NOT_ABOUT_OUTPUT_REASONS = frozenset({
-    "conflicting outputs for the same input", "surplus beyond num", "duplicate input task id",
-    "no valid instances", "no instance answered", "teacher error", "instance: input already present",
-    "instance: input missing",
-})
-
 
 def _instruction_key(text: str) -> str:
     return " ".join(text.split()).casefold()
@@ -50,7 +41,7 @@ def _rejected_instances(reject: Reject) -> tuple[str | None, str | None, list[In
     being about that instance's output. A rejected task with several instances does not:
     the reason may concern only one of them.
     """
-    if reject.stage in _NOT_ABOUT_OUTPUT_STAGES or reject.reason in _NOT_ABOUT_OUTPUT_REASONS or reject.duplicate_of:
+    if reject.stage in NOT_ABOUT_OUTPUT_STAGES or reject.reason in NOT_ABOUT_OUTPUT_REASONS or reject.duplicate_of:
         return None, None, []
     if reject.task is not None:
         instances = reject.task.instances if len(reject.task.instances) == 1 else []
@@ -79,7 +70,7 @@ def negatives_from_rejects(tasks: Sequence[Task], rejects: Iterable[Reject], lim
         if not instances:
             continue
         targets = [by_id[task_id]] if task_id in by_id else by_instruction.get(_instruction_key(instruction or ""), [])
-        reason = reject.reason.removeprefix("instance: ")
+        reason = reject.reason.removeprefix(INSTANCE_PREFIX)
         for target in targets:
             accepted = {(i.input, i.output.strip()) for i in target.instances}
             examples = found.setdefault(target.id, [])
@@ -123,7 +114,7 @@ _WRONG = re.compile(r"^\W*wrong answer\W*?:(?:\*\*|__)?[ \t]*", re.IGNORECASE | 
 _WHY = re.compile(r"^\W*why it is wrong\W*?:(?:\*\*|__)?[ \t]*", re.IGNORECASE | re.MULTILINE)
 
 
-REASON_TEACHER_ERROR = "teacher error"
+REASON_TEACHER_ERROR = TEACHER_ERROR
 REASON_NO_WRONG_LINE = 'no "Wrong answer:" line'
 REASON_EMPTY_WRONG = 'empty "Wrong answer:"'
 REASON_CORRECT_AGAIN = "gave the correct answer as the wrong one"

@@ -83,8 +83,6 @@ from pydantic import Field, model_validator
 from datagen.config import SamplingParams, Strict
 from datagen.errors import DatagenError
 from datagen.generators.common import (
-    REASON_COPIED_DEMONSTRATION,
-    REASON_SURPLUS,
     InputTally,
     TaskSink,
     lineage,
@@ -94,7 +92,6 @@ from datagen.generators.common import (
 )
 from datagen.generators.self_instruct import (
     CHAT_OPENER,
-    REASON_PREAMBLE,
     REFERENCE_BLACKLIST,
     GenerationStalled,
     _neighbours,
@@ -107,6 +104,15 @@ from datagen.generators.self_instruct import (
 )
 from datagen.prompts import Template, load_template
 from datagen.records import Instance, Task
+from datagen.rejects import (
+    COPIED_DEMONSTRATION,
+    LENGTH_LIMIT,
+    PARSE_FAILURE,
+    PREAMBLE,
+    STAGE_ALPACA,
+    SURPLUS,
+    TEACHER_ERROR,
+)
 from datagen.rouge import RougeLIndex
 from datagen.teachers.base import Completion, Message
 from datagen.teachers.teacher import Teacher
@@ -130,7 +136,6 @@ ALPACA_BLACKLIST = REFERENCE_BLACKLIST + ALPACA_EXTRA_BLACKLIST
 NO_INPUT = "<noinput>"
 SEPARATOR = "###"
 GENERATE = "alpaca_generate.jinja"
-STAGE = "alpaca"
 
 
 def reference_stop(tasks_per_prompt: int = 20) -> tuple[str, ...]:
@@ -336,7 +341,7 @@ def run_alpaca(
             )
         keep = candidates[: num - count]
         for task in candidates[len(keep):]:
-            sink.reject(REASON_SURPLUS, STAGE, task=task, detail=f"{num} tasks were asked for")
+            sink.reject(SURPLUS, STAGE_ALPACA, task=task, detail=f"{num} tasks were asked for")
         fresh = sink.accept(keep)
         sink.flush()
         count += len(fresh)
@@ -370,39 +375,39 @@ def _screen_reply(
 ) -> list[Task]:
     """The reply's tasks that pass every rule; everything else goes to the rejects."""
     if not reply.ok:
-        sink.reject("teacher error", STAGE, detail=reply.error)
+        sink.reject(TEACHER_ERROR, STAGE_ALPACA, detail=reply.error)
         return []
     parsed = parse_alpaca_reply(reply.text, len(shown) + 1, reply.finish_reason)
     if parsed.preamble is not None:
-        sink.reject(REASON_PREAMBLE, STAGE, raw=parsed.preamble)
+        sink.reject(PREAMBLE, STAGE_ALPACA, raw=parsed.preamble)
     for raw, why in parsed.malformed:
-        sink.reject("parse failure", STAGE, raw=raw, detail=why)
+        sink.reject(PARSE_FAILURE, STAGE_ALPACA, raw=raw, detail=why)
     if parsed.cut_off is not None:
-        sink.reject("reply hit the length limit", STAGE, raw=parsed.cut_off,
+        sink.reject(LENGTH_LIMIT, STAGE_ALPACA, raw=parsed.cut_off,
                     detail="the last item of a reply cut off by max_tokens is dropped")
     kept: list[tuple[AlpacaItem, dict[str, float], float]] = []
     for item in parsed.items:
         reason = item_reject_reason(item, settings.blacklist, settings.min_words, settings.max_words)
         if reason is not None:
-            sink.reject(reason, STAGE, raw=item.raw, task=_bare_task(item))
+            sink.reject(reason, STAGE_ALPACA, raw=item.raw, task=_bare_task(item))
             continue
         copied = copied_from_prompt(item, shown)
         if copied is not None:
-            sink.reject(REASON_COPIED_DEMONSTRATION, STAGE, raw=item.raw, task=_bare_task(item),
+            sink.reject(COPIED_DEMONSTRATION, STAGE_ALPACA, raw=item.raw, task=_bare_task(item),
                         detail=f"shown in its prompt: {copied}")
             continue
         # other tasks: accepted ones and items kept earlier in this batch
         reason = shared_input_reason(item.input, sum(tally.tasks_with(item.input) for tally in inputs),
                                      settings.max_other_tasks_per_input)
         if reason is not None:
-            sink.reject(reason, STAGE, raw=item.raw, task=_bare_task(item),
+            sink.reject(reason, STAGE_ALPACA, raw=item.raw, task=_bare_task(item),
                         detail=f"input: {normalised_text(item.input)[:80]}")
             continue
         close = next(
             (m for pool in pools if (m := pool.first_above(item.instruction, settings.similarity_threshold))), None
         )
         if close is not None:
-            sink.reject("too similar to an existing instruction", STAGE, raw=item.raw, task=_bare_task(item),
+            sink.reject("too similar to an existing instruction", STAGE_ALPACA, raw=item.raw, task=_bare_task(item),
                         detail=f"ROUGE-L {close.score:.3f} with: {close.text}")
             continue
         similar, mean = _neighbours(pools, item.instruction, settings.most_similar_kept)

@@ -7,7 +7,7 @@ OUT's rejects file (`raw.jsonl` -> `raw.rejects.jsonl`), each flushed per batch,
 killed run loses nothing it finished. A rerun reads OUT back and continues.
 
     with TaskSink(Path("raw.jsonl")) as sink:
-        sink.reject("too similar", stage="bootstrap", task=candidate)
+        sink.reject(PARSE_FAILURE, STAGE_BOOTSTRAP, raw=reply.text)
         sink.accept([task]); sink.flush()
 """
 
@@ -24,6 +24,7 @@ from datagen.config import SamplingParams
 from datagen.io import JsonlAppender, read_records, rejects_path
 from datagen.prompts import Template
 from datagen.records import Instance, Lineage, Reject, Task, Usage, takes_input
+from datagen.rejects import PARSE_FAILURE, SHARED_INPUT
 from datagen.teachers.base import Completion
 
 
@@ -33,12 +34,6 @@ def instances_toward_target(instances: Sequence[Instance]) -> int:
     if takes_input(instances):
         return sum(1 for instance in instances if instance.input)
     return len(instances)
-
-
-# Reasons shared by Self-Instruct and Alpaca
-REASON_COPIED_DEMONSTRATION = "copies a demonstration"
-REASON_SHARED_INPUT = "input shared by too many tasks"
-REASON_SURPLUS = "surplus beyond num"
 
 
 def normalised_text(text: str) -> str:
@@ -74,10 +69,10 @@ class InputTally:
 
 
 def shared_input_reason(text: str, other_tasks: int, limit: int) -> str | None:
-    """REASON_SHARED_INPUT when a non-empty input is already carried by more than `limit`
+    """SHARED_INPUT when a non-empty input is already carried by more than `limit`
     other tasks of the run (a teacher copying one input into every task it writes)."""
     if text.strip() and other_tasks > limit:
-        return REASON_SHARED_INPUT
+        return SHARED_INPUT
     return None
 
 
@@ -111,7 +106,7 @@ class TaskSink:
         return fresh
 
     def reject(self, reason: str, stage: str, **fields: Any) -> None:
-        if reason == "parse failure":
+        if reason == PARSE_FAILURE:
             self.parse_failures += 1
         self.reject_reasons[reason] += 1
         self._pending_rejects.append(Reject(reason=reason, stage=stage, **fields))

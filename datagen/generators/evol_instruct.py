@@ -71,6 +71,7 @@ from datagen.config import SamplingParams, Strict
 from datagen.generators.common import TaskSink, lineage, stable_id
 from datagen.prompts import Template, load_template
 from datagen.records import Instance, Task
+from datagen.rejects import PARSE_FAILURE, STAGE_EVOL, TEACHER_ERROR
 from datagen.teachers.base import Completion, Message
 from datagen.teachers.teacher import Teacher
 
@@ -133,13 +134,10 @@ NO_GAIN = "no information gain"
 COULD_NOT_ANSWER = "teacher could not answer"
 ONLY_STOP_WORDS = "answer is only punctuation and stop words"
 EMPTY_ANSWER = "empty answer"
-PARSE_FAILURE = "parse failure"
-TEACHER_ERROR = "teacher error"
 REWRITE_CUT_OFF = "rewrite hit the length limit"
 ANSWER_CUT_OFF = "answer hit the length limit"
 # "yes" and "no" answer a question: they count as content for rule (3)
 ANSWER_WORDS = frozenset({"yes", "no"})
-STAGE = "evol"
 
 
 class EvolInstructConfig(Strict):
@@ -416,21 +414,21 @@ def _evolve_batch(
         evolution.completions.append(reply)
         where = f"{evolution.operation} round {round_number} of {evolution.parent.id}: rewriter reply"
         if not reply.ok:
-            reject(TEACHER_ERROR, STAGE, detail=f"{where}: {reply.error}")
+            reject(TEACHER_ERROR, STAGE_EVOL, detail=f"{where}: {reply.error}")
             continue
         if reply.finish_reason == "length":
-            reject(REWRITE_CUT_OFF, STAGE, raw=reply.text, detail=where)
+            reject(REWRITE_CUT_OFF, STAGE_EVOL, raw=reply.text, detail=where)
             continue
         instruction = parse_rewrite(reply.text)
         if instruction is None:
-            reject(PARSE_FAILURE, STAGE, raw=reply.text, detail=where)
+            reject(PARSE_FAILURE, STAGE_EVOL, raw=reply.text, detail=where)
             continue
         evolution.instruction = instruction
         reason = copied_words_reason(instruction)
         if reason is None and instruction.split() == evolution.source.split():
             reason, where = NO_GAIN, f"{where} (identical to its parent)"
         if reason:
-            reject(reason, STAGE, raw=reply.text, detail=where, task=_to_task(evolution, *lineage_args))
+            reject(reason, STAGE_EVOL, raw=reply.text, detail=where, task=_to_task(evolution, *lineage_args))
             continue
         judged.append(evolution)
 
@@ -440,11 +438,11 @@ def _evolve_batch(
         evolution.completions.append(verdict)
         if not verdict.ok:
             task = _to_task(evolution, *lineage_args)
-            reject(TEACHER_ERROR, STAGE, detail=f"judge reply: {verdict.error}", task=task)
+            reject(TEACHER_ERROR, STAGE_EVOL, detail=f"judge reply: {verdict.error}", task=task)
             continue
         reason = information_gain_reason(verdict.text)
         if reason:
-            reject(reason, STAGE, raw=verdict.text, detail="judge reply", task=_to_task(evolution, *lineage_args))
+            reject(reason, STAGE_EVOL, raw=verdict.text, detail="judge reply", task=_to_task(evolution, *lineage_args))
             continue
         answering.append(evolution)
 
@@ -453,7 +451,7 @@ def _evolve_batch(
     for evolution, [answer] in zip(answering, answers):
         evolution.completions.append(answer)
         if not answer.ok:
-            reject(TEACHER_ERROR, STAGE, detail=f"answer: {answer.error}", task=_to_task(evolution, *lineage_args))
+            reject(TEACHER_ERROR, STAGE_EVOL, detail=f"answer: {answer.error}", task=_to_task(evolution, *lineage_args))
             continue
         evolution.answer = answer
         task = _to_task(evolution, *lineage_args)
@@ -461,7 +459,7 @@ def _evolve_batch(
         reason = (ANSWER_CUT_OFF if answer.finish_reason == "length" else None) or sorry_reason(
             answer.text, settings.min_answer_words_for_sorry) or stop_words_reason(answer.text)
         if reason:
-            reject(reason, STAGE, raw=answer.text, detail="answer", task=task)
+            reject(reason, STAGE_EVOL, raw=answer.text, detail="answer", task=task)
             continue
         survivors.append((evolution.position, task))
     return survivors

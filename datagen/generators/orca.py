@@ -73,11 +73,11 @@ from datagen.generators.common import TaskSink, lineage, stable_id
 from datagen.io import rejects_path
 from datagen.prompts import load_template
 from datagen.records import Instance, Task
+from datagen.rejects import LENGTH_LIMIT, PARSE_FAILURE, STAGE_ORCA, TEACHER_ERROR
 from datagen.teachers.base import Completion, Message
 from datagen.teachers.teacher import Teacher
 
 ANSWER = "orca_answer.jinja"
-STAGE = "orca"
 
 TaskKind = Literal["open", "classification", "translation"]
 ALL_KINDS: frozenset[str] = frozenset({"open", "classification", "translation"})
@@ -319,10 +319,10 @@ def clean_label(text: str) -> str:
 def parse_answer(text: str, *, is_classification: bool = False, finish_reason: str = "stop") -> ParsedAnswer | ParseFailure:
     """Split a reply at its last "Final answer:" line into explanation and answer."""
     if finish_reason == "length":
-        return ParseFailure("reply hit the length limit")
+        return ParseFailure(LENGTH_LIMIT)
     matches = list(_MARKER.finditer(text))
     if not matches:
-        return ParseFailure("parse failure", f'no line starting with "{FINAL_ANSWER}"')
+        return ParseFailure(PARSE_FAILURE, f'no line starting with "{FINAL_ANSWER}"')
     last = matches[-1]
     explanation = text[: last.start()].strip() or None
     answer = text[last.end() :].strip()
@@ -376,7 +376,7 @@ class _Rejects:
                     record = json.loads(line)
                 except json.JSONDecodeError:  # a line cut short by a kill
                     continue
-                if isinstance(record, dict) and record.get("stage") == STAGE:
+                if isinstance(record, dict) and record.get("stage") == STAGE_ORCA:
                     task = record.get("task") or {}
                     self.on_disk[self._key(record.get("reason"), record.get("detail"), record.get("raw"), task.get("id"))] += 1
 
@@ -389,7 +389,7 @@ class _Rejects:
         if self.on_disk[key] > 0:
             self.on_disk[key] -= 1
             return
-        self.sink.reject(reason, STAGE, detail=detail, raw=raw, task=task)
+        self.sink.reject(reason, STAGE_ORCA, detail=detail, raw=raw, task=task)
 
 
 @dataclass
@@ -485,7 +485,7 @@ def _answer_task(
     for index, (instance, reply) in enumerate(zip(job.instances, replies)):
         where = f"task {parent.id}, instance {index}, system {message.id}"
         if not reply.ok:
-            reject("teacher error", detail=f"{where}: {reply.error}")
+            reject(TEACHER_ERROR, detail=f"{where}: {reply.error}")
             continue
         parsed = parse_answer(reply.text, is_classification=parent.is_classification, finish_reason=reply.finish_reason)
         if isinstance(parsed, ParseFailure):

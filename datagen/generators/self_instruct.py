@@ -67,8 +67,6 @@ from datagen.filters.heuristics import (  # the reference rules live with the ot
     instruction_reject_reason,
 )
 from datagen.generators.common import (
-    REASON_COPIED_DEMONSTRATION,
-    REASON_SURPLUS,
     InputTally,
     TaskSink,
     copied_text,
@@ -81,6 +79,21 @@ from datagen.generators.common import (
 from datagen.io import read_records, rejects_path
 from datagen.prompts import load_template
 from datagen.records import Instance, Reject, Task, takes_input
+from datagen.rejects import (
+    CONFLICTING_OUTPUTS,
+    COPIED_DEMONSTRATION,
+    INPUT_ALREADY_PRESENT,
+    INPUT_MISSING,
+    LENGTH_LIMIT,
+    NO_VALID_INSTANCES,
+    PARSE_FAILURE,
+    PREAMBLE,
+    STAGE_BOOTSTRAP,
+    STAGE_INSTANCES,
+    SURPLUS,
+    TEACHER_ERROR,
+    instance_reason,
+)
 from datagen.rouge import RougeLIndex
 from datagen.teachers.base import Completion, Message
 from datagen.teachers.teacher import Teacher
@@ -95,9 +108,6 @@ INPUT_FIRST = "self_instruct_instances_input_first.jinja"
 OUTPUT_FIRST = "self_instruct_instances_output_first.jinja"
 MORE_INSTANCES = "self_instruct_instances_more.jinja"
 
-REASON_PREAMBLE = "chat preamble"
-REASON_NO_INSTANCES = "no valid instances"
-REASON_CONFLICTING = "conflicting outputs for the same input"
 
 # The instance prompts' demonstrations (our own), rendered by the templates and compared with
 # every instance those prompts produce: a teacher that copies one is rejected.
@@ -412,7 +422,7 @@ def run_self_instruct(
         for tasks_shown, [reply] in zip(shown, replies):
             candidates += _screen_reply(reply, tasks_shown, settings, sink, (accepted_index, batch_index))
         for surplus in candidates[num - len(machine):]:
-            sink.reject(REASON_SURPLUS, "bootstrap", raw=surplus.instruction, detail=f"{num} tasks were asked for")
+            sink.reject(SURPLUS, STAGE_BOOTSTRAP, raw=surplus.instruction, detail=f"{num} tasks were asked for")
         candidates = candidates[: num - len(machine)]
         _classify(candidates, teacher, settings)
         _add_instances(candidates, teacher, settings, instances_per_task, seed, batch, sink,
@@ -421,10 +431,10 @@ def run_self_instruct(
         for candidate in candidates:
             task = _to_task(candidate, backend, templates, settings, seed)
             if not candidate.instances:
-                sink.reject(REASON_NO_INSTANCES, "instances", task=task)
+                sink.reject(NO_VALID_INSTANCES, STAGE_INSTANCES, task=task)
                 failed.append(task.instruction)
             elif has_conflicting_outputs(candidate.instances):
-                sink.reject(REASON_CONFLICTING, "instances", task=task)
+                sink.reject(CONFLICTING_OUTPUTS, STAGE_INSTANCES, task=task)
                 failed.append(task.instruction)
             else:
                 fresh.append(task)
@@ -449,8 +459,8 @@ def _failed_at_instances(sink: TaskSink) -> list[str]:
     if not path.exists():
         return []
     return [reject.task.instruction for reject in read_records(path, Reject)
-            if reject.stage == "instances" and reject.task is not None
-            and reject.reason in (REASON_NO_INSTANCES, REASON_CONFLICTING)]
+            if reject.stage == STAGE_INSTANCES and reject.task is not None
+            and reject.reason in (NO_VALID_INSTANCES, CONFLICTING_OUTPUTS)]
 
 
 def _screen_reply(
@@ -461,33 +471,33 @@ def _screen_reply(
     pools: tuple[RougeLIndex, RougeLIndex],
 ) -> list[_Candidate]:
     if not reply.ok:
-        sink.reject("teacher error", "bootstrap", detail=reply.error)
+        sink.reject(TEACHER_ERROR, STAGE_BOOTSTRAP, detail=reply.error)
         return []
     if reply.finish_reason == "length":
-        sink.reject("reply hit the length limit", "bootstrap", raw=reply.text)
+        sink.reject(LENGTH_LIMIT, STAGE_BOOTSTRAP, raw=reply.text)
         return []
     instructions, preamble = parse_bootstrap_reply(reply.text)
     if preamble:
-        sink.reject(REASON_PREAMBLE, "bootstrap", raw=preamble)
+        sink.reject(PREAMBLE, STAGE_BOOTSTRAP, raw=preamble)
     if not instructions:
         if not preamble:
-            sink.reject("parse failure", "bootstrap", raw=reply.text, detail="no numbered instructions")
+            sink.reject(PARSE_FAILURE, STAGE_BOOTSTRAP, raw=reply.text, detail="no numbered instructions")
         return []
     kept = []
     for instruction in instructions:
         reason = instruction_reject_reason(instruction, settings.blacklist, settings.min_words, settings.max_words)
         if reason is None and (copied := copied_instruction(instruction, [t.instruction for t in shown])):
-            sink.reject(REASON_COPIED_DEMONSTRATION, "bootstrap", raw=instruction,
+            sink.reject(COPIED_DEMONSTRATION, STAGE_BOOTSTRAP, raw=instruction,
                         detail=f"shown in its prompt: {copied}")
             continue
         if reason is None:
             close = next((m for pool in pools if (m := pool.first_above(instruction, settings.similarity_threshold))), None)
             if close is not None:
                 reason = "too similar to an existing instruction"
-                sink.reject(reason, "bootstrap", raw=instruction, detail=f"ROUGE-L {close.score:.3f} with: {close.text}")
+                sink.reject(reason, STAGE_BOOTSTRAP, raw=instruction, detail=f"ROUGE-L {close.score:.3f} with: {close.text}")
                 continue
         if reason is not None:
-            sink.reject(reason, "bootstrap", raw=instruction)
+            sink.reject(reason, STAGE_BOOTSTRAP, raw=instruction)
             continue
         similar, mean = _neighbours(pools, instruction, settings.most_similar_kept)
         pools[1].add(instruction)
@@ -573,28 +583,28 @@ def _take_instances(
     candidate.completions.append(reply)
     candidate.asked_for_more |= bool(opening)
     if not reply.ok:
-        sink.reject("teacher error", "instances", detail=reply.error, raw=candidate.instruction)
+        sink.reject(TEACHER_ERROR, STAGE_INSTANCES, detail=reply.error, raw=candidate.instruction)
         return
     text = continue_opening(reply.text, opening) if opening else reply.text
     parsed = parse_instances(text, candidate.is_classification, reply.finish_reason)
     if parsed is None:
-        sink.reject("parse failure", "instances", raw=reply.text, detail=candidate.instruction)
+        sink.reject(PARSE_FAILURE, STAGE_INSTANCES, raw=reply.text, detail=candidate.instruction)
         return
     known_inputs = {i.input for i in candidate.instances if i.input}
     for instance in parsed:
         reason = instance_reject_reason(instance)
         if reason is None and opening and not instance.input:
-            reason = "input missing"  # the prompt asked for one
+            reason = INPUT_MISSING  # the prompt asked for one
         if reason is None and later_round and instance.input in known_inputs:
             # a second output for a known input is a repeat, not a sign that the task is ambiguous
-            reason = "input already present"
+            reason = INPUT_ALREADY_PRESENT
         detail = candidate.instruction
         if reason is None and (copied := copied_demonstration(instance, demonstrations)):
-            reason, detail = REASON_COPIED_DEMONSTRATION, f"{candidate.instruction} | shown in its prompt: {copied}"
+            reason, detail = COPIED_DEMONSTRATION, f"{candidate.instruction} | shown in its prompt: {copied}"
         if reason is None and inputs is not None:
             reason = inputs.reason(candidate, instance.input)
         if reason:
-            sink.reject(f"instance: {reason}", "instances", raw=instance.model_dump_json(), detail=detail)
+            sink.reject(instance_reason(reason), STAGE_INSTANCES, raw=instance.model_dump_json(), detail=detail)
         elif instance not in candidate.instances:
             candidate.instances.append(instance)
             if instance.input:
