@@ -16,42 +16,43 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from datagen.config import Strict
+from datagen.config import Strict, with_sections
 from datagen.errors import ConfigError
-from datagen.generators.alpaca import AlpacaConfig, run_alpaca
-from datagen.generators.common import TaskSink, instances_toward_target
-from datagen.generators.evol_instruct import EvolInstructConfig, run_evol_instruct
-from datagen.generators.orca import OrcaConfig, run_orca
-from datagen.generators.self_instruct import SelfInstructConfig, run_self_instruct
+from datagen.generators import alpaca, evol_instruct, orca, self_instruct
+from datagen.generators.common import GenerationMethod, RunContext, TaskSink, instances_toward_target
 from datagen.io import atomic_write_json, progress_path, read_tasks, rejects_path, summary_path
 from datagen.progress import progress
 from datagen.records import Task
 from datagen.teachers.teacher import make_teacher, run_summary
 
-# method -> (entry point, section of GenerateConfig holding its settings)
-METHODS = {
-    "self-instruct": (run_self_instruct, "self_instruct"),
-    "alpaca": (run_alpaca, "alpaca"),
-    "evol-instruct": (run_evol_instruct, "evol_instruct"),
-    "orca": (run_orca, "orca"),
+# The methods by name. Adding one: write generators/NAME.py with its settings model and
+# `run(seeds, settings, context)`, add a line here; its name becomes a `--method` choice
+# and its section a `generate:` key.
+GENERATORS: dict[str, GenerationMethod] = {
+    "self-instruct": GenerationMethod(self_instruct.run_self_instruct, "self_instruct",
+                                      self_instruct.SelfInstructConfig),
+    "alpaca": GenerationMethod(alpaca.run_alpaca, "alpaca", alpaca.AlpacaConfig),
+    "evol-instruct": GenerationMethod(evol_instruct.run_evol_instruct, "evol_instruct",
+                                      evol_instruct.EvolInstructConfig),
+    "orca": GenerationMethod(orca.run_orca, "orca", orca.OrcaConfig),
 }
 
-Method = Literal[tuple(METHODS)]  # type: ignore[valid-type]
+Method = Literal[tuple(GENERATORS)]  # type: ignore[valid-type]
 
 
-class GenerateConfig(Strict):
-    """The `generate:` section: which method, from which seeds, how many tasks."""
-
+class _GenerateBase(Strict):
     method: Method = "self-instruct"
     seeds: str | None = None  # default: the seed set bundled with the package
     out: str | None = None
     num: int = Field(20, ge=1)
     seed: int = 0
     instances_per_task: int = Field(1, ge=1)
-    self_instruct: SelfInstructConfig = SelfInstructConfig()
-    alpaca: AlpacaConfig = AlpacaConfig()
-    evol_instruct: EvolInstructConfig = EvolInstructConfig()
-    orca: OrcaConfig = OrcaConfig()
+
+
+GenerateConfig = with_sections(
+    "GenerateConfig", _GenerateBase, {entry.section: entry.settings for entry in GENERATORS.values()},
+    "The `generate:` section: which method, from which seeds, how many tasks; one settings section per method.",
+)
 
 
 def bundled_seeds_path() -> Path:
@@ -78,7 +79,9 @@ def run_generate(config, command_line: str) -> dict[str, Any]:
     output = Path(settings.out)
     seeds = load_seeds(config)
     started = time.monotonic()
-    with TaskSink(output) as sink, make_teacher(config.teacher) as teacher, progress(
+    # the teacher first: a teacher that cannot be used (no API key, no server) fails
+    # before OUT is created
+    with make_teacher(config.teacher) as teacher, TaskSink(output) as sink, progress(
         settings.method, total=settings.num, done=min(len(sink.existing), settings.num),
     ) as bar:
 
@@ -86,13 +89,11 @@ def run_generate(config, command_line: str) -> dict[str, Any]:
             atomic_write_json(progress_path(output), {"method": settings.method, "batches_done": batches})
 
         resumed_from = len(sink.existing)
-        runner, section = METHODS[settings.method]
-        runner(
-            seeds, teacher, sink, getattr(settings, section),
-            num=settings.num, seed=settings.seed, instances_per_task=settings.instances_per_task,
-            progress=bar.advance,
-            batches_done=_batches_done(output, settings.method), on_batch_done=mark_done,
-        )
+        method = GENERATORS[settings.method]
+        method.run(seeds, getattr(settings, method.section), RunContext(
+            teacher, sink, num=settings.num, seed=settings.seed, instances_per_task=settings.instances_per_task,
+            batches_done=_batches_done(output, settings.method), progress=bar.advance, on_batch_done=mark_done,
+        ))
         summary = run_summary(
             teacher,
             time.monotonic() - started,

@@ -99,7 +99,8 @@ class Reject(BaseModel):
     """Something a generator or filter threw away, kept with its reason (never silently dropped).
 
     `raw` holds the teacher's text when a reply could not be parsed; `task` the task
-    (or candidate) that was rejected; `duplicate_of` the id a duplicate repeats.
+    (or candidate) that was rejected; `duplicate_of` the id a duplicate repeats; `batch`
+    and `round` where in a generation run it happened.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -110,6 +111,8 @@ class Reject(BaseModel):
     raw: str | None = None
     task: Task | None = None
     duplicate_of: str | None = None
+    batch: int | None = None
+    round: int | None = None
 
     def to_json(self) -> str:
         return self.model_dump_json(exclude_none=True)

@@ -22,7 +22,7 @@ from datagen.generators.alpaca import (
     parse_alpaca_reply,
     run_alpaca,
 )
-from datagen.generators.common import TaskSink, stable_id
+from datagen.generators.common import RunContext, TaskSink, stable_id
 from datagen.generators.self_instruct import REFERENCE_BLACKLIST, GenerationStalled, sample_prompt_tasks
 from datagen.io import read_records, read_tasks, rejects_path
 from datagen.records import Instance, Task
@@ -306,17 +306,23 @@ def test_loop_decisions_lineage_and_resume(tmp_path):
         Completion(BATCH0_PROMPT0, "stop", 600, 301), Completion(BATCH0_PROMPT1, "length", 580, 3072)])
     done: list[int] = []
     with replay_teacher(cache_dir) as teacher, TaskSink(out) as sink:
-        run_alpaca(LOOP_SEEDS, teacher, sink, settings, num=2, seed=7, instances_per_task=5,
-                   on_batch_done=done.append)
+        context = RunContext(teacher, sink, num=2, seed=7, instances_per_task=5, on_batch_done=done.append)
+        run_alpaca(LOOP_SEEDS, settings, context)
         assert teacher.stats.cache_hits == 2 and teacher.stats.requests_sent == 0
     assert done == [1]
 
     tasks = read_tasks(out)
     assert [(t.instruction, t.instances) for t in tasks] == [
         ("Suggest a name for a new bakery in Paris.", [Instance(input="", output="Le Petit Croissant.")]),
-        ("Summarize the paragraph in one sentence.",
-         [Instance(input="Bees pollinate crops. Without them, many fruits would vanish.",
-                   output="Bees matter for fruit.")]),
+        (
+            "Summarize the paragraph in one sentence.",
+            [
+                Instance(
+                    input="Bees pollinate crops. Without them, many fruits would vanish.",
+                    output="Bees matter for fruit.",
+                )
+            ],
+        ),
     ]
     first = tasks[0]
     assert first.id == first.name == stable_id("alpaca", first.instruction) and not first.is_classification
@@ -347,21 +353,30 @@ def test_loop_decisions_lineage_and_resume(tmp_path):
     assert rejects[5]["task"]["instruction"] == "Explain why the sky is blue during the day."
 
     # resume at batch 1: what is on disk counts toward num and is in the novelty pool
-    pin_batch(cache_dir, settings, 7, 1, [
-        Completion(BATCH0_PROMPT0.split("###")[0], "stop", 600, 30), NOT_A_LIST])
+    pin_batch(cache_dir, settings, 7, 1, [Completion(BATCH0_PROMPT0.split("###")[0], "stop", 600, 30), NOT_A_LIST])
     pin_batch(cache_dir, settings, 7, 2, [NOT_A_LIST, NOT_A_LIST])
     with replay_teacher(cache_dir) as teacher, TaskSink(out) as sink:
         with pytest.raises(GenerationStalled, match="alpaca: 2 batches in a row produced no task.*2 of 3"):
-            run_alpaca(LOOP_SEEDS, teacher, sink, settings, num=3, seed=7, instances_per_task=1,
-                       batches_done=1, on_batch_done=done.append)
+            run_alpaca(
+                LOOP_SEEDS,
+                settings,
+                RunContext(
+                    teacher, sink, num=3, seed=7, instances_per_task=1, batches_done=1, on_batch_done=done.append
+                ),
+            )
     assert done == [1, 2, 3]
     assert read_tasks(out) == tasks
-    more = [json.loads(line) for line in rejects_path(out).read_text().splitlines()][len(rejects):]
+    more = [json.loads(line) for line in rejects_path(out).read_text().splitlines()][len(rejects) :]
     assert [r["reason"] for r in more] == ["too similar to an existing instruction"] + ["parse failure"] * 3
     assert more[0]["detail"] == "ROUGE-L 1.000 with: Suggest a name for a new bakery in Paris."
-    assert more[1] == {"reason": "parse failure", "stage": "alpaca", "raw": "4. Instruction:SUBTRAILED\n",
-                       "detail": "expected 'N. Instruction:', 'N. Input:', 'N. Output:' once each in that order; "
-                                 "found '4. Instruction:'"}
+    assert more[1] == {
+        "reason": "parse failure",
+        "stage": "alpaca",
+        "raw": "4. Instruction:SUBTRAILED\n",
+        "detail": "expected 'N. Instruction:', 'N. Input:', 'N. Output:' once each in that order; "
+        "found '4. Instruction:'",
+        "batch": 1,
+    }  # the resumed run's first batch
 
 
 @pytest.mark.parametrize(
@@ -369,8 +384,12 @@ def test_loop_decisions_lineage_and_resume(tmp_path):
     [
         ("classify the  sentiment of the review", "Lovely staff.", "Positive", "Classify the sentiment of the review."),
         ("Rate the soup review from 1 to 5.", "the soup was cold and  bland.", "1", "the soup was cold and  bland."),
-        ("List some healthy habits.", "", "1. Eat a balanced diet. 2. Exercise regularly. 3. Sleep enough.",
-         "1. Eat a balanced diet. 2. Exercise regularly. 3. Sleep enough."),
+        (
+            "List some healthy habits.",
+            "",
+            "1. Eat a balanced diet. 2. Exercise regularly. 3. Sleep enough.",
+            "1. Eat a balanced diet. 2. Exercise regularly. 3. Sleep enough.",
+        ),
         # a shared label and a seed's second instance (never shown) are not copies
         ("Classify the sentiment of the tweet.", "Worst phone ever.", "Negative", None),
         ("Say what the seed's unseen example says.", "", "only the first instance is shown", None),
@@ -387,19 +406,25 @@ def test_copies_and_inputs_shared_by_too_many_tasks_are_rejected_also_after_a_re
     museum = "The museum opens at nine and closes at five on weekdays."
     reply = "".join(
         f"{'###' if n > 4 else ''}\n{n}. Instruction: {instruction}\n{n}. Input:\n{text}\n{n}. Output:\n{answer}\n"
-        for n, (instruction, text, answer) in enumerate([
-            ("Say when the museum closes on a weekday.", museum, "At five."),
-            ("How many hours is the museum open each weekday?", museum, "Eight hours."),
-            ("Translate the notice into German for visitors.", f"  {museum.upper()} ", "Das Museum ..."),
-            (shown[0].instruction, "A fresh input for the copied instruction.", "Something new."),
-        ], start=4)).lstrip()
+        for n, (instruction, text, answer) in enumerate(
+            [
+                ("Say when the museum closes on a weekday.", museum, "At five."),
+                ("How many hours is the museum open each weekday?", museum, "Eight hours."),
+                ("Translate the notice into German for visitors.", f"  {museum.upper()} ", "Das Museum ..."),
+                (shown[0].instruction, "A fresh input for the copied instruction.", "Something new."),
+            ],
+            start=4,
+        )
+    ).lstrip()
     cache_dir, out = tmp_path / "cache", tmp_path / "raw.jsonl"
     pin_batch(cache_dir, settings, 7, 0, [Completion(reply, "stop", 600, 200)])
     pin_batch(cache_dir, settings, 7, 1, [NOT_A_LIST])
     with replay_teacher(cache_dir) as teacher, TaskSink(out) as sink, pytest.raises(GenerationStalled):
-        run_alpaca(LOOP_SEEDS, teacher, sink, settings, num=10, seed=7, instances_per_task=1)
+        run_alpaca(LOOP_SEEDS, settings, RunContext(teacher, sink, num=10, seed=7, instances_per_task=1))
     assert [t.instruction for t in read_tasks(out)] == [
-        "Say when the museum closes on a weekday.", "How many hours is the museum open each weekday?"]
+        "Say when the museum closes on a weekday.",
+        "How many hours is the museum open each weekday?",
+    ]
     rejects = [json.loads(line) for line in rejects_path(out).read_text().splitlines()]
     assert [(r["reason"], r["task"]["instruction"]) for r in rejects[:2]] == [
         ("input shared by too many tasks", "Translate the notice into German for visitors."),
@@ -411,16 +436,22 @@ def test_copies_and_inputs_shared_by_too_many_tasks_are_rejected_also_after_a_re
     fresh = "\n4. Instruction: Write a polite reminder about the closing time.\n4. Input:\n" + museum
     pin_batch(cache_dir, settings, 7, 2, [Completion(fresh + "\n4. Output:\nWe close at five.\n###", "stop", 600, 20)])
     with replay_teacher(cache_dir) as teacher, TaskSink(out) as sink, pytest.raises(GenerationStalled):
-        run_alpaca(LOOP_SEEDS, teacher, sink, settings, num=10, seed=7, instances_per_task=1, batches_done=2)
-    more = [json.loads(line) for line in rejects_path(out).read_text().splitlines()][len(rejects):]
+        run_alpaca(
+            LOOP_SEEDS, settings, RunContext(teacher, sink, num=10, seed=7, instances_per_task=1, batches_done=2)
+        )
+    more = [json.loads(line) for line in rejects_path(out).read_text().splitlines()][len(rejects) :]
     assert [(r["reason"], r["task"]["instruction"]) for r in more] == [
-        ("input shared by too many tasks", "Write a polite reminder about the closing time.")]
+        ("input shared by too many tasks", "Write a polite reminder about the closing time.")
+    ]
 
 
 def test_seeds_without_instances_cannot_be_shown(tmp_path):
     with TaskSink(tmp_path / "raw.jsonl") as sink, pytest.raises(DatagenError, match="no seed task has an instance"):
-        run_alpaca([Task(id="bare", instruction="Name a colour.")], None, sink, AlpacaConfig(),
-                   num=1, seed=0, instances_per_task=1)
+        run_alpaca(
+            [Task(id="bare", instruction="Name a colour.")],
+            AlpacaConfig(),
+            RunContext(None, sink, num=1, seed=0, instances_per_task=1),
+        )
 
 
 # -- a real run on the embedded model -------------------------------------------------------------
@@ -448,7 +479,8 @@ def test_end_to_end_on_the_embedded_model_with_resume(tmp_path):
     seeds = read_tasks(Path("datagen/data/seed_tasks.jsonl"))
     seed_ids = {t.id for t in seeds}
     settings = AlpacaConfig(
-        prompts_per_batch=2, max_stalled_batches=2,
+        prompts_per_batch=2,
+        max_stalled_batches=2,
         sampling=SamplingParams(temperature=1.0, top_p=1.0, max_tokens=200, stop=("\n20", "20.")),
     )
     teacher_config = TeacherConfig(backend="local", cache_dir=str(tmp_path / "cache"), batch_size=4)
@@ -458,7 +490,9 @@ def test_end_to_end_on_the_embedded_model_with_resume(tmp_path):
     # 1. a run killed after batch 0's replies were cached, before anything was written
     with make_teacher(teacher_config) as teacher, TaskSink(out) as sink:
         with pytest.raises(Killed):
-            run_alpaca(seeds, KilledAfterReplies(teacher), sink, settings, num=1, seed=0, instances_per_task=1)
+            run_alpaca(
+                seeds, settings, RunContext(KilledAfterReplies(teacher), sink, num=1, seed=0, instances_per_task=1)
+            )
         killed_requests = teacher.stats.requests_sent
     assert killed_requests == 2
 
@@ -466,8 +500,18 @@ def test_end_to_end_on_the_embedded_model_with_resume(tmp_path):
     sent_after_batch: dict[int, int] = {}
     with make_teacher(teacher_config) as teacher, TaskSink(out) as sink:
         try:
-            run_alpaca(seeds, teacher, sink, settings, num=1, seed=0, instances_per_task=1,
-                       on_batch_done=lambda n: sent_after_batch.setdefault(n, teacher.stats.requests_sent))
+            run_alpaca(
+                seeds,
+                settings,
+                RunContext(
+                    teacher,
+                    sink,
+                    num=1,
+                    seed=0,
+                    instances_per_task=1,
+                    on_batch_done=lambda n: sent_after_batch.setdefault(n, teacher.stats.requests_sent),
+                ),
+            )
             stalled = False
         except GenerationStalled:
             stalled = True
@@ -498,11 +542,13 @@ def test_end_to_end_on_the_embedded_model_with_resume(tmp_path):
     replay.parent.mkdir()
     with make_teacher(teacher_config) as teacher, TaskSink(replay) as sink:
         try:
-            run_alpaca(seeds, teacher, sink, settings, num=1, seed=0, instances_per_task=1)
+            run_alpaca(seeds, settings, RunContext(teacher, sink, num=1, seed=0, instances_per_task=1))
         except GenerationStalled:
             pass
         assert teacher.stats.requests_sent == 0
     assert replay.read_text() == out.read_text()
     assert rejects_path(replay).read_text() == rejects_path(out).read_text()
-    print(f"alpaca end-to-end: {time.monotonic() - started:.0f} s, {len(tasks)} task(s), {len(rejects)} rejects, "
-          f"reasons {sorted({r['reason'] for r in rejects})}, stalled={stalled}")
+    print(
+        f"alpaca end-to-end: {time.monotonic() - started:.0f} s, {len(tasks)} task(s), {len(rejects)} rejects, "
+        f"reasons {sorted({r['reason'] for r in rejects})}, stalled={stalled}"
+    )

@@ -19,7 +19,7 @@ import pytest
 
 from datagen.config import SamplingParams, Strict, validate_config
 from datagen.errors import ConfigError
-from datagen.generators.common import TaskSink
+from datagen.generators.common import RunContext, TaskSink
 from datagen.generators.evol_instruct import (
     ANSWER_CUT_OFF,
     BREADTH,
@@ -44,8 +44,9 @@ from datagen.generators.evol_instruct import (
 from datagen.io import read_records, read_tasks, rejects_path
 from datagen.records import Instance, Reject, Task
 from datagen.teachers import TeacherConfig
-from datagen.teachers.base import BackendCounters, Completion
+from datagen.teachers.base import Completion
 from datagen.teachers.teacher import Teacher
+from tests.helpers import ScriptedBackend
 
 # -- prompts ------------------------------------------------------------------------------------
 
@@ -322,54 +323,39 @@ class _Wrapper(Strict):
 FAULTS = ("ok", "leak", "equal", "garbled", "sorry", "stopwords", "empty", "cutoff", "error")
 
 
-class FaultyBackend:
+def FaultyBackend() -> ScriptedBackend:  # named like the class it replaced
     """Answers every request instantly, with a faulty reply where the prompt names a fault."""
+    return ScriptedBackend(faulty_reply, name="faulty", model="scripted")
 
-    name = "faulty"
-    model = "scripted"
 
-    def __init__(self) -> None:
-        self.counters = BackendCounters()
-        self.seen: list[str] = []
+def faulty_reply(prompt: str) -> Completion:
+    def has(fault: str) -> bool:
+        return f"[{fault}]" in prompt
 
-    def generate(self, requests, on_result) -> None:
-        for index, request in enumerate(requests):
-            text = request.messages[-1][1]
-            self.seen.append(text)
-            on_result(index, self._reply(text))
-
-    def close(self) -> None:
-        pass
-
-    @staticmethod
-    def _reply(prompt: str) -> Completion:
-        def has(fault: str) -> bool:
-            return f"[{fault}]" in prompt
-
-        if prompt.startswith(("You are a prompt rewriter", "You are a prompt creator")):
-            given = prompt.split("#Given Prompt#:\n")[-1].rsplit("\n\n#", 1)[0]
-            if has("error"):
-                return Completion("", "error", error="HTTP 500")
-            if has("empty"):
-                return Completion("#Rewritten Prompt#:  ", "stop", 100, 3)
-            if has("cutoff"):
-                return Completion(given + " and also", "length", 100, 512)
-            if has("leak"):
-                return Completion(f"#Given Prompt#: {given}\n#Rewritten Prompt#: {given} Twice.", "stop", 100, 20)
-            return Completion(f"#Rewritten Prompt#:\n{given} Use exactly 40 words.", "stop", 100, 10)
-        if prompt.startswith("Here are two instructions"):
-            if has("equal"):
-                return Completion("Equal", "stop", 80, 1)
-            return Completion("I think so" if has("garbled") else "Not Equal", "stop", 80, 2)
-        if has("sorry"):
-            return Completion("Sorry, I cannot do that.", "stop", 30, 7)
-        if has("answercut"):
-            return Completion("The Danube rises in the Black Forest and flows", "length", 30, 1024)
-        if has("yesno"):
-            return Completion("No.", "stop", 30, 2)
-        if has("stopwords"):
-            return Completion("It is what it is!", "stop", 30, 6)
-        return Completion("The Danube, the Rhine and the Volga are long European rivers.", "stop", 30, 15)
+    if prompt.startswith(("You are a prompt rewriter", "You are a prompt creator")):
+        given = prompt.split("#Given Prompt#:\n")[-1].rsplit("\n\n#", 1)[0]
+        if has("error"):
+            return Completion("", "error", error="HTTP 500")
+        if has("empty"):
+            return Completion("#Rewritten Prompt#:  ", "stop", 100, 3)
+        if has("cutoff"):
+            return Completion(given + " and also", "length", 100, 512)
+        if has("leak"):
+            return Completion(f"#Given Prompt#: {given}\n#Rewritten Prompt#: {given} Twice.", "stop", 100, 20)
+        return Completion(f"#Rewritten Prompt#:\n{given} Use exactly 40 words.", "stop", 100, 10)
+    if prompt.startswith("Here are two instructions"):
+        if has("equal"):
+            return Completion("Equal", "stop", 80, 1)
+        return Completion("I think so" if has("garbled") else "Not Equal", "stop", 80, 2)
+    if has("sorry"):
+        return Completion("Sorry, I cannot do that.", "stop", 30, 7)
+    if has("answercut"):
+        return Completion("The Danube rises in the Black Forest and flows", "length", 30, 1024)
+    if has("yesno"):
+        return Completion("No.", "stop", 30, 2)
+    if has("stopwords"):
+        return Completion("It is what it is!", "stop", 30, 6)
+    return Completion("The Danube, the Rhine and the Volga are long European rivers.", "stop", 30, 15)
 
 
 def fault_seeds() -> list[Task]:
@@ -387,10 +373,9 @@ def run_faulty(tmp_path, *, num=100, rounds=2, batches_done=0, cache="use", back
     progressed: list[int] = []
     settings = EvolInstructConfig(rounds=rounds, items_per_batch=4)
     with TaskSink(tmp_path / "evol.jsonl") as sink:
-        run_evol_instruct(
-            fault_seeds(), teacher, sink, settings, num=num, seed=5, instances_per_task=3,
-            progress=progressed.append, batches_done=batches_done, on_batch_done=calls.append,
-        )
+        context = RunContext(teacher, sink, num=num, seed=5, instances_per_task=3, progress=progressed.append,
+                             batches_done=batches_done, on_batch_done=calls.append)
+        run_evol_instruct(fault_seeds(), settings, context)
     teacher.close()
     return backend, teacher, calls, progressed
 
@@ -474,7 +459,9 @@ def test_a_cut_off_answer_is_rejected_and_a_one_word_answer_kept(tmp_path):
     seeds = [Task(id=f"seed-{fault}", instruction=f"[{fault}] Name some rivers.") for fault in ("answercut", "yesno")]
     teacher = Teacher(FaultyBackend(), TeacherConfig(cache="off"))
     with TaskSink(tmp_path / "evol.jsonl") as sink:
-        run_evol_instruct(seeds, teacher, sink, EvolInstructConfig(rounds=1), num=10, seed=5, instances_per_task=1)
+        run_evol_instruct(
+            seeds, EvolInstructConfig(rounds=1), RunContext(teacher, sink, num=10, seed=5, instances_per_task=1)
+        )
     tasks, rejects = read_out(tmp_path)
     assert [(t.lineage.parent_ids, t.instances[0].output) for t in tasks] == [(["seed-yesno"], "No.")]
     [cut] = rejects
@@ -522,8 +509,14 @@ def test_the_same_run_sends_the_same_prompts(tmp_path):
 # -- a real run ---------------------------------------------------------------------------------
 
 KNOWN_REASONS = {
-    "no information gain", "teacher could not answer", "answer is only punctuation and stop words",
-    "empty answer", "parse failure", "teacher error", "rewrite hit the length limit", "answer hit the length limit",
+    "no information gain",
+    "teacher could not answer",
+    "answer is only punctuation and stop words",
+    "empty answer",
+    "parse failure",
+    "teacher error",
+    "rewrite hit the length limit",
+    "answer hit the length limit",
 }
 
 
@@ -543,8 +536,19 @@ def test_end_to_end_on_the_embedded_model_and_replay(tmp_path):
         calls: list[int] = []
         config = TeacherConfig(backend="local", cache_dir=str(tmp_path), batch_size=4)
         with make_teacher(config) as teacher, TaskSink(output) as sink:
-            run_evol_instruct(seeds, teacher, sink, settings, num=50, seed=0, instances_per_task=1,
-                              batches_done=batches_done, on_batch_done=calls.append)
+            run_evol_instruct(
+                seeds,
+                settings,
+                RunContext(
+                    teacher,
+                    sink,
+                    num=50,
+                    seed=0,
+                    instances_per_task=1,
+                    batches_done=batches_done,
+                    on_batch_done=calls.append,
+                ),
+            )
         return teacher, calls
 
     started = time.monotonic()
@@ -573,3 +577,14 @@ def test_end_to_end_on_the_embedded_model_and_replay(tmp_path):
     assert teacher.stats.requests_sent == 0 and again == calls
     assert (output.read_text() if output.exists() else "", rejects_path(output).read_text()) == written
     print(json.dumps({"tasks": len(tasks), "rejects": Counter(r.reason for r in rejects)}))
+
+
+def test_every_reject_says_which_batch_and_round_made_it(tmp_path):
+    # the same fault recurs in every round: without batch and round, those lines would look
+    # like one line written twice by a resumed run
+    run_faulty(tmp_path, rounds=2)
+    _tasks, rejects = read_out(tmp_path)
+    assert rejects and all(reject.batch is not None for reject in rejects)
+    assert {reject.round for reject in rejects} == {1, 2}
+    lines = [reject.to_json() for reject in rejects]
+    assert len(set(lines)) == len(lines)

@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 from datagen.config import SamplingParams, validate_config
 from datagen.errors import ConfigError
-from datagen.generators.common import TaskSink, stable_id
+from datagen.generators.common import RunContext, TaskSink, stable_id
 from datagen.generators.orca import (
     CATALOGUE,
     GENERIC_SYSTEM,
@@ -34,8 +33,9 @@ from datagen.generators.orca import (
 from datagen.io import read_records, read_tasks, rejects_path
 from datagen.records import Instance, Task
 from datagen.teachers import TeacherConfig
-from datagen.teachers.base import BackendCounters, Completion, Request, ResultCallback
+from datagen.teachers.base import Completion
 from datagen.teachers.teacher import Teacher
+from tests.helpers import ScriptedBackend
 
 SEEDS = Path("datagen/data/seed_tasks.jsonl")
 
@@ -260,33 +260,22 @@ def test_prompt_erasure_replaces_the_system_message():
 # -- the loop, with faults injected behind the real Teacher and request cache -----------------
 
 
-class FaultyBackend:
+def FaultyBackend(answers: dict[str, str]) -> ScriptedBackend:  # named like the class it replaced
     """Answers from a script keyed by the instance input; the faults are what it is for:
     'boom' -> a failed request, 'cut' -> cut off at max_tokens, 'ramble' -> no marker."""
 
-    name = "scripted"
-    model = "faults"
+    def reply(user: str) -> Completion:
+        match = re.search(r"Input:\n(.*?)\n\n", user, flags=re.S)
+        key = match.group(1) if match else ""
+        if key == "boom":
+            return Completion("", "error", error="HTTP 500")
+        if key == "cut":
+            return Completion("Step 1. Let me think about", "length", 20, 6)
+        if key == "ramble":
+            return Completion("I like this one a lot.", "stop", 20, 6)
+        return Completion(f"Because of {key}.\nFinal answer: {answers[key]}", "stop", 20, 8)
 
-    def __init__(self, answers: dict[str, str]):
-        self.answers = answers
-        self.counters = BackendCounters()
-
-    def generate(self, requests: Sequence[Request], on_result: ResultCallback) -> None:
-        for index, request in enumerate(requests):
-            user = request.messages[-1][1]
-            match = re.search(r"Input:\n(.*?)\n\n", user, flags=re.S)
-            key = match.group(1) if match else ""
-            if key == "boom":
-                on_result(index, Completion("", "error", error="HTTP 500"))
-            elif key == "cut":
-                on_result(index, Completion("Step 1. Let me think about", "length", 20, 6))
-            elif key == "ramble":
-                on_result(index, Completion("I like this one a lot.", "stop", 20, 6))
-            else:
-                on_result(index, Completion(f"Because of {key}.\nFinal answer: {self.answers[key]}", "stop", 20, 8))
-
-    def close(self) -> None:
-        pass
+    return ScriptedBackend(reply, name="scripted", model="faults")
 
 
 INPUT = [
@@ -306,8 +295,9 @@ def run(tmp_path, **options) -> tuple[Teacher, list[int]]:
     batches: list[int] = []
     settings = options.pop("settings", OrcaConfig())
     with TaskSink(tmp_path / "orca.jsonl") as sink:
-        run_orca(INPUT, teacher, sink, settings, num=options.pop("num", 10), seed=3, instances_per_task=1,
-                 on_batch_done=batches.append, **options)
+        context = RunContext(teacher, sink, num=options.pop("num", 10), seed=3, instances_per_task=1,
+                             on_batch_done=batches.append, **options)
+        run_orca(INPUT, settings, context)
     return teacher, batches
 
 
@@ -335,16 +325,23 @@ def test_loop_records_rejects_and_resumes_without_duplicates(tmp_path):
         assert t.lineage.template == "orca_answer.jinja" and t.lineage.sampling["seed"] == 3
         assert t.lineage.teacher_backend == "scripted" and t.lineage.usage.prompt_tokens > 0
     rejects = read_rejects(tmp_path)
-    assert Counter(r["reason"] for r in rejects) == Counter({
-        "parse failure": 1, "label differs from the original output": 1, "teacher error": 1,
-        "reply hit the length limit": 1, "no instance answered": 1, "duplicate input task id": 1,
-    })
+    assert Counter(r["reason"] for r in rejects) == Counter(
+        {
+            "parse failure": 1,
+            "label differs from the original output": 1,
+            "teacher error": 1,
+            "reply hit the length limit": 1,
+            "no instance answered": 1,
+            "duplicate input task id": 1,
+        }
+    )
     assert all(r["stage"] == "orca" for r in rejects)
     by_reason = {r["reason"]: r for r in rejects}
     assert by_reason["parse failure"]["raw"] == "I like this one a lot."
     assert by_reason["parse failure"]["detail"].startswith("task A, instance 1, system ")
     assert by_reason["label differs from the original output"]["detail"].endswith(
-        "answered 'Positive', original 'Negative'")
+        "answered 'Positive', original 'Negative'"
+    )
     # the wrong answer rides along as a one-instance task, so export can show it as a negative example
     from datagen.export import negatives_from_rejects
     from datagen.records import Reject
@@ -385,7 +382,8 @@ def test_end_to_end_on_the_embedded_model(tmp_path):
     # 135M model rarely gives the label the seed has, so the label check (covered above) is
     # off here: this test is about the structure of what a real teacher run writes.
     settings = OrcaConfig(
-        system_messages=("terse",), check_labels=False,
+        system_messages=("terse",),
+        check_labels=False,
         answer_sampling=SamplingParams(temperature=0.0, max_tokens=128),
     )
     config = TeacherConfig(backend="local", cache_dir=str(tmp_path / "cache"), batch_size=4)
@@ -393,7 +391,7 @@ def test_end_to_end_on_the_embedded_model(tmp_path):
 
     def generate() -> int:
         with TaskSink(out) as sink, make_teacher(config) as teacher:
-            run_orca(seeds, teacher, sink, settings, num=3, seed=0, instances_per_task=1)
+            run_orca(seeds, settings, RunContext(teacher, sink, num=3, seed=0, instances_per_task=1))
             return teacher.stats.requests_sent
 
     assert generate() == 4

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from datagen.config import SamplingParams
-from datagen.generators.common import InputTally, TaskSink
+from datagen.generators.common import InputTally, RunContext, TaskSink
 from datagen.generators.self_instruct import (
     INPUT_FIRST_DEMONSTRATIONS,
     INSTANCE_STOP,
@@ -44,6 +44,8 @@ from datagen.generators.self_instruct import (
 from datagen.io import read_tasks, rejects_path
 from datagen.records import Instance, Task
 from datagen.teachers import TeacherConfig
+from datagen.teachers.base import Completion
+from tests.helpers import ScriptedBackend
 
 HEADER = (
     "Below is a numbered list of varied tasks that a person could ask a capable AI assistant to do. "
@@ -195,7 +197,8 @@ def test_input_first_parse_drops_the_cut_off_last_instance():
 
 
 def test_output_first_parse():
-    reply = "Class label: positive\nInput: I loved it.\nClass label: negative\nInput: Never again.\nClass label: neutral"
+    reply = ("Class label: positive\nInput: I loved it.\nClass label: negative\nInput: Never again.\n"
+             "Class label: neutral")
     assert parse_instances(reply, True, "stop") == [
         Instance(input="I loved it.", output="positive"),
         Instance(input="Never again.", output="negative"),
@@ -270,12 +273,19 @@ def test_instance_prompts_show_the_demonstrations_the_copy_rule_checks():
     ("instance", "copied"),
     [
         # the demo's inputs and outputs from `make demo`: pasted as input or as output
-        (Instance(input="1. Keep your phone in another room. 2. Work in blocks of 25 minutes with short "
-                        "breaks. 3. Tidy your desk before you start.", output="Done."),
-         "1. Keep your phone in another room. 2. Work in blocks of 25 minutes with short breaks. "
-         "3. Tidy your desk before you start."),
-        (Instance(input="Write a sentence about an animal.", output="The  elephant walked slowly across the FIELD."),
-         "The  elephant walked slowly across the FIELD."),
+        (
+            Instance(
+                input="1. Keep your phone in another room. 2. Work in blocks of 25 minutes with short "
+                "breaks. 3. Tidy your desk before you start.",
+                output="Done.",
+            ),
+            "1. Keep your phone in another room. 2. Work in blocks of 25 minutes with short breaks. "
+            "3. Tidy your desk before you start.",
+        ),
+        (
+            Instance(input="Write a sentence about an animal.", output="The  elephant walked slowly across the FIELD."),
+            "The  elephant walked slowly across the FIELD.",
+        ),
         (Instance(input="curiosity drives discovery.", output="3"), "curiosity drives discovery."),
         # short texts (labels, numbers, one word) are shared by design
         (Instance(input="An elephant is big.", output="elephant"), None),
@@ -293,18 +303,25 @@ def test_an_instance_copying_its_prompt_is_rejected_with_its_own_reason(tmp_path
     sink = TaskSink(tmp_path / "raw.jsonl")
     candidate = _candidate([], False)
     candidate.instruction = "Count the words in the sentence."
-    reply = ("Example 1\nInput: The elephant walked slowly across the field.\nOutput: 7\n"
-             "Example 2\nInput: Rain fell all night.\nOutput: 4")
-    _take_instances(candidate, Completion(reply, "stop", 1, 1), "", False, sink,
-                    demonstrations=INPUT_FIRST_DEMONSTRATIONS)
+    reply = (
+        "Example 1\nInput: The elephant walked slowly across the field.\nOutput: 7\n"
+        "Example 2\nInput: Rain fell all night.\nOutput: 4"
+    )
+    _take_instances(
+        candidate, Completion(reply, "stop", 1, 1), "", False, sink, demonstrations=INPUT_FIRST_DEMONSTRATIONS
+    )
     assert candidate.instances == [Instance(input="Rain fell all night.", output="4")]
     sink.flush()
     [reject] = [json.loads(line) for line in rejects_path(tmp_path / "raw.jsonl").read_text().splitlines()]
     assert reject["reason"] == "instance: copies a demonstration" and reject["stage"] == "instances"
-    assert json.loads(reject["raw"]) == {"input": "The elephant walked slowly across the field.", "output": "7",
-                                         "explanation": None}
-    assert reject["detail"] == ("Count the words in the sentence. | shown in its prompt: "
-                                "The elephant walked slowly across the field.")
+    assert json.loads(reject["raw"]) == {
+        "input": "The elephant walked slowly across the field.",
+        "output": "7",
+        "explanation": None,
+    }
+    assert reject["detail"] == (
+        "Count the words in the sentence. | shown in its prompt: The elephant walked slowly across the field."
+    )
     # the more-prompt shows the task's own instances: no demonstrations to compare with
     _take_instances(candidate, Completion(" Snow fell.\nOutput: 2", "stop", 1, 1), "Example 2\nInput:", True, sink)
     assert candidate.instances[-1] == Instance(input="Snow fell.", output="2")
@@ -313,14 +330,20 @@ def test_an_instance_copying_its_prompt_is_rejected_with_its_own_reason(tmp_path
 def test_an_input_shared_by_more_than_k_other_tasks_is_rejected(tmp_path):
     from datagen.teachers.base import Completion
 
-    on_disk = [Task(id=f"t{n}", instruction=f"Task {n}.", instances=[Instance(input="Shared  TEXT here", output="x"),
-                                                                      Instance(input="Shared text here", output="y")])
-               for n in range(2)]
+    on_disk = [
+        Task(
+            id=f"t{n}",
+            instruction=f"Task {n}.",
+            instances=[Instance(input="Shared  TEXT here", output="x"), Instance(input="Shared text here", output="y")],
+        )
+        for n in range(2)
+    ]
     inputs = _InputUse(InputTally(on_disk), limit=2)
     sink = TaskSink(tmp_path / "raw.jsonl")
     first, second = _candidate([], False), _candidate([], False)
-    reply = Completion("Example 1\nInput: shared text here\nOutput: 1\nExample 2\nInput: Own text.\nOutput: 2",
-                       "stop", 1, 1)
+    reply = Completion(
+        "Example 1\nInput: shared text here\nOutput: 1\nExample 2\nInput: Own text.\nOutput: 2", "stop", 1, 1
+    )
     _take_instances(first, reply, "", False, sink, inputs=inputs)  # 2 other tasks carry it: allowed
     assert [i.input for i in first.instances] == ["shared text here", "Own text."]
     assert inputs.reason(first, "Shared text here") is None  # its own use does not count against it
@@ -334,55 +357,47 @@ def test_an_input_shared_by_more_than_k_other_tasks_is_rejected(tmp_path):
     assert _InputUse(InputTally(on_disk), limit=0).reason(second, "  ") is None  # an empty input is never shared
 
 
-class ScriptedBackend:
+def scripted_backend(unparseable_reverse: bool = False) -> ScriptedBackend:
     """Instant replies: two instructions per bootstrap prompt, "No" to the classification
     check, and one instance on the input "banana" (the word-reversing task's reply cannot
     be parsed when `unparseable_reverse`)."""
 
-    name = "scripted"
-    model = "scripted"
+    def reply(prompt: str) -> Completion:
+        if prompt.startswith("Below is a numbered list"):
+            text = " Count the vowels in the given word.\n10. Reverse the letters of the given word."
+        elif prompt.startswith("For each task, decide"):
+            text = "No"
+        elif prompt.endswith("Task: Reverse the letters of the given word.") and unparseable_reverse:
+            text = "I do not know."
+        elif prompt.startswith("Below is a task with some examples."):  # a later round
+            text = " The elephant walked slowly across the field.\nOutput: 7"
+        else:
+            text = "Example 1\nInput: banana\nOutput: " + ("3" if "vowels" in prompt[-40:] else "ananab")
+        return Completion(text, "stop", 10, 5)
 
-    def __init__(self, unparseable_reverse: bool = False) -> None:
-        from datagen.teachers.base import BackendCounters
-
-        self.counters = BackendCounters()
-        self.unparseable_reverse = unparseable_reverse
-
-    def generate(self, requests, on_result) -> None:
-        from datagen.teachers.base import Completion
-
-        for index, request in enumerate(requests):
-            prompt = request.messages[-1][1]
-            if prompt.startswith("Below is a numbered list"):
-                text = " Count the vowels in the given word.\n10. Reverse the letters of the given word."
-            elif prompt.startswith("For each task, decide"):
-                text = "No"
-            elif prompt.endswith("Task: Reverse the letters of the given word.") and self.unparseable_reverse:
-                text = "I do not know."
-            elif prompt.startswith("Below is a task with some examples."):  # a later round
-                text = " The elephant walked slowly across the field.\nOutput: 7"
-            else:
-                text = "Example 1\nInput: banana\nOutput: " + ("3" if "vowels" in prompt[-40:] else "ananab")
-            on_result(index, Completion(text, "stop", 10, 5))
-
-    def close(self) -> None:
-        pass
+    return ScriptedBackend(reply, name="scripted", model="scripted")
 
 
 def run_scripted(out: Path, num: int, backend=None, instances_per_task=1, **settings) -> list[tuple[str, str]]:
-    """Run the loop on `ScriptedBackend`; the (reason, instruction or raw) of every reject."""
+    """Run the loop on `scripted_backend()`; the (reason, instruction or raw) of every reject."""
     from datagen.generators.self_instruct import run_self_instruct
     from datagen.io import read_records
     from datagen.records import Reject
     from datagen.teachers.teacher import Teacher
 
-    seeds = [Task(id=f"seed{n}", instruction=text) for n, text in enumerate(
-        ["Name a famous painter from Spain.", "Suggest a title for a mystery novel.", "Explain how rainbows form."])]
+    seeds = [
+        Task(id=f"seed{n}", instruction=text)
+        for n, text in enumerate(
+            ["Name a famous painter from Spain.", "Suggest a title for a mystery novel.", "Explain how rainbows form."]
+        )
+    ]
     config = SelfInstructConfig(prompts_per_batch=1, max_stalled_batches=1, **settings)
-    teacher = Teacher(backend or ScriptedBackend(), TeacherConfig(cache="off"))
+    teacher = Teacher(backend or scripted_backend(), TeacherConfig(cache="off"))
     with TaskSink(out) as sink:
         try:
-            run_self_instruct(seeds, teacher, sink, config, num=num, seed=0, instances_per_task=instances_per_task)
+            run_self_instruct(
+                seeds, config, RunContext(teacher, sink, num=num, seed=0, instances_per_task=instances_per_task)
+            )
         except GenerationStalled:
             pass
     rejects = read_records(rejects_path(out), Reject) if rejects_path(out).exists() else []
@@ -408,29 +423,46 @@ def test_the_shared_input_count_is_rebuilt_from_the_output_on_resume(tmp_path):
     rejects = run_scripted(out, num=2, max_other_tasks_per_input=0)
     # the second candidate of the batch pastes the first one's input
     assert [t.instruction for t in read_tasks(out)] == ["Count the vowels in the given word."]
-    assert ("instance: input shared by too many tasks", '{"input":"banana","output":"ananab","explanation":null}'
-            ) in rejects
+    assert (
+        "instance: input shared by too many tasks",
+        '{"input":"banana","output":"ananab","explanation":null}',
+    ) in rejects
     # a fresh run over an OUT whose task already carries "banana" decides the same for both
     out2 = tmp_path / "resumed.jsonl"
-    out2.write_text(Task(id="old", instruction="Spell the given word backwards, letter by letter.",
-                         instances=[Instance(input="Banana", output="ananaB")]).to_json() + "\n")
+    out2.write_text(
+        Task(
+            id="old",
+            instruction="Spell the given word backwards, letter by letter.",
+            instances=[Instance(input="Banana", output="ananaB")],
+        ).to_json()
+        + "\n"
+    )
     rejects = run_scripted(out2, num=3, max_other_tasks_per_input=0)
     assert [t.id for t in read_tasks(out2)] == ["old"]
     assert [r for r in rejects if r[0] == "no valid instances"] == [
         ("no valid instances", "Count the vowels in the given word."),
-        ("no valid instances", "Reverse the letters of the given word.")]
-    assert run_scripted(tmp_path / "loose.jsonl", num=3, max_other_tasks_per_input=1).count(
-        ("no valid instances", "Count the vowels in the given word.")) == 0
+        ("no valid instances", "Reverse the letters of the given word."),
+    ]
+    assert (
+        run_scripted(tmp_path / "loose.jsonl", num=3, max_other_tasks_per_input=1).count(
+            ("no valid instances", "Count the vowels in the given word.")
+        )
+        == 0
+    )
 
 
-@pytest.mark.parametrize(("pool", "second_run"), [
-    ("accepted", "no valid instances"), ("reference", "too similar to an existing instruction")])
+@pytest.mark.parametrize(
+    ("pool", "second_run"),
+    [("accepted", "no valid instances"), ("reference", "too similar to an existing instruction")],
+)
 def test_novelty_pool_keeps_candidates_that_failed_at_the_instance_step_when_asked(tmp_path, pool, second_run):
     out = tmp_path / "raw.jsonl"
-    first = run_scripted(out, num=3, backend=ScriptedBackend(unparseable_reverse=True), novelty_pool=pool)
+    first = run_scripted(out, num=3, backend=scripted_backend(unparseable_reverse=True), novelty_pool=pool)
     assert ("no valid instances", "Reverse the letters of the given word.") in first
     # rerun over the same OUT: the pool is rebuilt from OUT (and, for "reference", its rejects)
-    second = run_scripted(out, num=3, backend=ScriptedBackend(unparseable_reverse=True), novelty_pool=pool)[len(first):]
+    second = run_scripted(out, num=3, backend=scripted_backend(unparseable_reverse=True), novelty_pool=pool)[
+        len(first) :
+    ]
     assert [reason for reason, text in second if "Reverse" in (text or "")] == [second_run]
 
 
@@ -442,7 +474,11 @@ def test_more_prompts_ask_for_the_rarest_label_first_and_leave_one_open():
     settings = SelfInstructConfig(more_prompts_per_task=3, more_samples_per_prompt=4)
     candidate = _candidate([Instance(input=str(n), output="even" if n % 2 == 0 else "odd") for n in (2, 4, 6, 3)], True)
     prompts = _more_prompts(candidate, target=30, settings=settings, rng=random.Random(0))
-    assert [opening for _, opening in prompts] == ["Class label: odd\nInput:", "Class label: even\nInput:", "Class label:"]
+    assert [opening for _, opening in prompts] == [
+        "Class label: odd\nInput:",
+        "Class label: even\nInput:",
+        "Class label:",
+    ]
     # fewer prompts when little is missing: one sample batch covers 3 more instances
     assert len(_more_prompts(candidate, target=7, settings=settings, rng=random.Random(0))) == 1
 
@@ -475,8 +511,9 @@ generate:
 
 def write_tiny_config(tmp_path, num, prompts, threshold=0.7):
     path = tmp_path / "tiny.yaml"
-    path.write_text(TINY.format(cache=tmp_path / "cache", out=tmp_path / "raw.jsonl", num=num, prompts=prompts,
-                                threshold=threshold))
+    path.write_text(
+        TINY.format(cache=tmp_path / "cache", out=tmp_path / "raw.jsonl", num=num, prompts=prompts, threshold=threshold)
+    )
     return path
 
 
@@ -543,7 +580,8 @@ def test_later_rounds_grow_a_task_that_passes_natural_instructions_strict(tmp_pa
     from tests.helpers import run_cli
 
     settings = SelfInstructConfig(
-        more_prompts_per_task=3, more_samples_per_prompt=4,
+        more_prompts_per_task=3,
+        more_samples_per_prompt=4,
         instance_sampling=SamplingParams(temperature=0.0, max_tokens=64, stop=INSTANCE_STOP),
     )
     runs = {}
@@ -552,8 +590,15 @@ def test_later_rounds_grow_a_task_that_passes_natural_instructions_strict(tmp_pa
             candidate = _candidate([], False)
             candidate.instruction = "Find the longest word in the sentence."
             sink = TaskSink(tmp_path / f"rounds{rounds}" / "raw.jsonl")
-            _add_instances([candidate], teacher, settings.model_copy(update={"max_instance_rounds": rounds}),
-                           target=28, seed=0, batch=0, sink=sink)
+            _add_instances(
+                [candidate],
+                teacher,
+                settings.model_copy(update={"max_instance_rounds": rounds}),
+                target=28,
+                seed=0,
+                batch=0,
+                sink=sink,
+            )
             sink.accept([Task(id="longest-word", instruction=candidate.instruction, instances=candidate.instances)])
             sink.flush()
             runs[rounds] = candidate
@@ -568,8 +613,16 @@ def test_later_rounds_grow_a_task_that_passes_natural_instructions_strict(tmp_pa
     assert repeated and set(repeated) <= set(inputs)
 
     out = tmp_path / "ni"
-    result = run_cli("export", str(tmp_path / "rounds20" / "raw.jsonl"), "--format", "natural-instructions",
-                     "--out", str(out), "--strict", "--no-teacher-negatives")
+    result = run_cli(
+        "export",
+        str(tmp_path / "rounds20" / "raw.jsonl"),
+        "--format",
+        "natural-instructions",
+        "--out",
+        str(out),
+        "--strict",
+        "--no-teacher-negatives",
+    )
     assert result.returncode == 0, result.stderr
     assert "--strict: 1 of 1 tasks pass" in result.stderr
     [task_file] = (out / "tasks").glob("task001_*.json")
@@ -582,8 +635,13 @@ def test_later_rounds_reject_known_inputs_but_keep_new_outputs_of_inputless_task
 
     sink = TaskSink(tmp_path / "raw.jsonl")
     sorting = _candidate([Instance(input="3, 1", output="1, 3")], False)
-    _take_instances(sorting, Completion(" 3, 1\nOutput: 1,3\nExample 3\nInput: 5, 4\nOutput: 4, 5", "stop", 1, 1),
-                    "Example 2\nInput:", True, sink)
+    _take_instances(
+        sorting,
+        Completion(" 3, 1\nOutput: 1,3\nExample 3\nInput: 5, 4\nOutput: 4, 5", "stop", 1, 1),
+        "Example 2\nInput:",
+        True,
+        sink,
+    )
     _take_instances(sorting, Completion("Output: 7", "stop", 1, 1), "Example 2\nInput:", True, sink)
     assert [(i.input, i.output) for i in sorting.instances] == [("3, 1", "1, 3"), ("5, 4", "4, 5")]
     colours = _candidate([Instance(output="red")], False)
@@ -600,8 +658,11 @@ def test_summary_counts_tasks_that_reached_the_instance_target(tmp_path):
     from datagen.io import write_jsonl_atomic
 
     full = Task(id="a", instruction="Sort.", instances=[Instance(input=str(n), output=str(n)) for n in range(3)])
-    stray = Task(id="b", instruction="Sort!", instances=[Instance(input="1", output="1"), Instance(output="x"),
-                                                          Instance(output="y")])
+    stray = Task(
+        id="b",
+        instruction="Sort!",
+        instances=[Instance(input="1", output="1"), Instance(output="x"), Instance(output="y")],
+    )
     no_input = Task(id="c", instruction="Name three colours.", instances=[Instance(output=c) for c in "rgb"])
     output = tmp_path / "raw.jsonl"
     write_jsonl_atomic(output, [full, stray, no_input])
@@ -609,10 +670,27 @@ def test_summary_counts_tasks_that_reached_the_instance_target(tmp_path):
     extra = _instance_target(output, settings)
     assert extra == {"instances_per_task": 3, "tasks_reaching_instances_per_task": 2}
     assert _instance_target(output, settings.model_copy(update={"method": "orca"})) == {}
-    summary = {"method": "self-instruct", "tasks_produced": 3, "tasks_total": 3, "output": str(output),
-               "tasks_resumed": 0, "teacher": {"backend": "local", "model": "m"}, "requests_sent": 1,
-               "cache_hits": 0, "retries": 0, "failures": 0, "prompt_tokens": 1, "completion_tokens": 1,
-               "cost": None, "parse_failures": 0, "rejects_by_reason": {}, "wall_seconds": 1.0,
-               "rejects": "r", **extra}
-    assert ("2 of 3 tasks have 3 instances (--instances-per-task); more max_instance_rounds would give the rest more"
-            in format_summary(summary))
+    summary = {
+        "method": "self-instruct",
+        "tasks_produced": 3,
+        "tasks_total": 3,
+        "output": str(output),
+        "tasks_resumed": 0,
+        "teacher": {"backend": "local", "model": "m"},
+        "requests_sent": 1,
+        "cache_hits": 0,
+        "retries": 0,
+        "failures": 0,
+        "prompt_tokens": 1,
+        "completion_tokens": 1,
+        "cost": None,
+        "parse_failures": 0,
+        "rejects_by_reason": {},
+        "wall_seconds": 1.0,
+        "rejects": "r",
+        **extra,
+    }
+    assert (
+        "2 of 3 tasks have 3 instances (--instances-per-task); more max_instance_rounds would give the rest more"
+        in format_summary(summary)
+    )

@@ -75,7 +75,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pydantic import Field, model_validator
@@ -84,6 +84,7 @@ from datagen.config import SamplingParams, Strict
 from datagen.errors import DatagenError
 from datagen.generators.common import (
     InputTally,
+    RunContext,
     TaskSink,
     lineage,
     normalised_text,
@@ -115,7 +116,6 @@ from datagen.rejects import (
 )
 from datagen.rouge import RougeLIndex
 from datagen.teachers.base import Completion, Message
-from datagen.teachers.teacher import Teacher
 
 __all__ = [
     "ALPACA_BLACKLIST",
@@ -288,26 +288,14 @@ def item_reject_reason(
 # -- the loop ---------------------------------------------------------------------------------
 
 
-def run_alpaca(
-    seeds: Sequence[Task],
-    teacher: Teacher,
-    sink: TaskSink,
-    settings: AlpacaConfig,
-    *,
-    num: int,
-    seed: int,
-    instances_per_task: int,
-    progress: Callable[[int], None] = lambda _n: None,
-    batches_done: int = 0,
-    on_batch_done: Callable[[int], None] = lambda _n: None,
-) -> None:
+def run_alpaca(seeds: Sequence[Task], settings: AlpacaConfig, run: RunContext) -> None:
     """Generate tasks into `sink` until it holds `num` (tasks already there count).
 
-    `instances_per_task` is accepted for a common signature and ignored: an Alpaca task
+    `run.instances_per_task` is ignored: an Alpaca task
     comes with exactly one instance. Batches start at `batches_done`, each with its own
     `random.Random(f"alpaca:{seed}:{batch}")`; `on_batch_done(batches)` follows each flush.
     """
-    del instances_per_task
+    teacher, sink, num, seed = run.teacher, run.sink, run.num, run.seed
     showable = [task for task in seeds if task.instances]
     if not showable:
         raise DatagenError("alpaca: no seed task has an instance to show the teacher")
@@ -316,7 +304,7 @@ def run_alpaca(
     tally = InputTally(sink.existing)  # rebuilt from OUT, so a resumed run decides the same
     backend = (teacher.backend.name, teacher.backend.model)
     template = load_template(GENERATE)
-    batch = batches_done
+    batch = run.batches_done
     stalled = 0
     while count < num:
         if stalled >= settings.max_stalled_batches:
@@ -324,6 +312,7 @@ def run_alpaca(
                 f"alpaca: {stalled} batches in a row produced no task; "
                 f"see the rejects file for why ({count} of {num} tasks so far)"
             )
+        sink.at(batch)
         rng = random.Random(f"alpaca:{seed}:{batch}")
         shown = [
             sample_prompt_tasks(showable, (), rng, settings.seeds_per_prompt, 0)
@@ -350,8 +339,8 @@ def run_alpaca(
             tally.add(task.instances)
         batch += 1
         stalled = 0 if fresh else stalled + 1
-        on_batch_done(batch)
-        progress(len(fresh))
+        run.on_batch_done(batch)
+        run.progress(len(fresh))
 
 
 def _bare_task(item: AlpacaItem) -> Task:

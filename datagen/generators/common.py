@@ -16,9 +16,12 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
 
 from datagen.config import SamplingParams
 from datagen.io import JsonlAppender, read_records, rejects_path
@@ -26,6 +29,9 @@ from datagen.prompts import Template
 from datagen.records import Instance, Lineage, Reject, Task, Usage, takes_input
 from datagen.rejects import PARSE_FAILURE, SHARED_INPUT
 from datagen.teachers.base import Completion
+
+if TYPE_CHECKING:
+    from datagen.teachers.teacher import Teacher
 
 
 def instances_toward_target(instances: Sequence[Instance]) -> int:
@@ -95,6 +101,8 @@ class TaskSink:
         self._pending_rejects: list[Reject] = []
         self.produced = 0
         self.parse_failures = 0
+        self._batch: int | None = None
+        self._round: int | None = None
         self.reject_reasons: Counter[str] = Counter()
 
     def accept(self, tasks: list[Task]) -> list[Task]:
@@ -105,11 +113,16 @@ class TaskSink:
         self.produced += len(fresh)
         return fresh
 
+    def at(self, batch: int, round: int | None = None) -> None:
+        """Stamp the rejects that follow with the batch (and round) producing them, so a
+        resumed run's rejects file tells a repeated reject from a line written twice."""
+        self._batch, self._round = batch, round
+
     def reject(self, reason: str, stage: str, **fields: Any) -> None:
         if reason == PARSE_FAILURE:
             self.parse_failures += 1
         self.reject_reasons[reason] += 1
-        self._pending_rejects.append(Reject(reason=reason, stage=stage, **fields))
+        self._pending_rejects.append(Reject(reason=reason, stage=stage, batch=self._batch, round=self._round, **fields))
 
     def flush(self) -> None:
         """Write the batch: rejects first, then tasks, each fsynced."""
@@ -161,3 +174,31 @@ def lineage(
         usage=usage,
         **extra,
     )
+
+
+@dataclass
+class RunContext:
+    """What a generation method gets besides its seeds and its settings: the teacher, where
+    its output goes, how much to make, and the hooks the generate stage listens on."""
+
+    teacher: Teacher
+    sink: TaskSink
+    num: int  # stop when the sink holds this many tasks (those already on disk count)
+    seed: int = 0
+    instances_per_task: int = 1  # methods that answer existing instances ignore it
+    batches_done: int = 0  # batches a killed run flushed (resume)
+    progress: Callable[[int], None] = lambda _n: None  # called with the tasks a batch added
+    on_batch_done: Callable[[int], None] = lambda _n: None  # called with the batch count after each flush
+
+
+Run = Callable[[Sequence[Task], Any, RunContext], None]
+
+
+@dataclass(frozen=True)
+class GenerationMethod:
+    """A registered method: `run(seeds, settings, context)` and the `generate:` section
+    (field name and settings model) that configures it."""
+
+    run: Run
+    section: str
+    settings: type[BaseModel]

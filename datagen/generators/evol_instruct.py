@@ -68,7 +68,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from datagen.config import SamplingParams, Strict
-from datagen.generators.common import TaskSink, lineage, stable_id
+from datagen.generators.common import RunContext, TaskSink, lineage, stable_id
 from datagen.prompts import Template, load_template
 from datagen.records import Instance, Task
 from datagen.rejects import PARSE_FAILURE, STAGE_EVOL, TEACHER_ERROR
@@ -333,19 +333,7 @@ def _have(sink: TaskSink) -> int:
     return len(sink.existing) + sink.produced
 
 
-def run_evol_instruct(
-    seeds: Sequence[Task],
-    teacher: Teacher,
-    sink: TaskSink,
-    settings: EvolInstructConfig,
-    *,
-    num: int,
-    seed: int,
-    instances_per_task: int,
-    progress: Callable[[int], None] = lambda _n: None,
-    batches_done: int = 0,
-    on_batch_done: Callable[[int], None] = lambda _n: None,
-) -> None:
+def run_evol_instruct(seeds: Sequence[Task], settings: EvolInstructConfig, run: RunContext) -> None:
     """Evolve `seeds` into `sink` until it holds `num` tasks or all rounds are done.
 
     Tasks already in the sink count toward `num`. Every evolved prompt gets one answer, so
@@ -354,7 +342,7 @@ def run_evol_instruct(
     to skip work; it only stops the rejects of batches flushed before from being written
     again. `on_batch_done(k)` is called after the k-th batch is flushed.
     """
-    del instances_per_task  # one answer per evolved prompt
+    teacher, sink, num, seed = run.teacher, run.sink, run.num, run.seed
     if _have(sink) >= num:
         return
     backend = (teacher.backend.name, teacher.backend.model)
@@ -363,7 +351,8 @@ def run_evol_instruct(
     for round_number in range(1, settings.rounds + 1):
         next_pool = list(pool)
         for start in range(0, len(pool), settings.items_per_batch):
-            replayed = batch < batches_done
+            replayed = batch < run.batches_done
+            sink.at(batch, round_number)
             reject = _discard if replayed else sink.reject
             items = pool[start : start + settings.items_per_batch]
             survivors = _evolve_batch(items, round_number, teacher, settings, seed, backend, reject)
@@ -374,8 +363,8 @@ def run_evol_instruct(
                     fresh += sink.accept([task])
             sink.flush()
             batch += 1
-            on_batch_done(batch)
-            progress(len(fresh))
+            run.on_batch_done(batch)
+            run.progress(len(fresh))
             if _have(sink) >= num:
                 return
         pool = next_pool

@@ -60,7 +60,7 @@ import json
 import random
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -69,13 +69,12 @@ from pydantic import Field, field_validator
 from datagen.chat import FINAL_ANSWER, GENERIC_SYSTEM, user_turn
 from datagen.chat import orca_messages as training_messages  # noqa: F401  (the Orca name for it)
 from datagen.config import SamplingParams, Strict
-from datagen.generators.common import TaskSink, lineage, stable_id
+from datagen.generators.common import RunContext, TaskSink, lineage, stable_id
 from datagen.io import rejects_path
 from datagen.prompts import load_template
 from datagen.records import Instance, Task
 from datagen.rejects import LENGTH_LIMIT, PARSE_FAILURE, STAGE_ORCA, TEACHER_ERROR
 from datagen.teachers.base import Completion, Message
-from datagen.teachers.teacher import Teacher
 
 ANSWER = "orca_answer.jinja"
 
@@ -303,7 +302,8 @@ def _unwrap(text: str) -> str:
         changed = False
         for mark in _WRAPPERS:
             inner = text[len(mark) : -len(mark)].strip()
-            if len(text) > 2 * len(mark) and text.startswith(mark) and text.endswith(mark) and inner and mark not in inner:
+            wrapped = len(text) > 2 * len(mark) and text.startswith(mark) and text.endswith(mark)
+            if wrapped and inner and mark not in inner:
                 text, changed = inner, True
                 break
     return text
@@ -316,7 +316,9 @@ def clean_label(text: str) -> str:
     return _unwrap(line)
 
 
-def parse_answer(text: str, *, is_classification: bool = False, finish_reason: str = "stop") -> ParsedAnswer | ParseFailure:
+def parse_answer(
+    text: str, *, is_classification: bool = False, finish_reason: str = "stop"
+) -> ParsedAnswer | ParseFailure:
     """Split a reply at its last "Final answer:" line into explanation and answer."""
     if finish_reason == "length":
         return ParseFailure(LENGTH_LIMIT)
@@ -378,13 +380,17 @@ class _Rejects:
                     continue
                 if isinstance(record, dict) and record.get("stage") == STAGE_ORCA:
                     task = record.get("task") or {}
-                    self.on_disk[self._key(record.get("reason"), record.get("detail"), record.get("raw"), task.get("id"))] += 1
+                    self.on_disk[
+                        self._key(record.get("reason"), record.get("detail"), record.get("raw"), task.get("id"))
+                    ] += 1
 
     @staticmethod
     def _key(reason, detail, raw, task_id) -> tuple:
         return (reason, detail, raw, task_id)
 
-    def __call__(self, reason: str, *, detail: str | None = None, raw: str | None = None, task: Task | None = None) -> None:
+    def __call__(
+        self, reason: str, *, detail: str | None = None, raw: str | None = None, task: Task | None = None
+    ) -> None:
         key = self._key(reason, detail, raw, task.id if task else None)
         if self.on_disk[key] > 0:
             self.on_disk[key] -= 1
@@ -400,19 +406,7 @@ class _Job:
     start: int = 0  # position of its first request in the batch
 
 
-def run_orca(
-    seeds: Sequence[Task],
-    teacher: Teacher,
-    sink: TaskSink,
-    settings: OrcaConfig,
-    *,
-    num: int,
-    seed: int,
-    instances_per_task: int,
-    progress: Callable[[int], None] = lambda _n: None,
-    batches_done: int = 0,
-    on_batch_done: Callable[[int], None] = lambda _n: None,
-) -> None:
+def run_orca(seeds: Sequence[Task], settings: OrcaConfig, run: RunContext) -> None:
     """Re-answer the tasks in `seeds` (in order) into `sink` until it holds `num` tasks
     (tasks already there count) or the input runs out.
 
@@ -421,7 +415,7 @@ def run_orca(
     `batches_done` only continues the batch count passed to `on_batch_done`; what is skipped
     on a rerun is decided by output id, not by batch number.
     """
-    del instances_per_task
+    teacher, sink, num, seed = run.teacher, run.sink, run.num, run.seed
     allowed = settings.allowed_messages()
     params = settings.answer_sampling.model_copy(update={"seed": seed})
     backend = (teacher.backend.name, teacher.backend.model)
@@ -431,8 +425,9 @@ def run_orca(
     done = {task.id for task in sink.existing}
     seen_parents: set[str] = set()
     position = 0
-    batch = batches_done
+    batch = run.batches_done
     while have < num and position < len(seeds):
+        sink.at(batch)
         jobs: list[_Job] = []
         while position < len(seeds) and len(jobs) < min(settings.items_per_batch, num - have):
             parent = seeds[position]
@@ -444,7 +439,8 @@ def run_orca(
             message = choose_system_message(parent, allowed, settings.system_weights, seed)
             if message is None:
                 reject(
-                    "no allowed system message suits the task", task=parent,
+                    "no allowed system message suits the task",
+                    task=parent,
                     detail=f"task {parent.id} is a {task_kind(parent)} task",
                 )
                 continue
@@ -462,7 +458,16 @@ def run_orca(
             ]
         replies = [samples[0] for samples in teacher.complete(conversations, params)]
         candidates = [
-            _answer_task(job, replies[job.start : job.start + len(job.instances)], settings, params, seed, backend, template, reject)
+            _answer_task(
+                job,
+                replies[job.start : job.start + len(job.instances)],
+                settings,
+                params,
+                seed,
+                backend,
+                template,
+                reject,
+            )
             for job in jobs
         ]
         fresh = sink.accept([task for task in candidates if task is not None])
@@ -470,14 +475,20 @@ def run_orca(
         done.update(task.id for task in fresh)
         have += len(fresh)
         batch += 1
-        on_batch_done(batch)
-        progress(len(fresh))
+        run.on_batch_done(batch)
+        run.progress(len(fresh))
     sink.flush()
 
 
 def _answer_task(
-    job: _Job, replies: list[Completion], settings: OrcaConfig, params: SamplingParams,
-    seed: int, backend: tuple[str, str], template, reject: _Rejects,
+    job: _Job,
+    replies: list[Completion],
+    settings: OrcaConfig,
+    params: SamplingParams,
+    seed: int,
+    backend: tuple[str, str],
+    template,
+    reject: _Rejects,
 ) -> Task | None:
     parent, message = job.parent, job.message
     task_id = stable_id("orca", parent.id, message.id)
@@ -498,7 +509,8 @@ def _answer_task(
                 # the wrong answer as a one-instance task: export shows it as a negative example
                 wrong = Instance(input=instance.input, output=output, explanation=parsed.explanation)
                 reject(
-                    "label differs from the original output", raw=reply.text,
+                    "label differs from the original output",
+                    raw=reply.text,
                     detail=f"{where}: answered {output!r}, original {instance.output.strip()!r}",
                     task=Task(id=task_id, instruction=parent.instruction, instances=[wrong], is_classification=True),
                 )

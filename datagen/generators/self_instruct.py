@@ -52,7 +52,7 @@ from __future__ import annotations
 import random
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -68,6 +68,7 @@ from datagen.filters.heuristics import (  # the reference rules live with the ot
 )
 from datagen.generators.common import (
     InputTally,
+    RunContext,
     TaskSink,
     copied_text,
     instances_toward_target,
@@ -381,28 +382,19 @@ def _neighbours(pools: Sequence[RougeLIndex], text: str, k: int) -> tuple[dict[s
     return {m.text: m.score for m in best}, (total / count if count else 0.0)
 
 
-def run_self_instruct(
-    seeds: Sequence[Task],
-    teacher: Teacher,
-    sink: TaskSink,
-    settings: SelfInstructConfig,
-    *,
-    num: int,
-    seed: int,
-    instances_per_task: int,
-    progress: Callable[[int], None] = lambda _n: None,
-    batches_done: int = 0,
-    on_batch_done: Callable[[int], None] = lambda _n: None,
-) -> None:
+def run_self_instruct(seeds: Sequence[Task], settings: SelfInstructConfig, run: RunContext) -> None:
     """Generate tasks into `sink` until it holds `num` (tasks already there count)."""
+    teacher, sink, num, seed = run.teacher, run.sink, run.num, run.seed
+    instances_per_task = run.instances_per_task
     machine = list(sink.existing)
     accepted_index = RougeLIndex([t.instruction for t in seeds] + [t.instruction for t in machine])
     if settings.novelty_pool == "reference":
         accepted_index.extend(_failed_at_instances(sink))
     tally = InputTally(machine)
     backend = (teacher.backend.name, teacher.backend.model)
-    templates = [load_template(name) for name in (BOOTSTRAP, IS_CLASSIFICATION, INPUT_FIRST, OUTPUT_FIRST, MORE_INSTANCES)]
-    batch = batches_done
+    names = (BOOTSTRAP, IS_CLASSIFICATION, INPUT_FIRST, OUTPUT_FIRST, MORE_INSTANCES)
+    templates = [load_template(name) for name in names]
+    batch = run.batches_done
     stalled = 0
     while len(machine) < num:
         if stalled >= settings.max_stalled_batches:
@@ -410,6 +402,7 @@ def run_self_instruct(
                 f"self-instruct: {stalled} batches in a row produced no task; "
                 f"see the rejects file for why ({len(machine)} of {num} tasks so far)"
             )
+        sink.at(batch)
         rng = random.Random(f"self-instruct:{seed}:{batch}")
         shown = [
             sample_prompt_tasks(seeds, machine, rng, settings.prompt_instructions, settings.machine_per_prompt)
@@ -421,12 +414,20 @@ def run_self_instruct(
         candidates: list[_Candidate] = []
         for tasks_shown, [reply] in zip(shown, replies):
             candidates += _screen_reply(reply, tasks_shown, settings, sink, (accepted_index, batch_index))
-        for surplus in candidates[num - len(machine):]:
+        for surplus in candidates[num - len(machine) :]:
             sink.reject(SURPLUS, STAGE_BOOTSTRAP, raw=surplus.instruction, detail=f"{num} tasks were asked for")
         candidates = candidates[: num - len(machine)]
         _classify(candidates, teacher, settings)
-        _add_instances(candidates, teacher, settings, instances_per_task, seed, batch, sink,
-                       inputs=_InputUse(tally, settings.max_other_tasks_per_input))
+        _add_instances(
+            candidates,
+            teacher,
+            settings,
+            instances_per_task,
+            seed,
+            batch,
+            sink,
+            inputs=_InputUse(tally, settings.max_other_tasks_per_input),
+        )
         fresh, failed = [], []
         for candidate in candidates:
             task = _to_task(candidate, backend, templates, settings, seed)
@@ -448,8 +449,8 @@ def run_self_instruct(
             tally.add(task.instances)
         batch += 1
         stalled = 0 if fresh else stalled + 1
-        on_batch_done(batch)
-        progress(len(fresh))
+        run.on_batch_done(batch)
+        run.progress(len(fresh))
 
 
 def _failed_at_instances(sink: TaskSink) -> list[str]:
@@ -458,9 +459,13 @@ def _failed_at_instances(sink: TaskSink) -> list[str]:
     path = rejects_path(sink.output)
     if not path.exists():
         return []
-    return [reject.task.instruction for reject in read_records(path, Reject)
-            if reject.stage == STAGE_INSTANCES and reject.task is not None
-            and reject.reason in (NO_VALID_INSTANCES, CONFLICTING_OUTPUTS)]
+    return [
+        reject.task.instruction
+        for reject in read_records(path, Reject)
+        if reject.stage == STAGE_INSTANCES
+        and reject.task is not None
+        and reject.reason in (NO_VALID_INSTANCES, CONFLICTING_OUTPUTS)
+    ]
 
 
 def _screen_reply(
@@ -487,14 +492,17 @@ def _screen_reply(
     for instruction in instructions:
         reason = instruction_reject_reason(instruction, settings.blacklist, settings.min_words, settings.max_words)
         if reason is None and (copied := copied_instruction(instruction, [t.instruction for t in shown])):
-            sink.reject(COPIED_DEMONSTRATION, STAGE_BOOTSTRAP, raw=instruction,
-                        detail=f"shown in its prompt: {copied}")
+            sink.reject(COPIED_DEMONSTRATION, STAGE_BOOTSTRAP, raw=instruction, detail=f"shown in its prompt: {copied}")
             continue
         if reason is None:
-            close = next((m for pool in pools if (m := pool.first_above(instruction, settings.similarity_threshold))), None)
+            close = next(
+                (m for pool in pools if (m := pool.first_above(instruction, settings.similarity_threshold))), None
+            )
             if close is not None:
                 reason = "too similar to an existing instruction"
-                sink.reject(reason, STAGE_BOOTSTRAP, raw=instruction, detail=f"ROUGE-L {close.score:.3f} with: {close.text}")
+                sink.reject(
+                    reason, STAGE_BOOTSTRAP, raw=instruction, detail=f"ROUGE-L {close.score:.3f} with: {close.text}"
+                )
                 continue
         if reason is not None:
             sink.reject(reason, STAGE_BOOTSTRAP, raw=instruction)
@@ -517,8 +525,14 @@ def _classify(candidates: list[_Candidate], teacher: Teacher, settings: SelfInst
 
 
 def _add_instances(
-    candidates: list[_Candidate], teacher: Teacher, settings: SelfInstructConfig,
-    target: int, seed: int, batch: int, sink: TaskSink, inputs: _InputUse | None = None,
+    candidates: list[_Candidate],
+    teacher: Teacher,
+    settings: SelfInstructConfig,
+    target: int,
+    seed: int,
+    batch: int,
+    sink: TaskSink,
+    inputs: _InputUse | None = None,
 ) -> None:
     inputs = inputs or _InputUse(InputTally(), settings.max_other_tasks_per_input)
     for round_number in range(settings.max_instance_rounds):
@@ -536,7 +550,9 @@ def _add_instances(
                 rng = random.Random(f"self-instruct-more:{seed}:{candidate.instruction}:{round_number}")
                 more_asks += [(candidate, *prompt) for prompt in _more_prompts(candidate, target, settings, rng)]
             else:
-                reference_asks.append((candidate, instance_messages(candidate.instruction, candidate.is_classification), ""))
+                reference_asks.append(
+                    (candidate, instance_messages(candidate.instruction, candidate.is_classification), "")
+                )
         # the more-prompt numbers its examples after the ones shown, so no "Example N" stop
         more_stop = tuple(stop for stop in params.stop if not stop.startswith("Example"))
         more_params = params.model_copy(update={"n": settings.more_samples_per_prompt, "stop": more_stop})
@@ -550,8 +566,9 @@ def _add_instances(
                 # are covered by the "input already present" rule)
                 shown = instance_demonstrations(candidate.is_classification)
                 for reply in samples:
-                    _take_instances(candidate, reply, opening, round_number > 0, sink,
-                                    demonstrations=shown, inputs=inputs)
+                    _take_instances(
+                        candidate, reply, opening, round_number > 0, sink, demonstrations=shown, inputs=inputs
+                    )
 
 
 def _more_prompts(
@@ -570,15 +587,23 @@ def _more_prompts(
     prompts: list[tuple[list[Message], str]] = []
     for index in range(count):
         shown = rng.sample(with_input, min(settings.more_examples_shown, len(with_input)))
-        prompt = more_instances_messages(candidate.instruction, shown, candidate.is_classification, labels[index % len(labels)])
+        prompt = more_instances_messages(
+            candidate.instruction, shown, candidate.is_classification, labels[index % len(labels)]
+        )
         if prompt not in prompts:  # the same prompt twice would be the same cached samples
             prompts.append(prompt)
     return prompts
 
 
 def _take_instances(
-    candidate: _Candidate, reply: Completion, opening: str, later_round: bool, sink: TaskSink,
-    *, demonstrations: Sequence[Task] = (), inputs: _InputUse | None = None,
+    candidate: _Candidate,
+    reply: Completion,
+    opening: str,
+    later_round: bool,
+    sink: TaskSink,
+    *,
+    demonstrations: Sequence[Task] = (),
+    inputs: _InputUse | None = None,
 ) -> None:
     candidate.completions.append(reply)
     candidate.asked_for_more |= bool(opening)
@@ -615,7 +640,9 @@ def _take_instances(
 
 def _to_task(candidate: _Candidate, backend, templates, settings: SelfInstructConfig, seed: int) -> Task:
     bootstrap = candidate.bootstrap
-    share = Completion("", "stop", bootstrap.prompt_tokens // candidate.share, bootstrap.completion_tokens // candidate.share)
+    share = Completion(
+        "", "stop", bootstrap.prompt_tokens // candidate.share, bootstrap.completion_tokens // candidate.share
+    )
     used = [templates[0], templates[1], templates[3] if candidate.is_classification else templates[2]]
     if candidate.asked_for_more:
         used.append(templates[4])
