@@ -31,6 +31,7 @@ SURPLUS = "surplus beyond num"
 COPIED_DEMONSTRATION = "copies a demonstration"
 SHARED_INPUT = "input shared by too many tasks"
 INVALID_LINE = "invalid line"
+TOO_SIMILAR = "too similar to an existing instruction"
 
 # -- reasons about a task's instances as a whole ------------------------------------------------
 

@@ -109,13 +109,13 @@ def test_bootstrap_reply_parse(reply, instructions, preamble):
 
 
 def _screen(tmp_path, text, shown=(), settings=None):
-    from datagen.rouge import RougeLIndex
+    from datagen.generators.common import InstructionPool
     from datagen.teachers.base import Completion
 
     sink = TaskSink(tmp_path / "raw.jsonl")
     shown = [Task(id=f"s{n}", instruction=instruction) for n, instruction in enumerate(shown)]
     kept = _screen_reply(Completion(text, "stop", 10, 10), shown, settings or SelfInstructConfig(), sink,
-                         (RougeLIndex(), RougeLIndex()))
+                         InstructionPool())
     sink.flush()
     rejects = [json.loads(line) for line in rejects_path(tmp_path / "raw.jsonl").read_text().splitlines()]
     return [c.instruction for c in kept], [(r["reason"], r.get("raw"), r.get("detail")) for r in rejects]

@@ -84,6 +84,7 @@ from datagen.config import SamplingParams, Strict
 from datagen.errors import DatagenError
 from datagen.generators.common import (
     InputTally,
+    InstructionPool,
     RunContext,
     TaskSink,
     lineage,
@@ -95,7 +96,6 @@ from datagen.generators.self_instruct import (
     CHAT_OPENER,
     REFERENCE_BLACKLIST,
     GenerationStalled,
-    _neighbours,
     clean_instruction,
     copied_demonstration,
     copied_instruction,
@@ -113,8 +113,8 @@ from datagen.rejects import (
     STAGE_ALPACA,
     SURPLUS,
     TEACHER_ERROR,
+    TOO_SIMILAR,
 )
-from datagen.rouge import RougeLIndex
 from datagen.teachers.base import Completion, Message
 
 __all__ = [
@@ -300,7 +300,7 @@ def run_alpaca(seeds: Sequence[Task], settings: AlpacaConfig, run: RunContext) -
     if not showable:
         raise DatagenError("alpaca: no seed task has an instance to show the teacher")
     count = len(sink.existing)
-    accepted_index = RougeLIndex([t.instruction for t in seeds] + [t.instruction for t in sink.existing])
+    pool = InstructionPool([t.instruction for t in seeds] + [t.instruction for t in sink.existing])
     tally = InputTally(sink.existing)  # rebuilt from OUT, so a resumed run decides the same
     backend = (teacher.backend.name, teacher.backend.model)
     template = load_template(GENERATE)
@@ -320,12 +320,12 @@ def run_alpaca(seeds: Sequence[Task], settings: AlpacaConfig, run: RunContext) -
         ]
         params = settings.sampling.model_copy(update={"seed": seed * 1_000_003 + batch})
         replies = teacher.complete([alpaca_messages(s, settings.tasks_per_prompt) for s in shown], params)
-        batch_index = RougeLIndex()
+        pool.new_batch()
         batch_inputs = InputTally()
         candidates: list[Task] = []
         for tasks_shown, [reply] in zip(shown, replies):
             candidates += _screen_reply(
-                reply, tasks_shown, settings, sink, (accepted_index, batch_index), (tally, batch_inputs),
+                reply, tasks_shown, settings, sink, pool, (tally, batch_inputs),
                 backend=backend, template=template, params=params, seed=seed,
             )
         keep = candidates[: num - count]
@@ -334,7 +334,7 @@ def run_alpaca(seeds: Sequence[Task], settings: AlpacaConfig, run: RunContext) -
         fresh = sink.accept(keep)
         sink.flush()
         count += len(fresh)
-        accepted_index.extend(t.instruction for t in fresh)
+        pool.accepted.extend(t.instruction for t in fresh)
         for task in fresh:
             tally.add(task.instances)
         batch += 1
@@ -354,7 +354,7 @@ def _screen_reply(
     shown: list[Task],
     settings: AlpacaConfig,
     sink: TaskSink,
-    pools: tuple[RougeLIndex, RougeLIndex],
+    pool: InstructionPool,
     inputs: tuple[InputTally, InputTally],
     *,
     backend: tuple[str, str],
@@ -392,15 +392,11 @@ def _screen_reply(
             sink.reject(reason, STAGE_ALPACA, raw=item.raw, task=_bare_task(item),
                         detail=f"input: {normalised_text(item.input)[:80]}")
             continue
-        close = next(
-            (m for pool in pools if (m := pool.first_above(item.instruction, settings.similarity_threshold))), None
-        )
-        if close is not None:
-            sink.reject("too similar to an existing instruction", STAGE_ALPACA, raw=item.raw, task=_bare_task(item),
-                        detail=f"ROUGE-L {close.score:.3f} with: {close.text}")
+        detail = pool.too_similar(item.instruction, settings.similarity_threshold)
+        if detail is not None:
+            sink.reject(TOO_SIMILAR, STAGE_ALPACA, raw=item.raw, task=_bare_task(item), detail=detail)
             continue
-        similar, mean = _neighbours(pools, item.instruction, settings.most_similar_kept)
-        pools[1].add(item.instruction)
+        similar, mean = pool.admit(item.instruction, settings.most_similar_kept)
         inputs[1].add([Instance(input=item.input, output=item.output)])
         kept.append((item, similar, mean))
     if not kept:

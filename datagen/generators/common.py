@@ -28,6 +28,7 @@ from datagen.io import JsonlAppender, read_records, rejects_path
 from datagen.prompts import Template
 from datagen.records import Instance, Lineage, Reject, Task, Usage, takes_input
 from datagen.rejects import PARSE_FAILURE, SHARED_INPUT
+from datagen.rouge import RougeLIndex
 from datagen.teachers.base import Completion
 
 if TYPE_CHECKING:
@@ -174,6 +175,40 @@ def lineage(
         usage=usage,
         **extra,
     )
+
+
+class InstructionPool:
+    """The instructions a new one must differ from (the Self-Instruct novelty rule, shared
+    by Self-Instruct and Alpaca): the seeds and every accepted instruction, plus those kept
+    earlier in the current batch, each a `RougeLIndex`."""
+
+    def __init__(self, instructions: Iterable[str] = ()):
+        self.accepted = RougeLIndex(list(instructions))
+        self.batch = RougeLIndex()
+
+    def new_batch(self) -> None:
+        self.batch = RougeLIndex()
+
+    def too_similar(self, instruction: str, threshold: float) -> str | None:
+        """The reject detail when `instruction` has ROUGE-L F1 above `threshold` with one in
+        the pool (`ROUGE-L 0.812 with: <that instruction>`), else None."""
+        close = next((m for index in (self.accepted, self.batch) if (m := index.first_above(instruction, threshold))),
+                     None)
+        return None if close is None else f"ROUGE-L {close.score:.3f} with: {close.text}"
+
+    def admit(self, instruction: str, keep: int) -> tuple[dict[str, float], float]:
+        """Add `instruction` to the batch; return its `keep` nearest instructions with their
+        ROUGE-L and its mean ROUGE-L over the pool (for lineage), measured before adding."""
+        matches, total, count = [], 0.0, 0
+        for index in (self.accepted, self.batch):
+            if len(index):
+                found = index.nearest(instruction, keep)
+                matches += found.matches
+                total += found.mean * len(index)
+                count += len(index)
+        best = sorted(matches, key=lambda m: -m.score)[:keep]
+        self.batch.add(instruction)
+        return {m.text: m.score for m in best}, (total / count if count else 0.0)
 
 
 @dataclass

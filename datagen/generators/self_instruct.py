@@ -68,6 +68,7 @@ from datagen.filters.heuristics import (  # the reference rules live with the ot
 )
 from datagen.generators.common import (
     InputTally,
+    InstructionPool,
     RunContext,
     TaskSink,
     copied_text,
@@ -93,9 +94,9 @@ from datagen.rejects import (
     STAGE_INSTANCES,
     SURPLUS,
     TEACHER_ERROR,
+    TOO_SIMILAR,
     instance_reason,
 )
-from datagen.rouge import RougeLIndex
 from datagen.teachers.base import Completion, Message
 from datagen.teachers.teacher import Teacher
 
@@ -370,26 +371,14 @@ class _InputUse:
             self.batch.setdefault(normalised_text(text), set()).add(id(candidate))
 
 
-def _neighbours(pools: Sequence[RougeLIndex], text: str, k: int) -> tuple[dict[str, float], float]:
-    matches, total, count = [], 0.0, 0
-    for pool in pools:
-        if len(pool):
-            found = pool.nearest(text, k)
-            matches += found.matches
-            total += found.mean * len(pool)
-            count += len(pool)
-    best = sorted(matches, key=lambda m: -m.score)[:k]
-    return {m.text: m.score for m in best}, (total / count if count else 0.0)
-
-
 def run_self_instruct(seeds: Sequence[Task], settings: SelfInstructConfig, run: RunContext) -> None:
     """Generate tasks into `sink` until it holds `num` (tasks already there count)."""
     teacher, sink, num, seed = run.teacher, run.sink, run.num, run.seed
     instances_per_task = run.instances_per_task
     machine = list(sink.existing)
-    accepted_index = RougeLIndex([t.instruction for t in seeds] + [t.instruction for t in machine])
+    pool = InstructionPool([t.instruction for t in seeds] + [t.instruction for t in machine])
     if settings.novelty_pool == "reference":
-        accepted_index.extend(_failed_at_instances(sink))
+        pool.accepted.extend(_failed_at_instances(sink))
     tally = InputTally(machine)
     backend = (teacher.backend.name, teacher.backend.model)
     names = (BOOTSTRAP, IS_CLASSIFICATION, INPUT_FIRST, OUTPUT_FIRST, MORE_INSTANCES)
@@ -410,10 +399,10 @@ def run_self_instruct(seeds: Sequence[Task], settings: SelfInstructConfig, run: 
         ]
         bootstrap_params = settings.bootstrap_sampling.model_copy(update={"seed": seed * 1_000_003 + batch})
         replies = teacher.complete([bootstrap_messages([t.instruction for t in s]) for s in shown], bootstrap_params)
-        batch_index = RougeLIndex()
+        pool.new_batch()
         candidates: list[_Candidate] = []
         for tasks_shown, [reply] in zip(shown, replies):
-            candidates += _screen_reply(reply, tasks_shown, settings, sink, (accepted_index, batch_index))
+            candidates += _screen_reply(reply, tasks_shown, settings, sink, pool)
         for surplus in candidates[num - len(machine) :]:
             sink.reject(SURPLUS, STAGE_BOOTSTRAP, raw=surplus.instruction, detail=f"{num} tasks were asked for")
         candidates = candidates[: num - len(machine)]
@@ -442,9 +431,9 @@ def run_self_instruct(seeds: Sequence[Task], settings: SelfInstructConfig, run: 
         fresh = sink.accept(fresh)
         sink.flush()
         machine += fresh
-        accepted_index.extend(t.instruction for t in fresh)
+        pool.accepted.extend(t.instruction for t in fresh)
         if settings.novelty_pool == "reference":
-            accepted_index.extend(failed)
+            pool.accepted.extend(failed)
         for task in fresh:
             tally.add(task.instances)
         batch += 1
@@ -473,7 +462,7 @@ def _screen_reply(
     shown: list[Task],
     settings: SelfInstructConfig,
     sink: TaskSink,
-    pools: tuple[RougeLIndex, RougeLIndex],
+    pool: InstructionPool,
 ) -> list[_Candidate]:
     if not reply.ok:
         sink.reject(TEACHER_ERROR, STAGE_BOOTSTRAP, detail=reply.error)
@@ -494,21 +483,13 @@ def _screen_reply(
         if reason is None and (copied := copied_instruction(instruction, [t.instruction for t in shown])):
             sink.reject(COPIED_DEMONSTRATION, STAGE_BOOTSTRAP, raw=instruction, detail=f"shown in its prompt: {copied}")
             continue
-        if reason is None:
-            close = next(
-                (m for pool in pools if (m := pool.first_above(instruction, settings.similarity_threshold))), None
-            )
-            if close is not None:
-                reason = "too similar to an existing instruction"
-                sink.reject(
-                    reason, STAGE_BOOTSTRAP, raw=instruction, detail=f"ROUGE-L {close.score:.3f} with: {close.text}"
-                )
-                continue
+        if reason is None and (detail := pool.too_similar(instruction, settings.similarity_threshold)):
+            sink.reject(TOO_SIMILAR, STAGE_BOOTSTRAP, raw=instruction, detail=detail)
+            continue
         if reason is not None:
             sink.reject(reason, STAGE_BOOTSTRAP, raw=instruction)
             continue
-        similar, mean = _neighbours(pools, instruction, settings.most_similar_kept)
-        pools[1].add(instruction)
+        similar, mean = pool.admit(instruction, settings.most_similar_kept)
         kept.append(_Candidate(instruction, [t.id for t in shown], reply, 0, similar, mean))
     for candidate in kept:
         candidate.share = len(kept)
