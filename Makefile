@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip uninstall -q -y $(BROKEN_ON_CPU) || true
 	# Headless Chromium for tests/test_view.py; where apt cannot install it, those tests skip and say why.
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
-		apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+		(apt-get update -q >/dev/null 2>&1; apt-get install -y -q chromium chromium-driver >/dev/null 2>&1) || \
 		echo "chromium / chromium-driver not installed (needs apt-get as root): the browser tests in tests/test_view.py will skip"
 	touch $(STAMP)
 
@@ -32,7 +32,9 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/datagen distill examples/distill_self_instruct.yaml
 
+# Lint first (ruff, configured in pyproject.toml), then the whole suite, slow tests included.
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 test-fast: $(STAMP)
