@@ -83,6 +83,7 @@ def run_generate(config, command_line: str) -> dict[str, Any]:
     # before OUT is created
     with make_teacher(config.teacher) as teacher, TaskSink(output) as sink, progress(
         settings.method, total=settings.num, done=min(len(sink.existing), settings.num),
+        detail=lambda: f"teacher: {teacher.stats.requests_sent} requests, {teacher.stats.cache_hits} cached",
     ) as bar:
 
         def mark_done(batches: int) -> None:

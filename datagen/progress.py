@@ -25,7 +25,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TextIO
 
@@ -53,8 +53,8 @@ class PlainProgress:
     """Counts work and writes `label: done/total (pct) rate/s ETA mm:ss` lines to `stream`."""
 
     def __init__(self, label: str, total: int | None, done: int, fields: Sequence[str],
-                 stream: TextIO, interval: float, now=time.monotonic):
-        self.label, self.total, self.done = label, total, done
+                 stream: TextIO, interval: float, now=time.monotonic, detail: Callable[[], str] | None = None):
+        self.label, self.total, self.done, self.detail = label, total, done, detail
         self.fields = {name: "-" for name in fields}
         self.stream, self.interval, self.now = stream, interval, now
         self.started, self.done_at_start = now(), done
@@ -79,6 +79,8 @@ class PlainProgress:
             remaining = max(0, self.total - self.done)
             parts.append("ETA " + (clock(remaining / rate) if rate > 0 else "?") if remaining else "ETA 00:00")
         parts += [f"{name} {value}" for name, value in self.fields.items()]
+        if self.detail is not None:  # what moves between advances (a batch can take minutes)
+            parts.append(f"({self.detail()})")
         return " ".join(parts)
 
     def final_line(self) -> str:
@@ -140,11 +142,13 @@ class _Silent:
 
 @contextmanager
 def progress(label: str, total: int | None, done: int = 0, fields: Sequence[str] = (),
-             enabled: bool = True, stream: TextIO | None = None) -> Iterator[PlainProgress | RichProgress | _Silent]:
+             enabled: bool = True, stream: TextIO | None = None,
+             detail: Callable[[], str] | None = None) -> Iterator[PlainProgress | RichProgress | _Silent]:
     """Show progress of `total` units (`done` of them finished before, e.g. on resume).
 
     A rich bar when stderr is an interactive terminal, plain lines otherwise; nothing at
-    all when `enabled` is false. `fields` name extra values passed to `advance`.
+    all when `enabled` is false. `fields` name extra values passed to `advance`; `detail`
+    is called for every plain line (e.g. the teacher's request count between two tasks).
     """
     if not enabled:
         yield _Silent()
@@ -159,7 +163,7 @@ def progress(label: str, total: int | None, done: int = 0, fields: Sequence[str]
         with shown.bar:
             yield shown
         return
-    plain = PlainProgress(label, total, done, fields, stream, interval_seconds())
+    plain = PlainProgress(label, total, done, fields, stream, interval_seconds(), detail=detail)
     plain.start()
     finished = False
     try:

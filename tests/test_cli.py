@@ -275,8 +275,10 @@ def test_generate_prints_progress_lines_when_not_on_a_terminal(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stderr.splitlines() if re.match(r"evol-instruct: (done )?\d+/6 ", line)]
-    assert re.fullmatch(r"evol-instruct: 0/6 \(0%\) 0\.00/s ETA \?", lines[0]), lines
-    assert any(re.fullmatch(r"evol-instruct: [1-6]/6 \(\d+%\) [\d.]+/s ETA \d\d:\d\d", line) for line in lines), lines
+    teacher = r" \(teacher: \d+ requests, \d+ cached\)"
+    assert re.fullmatch(r"evol-instruct: 0/6 \(0%\) 0\.00/s ETA \?" + teacher, lines[0]), lines
+    assert any(re.fullmatch(r"evol-instruct: [1-6]/6 \(\d+%\) [\d.]+/s ETA \d\d:\d\d" + teacher, line)
+               for line in lines), lines
     assert re.fullmatch(r"evol-instruct: done 6/6 \(100%\) in \d\d:\d\d", lines[-1]), lines
 
 
@@ -291,6 +293,16 @@ def test_progress_line_says_done_total_rate_and_eta():
     assert shown.line() == "generate: 16/40 (40%) 0.40/s ETA 01:00 loss 0.41"  # 4 were done before
     now[0] += 3600
     assert shown.final_line() == "generate: done 16/40 (40%) in 1:00:30 loss 0.41"
+
+
+def test_progress_line_shows_what_moves_between_advances():
+    from datagen.progress import PlainProgress
+
+    sent = [0]
+    shown = PlainProgress("generate", total=6, done=0, fields=(), stream=io.StringIO(), interval=30,
+                          now=lambda: 100.0, detail=lambda: f"teacher: {sent[0]} requests")
+    sent[0] = 17  # a batch is under way: no task yet, but the teacher is busy
+    assert shown.line() == "generate: 0/6 (0%) 0.00/s ETA ? (teacher: 17 requests)"
 
 
 def test_progress_lines_keep_coming_while_a_stage_waits(monkeypatch):
