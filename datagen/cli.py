@@ -226,9 +226,10 @@ SkipInvalidOpt = Annotated[
 def _filter(source: Path, out: Path, rejects: Optional[Path], overrides: dict, config: Optional[Path]) -> None:
     from datagen.config_file import load_config
     from datagen.filtering import format_stats, run_filter
+    from datagen.io import rejects_path
 
     settings = load_config(config, overrides)
-    rejects = rejects or out.with_name(out.stem + ".rejects.jsonl")
+    rejects = rejects or rejects_path(out)
     stats = run_filter(settings, source, out, rejects, "datagen " + " ".join(sys.argv[1:]))
     typer.echo(format_stats(stats), err=True)
 
@@ -432,11 +433,8 @@ def view(
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(f"warning: serving on {host}, not 127.0.0.1: anyone who can reach this address can read "
-                   f"the data under {path} and write marks", err=True)
-    try:
-        serve(path, host=host, port=port, announce=lambda line: typer.echo(line, err=True))
-    except OSError as error:
-        raise ConfigError(f"--host {host} --port {port}: cannot serve there ({error.strerror or error})") from None
+                   f"the data under {path} and write marks (requests must name this host)", err=True)
+    serve(path, host=host, port=port, announce=lambda line: typer.echo(line, err=True))
 
 
 def _click_exceptions() -> ModuleType:

@@ -57,8 +57,9 @@ class _FilterBase(Strict):
     @field_validator("passes")
     @classmethod
     def _registered(cls, names: list[str]) -> list[str]:
-        # checked against the registry when validated, not when imported, so a pass
-        # registered later (a plugin module, a test) is accepted like the built-in ones
+        # checked against the registry when validated, not when imported, so a pass added
+        # to PASSES at run time (a test's toy pass) is accepted too; its settings section,
+        # if it has one, must be in PASSES when this module is imported (FilterConfig's fields)
         unknown = [name for name in names if name not in PASSES]
         if unknown:
             raise PydanticCustomError("literal_error", "Input should be {expected}, not {given}",

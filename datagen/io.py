@@ -80,6 +80,21 @@ def read_text_lines(path: str | Path, kind: str = "a text file") -> Iterator[tup
             yield line_number, line.rstrip("\n").removesuffix("\r")
 
 
+def read_lines_tolerant(path: str | Path) -> Iterator[tuple[int, str | None]]:
+    """Like `read_text_lines`, but a line that is not UTF-8 (one a kill cut inside a
+    multibyte character) comes back as None instead of stopping the read: for files whose
+    lines only add information, such as rejects."""
+    path = Path(path)
+    with _open_binary(path, "a text file") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            if line_number == 1 and raw.startswith(UTF8_BOM):
+                raw = raw[len(UTF8_BOM):]
+            try:
+                yield line_number, raw.decode("utf-8").rstrip("\n").removesuffix("\r")
+            except UnicodeDecodeError:
+                yield line_number, None
+
+
 def read_text(path: str | Path, kind: str = "a text file") -> str:
     """The whole of a UTF-8 text file (for YAML and JSON documents), decoded as
     `read_text_lines` decodes: byte-order mark dropped, `FILE:LINE: not UTF-8 text`."""
@@ -211,6 +226,16 @@ def _drop_torn_last_line(path: Path) -> None:
         handle.truncate(data.rfind(b"\n") + 1)
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# read once at import (os.umask can only be read by setting it, which is not thread-safe)
+_UMASK = _read_umask()
+
+
 def write_file_atomic(path: str | Path, write: Callable[[Path], Any]) -> None:
     """Have `write` produce a file at a temp path beside `path`, then rename it into place."""
     path = Path(path)
@@ -219,6 +244,7 @@ def write_file_atomic(path: str | Path, write: Callable[[Path], Any]) -> None:
     os.close(descriptor)
     try:
         write(Path(temp_name))
+        os.chmod(temp_name, 0o666 & ~_UMASK)  # mkstemp makes it owner-only; a plain open would not
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
@@ -235,6 +261,7 @@ def write_dir_atomic(path: str | Path, write: Callable[[Path], Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fresh = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
+        os.chmod(fresh, 0o777 & ~_UMASK)  # mkdtemp makes it owner-only; a plain mkdir would not
         write(fresh)
         old = path.with_name(f".{path.name}.old")
         shutil.rmtree(old, ignore_errors=True)

@@ -438,7 +438,10 @@ def _to_device(tensors: dict[str, Any], device: str) -> dict[str, Any]:
 def fingerprint(config: FinetuneConfig, data_ids: Sequence[Sequence[int]], base_path: str) -> str:
     """What a checkpoint must match to be resumed: the settings that shape training and the data."""
     digest = hashlib.sha256()
-    digest.update(config.model_dump_json(exclude={"save_every", "keep_checkpoints", "merge", "device"}).encode())
+    # prompt_erasure shapes the data, which is hashed below; leaving it out keeps checkpoints
+    # made before the option existed resumable
+    ignored = {"save_every", "keep_checkpoints", "merge", "device", "prompt_erasure"}
+    digest.update(config.model_dump_json(exclude=ignored).encode())
     digest.update(base_path.encode())
     for ids in data_ids:
         digest.update(len(ids).to_bytes(4, "little"))

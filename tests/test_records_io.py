@@ -192,3 +192,31 @@ def test_a_reused_id_is_named_with_both_lines(tmp_path):
         (f"{path}:3", 'id "x" already used by line 1 (the same task repeated)'),
         (f"{path}:4", 'id "x" already used by line 1 with a different task'),
     ]
+
+
+def test_a_run_killed_mid_line_resumes_and_its_torn_reject_is_only_counted(tmp_path):
+    from datagen.export.negatives import read_rejects
+    from datagen.generators.common import TaskSink
+    from datagen.io import rejects_path
+
+    out = tmp_path / "raw.jsonl"
+    whole = Task(id="t1", instruction="Name a colour.", instances=[Instance(output="Blue.")])
+    out.write_text(whole.to_json() + "\n" + whole.to_json()[:25])  # killed mid-line
+    rejects_path(out).write_bytes(b'{"reason": "parse failure", "stage": "alpaca"}\n{"reason": "caf\xc3')
+    with TaskSink(out) as sink:
+        assert [task.id for task in sink.existing] == ["t1"]
+    assert out.read_text() == whole.to_json() + "\n"
+    found, unreadable = read_rejects([rejects_path(out)])
+    assert [r.reason for r in found] == ["parse failure"] and unreadable == []  # the torn line was cut on open
+    rejects_path(out).write_bytes(b'{"reason": "caf\xc3\n')  # a bad byte inside a whole line
+    assert read_rejects([rejects_path(out)]) == ([], [f"{rejects_path(out)}:1"])
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    from datagen.io import _UMASK, atomic_write_text, write_dir_atomic
+
+    atomic_write_text(tmp_path / "a.txt", "x")
+    write_dir_atomic(tmp_path / "d", lambda folder: (folder / "f").write_text("y"))
+    # what open() and mkdir() would give, not the owner-only modes of mkstemp / mkdtemp
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~_UMASK
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o777 & ~_UMASK

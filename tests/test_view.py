@@ -234,6 +234,31 @@ def test_host_header_and_cross_origin_posts_are_refused(served):
     assert post_mark(base, json.dumps({"id": "nope", "decision": "drop"}).encode())[0] == 404
 
 
+def test_off_loopback_the_host_header_is_still_checked(tmp_path):
+
+    from datagen.view.server import make_server
+
+    path = tmp_path / "kept.jsonl"
+    write_jsonl_atomic(path, [make_task("t1", "Name a colour.")])
+    server, _state = make_server(path, host="0.0.0.0", port=0)  # what `--host 0.0.0.0` binds
+    port = server.server_address[1]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        def status(host: str) -> int:
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/api/run", headers={"Host": host})
+            try:
+                return urllib.request.urlopen(request, timeout=10).status
+            except urllib.error.HTTPError as error:
+                return error.code
+
+        # a page on another site reaching this server through a rebound DNS name is refused
+        assert status(f"attacker.example:{port}") == 403
+        assert status(f"0.0.0.0:{port}") == 200 and status(f"127.0.0.1:{port}") == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_index_reads_a_single_file_without_pydantic_and_pages_it(tmp_path):
     path = tmp_path / "kept.jsonl"
     write_jsonl_atomic(path, [make_task(f"t{i:03d}", f"Instruction number {i}") for i in range(120)])

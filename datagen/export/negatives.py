@@ -22,6 +22,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from datagen.config import SamplingParams
+from datagen.io import read_lines_tolerant
 from datagen.prompts import load_template
 from datagen.records import Instance, Reject, Task
 from datagen.rejects import INSTANCE_PREFIX, NOT_ABOUT_OUTPUT_REASONS, NOT_ABOUT_OUTPUT_STAGES, TEACHER_ERROR
@@ -92,8 +93,10 @@ def read_rejects(paths: Iterable[Path]) -> tuple[list[Reject], list[str]]:
     for path in paths:
         if not path.exists():
             continue
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if line.strip():
+        for number, line in read_lines_tolerant(path):
+            if line is None:
+                unreadable.append(f"{path}:{number}")
+            elif line.strip():
                 try:
                     rejects.append(Reject.model_validate_json(line))
                 except ValidationError:

@@ -94,10 +94,12 @@ class TaskSink:
 
     def __init__(self, output: str | Path):
         self.output = Path(output)
-        self.existing: list[Task] = list(read_records(self.output, Task)) if self.output.exists() else []
-        self._known_ids = {task.id for task in self.existing}
+        # the appenders first: opening cuts a line a kill left half-written, which would
+        # otherwise stop the read of OUT below
         self._tasks = JsonlAppender(self.output)
         self._rejects = JsonlAppender(rejects_path(self.output))
+        self.existing: list[Task] = list(read_records(self.output, Task))
+        self._known_ids = {task.id for task in self.existing}
         self._pending_tasks: list[Task] = []
         self._pending_rejects: list[Reject] = []
         self.produced = 0

@@ -70,10 +70,17 @@ from datagen.chat import FINAL_ANSWER, GENERIC_SYSTEM, user_turn
 from datagen.chat import orca_messages as training_messages  # noqa: F401  (the Orca name for it)
 from datagen.config import SamplingParams, Strict
 from datagen.generators.common import RunContext, TaskSink, lineage, stable_id
-from datagen.io import rejects_path
+from datagen.io import read_lines_tolerant, rejects_path
 from datagen.prompts import load_template
 from datagen.records import Instance, Task
-from datagen.rejects import LENGTH_LIMIT, PARSE_FAILURE, STAGE_ORCA, TEACHER_ERROR
+from datagen.rejects import (
+    DUPLICATE_INPUT_TASK_ID,
+    LENGTH_LIMIT,
+    NO_INSTANCE_ANSWERED,
+    PARSE_FAILURE,
+    STAGE_ORCA,
+    TEACHER_ERROR,
+)
 from datagen.teachers.base import Completion, Message
 
 ANSWER = "orca_answer.jinja"
@@ -373,9 +380,9 @@ class _Rejects:
         self.on_disk: Counter[tuple] = Counter()
         path = rejects_path(sink.output)
         if path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
+            for _number, line in read_lines_tolerant(path):
                 try:
-                    record = json.loads(line)
+                    record = json.loads(line) if line is not None else None
                 except json.JSONDecodeError:  # a line cut short by a kill
                     continue
                 if isinstance(record, dict) and record.get("stage") == STAGE_ORCA:
@@ -433,7 +440,7 @@ def run_orca(seeds: Sequence[Task], settings: OrcaConfig, run: RunContext) -> No
             parent = seeds[position]
             position += 1
             if parent.id in seen_parents:
-                reject("duplicate input task id", task=parent, detail=f"task {parent.id} appears again in the input")
+                reject(DUPLICATE_INPUT_TASK_ID, task=parent, detail=f"task {parent.id} appears again in the input")
                 continue
             seen_parents.add(parent.id)
             message = choose_system_message(parent, allowed, settings.system_weights, seed)
@@ -537,6 +544,6 @@ def _answer_task(
         ),
     )
     if not answered:
-        reject("no instance answered", task=task, detail=f"all {len(replies)} instances of task {parent.id} failed")
+        reject(NO_INSTANCE_ANSWERED, task=task, detail=f"all {len(replies)} instances of task {parent.id} failed")
         return None
     return task

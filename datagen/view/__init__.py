@@ -10,9 +10,10 @@ beside the data (the `manual` filter pass applies them).
     serve(Path("out/distill"), host="127.0.0.1", port=8765)
 
 Pieces: `index` (a light index of every task line: byte offsets and the table's columns),
-`run_files` (the summaries, stats, card plots and eval reports under PATH), `overrides`
-(the marks file), `server` (the HTTP handler, standard library only) and `static/` (the
-page: plain HTML, CSS and JS shipped as package data).
+`detail` (one task's page: lineage chain, children, most similar instructions),
+`run_files` (the summaries, stats, card plots and eval reports under PATH), `server` (the
+HTTP handler, standard library only) and `static/` (the page: plain HTML, CSS and JS
+shipped as package data). The marks file is read and written by `datagen.filters.manual`.
 """
 
 from datagen.view.server import serve

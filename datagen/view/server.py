@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from datagen.errors import InputError
+from datagen.errors import ConfigError, InputError
 from datagen.filters.manual import DECISIONS, append_override, read_overrides
 from datagen.view.detail import TaskDetails
 from datagen.view.index import FACETS, DataFiles, TaskIndex, discover, inside
@@ -136,7 +136,7 @@ class ViewHandler(BaseHTTPRequestHandler):
 
     def _check_host(self) -> None:
         host = self.headers.get("Host")
-        if self.allowed_hosts is not None and host is not None and host.lower() not in self.allowed_hosts:
+        if host is None or host.lower() not in self.allowed_hosts:
             raise _Refused(HTTPStatus.FORBIDDEN, f"unexpected Host header {host!r}")
 
     def _handle(self, route) -> None:
@@ -245,19 +245,22 @@ class ViewHandler(BaseHTTPRequestHandler):
         self._json(self.state.mark(task_id, body["decision"], body.get("note", "")))
 
 
-def make_server(path: Path, host: str = "127.0.0.1", port: int = 8765) -> tuple[ThreadingHTTPServer, ViewState]:
+def make_server(path: Path, host: str = "127.0.0.1", port: int = 8765,
+                state: ViewState | None = None) -> tuple[ThreadingHTTPServer, ViewState]:
     """A server for PATH, bound but not yet serving (port 0 picks a free one)."""
-    state = ViewState(Path(path))
+    state = state or ViewState(Path(path))
     server_class = ThreadingHTTPServer
     if ":" in host:  # an IPv6 address
         server_class = type("ViewServer6", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6})
     server = server_class((host, port), ViewHandler)
     server.daemon_threads = True
     bound_port = server.server_address[1]
-    allowed = None
-    if host in LOOPBACK:
-        names = ("127.0.0.1", "localhost", "[::1]")
-        allowed = frozenset(f"{name}:{bound_port}" for name in names)
+    # The Host header is always checked (DNS rebinding): loopback names, and off loopback the
+    # bound address and this machine's names.
+    names = {"127.0.0.1", "localhost", "[::1]"}
+    if host not in LOOPBACK:
+        names |= {f"[{host}]" if ":" in host else host, socket.gethostname(), socket.getfqdn()}
+    allowed = frozenset(f"{name}:{bound_port}".lower() for name in names)
     handler = type("BoundViewHandler", (ViewHandler,), {"state": state, "allowed_hosts": allowed})
     server.RequestHandlerClass = handler
     return server, state
@@ -265,7 +268,11 @@ def make_server(path: Path, host: str = "127.0.0.1", port: int = 8765) -> tuple[
 
 def serve(path: Path, host: str = "127.0.0.1", port: int = 8765, announce=print) -> None:
     """Serve PATH until interrupted; `announce` gets the URL and any warning lines."""
-    server, state = make_server(path, host, port)
+    state = ViewState(Path(path))  # reading the run first: its errors are not the server's
+    try:
+        server, state = make_server(path, host, port, state)
+    except OSError as error:
+        raise ConfigError(f"--host {host} --port {port}: cannot serve there ({error.strerror or error})") from None
     bound_host, bound_port = server.server_address[:2]
     state.warm_up_later()
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
@@ -275,5 +282,7 @@ def serve(path: Path, host: str = "127.0.0.1", port: int = 8765, announce=print)
     announce(f"open http://{shown}:{bound_port}/  (Ctrl-C stops)")
     try:
         server.serve_forever()
+    except KeyboardInterrupt:  # Ctrl-C is how a user stops it, not an interruption to resume
+        announce("datagen view: stopped")
     finally:
         server.server_close()
