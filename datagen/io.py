@@ -298,6 +298,12 @@ def write_jsonl_atomic(path: str | Path, lines: Iterable[str | BaseModel]) -> No
 # -- sidecar files: what each stage writes beside its output ---------------------------------
 
 
+REJECTS_SUFFIX = ".rejects.jsonl"
+SUMMARY_SUFFIX = ".summary.json"
+STATS_SUFFIX = ".stats.json"
+PROGRESS_SUFFIX = ".progress.json"
+
+
 def _sidecar(output: str | Path, suffix: str) -> Path:
     output = Path(output)
     return output.with_name(output.stem + suffix)
@@ -305,19 +311,19 @@ def _sidecar(output: str | Path, suffix: str) -> Path:
 
 def rejects_path(output: str | Path) -> Path:
     """Everything a stage threw away, with its reason: `raw.jsonl` -> `raw.rejects.jsonl`."""
-    return _sidecar(output, ".rejects.jsonl")
+    return _sidecar(output, REJECTS_SUFFIX)
 
 
 def summary_path(output: str | Path) -> Path:
     """A generation run's summary (requests, tokens, cost): `raw.jsonl` -> `raw.summary.json`."""
-    return _sidecar(output, ".summary.json")
+    return _sidecar(output, SUMMARY_SUFFIX)
 
 
 def stats_path(output: str | Path) -> Path:
     """A filter run's statistics per pass and reason: `kept.jsonl` -> `kept.stats.json`."""
-    return _sidecar(output, ".stats.json")
+    return _sidecar(output, STATS_SUFFIX)
 
 
 def progress_path(output: str | Path) -> Path:
     """How many batches a generation run finished: `raw.jsonl` -> `raw.progress.json`."""
-    return _sidecar(output, ".progress.json")
+    return _sidecar(output, PROGRESS_SUFFIX)

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from datagen.io import REJECTS_SUFFIX, STATS_SUFFIX, SUMMARY_SUFFIX
+
 # Columns with a facet: value counts shown beside the table, a click filters on them.
 FACETS = ("status", "method", "operation", "round", "teacher", "stage", "reason", "classification",
           "language", "mark", "file")
@@ -33,7 +35,6 @@ SORTABLE = ("id", "instruction", "instances", *FACETS)
 STATUS_KEPT, STATUS_REJECTED = "kept", "rejected"
 NO_VALUE = "-"  # a facet value for "not set" (e.g. the stage of a kept task)
 SHOWN_CHARS = 240  # instruction characters sent per table row
-REJECTS_SUFFIX = ".rejects.jsonl"
 
 
 @dataclass
@@ -81,7 +82,7 @@ def discover(path: Path) -> DataFiles:
         root = Path(os.path.realpath(path.parent))
         explicit = Path(os.path.realpath(path)).name
         stem = path.name.removesuffix(".jsonl")
-        names = [path.name] + [stem + s for s in (REJECTS_SUFFIX, ".summary.json", ".stats.json")]
+        names = [path.name] + [stem + s for s in (REJECTS_SUFFIX, SUMMARY_SUFFIX, STATS_SUFFIX)]
         candidates = [root / name for name in names if (root / name).is_file()]
     else:
         root = Path(os.path.realpath(path))
@@ -103,9 +104,9 @@ def discover(path: Path) -> DataFiles:
             first = _first_record(candidate)
             if name == explicit or (first is not None and "instruction" in first):
                 found.tasks.append(relative)
-        elif name.endswith(".summary.json"):
+        elif name.endswith(SUMMARY_SUFFIX):
             found.summaries.append(relative)
-        elif name.endswith(".stats.json"):
+        elif name.endswith(STATS_SUFFIX):
             found.stats.append(relative)
         elif name.endswith(".png") and candidate.parent.name == "card":
             found.plots.append(relative)
@@ -201,7 +202,7 @@ class TaskIndex:
                 continue
             if source_name not in self.files.tasks:
                 continue
-            base = stats_name.removesuffix(".stats.json")
+            base = stats_name.removesuffix(STATS_SUFFIX)
             ids = hidden.setdefault(source_name, set())
             for downstream in (base + ".jsonl", base + REJECTS_SUFFIX):
                 if downstream in self.files.tasks or downstream in self.files.rejects:
