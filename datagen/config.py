@@ -1,4 +1,4 @@
-"""Configuration: YAML files validated into pydantic models, with CLI flags on top.
+"""Config building blocks: a strict base model, sampling parameters, YAML reading, CLI overrides.
 
 The building blocks every config section uses: `Strict` (a pydantic model that forbids
 unknown keys, so a typo in a config is an error, not a silent default), `SamplingParams`,

@@ -573,6 +573,9 @@ def test_kill_mid_run_and_resume(tmp_path):
     assert f"{len(before)} from before" in result.stderr
 
 
+LATER_ROUNDS = 30
+
+
 @pytest.mark.slow
 def test_later_rounds_grow_a_task_that_passes_natural_instructions_strict(tmp_path):
     """The lever the export needs: 28 distinct inputs from the embedded 135M teacher."""
@@ -586,7 +589,9 @@ def test_later_rounds_grow_a_task_that_passes_natural_instructions_strict(tmp_pa
     )
     runs = {}
     with make_teacher(TeacherConfig(backend="local", cache="off", batch_size=12)) as teacher:
-        for rounds in (1, 20):
+        # 30 rounds: since copies of the prompt's demonstrations are rejected (issue 11), the
+        # 135M teacher needs more than the 20 that reached 28 inputs before
+        for rounds in (1, LATER_ROUNDS):
             candidate = _candidate([], False)
             candidate.instruction = "Find the longest word in the sentence."
             sink = TaskSink(tmp_path / f"rounds{rounds}" / "raw.jsonl")
@@ -602,20 +607,21 @@ def test_later_rounds_grow_a_task_that_passes_natural_instructions_strict(tmp_pa
             sink.accept([Task(id="longest-word", instruction=candidate.instruction, instances=candidate.instances)])
             sink.flush()
             runs[rounds] = candidate
-    first, more = runs[1], runs[20]
+    first, more = runs[1], runs[LATER_ROUNDS]
     assert first.instances and not first.asked_for_more
     assert more.asked_for_more
     assert more.instances[: len(first.instances)] == first.instances  # round one is the reference's
     inputs = [i.input for i in more.instances if i.input]
     assert len(inputs) >= 28 and len(set(inputs)) == len(inputs)
-    rejects = [json.loads(line) for line in (tmp_path / "rounds20" / "raw.rejects.jsonl").read_text().splitlines()]
+    rejects_file = tmp_path / f"rounds{LATER_ROUNDS}" / "raw.rejects.jsonl"
+    rejects = [json.loads(line) for line in rejects_file.read_text().splitlines()]
     repeated = [json.loads(r["raw"])["input"] for r in rejects if r["reason"] == "instance: input already present"]
     assert repeated and set(repeated) <= set(inputs)
 
     out = tmp_path / "ni"
     result = run_cli(
         "export",
-        str(tmp_path / "rounds20" / "raw.jsonl"),
+        str(tmp_path / f"rounds{LATER_ROUNDS}" / "raw.jsonl"),
         "--format",
         "natural-instructions",
         "--out",
