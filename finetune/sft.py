@@ -148,19 +148,21 @@ def choose_precision(setting: str, device: str, bf16_supported: bool) -> Precisi
     return Precision(setting, loss_scaling=setting == "float16")
 
 
-def precision_for(config: FinetuneConfig, device: str) -> Precision:
+def _bf16_supported(device: str) -> bool:
     import torch
 
-    bf16 = device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return choose_precision(config.dtype, device, bf16)
+    return device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def precision_for(config: FinetuneConfig, device: str) -> Precision:
+    return choose_precision(config.dtype, device, _bf16_supported(device))
 
 
 def pick_dtype(setting: str, device: str):
     """The torch dtype `choose_precision` picks for a LoRA run (bench/sft.py uses it too)."""
     import torch
 
-    bf16 = device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return getattr(torch, choose_precision(setting, device, bf16).dtype)
+    return getattr(torch, choose_precision(setting, device, _bf16_supported(device)).dtype)
 
 
 def make_grad_scaler(precision: Precision, device: str):

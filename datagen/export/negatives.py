@@ -147,12 +147,6 @@ def parse_negative(text: str, correct_output: str) -> tuple[str, str] | None:
     return parsed if isinstance(parsed, tuple) else None
 
 
-def unusable_reason(text: str, correct_output: str) -> str | None:
-    """Why a reply gives no negative example (one of the REASON_* constants), None when it does."""
-    parsed = _parse_or_reason(text, correct_output)
-    return parsed if isinstance(parsed, str) else None
-
-
 def _shown(data: dict) -> list[tuple[str, str]]:
     """(input, correct output) pairs a negative can be asked about: the positive examples,
     then the instances."""
