@@ -40,6 +40,7 @@ IDF table): a collision would merge two texts, at odds of ~n^2 / 2^129.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -80,7 +81,13 @@ from datagen.filters.dedup import (
     shingle_hash,
     shingles,
 )
-from datagen.io import atomic_write_json, atomic_write_text, describe_validation_error, write_file_atomic
+from datagen.io import (
+    atomic_write_json,
+    atomic_write_text,
+    describe_validation_error,
+    stats_path,
+    write_file_atomic,
+)
 from datagen.records import Reject, Task
 from datagen.rejects import INVALID_LINE, STAGE_READ
 
@@ -268,8 +275,8 @@ def group_all(plan: ScaleDedupPlan, world_size: int) -> None:
     ids = [task_id for meta in metas for task_id in meta["ids"]]
 
     # invalid lines, then ids an earlier line already used: read_tasks_lenient's words
-    invalid = [(int(first_line[rank]) + index + 1, problem) for rank, meta in enumerate(metas)
-               for index, problem in meta["errors"]]
+    invalid = [(int(first_line[rank]) + at + 1, problem) for rank, meta in enumerate(metas)
+               for at, problem in meta["errors"]]
     first_of_id = _best_of_groups(_groups(cat["ident"]), -line[:, None].astype(np.float64))
     repeated = np.flatnonzero(first_of_id != np.arange(len(line)))
     for row in repeated.tolist():
@@ -284,9 +291,8 @@ def group_all(plan: ScaleDedupPlan, world_size: int) -> None:
         raise InputError(f"{plan.source}:{where}: {problem}{more}; fix it or pass --skip-invalid")
     rejects: list[dict[int, list]] = [{} for _ in range(world_size)]  # shard -> index -> reject fields
     for rank, meta in enumerate(metas):
-        for index, problem in meta["errors"]:
-            rejects[rank][index] = [STAGE_READ, INVALID_LINE, None, f"{plan.source}:{first_line[rank] + index + 1}: "
-                                                                    f"{problem}"]
+        for at, problem in meta["errors"]:
+            rejects[rank][at] = [STAGE_READ, INVALID_LINE, None, f"{plan.source}:{first_line[rank] + at + 1}: {problem}"]
     for row in repeated.tolist():
         rejects[shard[row]][int(index[row])] = [STAGE_READ, INVALID_LINE, None,
                                                 f"{plan.source}:{line[row]}: " + dict(invalid)[int(line[row])]]
@@ -526,10 +532,8 @@ def _count(path: Path, key: str) -> Counter:
     return counts
 
 
-def collect(plan: ScaleDedupPlan, shards: int, engine: str, started: float) -> dict[str, Any]:
+def collect(plan: ScaleDedupPlan, shards: int, engine: str) -> dict[str, Any]:
     """kept.jsonl, the rejects file and stats.json, in the shape `run_filter` writes them."""
-    from datagen.io import stats_path
-
     parts = {part: [plan.dir("write") / f"{rank:05d}.{part}.jsonl" for rank in range(shards)] for part in _PARTS}
     summary = _load_json(plan.dir("group") / "summary.json")
     report = NearDedupReport(**{**_load_json(plan.dir("decide") / "report.json")})
@@ -552,7 +556,7 @@ def collect(plan: ScaleDedupPlan, shards: int, engine: str, started: float) -> d
              "reasons": dict(near.most_common()), "report": report.summary()},
         ],
         "kept": near_in - report.removed, "rejected": summary["invalid_lines"] + valid - near_in + report.removed,
-        "wall_seconds": round(time.monotonic() - started, 3), "command": plan.command,
+        "wall_seconds": round(time.time() - _load_json(plan.work / "run.json")["started"], 3), "command": plan.command,
         "config": {"passes": [STAGE_EXACT, STAGE_NEAR], "skip_invalid": plan.skip_invalid,
                    "dedup": plan.config.model_dump(mode="json")},
         "engine": {"name": engine, "tasks": shards, "work": str(plan.work)},
@@ -569,9 +573,9 @@ class DedupStage(PipelineStep):
 
     type = "datagen dedup"
 
-    def __init__(self, plan: ScaleDedupPlan, stage: str, shards: int) -> None:
+    def __init__(self, plan: ScaleDedupPlan, stage: str, shards: int, engine: str) -> None:
         super().__init__()
-        self.plan, self.stage, self.shards, self.name = plan, stage, shards, stage
+        self.plan, self.stage, self.shards, self.engine, self.name = plan, stage, shards, engine, stage
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         with self.track_time("task"):
@@ -590,10 +594,12 @@ class DedupStage(PipelineStep):
                 decide(self.plan, self.shards)
             elif self.stage == "write":
                 write_shard(self.plan, rank, world_size)
+            elif self.stage == "collect":
+                collect(self.plan, self.shards, self.engine)
         yield from ()
 
 
-STAGES = ("read", "group", "signatures", "buckets", "decide", "write")
+STAGES = ("read", "group", "signatures", "buckets", "decide", "write", "collect")
 
 
 def stage_tasks(plan: ScaleDedupPlan) -> dict[str, int]:
@@ -617,13 +623,12 @@ class EngineOptions:
 
 def build_executors(plan: ScaleDedupPlan, engine: str, options: EngineOptions) -> list:
     """One datatrove executor per stage (Slurm ones chained with `depends`), in stage order."""
-    if engine not in ENGINES:
-        raise ConfigError(f"--engine: expected one of {', '.join(ENGINES)}, got {engine!r}")
+    _check_engine(engine, options)
     executors = []
     for stage, tasks in stage_tasks(plan).items():
-        common = {"pipeline": [DedupStage(plan, stage, plan.tasks)], "tasks": tasks,
+        common = {"pipeline": [DedupStage(plan, stage, plan.tasks, engine)], "tasks": tasks,
                   "logging_dir": str(plan.work / "logs" / stage)}
-        workers = min(options.workers, tasks) if options.workers > 0 else -1
+        workers = min(options.workers, tasks) if options.workers > 0 and tasks > 1 else -1
         if engine == "local":
             from datatrove.executor import LocalPipelineExecutor
 
@@ -636,8 +641,6 @@ def build_executors(plan: ScaleDedupPlan, engine: str, options: EngineOptions) -
         else:
             from datatrove.executor import SlurmPipelineExecutor
 
-            if not options.partition:
-                raise ConfigError("--engine slurm needs --partition")
             venv = options.venv_path or str(Path(sys.prefix) / "bin" / "activate")
             executors.append(SlurmPipelineExecutor(
                 **common, workers=workers, time=options.time, partition=options.partition,
@@ -656,22 +659,22 @@ def _check_work_folder(plan: ScaleDedupPlan) -> None:
     identity = {"source": str(plan.source.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
                 "tasks": plan.tasks, "skip_invalid": plan.skip_invalid, "dedup": plan.config.model_dump(mode="json")}
     marker = plan.work / "run.json"
-    if marker.exists() and _load_json(marker) != identity:
+    if marker.exists() and {**_load_json(marker), "started": None} != {**identity, "started": None}:
         shutil.rmtree(plan.work)  # left by a run on another input or config: nothing in it applies
     elif plan.work.exists() and not marker.exists() and any(plan.work.iterdir()):
         raise ConfigError(f"{plan.work}: not empty and not a dedup work folder; pass another --work-dir")
-    _save_json(marker, identity)
+    if not marker.exists():
+        _save_json(marker, {**identity, "started": time.time()})
 
 
 def run_scaled_dedup(plan: ScaleDedupPlan, engine: str, options: EngineOptions | None = None) -> dict[str, Any]:
     """Run every stage on `engine` and write kept, rejects and stats; return the stats.
 
-    Slurm: submits the chained jobs with sbatch and returns {"submitted": [...job ids]};
-    the last job (write) leaves the shard files, and `datagen dedup ... --engine slurm
-    --collect` on the login node joins them into the outputs.
+    Slurm: submits the chained array jobs with sbatch and returns {"submitted": [job ids],
+    "work": folder}; the last job (collect) writes the outputs, the work folder stays.
     """
     options = options or EngineOptions()
-    started = time.monotonic()
+    _check_engine(engine, options)
     _check_work_folder(plan)
     executors = build_executors(plan, engine, options)
     if engine == "slurm":
@@ -684,8 +687,11 @@ def run_scaled_dedup(plan: ScaleDedupPlan, engine: str, options: EngineOptions |
 
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS", "local"), log_to_driver=False)
+    timings = {}
     for executor in executors:
-        executor.run()
+        stage, clock = executor.pipeline[0].stage, time.monotonic()
+        _quietly(plan, executor.run)
+        timings[stage] = round(time.monotonic() - clock, 3)
         failed = executor.get_incomplete_ranks(range(executor.world_size))
         if failed:
             stage = executor.pipeline[0].stage
@@ -694,7 +700,45 @@ def run_scaled_dedup(plan: ScaleDedupPlan, engine: str, options: EngineOptions |
             message = error.read_text(encoding="utf-8")
             shutil.rmtree(plan.work)  # the input must change before a rerun can succeed
             raise InputError(message)
-    stats = collect(plan, plan.tasks, engine, started)
+    stats = _load_json(stats_path(plan.out))
+    stats["engine"]["stage_seconds"] = timings
+    atomic_write_json(stats_path(plan.out), stats)
     shutil.rmtree(plan.work)
     return stats
 
+
+def _quietly(plan: ScaleDedupPlan, run) -> None:
+    """Run an executor with datatrove's console log (loguru on stderr) going to work/logs/console.log."""
+    from loguru import logger
+
+    (plan.work / "logs").mkdir(parents=True, exist_ok=True)
+    with (plan.work / "logs" / "console.log").open("a", encoding="utf-8") as log, contextlib.redirect_stderr(log):
+        logger.remove()
+        logger.add(sys.stderr, level="INFO")
+        try:
+            run()
+        finally:
+            logger.remove()
+
+
+def _check_engine(engine: str, options: EngineOptions) -> None:
+    if engine not in ENGINES:
+        raise ConfigError(f"--engine: expected one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "slurm" and not options.partition:
+        raise ConfigError("--engine slurm needs --partition")
+
+
+
+def dedup_command(settings, source: Path, out: Path, rejects: Path, engine: str, tasks: int | None,
+                  options: EngineOptions, work: Path | None, command_line: str) -> str:
+    """`datagen dedup --engine ...`: run it, return what the command prints."""
+    from datagen.filtering import format_stats
+
+    plan = ScaleDedupPlan(source, out, rejects, work or out.with_name(out.name + ".work"), settings.filter.dedup,
+                          tasks=tasks if tasks is not None else max(1, os.cpu_count() or 1),
+                          skip_invalid=settings.filter.skip_invalid, command=command_line)
+    result = run_scaled_dedup(plan, engine, options)
+    if engine == "slurm":
+        return (f"submitted Slurm jobs {', '.join(map(str, result['submitted']))} ({', '.join(STAGES)}); "
+                f"the last one writes {out}; logs in {plan.work}")
+    return format_stats(result)

@@ -14,6 +14,8 @@ import json
 import os
 import random
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -142,7 +144,7 @@ def test_invalid_lines_are_rejected_or_stop_the_run_as_before(tmp_path: Path) ->
 
     single = run_cli("dedup", str(source), "--out", str(tmp_path / "a.jsonl"))
     sharded = run_cli("dedup", str(source), "--out", str(tmp_path / "b.jsonl"), "--engine", "local", "--tasks", "3")
-    assert single.returncode == sharded.returncode == 2
+    assert single.returncode == sharded.returncode != 0
     assert single_error_line(sharded) == single_error_line(single)
     assert "(and 1 more bad lines); fix it or pass --skip-invalid" in single_error_line(sharded)
 
@@ -167,34 +169,34 @@ def test_slurm_submits_a_chain_of_array_jobs(tmp_path: Path, monkeypatch: pytest
     record.mkdir()
     sbatch = tmp_path / "bin" / "sbatch"
     sbatch.parent.mkdir()
-    sbatch.write_text(f'#!/bin/sh\nn=$(ls {record} | wc -l)\ncp "$(eval echo \\${{$#}})" {record}/$n.slurm\n'
+    sbatch.write_text(f'#!/bin/sh\nn=$(ls {record} | grep -c slurm)\ncp "$(eval echo \\${{$#}})" {record}/$n.slurm\n'
                       f'echo "$@" > {record}/$n.args\necho "Submitted batch job $((100 + n))"\n')
     sbatch.chmod(sbatch.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{sbatch.parent}:{os.environ['PATH']}")
-    source = write_corpus(tmp_path / "in.jsonl", corpus(20))
+    source = write_corpus(tmp_path / "in.jsonl", corpus(40))
     plan = ScaleDedupPlan(source, tmp_path / "kept.jsonl", tmp_path / "rejects.jsonl", tmp_path / "work",
                           DedupConfig(), tasks=8)
     result = run_scaled_dedup(plan, "slurm", EngineOptions(partition="cpu", time="02:00:00", workers=4))
-    scripts = [(record / f"{n}.slurm").read_text() for n in range(12)]  # 6 stages, each + its merge_stats job
-    args = [(record / f"{n}.args").read_text() for n in range(12)]
+    scripts = [(record / f"{n}.slurm").read_text() for n in range(14)]  # 7 stages, each + its merge_stats job
+    args = [(record / f"{n}.args").read_text() for n in range(14)]
     stages = [s for s in scripts if "launch_pickled_pipeline" in s]
     assert [s.split("--job-name=datagen-dedup-")[1].split()[0] for s in stages] == [
-        "read", "group", "signatures", "buckets", "decide", "write"]
+        "read", "group", "signatures", "buckets", "decide", "write", "collect"]
     arrays = [s.split("#SBATCH --array=")[1].split()[0] for s in stages]
-    assert arrays == ["0-7%4", "0-0", "0-7%4", "0-7%4", "0-0", "0-7%4"]  # buckets: min(tasks, 25 bands)
+    assert arrays == ["0-7%4", "0-0", "0-7%4", "0-7%4", "0-0", "0-7%4", "0-0"]  # buckets: min(tasks, 25 bands)
     for script in stages:
         assert "#SBATCH --partition=cpu" in script and "#SBATCH --time=02:00:00" in script
-        assert f"source {Path(os.sys.prefix) / 'bin' / 'activate'}" in script
+        assert f"source {Path(sys.prefix) / 'bin' / 'activate'}" in script
         assert f"launch_pickled_pipeline {tmp_path / 'work' / 'logs'}" in script
     stage_args = [a for a, s in zip(args, scripts) if "launch_pickled_pipeline" in s]
     assert "--dependency" not in stage_args[0]
     assert all("--dependency=afterok:" in a for a in stage_args[1:])  # each waits for the one before
-    assert result["submitted"] == [100, 102, 104, 106, 108, 110] or len(result["submitted"]) == 6
+    assert result["submitted"] == ["100", "102", "104", "106", "108", "110", "112"]
     assert (tmp_path / "work" / "logs" / "read" / "executor.pik").exists()
 
 
 def test_bad_flags_get_one_error_line(tmp_path: Path) -> None:
-    source = write_corpus(tmp_path / "in.jsonl", corpus(5))
+    source = write_corpus(tmp_path / "in.jsonl", corpus(40))
     for flags, message in [
         (["--engine", "spark"], "--engine: expected one of local, ray, slurm, got 'spark'"),
         (["--engine", "local", "--tasks", "0"], "--tasks: must be at least 1, got 0"),
@@ -212,4 +214,28 @@ def test_executors_are_built_per_stage(tmp_path: Path) -> None:
     executors = build_executors(plan, "local", EngineOptions(workers=2))
     assert [(e.pipeline[0].stage, e.world_size, e.workers) for e in executors] == [
         ("read", 40, 2), ("group", 1, 1), ("signatures", 40, 2), ("buckets", 25, 2), ("decide", 1, 1),
-        ("write", 40, 2)]
+        ("write", 40, 2), ("collect", 1, 1)]
+
+
+def test_help_does_not_import_datatrove_or_ray() -> None:
+    probe = (
+        "import sys; from datagen.cli import main\n"
+        "for args in (['--help'], ['dedup', '--help']):\n"
+        "    try: main(args)\n"
+        "    except SystemExit: pass\n"
+        "print('LOADED', [m for m in ('datatrove', 'ray') if m in sys.modules])"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert "--engine" in result.stdout and "LOADED []" in result.stdout
+
+
+def test_empty_and_tiny_inputs(tmp_path: Path) -> None:
+    for name, tasks in (("empty", []), ("one", corpus(40)[:1]), ("two", [Task(id="a", instruction="Name a river."),
+                                                                        Task(id="b", instruction="Name a river!")])):
+        source = write_corpus(tmp_path / f"{name}.jsonl", tasks) if tasks else tmp_path / "empty.jsonl"
+        if not tasks:
+            source.write_text("")
+        reference = single_process(source, tmp_path / f"{name}-single.jsonl", DedupConfig())
+        stats = scaled(tmp_path, source, name, "local", 3, DedupConfig(), workers=1)
+        assert outputs(tmp_path / f"{name}.jsonl") == outputs(tmp_path / f"{name}-single.jsonl")
+        same_counts(stats, reference)
