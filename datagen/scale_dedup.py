@@ -292,7 +292,8 @@ def group_all(plan: ScaleDedupPlan, world_size: int) -> None:
     rejects: list[dict[int, list]] = [{} for _ in range(world_size)]  # shard -> index -> reject fields
     for rank, meta in enumerate(metas):
         for at, problem in meta["errors"]:
-            rejects[rank][at] = [STAGE_READ, INVALID_LINE, None, f"{plan.source}:{first_line[rank] + at + 1}: {problem}"]
+            where = f"{plan.source}:{first_line[rank] + at + 1}"
+            rejects[rank][at] = [STAGE_READ, INVALID_LINE, None, f"{where}: {problem}"]
     for row in repeated.tolist():
         rejects[shard[row]][int(index[row])] = [STAGE_READ, INVALID_LINE, None,
                                                 f"{plan.source}:{line[row]}: " + dict(invalid)[int(line[row])]]
@@ -376,16 +377,19 @@ def sign_shard(plan: ScaleDedupPlan, rank: int, world_size: int) -> None:
     grouped = _load_npz(plan.dir("group") / f"{rank:05d}.npz")
     table = _load_npz(plan.dir("group") / "weights.npz")
     rows = np.flatnonzero(grouped["sign"])
-    hashes, starts = read["hashes"], read["starts"]
+    hashes, starts = read["hashes"].tolist(), read["starts"].tolist()
+    # one lookup for the whole shard; rows that are not signed (exact or identical duplicates)
+    # may hold shingles the table lacks: clipped, and never used
+    where = np.minimum(np.searchsorted(table["hashes"], read["hashes"]), max(len(table["hashes"]) - 1, 0))
+    weights = table["weights"][where].tolist() if len(table["hashes"]) else [1] * len(hashes)
     elements_of: dict[int, list[int]] = {}
 
     def elements(row: int) -> list[int]:
-        mine = hashes[starts[row]:starts[row + 1]]
-        weights = table["weights"][np.searchsorted(table["hashes"], mine)]
         found = []
-        for digest, count in zip(mine.tolist(), weights.tolist()):
+        for at in range(starts[row], starts[row + 1]):
+            digest = hashes[at]
             if digest not in elements_of:
-                elements_of[digest] = hash_elements(digest, count)
+                elements_of[digest] = hash_elements(digest, weights[at])
             found.extend(elements_of[digest])
         return found
 
