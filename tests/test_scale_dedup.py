@@ -230,8 +230,10 @@ def test_help_does_not_import_datatrove_or_ray() -> None:
 
 
 def test_empty_and_tiny_inputs(tmp_path: Path) -> None:
-    for name, tasks in (("empty", []), ("one", corpus(40)[:1]), ("two", [Task(id="a", instruction="Name a river."),
-                                                                        Task(id="b", instruction="Name a river!")])):
+    pair = [Task(id="a", instruction="Name a long river in Europe and its sources."),
+            Task(id="b", instruction="Name a long river in Europe and its source.")]  # 3 shards: one is empty
+    for name, tasks in (("empty", []), ("one", corpus(40)[:1]), ("copies", [pair[0], pair[0].model_copy(
+            update={"id": "c"})]), ("two", pair)):
         source = write_corpus(tmp_path / f"{name}.jsonl", tasks) if tasks else tmp_path / "empty.jsonl"
         if not tasks:
             source.write_text("")
@@ -239,3 +241,4 @@ def test_empty_and_tiny_inputs(tmp_path: Path) -> None:
         stats = scaled(tmp_path, source, name, "local", 3, DedupConfig(), workers=1)
         assert outputs(tmp_path / f"{name}.jsonl") == outputs(tmp_path / f"{name}-single.jsonl")
         same_counts(stats, reference)
+        assert stats["rejected"] == (0 if name in ("empty", "one") else 1)
