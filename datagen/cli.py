@@ -280,13 +280,31 @@ def dedup(
     rejects: RejectsOpt = None,
     skip_invalid: SkipInvalidOpt = False,
     config: ConfigOpt = None,
+    engine: Annotated[Optional[str], typer.Option(
+        "--engine", help="Run on datatrove: local | ray | slurm (default: one process, as before).")] = None,
+    tasks: Annotated[Optional[int], typer.Option("--tasks", help="--engine: input shards (default: CPUs).")] = None,
+    workers: Annotated[int, typer.Option("--workers", help="--engine: tasks at once (default: all).")] = -1,
+    work_dir: Annotated[Optional[Path], typer.Option("--work-dir", help="--engine: stage files (default OUT.work)."
+                                                     )] = None,
+    partition: Annotated[Optional[str], typer.Option("--partition", help="--engine slurm: partition.")] = None,
+    slurm_time: Annotated[str, typer.Option("--time", help="--engine slurm: time limit per task.")] = "24:00:00",
 ) -> None:
-    """Shortcut for `filter --passes exact-dedup,near-dedup`."""
+    """Shortcut for `filter --passes exact-dedup,near-dedup`; --engine runs it sharded on datatrove."""
     overrides = {
         "filter.passes": ("--passes", ["exact-dedup", "near-dedup"]),
         "filter.skip_invalid": ("--skip-invalid", True if skip_invalid else None),
     }
-    _filter(source, out, rejects, overrides, config)
+    if engine is None:
+        if tasks is not None:
+            raise ConfigError("--tasks needs --engine local, ray or slurm")
+        return _filter(source, out, rejects, overrides, config)
+    from datagen.config_file import load_config
+    from datagen.io import rejects_path
+    from datagen.scale_dedup import EngineOptions, dedup_command
+
+    options = EngineOptions(workers=workers, partition=partition, time=slurm_time)
+    typer.echo(dedup_command(load_config(config, overrides), source, out, rejects or rejects_path(out), engine,
+                             tasks, options, work_dir, "datagen " + " ".join(sys.argv[1:])), err=True)
 
 
 @app.command("export")

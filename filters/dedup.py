@@ -131,13 +131,18 @@ __all__ = [
     "dedup",
     "exact_dedup",
     "idf_weights",
+    "band_pair_codes",
+    "keep_clusters",
     "keep_rank",
     "lsh_bands",
+    "pairs_of_codes",
     "datasketch_version",
     "minhash_elements",
     "minhash_signatures",
     "near_dedup",
     "normalize",
+    "hash_elements",
+    "shingle_hash",
     "shingle_sets",
     "shingles",
     "weighted_jaccard",
@@ -407,6 +412,17 @@ def _hash64(shingle: Hashable) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
+def shingle_hash(shingle: Hashable) -> int:
+    """The stable 64-bit hash a shingle enters MinHash (and datagen.scale_dedup's IDF table) by."""
+    return _hash64(shingle)
+
+
+def hash_elements(digest: int, count: int) -> list[int]:
+    """A shingle of hash `digest` and weight `count` as `count` distinct 32-bit MinHash inputs."""
+    low, step = digest & _MASK32, (digest >> 32) | 1
+    return [(low + k * step) & _MASK32 for k in range(count)]
+
+
 def minhash_elements(sets: Iterable[set[Hashable]], weight: dict[Hashable, int]) -> Iterator[list[int]]:
     """What MinHash sees: each shingle as `weight[shingle]` distinct 32-bit ints.
 
@@ -415,11 +431,7 @@ def minhash_elements(sets: Iterable[set[Hashable]], weight: dict[Hashable, int])
     hashed once; its w elements are spaced by an odd step from that hash, so they differ.
     Lazy: one text's list exists at a time (100,000 lists of ~100 ints would take ~400 MB).
     """
-    elements: dict[Hashable, list[int]] = {}
-    for shingle, count in weight.items():
-        digest = _hash64(shingle)
-        low, step = digest & _MASK32, (digest >> 32) | 1
-        elements[shingle] = [(low + k * step) & _MASK32 for k in range(count)]
+    elements = {shingle: hash_elements(_hash64(shingle), count) for shingle, count in weight.items()}
     return (list(chain.from_iterable(map(elements.__getitem__, shingle_set))) for shingle_set in sets)
 
 
@@ -511,25 +523,45 @@ def candidate_pairs(signatures: np.ndarray, b: int, r: int) -> np.ndarray:
     n = len(signatures)
     codes = np.empty(0, dtype=np.int64)  # pair (i, j) as i * n + j; sorted, so in (i, j) order
     found: list[np.ndarray] = []
+    rows = np.arange(n, dtype=np.int64)
     for band in range(b):
-        columns = signatures[:, band * r : (band + 1) * r]
-        order = np.lexsort(columns.T[::-1])
-        ordered = columns[order]
-        starts_bucket = np.ones(n, dtype=bool)
-        starts_bucket[1:] = np.any(ordered[1:] != ordered[:-1], axis=1)
-        starts = np.flatnonzero(starts_bucket)
-        sizes = np.diff(np.append(starts, n))
-        for size in np.unique(sizes[sizes > 1]):
-            # Every pair inside every bucket of this size, in one go.
-            first, second = np.triu_indices(int(size), k=1)
-            base = starts[sizes == size][:, None]
-            left, right = order[base + first].ravel(), order[base + second].ravel()
-            found.append(np.minimum(left, right).astype(np.int64) * n + np.maximum(left, right))
+        found.append(band_pair_codes(signatures[:, band * r : (band + 1) * r], rows, n))
         if sum(map(len, found)) > _MERGE_EVERY or band == b - 1:
             # The same pair turns up in several bands: merging now and then keeps memory
             # near the distinct pairs without sorting everything 25 times.
             codes = np.unique(np.concatenate([codes, *found]))
             found = []
+    return pairs_of_codes(codes, n)
+
+
+def band_pair_codes(columns: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
+    """Pairs of `rows` (i < j) whose values agree on every column of one band, as i * n + j.
+
+    `columns` holds one band of the signatures of `rows` (any order); `n` is the number of
+    rows of the whole signature matrix, so codes of bands computed apart (datatrove's bucket
+    tasks, datagen.scale_dedup) merge by a plain union. Not deduplicated.
+    """
+    count = len(columns)
+    found: list[np.ndarray] = [np.empty(0, dtype=np.int64)]
+    if count < 2:
+        return found[0]
+    order = np.lexsort(columns.T[::-1])
+    ordered = columns[order]
+    starts_bucket = np.ones(count, dtype=bool)
+    starts_bucket[1:] = np.any(ordered[1:] != ordered[:-1], axis=1)
+    starts = np.flatnonzero(starts_bucket)
+    sizes = np.diff(np.append(starts, count))
+    for size in np.unique(sizes[sizes > 1]):
+        # Every pair inside every bucket of this size, in one go.
+        first, second = np.triu_indices(int(size), k=1)
+        base = starts[sizes == size][:, None]
+        left, right = rows[order[base + first].ravel()], rows[order[base + second].ravel()]
+        found.append(np.minimum(left, right).astype(np.int64) * n + np.maximum(left, right))
+    return np.concatenate(found)
+
+
+def pairs_of_codes(codes: np.ndarray, n: int) -> np.ndarray:
+    """Pair codes i * n + j back to an (m, 2) int64 array of (i, j)."""
     return np.stack([codes // n, codes % n], axis=1)
 
 
@@ -686,20 +718,19 @@ def _adjacency(edges: list[tuple[int, int, Scores]]) -> dict[int, list[tuple[int
     return neighbours
 
 
-def _assign(neighbours: dict[int, list[tuple[int, Scores]]], nodes: _Nodes, tasks: Sequence[Task],
-            config: DedupConfig) -> dict[int, tuple[int, Scores | None]]:
-    """Every removed task -> (the task kept in its place, their scores if they are a direct edge).
+def keep_clusters(neighbours: dict[int, list[tuple[int, Scores]]], rank: dict[int, tuple],
+                  cluster: Literal["star", "connected"]) -> dict[int, tuple[int, Scores | None]]:
+    """The decision rule on the duplicate graph: every removed node -> (its keeper, scores).
 
-    Components come from union-find over the edges. "star" walks each component best node
-    first and removes a node only if it has an edge to a node already kept (the most similar
-    one, ties to the better-ranked, becomes its keeper). "connected" keeps the best node of a
-    component and removes the rest. Inside a node, its best task stands for it and the
-    node's other tasks are removed in its favour (or in favour of the node's keeper).
+    `neighbours` is `_adjacency` of the verified edges, `rank` each of their nodes' sort key
+    (`keep_rank` of its best task, larger is better; all distinct). Components come from
+    union-find; "star" walks each best node first and removes a node only if it has an edge
+    to a node already kept (the most similar one, ties to the better-ranked, becomes its
+    keeper; scores are that edge's); "connected" keeps each component's best node and
+    removes the rest (scores None). Needs only the nodes that have edges, so its memory
+    grows with the duplicate pairs, not the tasks (datagen.scale_dedup relies on that).
     """
-    rule = config.keep
-    face = [members[0] if len(members) == 1 else _best(members, tasks, rule) for members in nodes.members]
-    rank = {node: keep_rank(tasks[face[node]], face[node], rule) for node in neighbours}
-    components = _UnionFind(len(nodes.members))
+    components = _UnionFind(max(neighbours, default=-1) + 1)
     for a, links in neighbours.items():
         for b, _ in links:
             components.union(a, b)
@@ -710,7 +741,7 @@ def _assign(neighbours: dict[int, list[tuple[int, Scores]]], nodes: _Nodes, task
     keeper_of: dict[int, tuple[int, Scores | None]] = {}  # removed node -> (kept node, scores)
     for group in groups.values():
         order = sorted(group, key=rank.__getitem__, reverse=True)
-        if config.cluster == "connected":
+        if cluster == "connected":
             keeper_of.update((node, (order[0], None)) for node in order[1:])
             continue
         kept: set[int] = set()
@@ -721,6 +752,20 @@ def _assign(neighbours: dict[int, list[tuple[int, Scores]]], nodes: _Nodes, task
                 keeper_of[node] = (other, scores)
             else:
                 kept.add(node)
+    return keeper_of
+
+
+def _assign(neighbours: dict[int, list[tuple[int, Scores]]], nodes: _Nodes, tasks: Sequence[Task],
+            config: DedupConfig) -> dict[int, tuple[int, Scores | None]]:
+    """Every removed task -> (the task kept in its place, their scores if they are a direct edge).
+
+    `keep_clusters` decides between nodes. Inside a node, its best task stands for it and the
+    node's other tasks are removed in its favour (or in favour of the node's keeper).
+    """
+    rule = config.keep
+    face = [members[0] if len(members) == 1 else _best(members, tasks, rule) for members in nodes.members]
+    rank = {node: keep_rank(tasks[face[node]], face[node], rule) for node in neighbours}
+    keeper_of = keep_clusters(neighbours, rank, config.cluster)
 
     removed: dict[int, tuple[int, Scores | None]] = {}
     identical: Scores = (1.0, 1.0) if config.verify else (1.0,)
