@@ -193,17 +193,23 @@ def require_qlora_support(device: str) -> None:
         raise DatagenError("--method qlora needs bitsandbytes: pip install bitsandbytes")
 
 
-def quantization_config(compute_dtype: str = "bfloat16"):
+def quantization_config(compute_dtype: str = "bfloat16", sharded: bool = False):
     """QLoRA's 4-bit setting: NF4 storage, double quantisation, `compute_dtype` matmuls
-    (bf16, or fp16 on a GPU without it; not bitsandbytes' defaults)."""
+    (bf16, or fp16 on a GPU without it; not bitsandbytes' defaults).
+
+    sharded (FSDP): the packed 4-bit weights are stored in the compute dtype instead of
+    uint8, since FSDP shards only floating tensors and flattens all of a block's weights
+    into one dtype (bitsandbytes' FSDP-QLoRA guide: `bnb_4bit_quant_storage`)."""
     import torch
     from transformers import BitsAndBytesConfig
 
+    storage = {"bnb_4bit_quant_storage": getattr(torch, compute_dtype)} if sharded else {}
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
+        **storage,
     )
 
 
@@ -219,7 +225,8 @@ def load_student(config: FinetuneConfig, base_path: str, device: str, precision:
     precision = precision or precision_for(config, device)
     if config.method == "qlora":
         model = AutoModelForCausalLM.from_pretrained(
-            base_path, quantization_config=quantization_config(precision.dtype), device_map={"": device},
+            base_path, quantization_config=quantization_config(precision.dtype, config.distributed == "fsdp"),
+            device_map={"": device},
             dtype=getattr(torch, precision.dtype),
         )
         model = prepare_model_for_kbit_training(

@@ -215,3 +215,29 @@ def test_qlora_under_ddp_on_two_gpus(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     log = log_of(tmp_path / "out")
     assert log[-1]["loss"] < log[0]["loss"]
+
+
+def test_qlora_under_fsdp_stores_4bit_weights_in_the_compute_dtype():
+    import torch
+
+    from datagen.finetune.sft import quantization_config
+
+    assert quantization_config("bfloat16", sharded=True).bnb_4bit_quant_storage == torch.bfloat16
+    assert quantization_config("float16", sharded=True).bnb_4bit_quant_storage == torch.float16
+    assert quantization_config("bfloat16").bnb_4bit_quant_storage == torch.uint8  # DDP: bitsandbytes' default
+
+
+@pytest.mark.gpu
+def test_qlora_under_fsdp_on_two_gpus(tmp_path):
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    pytest.importorskip("bitsandbytes")
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(32))
+    config = config_file(tmp_path / "c.yaml", **{**SETTINGS, "learning_rate": 1e-3, "max_steps": 6})
+    result = run_cli("finetune", str(data), "--out", str(tmp_path / "out"), "--config", config, "--nproc", "2",
+                     "--method", "qlora", "--distributed", "fsdp")
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = log_of(tmp_path / "out")
+    assert log[-1]["loss"] < log[0]["loss"]
