@@ -107,14 +107,13 @@ def start(device_setting: str) -> DistContext:
     import torch
 
     rank, world, local = world_from_env()
-    if device_setting == "auto":
-        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    elif device_setting == "cuda" and world > 1:
-        device = f"cuda:{local}"
-    else:
-        device = device_setting
+    cuda = torch.cuda.is_available()
     if world == 1:
-        return DistContext(device="cuda" if device == "cuda:0" and device_setting == "auto" else device)
+        return DistContext(device=("cuda" if cuda else "cpu") if device_setting == "auto" else device_setting)
+    if device_setting == "cuda" or (device_setting == "auto" and cuda):
+        device = f"cuda:{local}"  # one GPU per rank
+    else:
+        device = "cpu" if device_setting == "auto" else device_setting
     import torch.distributed as dist
 
     backend = "nccl" if device.startswith("cuda") else "gloo"

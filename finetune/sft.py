@@ -761,7 +761,8 @@ def _train(config: FinetuneConfig, data: str | Path, out_dir: Path, show_progres
             record = {
                 "step": step, "epoch": round(step / steps_per_epoch, 4), "loss": round(step_loss, 6),
                 "lr": scheduler.get_last_lr()[0], "grad_norm": round(grad_norm, 4), "tokens": step_tokens,
-                "supervised": global_supervised, "tokens_per_s": round(tokens_seen / elapsed, 1), "elapsed_s": round(elapsed, 2),
+                "supervised": global_supervised, "tokens_per_s": round(tokens_seen / elapsed, 1),
+                "elapsed_s": round(elapsed, 2),
             }
             if context.distributed:
                 record["tokens_per_s_per_rank"] = round(tokens_seen / elapsed / world, 1)
