@@ -408,7 +408,7 @@ def accumulate_gradients(model, batches: Sequence[dict[str, Any]], fast: bool = 
         if sync is not None:
             sync(index == len(batches) - 1)
         loss_sum = loss_fn(batch)
-        loss = loss_sum * scale / supervised if scale != 1.0 else loss_sum / supervised
+        loss = loss_sum * scale / supervised
         (scaler.scale(loss) if scaler is not None else loss).backward()
         step_loss += float(loss_sum.detach()) / supervised
     return step_loss
@@ -671,6 +671,9 @@ def _train(config: FinetuneConfig, data: str | Path, out_dir: Path, show_progres
     total_steps = config.max_steps or config.epochs * steps_per_epoch
     warmup = int(config.warmup_ratio * total_steps)
     sharded = context.distributed and config.distributed == "fsdp"
+    if sharded and precision.loss_scaling:
+        # a GradScaler would see only this rank's shard of the gradients when checking for overflow
+        raise ConfigError("finetune.distributed: fsdp with float16 compute is not supported; use bfloat16 or ddp")
 
     torch.manual_seed(config.seed)  # the same fresh adapter on every rank
     model = load_student(config, base_path, device, precision)

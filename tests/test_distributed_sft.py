@@ -114,21 +114,28 @@ def test_bad_distributed_in_the_config_file_names_the_field(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_ranks_train_what_one_process_with_accumulation_trains(setup, tmp_path, strategy):
+@pytest.mark.parametrize(("strategy", "packing"), [("ddp", False), ("fsdp", False), ("ddp", True)])
+def test_two_ranks_train_what_one_process_with_accumulation_trains(setup, tmp_path, strategy, packing):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    folder, _data, reference = setup
+    folder, data, reference = setup
+    if packing:
+        train(FinetuneConfig(base=str(folder / "tiny"), grad_accum=2, packing=True, max_length=128,
+                             **SETTINGS), data,
+              tmp_path / "one", show_progress=False)
+        reference = log_of(tmp_path / "one")
     out = tmp_path / strategy
-    result = launch(setup, out, "--distributed", strategy, merge=True)
+    result = launch(setup, out, "--distributed", strategy, merge=True, packing=packing,
+                    **({"max_length": 128} if packing else {}))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"2 ranks ({strategy}, gloo), global batch 8 sequences" in result.stderr
+    assert f"2 ranks ({strategy}, gloo), global batch 8 {'rows' if packing else 'sequences'}" in result.stderr
     assert "tok/s/rank" in result.stderr
     log = log_of(out)
     assert [e["step"] for e in log] == [1, 2, 3, 4]
     assert [e["tokens"] for e in log] == [e["tokens"] for e in reference]
+    assert [e["supervised"] for e in log] == [e["supervised"] for e in reference]
     assert [e["loss"] for e in log] == pytest.approx([e["loss"] for e in reference], rel=1e-5)
     assert [e["grad_norm"] for e in log] == pytest.approx([e["grad_norm"] for e in reference], rel=1e-3)
     summary = json.loads((out / "summary.json").read_text())
