@@ -170,9 +170,10 @@ def _worker_of_rank(parent_pid: int, rank: int) -> int | None:
 
 
 @pytest.mark.slow
-def test_kill_9_of_one_rank_then_a_rerun_resumes_and_ends_on_the_same_losses(setup, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_kill_9_of_one_rank_then_a_rerun_resumes_and_ends_on_the_same_losses(setup, tmp_path, strategy):
     folder, data, _reference = setup
-    settings = {**SETTINGS, "max_steps": 40, "save_every": 5}
+    settings = {**SETTINGS, "max_steps": 40, "save_every": 5, "distributed": strategy}
     unbroken = tmp_path / "unbroken"
     train(FinetuneConfig(base=str(folder / "tiny"), grad_accum=2, **settings), data, unbroken, show_progress=False)
 
