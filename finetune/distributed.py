@@ -137,7 +137,13 @@ def wrap(module, model, strategy: str, context: DistContext):
     if not context.distributed:
         return module
     if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:
+            import torch
+
+            raise ConfigError(f"finetune.distributed: fsdp needs torch >= 2.6 (FSDP2 fully_shard); this is "
+                              f"{torch.__version__}: upgrade it or use ddp") from None
 
         for block in decoder_blocks(model):
             fully_shard(block)

@@ -7,6 +7,11 @@ peft for the adapter): completion-only loss weighted by supervised tokens across
 gradient accumulation, length-grouped batches (or packing without cross-example
 attention), warm-up then cosine/linear decay, gradient clipping.
 
+Several processes: `datagen finetune --nproc N` (or `torchrun ... -m datagen.finetune`)
+trains on N ranks with DDP or FSDP2 (`finetune.distributed`), each on its share of the
+same global batches, with the same loss as one process accumulating over them; rank 0
+writes everything (`datagen.finetune.distributed`).
+
 Kill it and rerun the same command: it resumes from the last checkpoint in
 `OUT/checkpoints/` (adapter, optimiser, scheduler and RNG state, written atomically)
 and ends with the same weights an uninterrupted run would have. It writes:
