@@ -145,9 +145,13 @@ def wrap(module, model, strategy: str, context: DistContext):
             raise ConfigError(f"finetune.distributed: fsdp needs torch >= 2.6 (FSDP2 fully_shard); this is "
                               f"{torch.__version__}: upgrade it or use ddp") from None
 
+        from torch.distributed.device_mesh import init_device_mesh
+
+        # the mesh's device is where the shards live: this rank's GPU, or the CPU under gloo
+        mesh = init_device_mesh("cuda" if context.device.startswith("cuda") else "cpu", (context.world_size,))
         for block in decoder_blocks(model):
-            fully_shard(block)
-        fully_shard(module)
+            fully_shard(block, mesh=mesh)
+        fully_shard(module, mesh=mesh)
         return module
     from torch.nn.parallel import DistributedDataParallel
 

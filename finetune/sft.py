@@ -681,10 +681,14 @@ def _train(config: FinetuneConfig, data: str | Path, out_dir: Path, show_progres
         raise ConfigError("finetune.distributed: fsdp with float16 compute is not supported; use bfloat16 or ddp")
 
     torch.manual_seed(config.seed)  # the same fresh adapter on every rank
-    model = load_student(config, base_path, device, precision)
+    # FSDP + LoRA: the whole student stays in host memory until fully_shard moves each
+    # block's shard to this rank's GPU, so no GPU ever holds all of it (QLoRA quantises on
+    # the GPU, so it loads there: 4-bit, a quarter of bf16)
+    load_device = "cpu" if sharded and config.method == "lora" else device
+    model = load_student(config, base_path, load_device, precision)
     model.train()
     if config.packing:
-        check_packing(model, examples, pad_id, device)
+        check_packing(model, examples, pad_id, load_device)
     if context.distributed:
         torch.manual_seed(config.seed + context.rank)  # each rank its own dropout masks
 
@@ -712,7 +716,7 @@ def _train(config: FinetuneConfig, data: str | Path, out_dir: Path, show_progres
     fast_loss, loss_note = None, None
     if step < total_steps:
         _epoch, first = micro_batches(plan_epoch, step * per_step, 1)[0]
-        loss_note = check_fast_loss(model, _to_device(collate(examples, first, pad_id), device))
+        loss_note = check_fast_loss(model, _to_device(collate(examples, first, pad_id), load_device))
         fast_loss = loss_note is None
         if loss_note:
             print_(f"loss: {loss_note}; using the model's own forward ({LOSS_PATH_FULL})")
