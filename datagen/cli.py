@@ -372,9 +372,24 @@ def finetune(
     packing: Annotated[Optional[bool], typer.Option("--packing/--no-packing")] = None,
     merge: Annotated[Optional[bool], typer.Option("--merge/--no-merge", help="Also save a merged model.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed")] = None,
+    distributed: Annotated[
+        Optional[str], typer.Option("--distributed", help="ddp | fsdp, when several processes train.")
+    ] = None,
+    nproc: Annotated[
+        Optional[int], typer.Option("--nproc", help="Processes on this node (torchrun; a GPU each on CUDA).")
+    ] = None,
+    nnodes: Annotated[Optional[str], typer.Option("--nnodes", help="Nodes (torchrun), e.g. 2 or 1:4.")] = None,
+    node_rank: Annotated[Optional[int], typer.Option("--node-rank", help="This node's rank (static).")] = None,
+    master_addr: Annotated[Optional[str], typer.Option("--master-addr", help="Rank 0's node (static).")] = None,
+    master_port: Annotated[Optional[int], typer.Option("--master-port")] = None,
+    rdzv_endpoint: Annotated[
+        Optional[str], typer.Option("--rdzv-endpoint", help="HOST:PORT of a c10d rendezvous (elastic).")
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """LoRA / QLoRA SFT of a student on chat data; rerun the same command to resume."""
+    import os
+
     from datagen.config_file import load_config
     from datagen.finetune.sft import train
 
@@ -383,16 +398,49 @@ def finetune(
              "grad_accum": (grad_accum, "--grad-accum"), "learning_rate": (learning_rate, "--learning-rate"),
              "r": (lora_r, "--lora-r"), "alpha": (lora_alpha, "--lora-alpha"),
              "max_length": (max_length, "--max-length"), "packing": (packing, "--packing"),
-             "merge": (merge, "--merge"), "seed": (seed, "--seed")}
+             "merge": (merge, "--merge"), "seed": (seed, "--seed"), "distributed": (distributed, "--distributed")}
     settings = load_config(config, {f"finetune.{key}": (flag, value) for key, (value, flag) in flags.items()})
+    launch = {"nnodes": nnodes, "node_rank": node_rank, "master_addr": master_addr, "master_port": master_port,
+              "rdzv_endpoint": rdzv_endpoint}
+    if (nproc is not None or any(v is not None for v in launch.values())) and "TORCHELASTIC_RUN_ID" not in os.environ:
+        _launch_torchrun(nproc if nproc is not None else 1, data, out, flags, config, launch)
+        return
     summary = train(settings.finetune, data, out)
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
+    ranks = f" on {summary['world_size']} ranks" if summary.get("world_size", 1) > 1 else ""
     typer.echo(
-        f"finetune: {summary['step']}/{summary['total_steps']} steps on {summary['examples']} examples "
+        f"finetune: {summary['step']}/{summary['total_steps']} steps on {summary['examples']} examples{ranks} "
         f"(max_length {summary['max_length']}), final loss {summary['final_loss']}, "
         f"{summary['tokens_per_s']} tokens/s, peak {summary['peak_memory_mib']} MiB; "
         f"adapter {summary.get('adapter')}, merged {summary.get('merged')}",
         err=True,
     )
+
+
+def _launch_torchrun(nproc: int, data: Path, out: Path, flags: dict[str, tuple[Any, str]], config: Path | None,
+                     launch: dict[str, Any]) -> None:
+    """Run this finetune under torchrun (`python -m datagen.finetune` on every rank) and wait.
+
+    The data is read here first, so a bad file is one error line before any process starts."""
+    import subprocess
+
+    from datagen.finetune.data import load_conversations
+    from datagen.finetune.distributed import torchrun_command
+
+    command = torchrun_command(sys.executable, nproc, [], **launch)  # checks --nproc first
+    load_conversations(data)
+    worker_args = [str(data), "--out", str(out)]
+    for value, flag in flags.values():
+        if isinstance(value, bool):
+            worker_args.append(flag if value else "--no-" + flag[2:])
+        elif value is not None:
+            worker_args += [flag, str(value)]
+    if config is not None:
+        worker_args += ["--config", str(config)]
+    done = subprocess.run(command + worker_args)
+    if done.returncode:
+        raise DatagenError(f"torchrun: a rank failed (exit {done.returncode}); rerun the same command to resume")
 
 
 @app.command("eval")

@@ -7,6 +7,11 @@ peft for the adapter): completion-only loss weighted by supervised tokens across
 gradient accumulation, length-grouped batches (or packing without cross-example
 attention), warm-up then cosine/linear decay, gradient clipping.
 
+Several processes: `datagen finetune --nproc N` (or `torchrun ... -m datagen.finetune`)
+trains on N ranks with DDP or FSDP2 (`finetune.distributed`), each on its share of the
+same global batches, with the same loss as one process accumulating over them; rank 0
+writes everything (`datagen.finetune.distributed`).
+
 Kill it and rerun the same command: it resumes from the last checkpoint in
 `OUT/checkpoints/` (adapter, optimiser, scheduler and RNG state, written atomically)
 and ends with the same weights an uninterrupted run would have. It writes:
@@ -68,6 +73,9 @@ PACKING_RTOL = {"float32": 1e-3, "half": 5e-2}
 # transformers masks attention per example from restarted position ids (no attention
 # mask) on the eager / sdpa paths since this release (PR #39194, masking_utils).
 PACKING_TRANSFORMERS = "4.54"
+# Non-reentrant activation checkpointing: the reentrant kind runs backward hooks outside
+# autograd's graph, which DDP's gradient hooks and FSDP's resharding cannot see.
+CHECKPOINTING_KWARGS = {"use_reentrant": False}
 
 
 class FinetuneConfig(Strict):
@@ -103,6 +111,9 @@ class FinetuneConfig(Strict):
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     gradient_checkpointing: bool = False
+    # several processes (torchrun, `datagen finetune --nproc N`): ddp replicates the student
+    # on every rank; fsdp (FSDP2 fully_shard) shards it, each decoder block on its own
+    distributed: Literal["ddp", "fsdp"] = "ddp"
     save_every: int = Field(50, ge=1)  # optimiser steps between checkpoints
     keep_checkpoints: int = Field(2, ge=1)
     merge: bool = True
@@ -187,17 +198,23 @@ def require_qlora_support(device: str) -> None:
         raise DatagenError("--method qlora needs bitsandbytes: pip install bitsandbytes")
 
 
-def quantization_config(compute_dtype: str = "bfloat16"):
+def quantization_config(compute_dtype: str = "bfloat16", sharded: bool = False):
     """QLoRA's 4-bit setting: NF4 storage, double quantisation, `compute_dtype` matmuls
-    (bf16, or fp16 on a GPU without it; not bitsandbytes' defaults)."""
+    (bf16, or fp16 on a GPU without it; not bitsandbytes' defaults).
+
+    sharded (FSDP): the packed 4-bit weights are stored in the compute dtype instead of
+    uint8, since FSDP shards only floating tensors and flattens all of a block's weights
+    into one dtype (bitsandbytes' FSDP-QLoRA guide: `bnb_4bit_quant_storage`)."""
     import torch
     from transformers import BitsAndBytesConfig
 
+    storage = {"bnb_4bit_quant_storage": getattr(torch, compute_dtype)} if sharded else {}
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
+        **storage,
     )
 
 
@@ -213,16 +230,18 @@ def load_student(config: FinetuneConfig, base_path: str, device: str, precision:
     precision = precision or precision_for(config, device)
     if config.method == "qlora":
         model = AutoModelForCausalLM.from_pretrained(
-            base_path, quantization_config=quantization_config(precision.dtype), device_map={"": device},
+            base_path, quantization_config=quantization_config(precision.dtype, config.distributed == "fsdp"),
+            device_map={"": device},
             dtype=getattr(torch, precision.dtype),
         )
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=config.gradient_checkpointing
+            model, use_gradient_checkpointing=config.gradient_checkpointing,
+            gradient_checkpointing_kwargs=CHECKPOINTING_KWARGS,
         )
     else:
         model = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, precision.dtype)).to(device)
         if config.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING_KWARGS)
             model.enable_input_require_grads()
     model.config.use_cache = False
     lora = LoraConfig(
@@ -368,21 +387,61 @@ def check_packing(model, examples: Sequence, pad_id: int, device: str, probe_tok
         )
 
 
-def accumulate_gradients(model, batches: Sequence[dict[str, Any]], fast: bool = True, scaler=None) -> float:
-    """Backpropagate one optimiser step's micro-batches; return the step's mean loss.
+def supervised_count(batches: Sequence[dict[str, Any]]) -> int:
+    """Supervised tokens the loss is summed over in `batches` (labels shifted by one)."""
+    return sum(int((batch["labels"][:, 1:] != -100).sum()) for batch in batches)
+
+
+def accumulate_gradients(model, batches: Sequence[dict[str, Any]], fast: bool = True, scaler=None, *,
+                         loss_fn: Callable[[dict[str, Any]], Any] | None = None, supervised: int | None = None,
+                         scale: float = 1.0, sync: Callable[[bool], None] | None = None) -> float:
+    """Backpropagate one optimiser step's micro-batches; return their summed loss over `supervised`.
 
     Each micro-batch's summed loss is divided by the supervised tokens of the whole step,
     so every token weighs the same however the tokens fall into micro-batches. With a
     GradScaler (fp16) each backward runs on the scaled loss; the caller unscales once.
+
+    Several ranks: `supervised` is the step's count over all ranks, `loss_fn` the wrapped
+    module's forward, `scale` the world size (DDP and FSDP average gradients over ranks;
+    this turns the average back into the global token mean) and `sync(last)` turns the
+    gradient all-reduce on for the last micro-batch only. One process: the defaults.
     """
-    supervised = sum(int((batch["labels"][:, 1:] != -100).sum()) for batch in batches)
+    supervised = supervised_count(batches) if supervised is None else supervised
+    loss_fn = loss_fn or (lambda batch: summed_loss(model, batch, fast)[0])
     step_loss = 0.0
-    for batch in batches:
-        loss_sum, _count = summed_loss(model, batch, fast)
-        loss = loss_sum / supervised
+    for index, batch in enumerate(batches):
+        if sync is not None:
+            sync(index == len(batches) - 1)
+        loss_sum = loss_fn(batch)
+        loss = loss_sum * scale / supervised
         (scaler.scale(loss) if scaler is not None else loss).backward()
         step_loss += float(loss_sum.detach()) / supervised
     return step_loss
+
+
+def loss_module(model, fast: bool):
+    """An nn.Module whose forward is `summed_loss(model, batch, fast)`'s sum.
+
+    DDP and FSDP2 see only the work done inside the forward of the module they wrap; the
+    supervised-positions loss calls the base model and the output layer separately, so
+    both go through this one forward. Call it as `module(**batch)` (extra keys ignored).
+    """
+    import torch
+
+    class SupervisedLoss(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, labels, attention_mask=None, position_ids=None, **_ignored):
+            batch = {"input_ids": input_ids, "labels": labels}
+            if attention_mask is not None:
+                batch["attention_mask"] = attention_mask
+            if position_ids is not None:
+                batch["position_ids"] = position_ids
+            return summed_loss(self.model, batch, fast)[0]
+
+    return SupervisedLoss()
 
 
 def optimizer_step(optimizer, trainable: list, max_grad_norm: float, scaler=None) -> float:
@@ -395,7 +454,8 @@ def optimizer_step(optimizer, trainable: list, max_grad_norm: float, scaler=None
 
     if scaler is not None:
         scaler.unscale_(optimizer)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm))
+    norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a DTensor
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -437,14 +497,19 @@ def _to_device(tensors: dict[str, Any], device: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def fingerprint(config: FinetuneConfig, data_ids: Sequence[Sequence[int]], base_path: str) -> str:
-    """What a checkpoint must match to be resumed: the settings that shape training and the data."""
+def fingerprint(config: FinetuneConfig, data_ids: Sequence[Sequence[int]], base_path: str,
+                world_size: int = 1) -> str:
+    """What a checkpoint must match to be resumed: the settings that shape training and the data.
+
+    The number of ranks shapes the global batch; ddp and fsdp train the same numbers."""
     digest = hashlib.sha256()
-    # prompt_erasure shapes the data, which is hashed below; leaving it out keeps checkpoints
-    # made before the option existed resumable
-    ignored = {"save_every", "keep_checkpoints", "merge", "device", "prompt_erasure"}
+    # prompt_erasure shapes the data, which is hashed below; leaving it (and distributed,
+    # and a world size of 1) out keeps checkpoints made before those options existed resumable
+    ignored = {"save_every", "keep_checkpoints", "merge", "device", "prompt_erasure", "distributed"}
     digest.update(config.model_dump_json(exclude=ignored).encode())
     digest.update(base_path.encode())
+    if world_size > 1:
+        digest.update(f"world_size={world_size}".encode())
     for ids in data_ids:
         digest.update(len(ids).to_bytes(4, "little"))
         digest.update(bytes(str(ids), "ascii"))
@@ -457,16 +522,20 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, state: dict[str, Any], keep: int,
-                    scaler=None) -> Path:
-    """Adapter + optimiser + scheduler position + RNG into `step-NNNNNN`, atomically (temp dir, rename)."""
+                    scaler=None, *, model_state: dict[str, Any] | None = None,
+                    optimizer_state: dict[str, Any] | None = None) -> Path:
+    """Adapter + optimiser + scheduler position + RNG into `step-NNNNNN`, atomically (temp dir, rename).
+
+    model_state / optimizer_state: full state dicts gathered from FSDP shards (else the live objects')."""
     import torch
 
     final = folder / f"{CHECKPOINT_PREFIX}{step:06d}"
 
     def write(staging: Path) -> None:
-        model.save_pretrained(staging)
+        model.save_pretrained(staging, state_dict=model_state)
         torch.save(
-            {**state, "step": step, "optimizer": optimizer.state_dict(),
+            {**state, "step": step,
+             "optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
              "scaler": scaler.state_dict() if scaler is not None else None,
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -482,9 +551,15 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, state:
 def load_checkpoint(path: Path, model, optimizer, scheduler, expected_fingerprint: str, scaler=None) -> int:
     """Restore a checkpoint into the live objects; return its step. Refuses one made from
     other data or settings: resuming it would silently train something else."""
+    state = read_checkpoint(path, expected_fingerprint)
+    restore_adapter(path, model)
+    restore_training_state(state, optimizer, scheduler, scaler)
+    return state["step"]
+
+
+def read_checkpoint(path: Path, expected_fingerprint: str) -> dict[str, Any]:
+    """A checkpoint's state.pt, refused when made from other data or settings."""
     import torch
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     state = torch.load(path / "state.pt", weights_only=False)
     if state["fingerprint"] != expected_fingerprint:
@@ -492,15 +567,32 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, expected_fingerprin
             f"{path.parent}: checkpoints were made with other data or settings; "
             "use another --out or delete that folder to start over"
         )
+    return state
+
+
+def restore_adapter(path: Path, model) -> None:
+    """The checkpoint's adapter weights into the (not yet sharded) peft model."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
     set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
-    optimizer.load_state_dict(state["optimizer"])
+
+
+def restore_training_state(state: dict[str, Any], optimizer, scheduler, scaler=None, rank: int = 0,
+                           load_optimizer: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """Optimiser, scheduler, loss scale and this rank's RNG from a checkpoint's state.
+
+    load_optimizer: how a full (FSDP-gathered) optimiser state goes back into shards."""
+    import torch
+
+    (load_optimizer or optimizer.load_state_dict)(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler") is not None:
         scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["torch_rng"])
+    by_rank = state.get("torch_rng_by_rank")
+    torch.set_rng_state(by_rank[rank] if by_rank and rank < len(by_rank) else state["torch_rng"])
     if state.get("cuda_rng") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return state["step"]
 
 
 # ----------------------------------------------------------------------------- training
@@ -528,15 +620,36 @@ def train(
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Fine-tune (resuming from the last checkpoint in `out_dir`), save the adapter and
-    the merged model; return the summary also written to `out_dir/summary.json`."""
+    the merged model; return the summary also written to `out_dir/summary.json`.
+
+    Under torchrun every rank calls this (`datagen.finetune.distributed`): each trains on
+    its share of the same global batches; rank 0 alone writes logs, checkpoints, adapter,
+    merged model and summary, and shows progress."""
+    from datagen.finetune.distributed import start
+
+    context = start(config.device)
+    try:
+        return _train(config, data, Path(out_dir), show_progress and context.is_main, context)
+    finally:
+        context.close()
+
+
+def _train(config: FinetuneConfig, data: str | Path, out_dir: Path, show_progress: bool, context) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer
 
     from datagen.finetune.data import collate, encode_all, load_conversations, plan_batches
+    from datagen.finetune.distributed import (
+        full_optimizer_state,
+        full_state_dict,
+        load_full_optimizer_state,
+        rank_share,
+        sync_gradients,
+        wrap,
+    )
     from datagen.model_paths import resolve_model
 
-    out_dir = Path(out_dir)
-    device = pick_device(config.device)
+    device, world, main = context.device, context.world_size, context.is_main
     if config.method == "qlora":
         require_qlora_support(device)
     precision = precision_for(config, device)
@@ -556,94 +669,183 @@ def train(
         return plan_batches(lengths, config.batch_size, config.seed + epoch,
                             packing=config.packing, max_length=encoded.max_length)
 
+    # one optimiser step: grad_accum micro-batches on each of `world` ranks
+    per_step = config.grad_accum * world
     batches_per_epoch = len(plan_epoch(0))
-    steps_per_epoch = max(1, math.ceil(batches_per_epoch / config.grad_accum))
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / per_step))
     total_steps = config.max_steps or config.epochs * steps_per_epoch
     warmup = int(config.warmup_ratio * total_steps)
+    sharded = context.distributed and config.distributed == "fsdp"
+    if sharded and precision.loss_scaling:
+        # a GradScaler would see only this rank's shard of the gradients when checking for overflow
+        raise ConfigError("finetune.distributed: fsdp with float16 compute is not supported; use bfloat16 or ddp")
 
-    torch.manual_seed(config.seed)
-    model = load_student(config, base_path, device, precision)
+    torch.manual_seed(config.seed)  # the same fresh adapter on every rank
+    # FSDP + LoRA: the whole student stays in host memory until fully_shard moves each
+    # block's shard to this rank's GPU, so no GPU ever holds all of it (QLoRA quantises on
+    # the GPU, so it loads there: 4-bit, a quarter of bf16)
+    load_device = "cpu" if sharded and config.method == "lora" else device
+    model = load_student(config, base_path, load_device, precision)
     model.train()
     if config.packing:
-        check_packing(model, examples, pad_id, device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(config, trainable)
-    scaler = make_grad_scaler(precision, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warmup, config.scheduler)
-    )
+        check_packing(model, examples, pad_id, load_device)
+    if context.distributed:
+        torch.manual_seed(config.seed + context.rank)  # each rank its own dropout masks
 
     checkpoints = out_dir / "checkpoints"
     print_ = _printer(show_progress)
-    run_fingerprint = fingerprint(config, [e.input_ids for e in examples], base_path)
-    step, resumed_from = 0, None
+    run_fingerprint = fingerprint(config, [e.input_ids for e in examples], base_path, world)
+    step, resumed_from, resume_state = 0, None, None
     last = latest_checkpoint(checkpoints)
     if last is not None:
-        step = resumed_from = load_checkpoint(last, model, optimizer, scheduler, run_fingerprint, scaler)
+        resume_state = read_checkpoint(last, run_fingerprint)
+        restore_adapter(last, model)
+        step = resumed_from = resume_state["step"]
         print_(f"resuming from {last} (step {step} of {total_steps})")
     if encoded.dropped_overlong:
         print_(f"dropped {len(encoded.dropped_overlong)} examples longer than {encoded.max_length} tokens "
                f"(first: {encoded.dropped_overlong[0]})")
 
+    def step_batches(at: int) -> list[dict[str, Any]]:
+        chunk = micro_batches(plan_epoch, at * per_step, per_step)
+        mine = rank_share(chunk, context.rank, world)
+        return [_to_device(collate(examples, batch, pad_id), device) for _epoch, batch in mine]
+
+    # The loss path is decided once, before wrapping, on the step's first global micro-batch
+    # (the same one on every rank, so every rank decides alike).
+    fast_loss, loss_note = None, None
+    if step < total_steps:
+        _epoch, first = micro_batches(plan_epoch, step * per_step, 1)[0]
+        loss_note = check_fast_loss(model, _to_device(collate(examples, first, pad_id), load_device))
+        fast_loss = loss_note is None
+        if loss_note:
+            print_(f"loss: {loss_note}; using the model's own forward ({LOSS_PATH_FULL})")
+    wrapped = wrap(loss_module(model, fast_loss is not False), model, config.distributed, context)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # after sharding: its DTensors
+    optimizer = make_optimizer(config, trainable)
+    scaler = make_grad_scaler(precision, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, warmup, config.scheduler)
+    )
+    if resume_state is not None:
+        load_optimizer = (lambda full: load_full_optimizer_state(wrapped, optimizer, full)) if sharded else None
+        restore_training_state(resume_state, optimizer, scheduler, scaler, context.rank, load_optimizer)
+        del resume_state
+
+    def checkpoint() -> None:
+        # gathering shards and RNG states is collective: every rank takes part, rank 0 writes
+        model_state = _adapter_state(full_state_dict(wrapped, context, config.distributed))
+        optimizer_state = full_optimizer_state(wrapped, optimizer) if sharded else None
+        rngs = context.gather(torch.get_rng_state())
+        if main:
+            save_checkpoint(checkpoints, step, model, optimizer, scheduler,
+                            {"fingerprint": run_fingerprint, "world_size": world, "torch_rng_by_rank": rngs},
+                            config.keep_checkpoints, scaler, model_state=model_state, optimizer_state=optimizer_state)
+        context.barrier()
+
     log_path = out_dir / "train_log.jsonl"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _truncate_log(log_path, step)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_log(log_path, step)
+    global_batch = config.batch_size * per_step
+    if context.distributed:
+        print_(f"{world} ranks ({config.distributed}, {context.backend}), global batch {global_batch} "
+               f"{'rows' if config.packing else 'sequences'} = {config.batch_size} x {config.grad_accum} accumulation "
+               f"x {world} ranks")
     started = time.monotonic()
     tokens_seen = 0
-    fast_loss, loss_note = None, None  # decided on the first batch this run trains on
-    with _progress(show_progress, total_steps, step) as advance, log_path.open("a") as log:
+    sync = (lambda last: sync_gradients(wrapped, last)) if context.distributed else None
+    with _progress(show_progress, total_steps, step, world) as advance, \
+            (log_path.open("a") if main else _NullLog()) as log:
         while step < total_steps:
-            chunk = micro_batches(plan_epoch, step * config.grad_accum, config.grad_accum)
-            tensors = [_to_device(collate(examples, batch, pad_id), device) for _epoch, batch in chunk]
-            if fast_loss is None:
-                loss_note = check_fast_loss(model, tensors[0])
-                fast_loss = loss_note is None
-                if loss_note:
-                    print_(f"loss: {loss_note}; using the model's own forward ({LOSS_PATH_FULL})")
-            step_loss = accumulate_gradients(model, tensors, fast_loss, scaler)
+            tensors = step_batches(step)
+            local_supervised = supervised_count(tensors)
+            local_tokens = sum(t["tokens"] for t in tensors)
+            global_supervised, step_tokens = (int(v) for v in context.sum([local_supervised, local_tokens]))
+            local_loss = accumulate_gradients(model, tensors, fast_loss, scaler, loss_fn=lambda b: wrapped(**b),
+                                              supervised=max(1, global_supervised), scale=world, sync=sync)
+            [step_loss] = context.sum([local_loss])
             grad_norm = optimizer_step(optimizer, trainable, config.max_grad_norm, scaler)
             scheduler.step()
             step += 1
-            step_tokens = sum(t["tokens"] for t in tensors)
             tokens_seen += step_tokens
             elapsed = time.monotonic() - started
             record = {
                 "step": step, "epoch": round(step / steps_per_epoch, 4), "loss": round(step_loss, 6),
                 "lr": scheduler.get_last_lr()[0], "grad_norm": round(grad_norm, 4), "tokens": step_tokens,
-                "tokens_per_s": round(tokens_seen / elapsed, 1), "elapsed_s": round(elapsed, 2),
+                "supervised": global_supervised, "tokens_per_s": round(tokens_seen / elapsed, 1),
+                "elapsed_s": round(elapsed, 2),
             }
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+            if context.distributed:
+                record["tokens_per_s_per_rank"] = round(tokens_seen / elapsed / world, 1)
+            if main:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
             advance(record)
             if step % config.save_every == 0 or step == total_steps:
-                save_checkpoint(checkpoints, step, model, optimizer, scheduler,
-                                {"fingerprint": run_fingerprint}, config.keep_checkpoints, scaler)
+                checkpoint()
     train_seconds = time.monotonic() - started
     finished = step >= total_steps
+    peaks = context.gather(peak_memory_mib(device))
     summary: dict[str, Any] = {
         "finished": finished, "step": step, "total_steps": total_steps, "resumed_from_step": resumed_from,
         "method": config.method, "base": config.base, "base_path": base_path, "device": device,
+        "world_size": world, "distributed": config.distributed if context.distributed else None,
+        "global_batch": global_batch,
         "compute_dtype": precision.dtype, "loss_scaling": precision.loss_scaling,
         "loss_path": None if fast_loss is None else (LOSS_PATH_FAST if fast_loss else LOSS_PATH_FULL),
         "loss_path_note": loss_note,
         "data": str(data), "examples": len(examples), "dropped_overlong": encoded.dropped_overlong,
         "max_length": encoded.max_length, "length_stats": encoded.length_stats,
-        "trainable_parameters": sum(p.numel() for p in trainable),
+        "trainable_parameters": sum(p.numel() for p in trainable) if not sharded else None,
         "tokens_this_run": tokens_seen, "train_seconds_this_run": round(train_seconds, 2),
         "tokens_per_s": round(tokens_seen / train_seconds, 1) if train_seconds > 0 else None,
-        "peak_memory_mib": peak_memory_mib(device),
-        "final_loss": _last_logged_loss(log_path),
+        "tokens_per_s_per_rank": round(tokens_seen / train_seconds / world, 1) if train_seconds > 0 else None,
+        "peak_memory_mib": max(peaks), "peak_memory_mib_per_rank": peaks,
+        "final_loss": _last_logged_loss(log_path) if main else None,
         "config": config.model_dump(mode="json"),
     }
+    if sharded:
+        summary["trainable_parameters"] = int(context.sum([sum(p.to_local().numel() if hasattr(p, "to_local")
+                                                               else p.numel() for p in trainable)])[0])
     if finished:
         adapter_dir = out_dir / "adapter"
-        write_dir_atomic(adapter_dir, lambda target: (model.save_pretrained(target), tokenizer.save_pretrained(target)))
+        model_state = _adapter_state(full_state_dict(wrapped, context, config.distributed))
+        if main:
+            write_dir_atomic(adapter_dir, lambda target: (model.save_pretrained(target, state_dict=model_state),
+                                                          tokenizer.save_pretrained(target)))
         summary["adapter"] = str(adapter_dir)
-        del model, optimizer
-        if config.merge:
+        del model, optimizer, wrapped
+        context.barrier()
+        if config.merge and main:
             summary["merged"] = str(merge_adapter(base_path, adapter_dir, out_dir / "merged"))
-    atomic_write_json(out_dir / "summary.json", summary)
+    if main:
+        atomic_write_json(out_dir / "summary.json", summary)
     return summary
+
+
+def _adapter_state(full: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The peft model's keys of the loss module's gathered state dict (its `model.` prefix off)."""
+    if full is None:
+        return None
+    prefix = "model."
+    return {key[len(prefix):]: value for key, value in full.items() if key.startswith(prefix)}
+
+
+class _NullLog:
+    """Where ranks other than 0 write their log lines: nowhere."""
+
+    def __enter__(self) -> _NullLog:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+    def write(self, text: str) -> None:
+        return None
+
+    def flush(self) -> None:
+        return None
 
 
 def merge_adapter(base_path: str, adapter_dir: Path, target: Path) -> Path:
@@ -701,21 +903,28 @@ def _printer(enabled: bool) -> Callable[[str], None]:
 
 
 class _progress:
-    """Progress with loss, tokens/s and ETA (datagen.progress); silent when disabled."""
+    """Progress with loss, tokens/s (and per rank when there are several) and ETA
+    (datagen.progress); silent when disabled."""
 
-    def __init__(self, enabled: bool, total: int, done: int):
-        self.enabled, self.total, self.done = enabled, total, done
+    def __init__(self, enabled: bool, total: int, done: int, world_size: int = 1):
+        self.enabled, self.total, self.done, self.world_size = enabled, total, done, world_size
 
     def __enter__(self) -> Callable[[dict[str, Any]], None]:
         if not self.enabled:
             return lambda record: None
         from datagen.progress import progress
 
-        self.shown = progress("sft", total=self.total, done=self.done, fields=("loss", "tok/s"))
+        several = self.world_size > 1
+        label = f"sft x{self.world_size} ranks" if several else "sft"
+        fields = ("loss", "tok/s", "tok/s/rank") if several else ("loss", "tok/s")
+        self.shown = progress(label, total=self.total, done=self.done, fields=fields)
         bar = self.shown.__enter__()
 
         def advance(record: dict[str, Any]) -> None:
-            bar.advance(1, loss=f"{record['loss']:.4f}", **{"tok/s": f"{record['tokens_per_s']:.0f}"})
+            shown = {"tok/s": f"{record['tokens_per_s']:.0f}"}
+            if several:
+                shown["tok/s/rank"] = f"{record['tokens_per_s_per_rank']:.0f}"
+            bar.advance(1, loss=f"{record['loss']:.4f}", **shown)
 
         return advance
 

@@ -144,7 +144,7 @@ def test_unknown_method():
 
 @pytest.mark.parametrize(("args", "named"), [
     (["generate", "--bogus"], "--bogus"),
-    (["finetune", "data.jsonl", "--nproc", "2"], "--nproc"),
+    (["finetune", "data.jsonl", "--gpus", "2"], "--gpus"),
     (["generate", "--num", "abc"], "--num"),
     (["export", "kept.jsonl", "--out", "x", "--format"], "--format"),
 ])

@@ -30,14 +30,15 @@ LAYERS: list[tuple[str, ...]] = [
     # the Backend protocol, Teacher (cache, stats), the backends and their registry
     ("datagen.teachers", "datagen.vllm_server"),
     # the work: filter passes, generation methods, SFT examples
-    ("datagen.filters", "datagen.generators", "datagen.finetune", "datagen.finetune.data"),
+    ("datagen.filters", "datagen.generators", "datagen.finetune", "datagen.finetune.data",
+     "datagen.finetune.distributed"),
     # stage runners, each owning its config section
     ("datagen.generate", "datagen.filtering", "datagen.scale_dedup", "datagen.export", "datagen.finetune.sft",
      "datagen.finetune.evaluate", "datagen.view"),
     # the whole-file config and the chained stages
     ("datagen.config_file", "datagen.distill"),
     # typer commands
-    ("datagen.cli",),
+    ("datagen.cli", "datagen.finetune.__main__"),
 ]
 
 

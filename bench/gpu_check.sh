@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# What only a GPU shows, in one go (< 8 minutes of steps on one GPU, after the installs):
+#
+#   1. the `vllm` backend (real CUDA vLLM) on the embedded model: datagen's generate path
+#      vs a bare vllm.LLM.chat, generated tokens/s and their ratio (bench/generate_overhead.py)
+#   2. QLoRA (bitsandbytes 4-bit NF4) finetune of the embedded student for 20 steps: the loss
+#      must fall (mean of the last 5 steps below the mean of the first 5)
+#   3. bench/sft.py against TRL on the GPU: tokens/s, seconds per step, peak memory, both ratios
+#
+# and prints one summary table (bench/gpu_check_table.py). Run from the repository root:
+#
+#   bash bench/gpu_check.sh [OUT_DIR]          # PYTHON=.venv/bin/python by default
+#
+# Missing GPU packages (vllm, bitsandbytes, trl) are installed into that Python first; the
+# install is not part of the step budget. Each step has its own time limit and the table
+# says which step failed or ran out of time; the script exits non-zero if any did.
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-.venv/bin/python}
+OUT=${1:-$(mktemp -d -t gpu_check.XXXXXX)}
+mkdir -p "$OUT"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DATAGEN_PROGRESS_INTERVAL=10
+
+if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "error: no CUDA device visible to $PYTHON; this check needs one GPU" >&2
+    exit 2
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1 || true
+
+for package in vllm bitsandbytes trl; do
+    if ! "$PYTHON" -c "import $package" 2>/dev/null; then
+        echo "installing $package" >&2
+        "$PYTHON" -m pip install -q "$package" >> "$OUT/install.log" 2>&1 || echo "install of $package failed" >&2
+    fi
+done
+
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to OUT/NAME.log, record status and time
+    local name=$1 limit=$2
+    shift 2
+    local started=$SECONDS
+    echo "== $name (limit ${limit}s)" >&2
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local status=$?
+    echo "{\"status\": $status, \"seconds\": $((SECONDS - started))}" > "$OUT/$name.status.json"
+    tail -n 3 "$OUT/$name.log" >&2
+    return 0
+}
+
+# 1. vLLM on CUDA: the generate-overhead ratio
+step vllm 200 "$PYTHON" bench/generate_overhead.py --prompts 64 --max-tokens 128 --repeats 2
+
+# 2. QLoRA, 20 steps of the embedded student on real chat examples (the bundled seeds)
+"$PYTHON" - "$OUT/sft_data.jsonl" <<'EOF'
+import json, sys
+sys.path.insert(0, "bench")
+from sft import build_examples
+with open(sys.argv[1], "w") as f:
+    f.writelines(json.dumps(row) + "\n" for row in build_examples(160))
+EOF
+step qlora 120 "$PYTHON" -m datagen.cli finetune "$OUT/sft_data.jsonl" --out "$OUT/qlora" --method qlora \
+    --max-steps 20 --batch-size 8 --learning-rate 5e-4
+
+# 3. bench/sft.py against TRL on the GPU (LoRA, bf16)
+step sft 180 "$PYTHON" bench/sft.py --steps 20 --batch-size 8 --save "$OUT/sft.json"
+
+"$PYTHON" bench/gpu_check_table.py "$OUT"

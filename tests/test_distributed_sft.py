@@ -1,0 +1,251 @@
+"""SFT under torchrun on CPU (gloo): 2 ranks with DDP and with FSDP2 train exactly what one
+process with gradient accumulation over the same global batch trains; the saved adapter
+loads and merges; kill -9 of one rank, then a rerun resumes from the last checkpoint and
+ends on the same losses; bad settings are one error line.
+
+The student is a tiny Llama built from a config (2 layers of width 16, the embedded
+tokenizer), so each torchrun launch costs its start-up (~15 s here), not training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from datagen.errors import ConfigError
+from datagen.finetune.distributed import rank_share, torchrun_command
+from datagen.finetune.sft import FinetuneConfig, fingerprint, train
+from tests.helpers import run_cli, single_error_line
+from tests.test_finetune import arithmetic_rows, tiny_model, write_jsonl
+
+# dropout 0: the ranks draw other dropout masks than one process would
+SETTINGS = dict(dropout=0.0, batch_size=4, learning_rate=1e-2, max_steps=4, warmup_ratio=0.0, merge=False)
+
+
+def log_of(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def config_file(path, **settings) -> str:
+    path.write_text("finetune:\n" + "".join(f"  {key}: {json.dumps(value)}\n" for key, value in settings.items()))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, embedded_model_path):
+    """The tiny student, 32 examples, and one process's run with accumulation 2 (the reference)."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("dist")
+    tiny_model(folder / "tiny", AutoTokenizer.from_pretrained(embedded_model_path))
+    data = write_jsonl(folder / "train.jsonl", arithmetic_rows(32))
+    reference = folder / "one"
+    train(FinetuneConfig(base=str(folder / "tiny"), grad_accum=2, **SETTINGS), data, reference, show_progress=False)
+    return folder, data, log_of(reference)
+
+
+def launch(setup, out, *extra, **settings) -> subprocess.CompletedProcess:
+    folder, data, _reference = setup
+    config = config_file(out.parent / f"{out.name}.yaml", base=str(folder / "tiny"), **{**SETTINGS, **settings})
+    return run_cli("finetune", str(data), "--out", str(out), "--config", config, "--nproc", "2", *extra,
+                   env={"DATAGEN_PROGRESS_INTERVAL": "0"})
+
+
+# ---------------------------------------------------------------- batches and launching (no processes)
+
+
+def test_ranks_share_each_global_step_between_them():
+    chunk = ["b0", "b1", "b2", "b3", "b4", "b5"]  # grad_accum 3 x 2 ranks
+    shares = [rank_share(chunk, rank, 2) for rank in range(2)]
+    assert shares == [["b0", "b2", "b4"], ["b1", "b3", "b5"]]
+    assert sorted(shares[0] + shares[1]) == chunk
+    with pytest.raises(ValueError, match="do not split evenly"):
+        rank_share(chunk[:5], 0, 2)
+
+
+def test_torchrun_command_for_one_node_and_several():
+    worker = ["data.jsonl", "--out", "out"]
+    assert torchrun_command("py", 2, worker) == [
+        "py", "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+        "-m", "datagen.finetune", *worker]
+    assert torchrun_command("py", 4, worker, nnodes="2", node_rank=1, master_addr="n0", master_port=29500)[3:13] == [
+        "--nproc-per-node", "4", "--nnodes", "2", "--node-rank", "1", "--master-addr", "n0", "--master-port", "29500"]
+    elastic = torchrun_command("py", 8, worker, nnodes="1:4", rdzv_endpoint="n0:29400")
+    assert elastic[5:11] == ["--nnodes", "1:4", "--rdzv-backend", "c10d", "--rdzv-endpoint", "n0:29400"]
+    with pytest.raises(ConfigError, match="--nproc: must be at least 1"):
+        torchrun_command("py", 0, worker)
+
+
+def test_the_number_of_ranks_is_part_of_a_checkpoints_fingerprint():
+    config, ids = FinetuneConfig(), [[1, 2, 3]]
+    assert fingerprint(config, ids, "base") == fingerprint(config, ids, "base", world_size=1)
+    assert fingerprint(config, ids, "base", world_size=2) != fingerprint(config, ids, "base")
+    # ddp and fsdp train the same numbers: a checkpoint of one resumes under the other
+    assert fingerprint(FinetuneConfig(distributed="fsdp"), ids, "base", 2) == fingerprint(config, ids, "base", 2)
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--distributed", "foo"], "error: --distributed: input should be 'ddp' or 'fsdp'"),
+    (["--nproc", "0"], "error: --nproc: must be at least 1 (got 0)"),
+])
+def test_bad_distributed_settings_are_one_error_line(tmp_path, args, expected):
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(2))
+    result = run_cli("finetune", str(data), "--out", str(tmp_path / "out"), *args)
+    assert result.returncode == 2
+    assert single_error_line(result).lower().startswith(expected.lower())
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_distributed_in_the_config_file_names_the_field(tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(2))
+    config = config_file(tmp_path / "c.yaml", distributed="foo")
+    result = run_cli("finetune", str(data), "--out", str(tmp_path / "out"), "--config", config, "--nproc", "2")
+    assert result.returncode == 2
+    assert "finetune.distributed" in single_error_line(result)
+
+
+# ---------------------------------------------------------------- real torchrun, 2 ranks, gloo
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("strategy", "packing"), [("ddp", False), ("fsdp", False), ("ddp", True)])
+def test_two_ranks_train_what_one_process_with_accumulation_trains(setup, tmp_path, strategy, packing):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    folder, data, reference = setup
+    if packing:
+        train(FinetuneConfig(base=str(folder / "tiny"), grad_accum=2, packing=True, max_length=128,
+                             **SETTINGS), data,
+              tmp_path / "one", show_progress=False)
+        reference = log_of(tmp_path / "one")
+    out = tmp_path / strategy
+    result = launch(setup, out, "--distributed", strategy, merge=True, packing=packing,
+                    **({"max_length": 128} if packing else {}))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"2 ranks ({strategy}, gloo), global batch 8 {'rows' if packing else 'sequences'}" in result.stderr
+    assert "tok/s/rank" in result.stderr
+    log = log_of(out)
+    assert [e["step"] for e in log] == [1, 2, 3, 4]
+    assert [e["tokens"] for e in log] == [e["tokens"] for e in reference]
+    assert [e["supervised"] for e in log] == [e["supervised"] for e in reference]
+    assert [e["loss"] for e in log] == pytest.approx([e["loss"] for e in reference], rel=1e-5)
+    assert [e["grad_norm"] for e in log] == pytest.approx([e["grad_norm"] for e in reference], rel=1e-3)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["distributed"] == strategy and summary["global_batch"] == 8
+    assert summary["tokens_per_s_per_rank"] == pytest.approx(summary["tokens_per_s"] / 2, rel=0.01)
+    assert len(summary["peak_memory_mib_per_rank"]) == 2
+
+    # the adapter (gathered from shards under fsdp) loads, and the merged model is base + adapter
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    base = AutoModelForCausalLM.from_pretrained(folder / "tiny", dtype=torch.float32).eval()
+    with torch.inference_mode():
+        plain = base(input_ids=ids).logits
+    adapted_model = PeftModel.from_pretrained(base, out / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32).eval()
+    with torch.inference_mode():
+        adapted = adapted_model(input_ids=ids).logits
+        direct = merged(input_ids=ids).logits
+    assert torch.allclose(adapted, direct, atol=1e-4)
+    assert (adapted - plain).abs().max() > 1e-3
+
+
+def _worker_of_rank(parent_pid: int, rank: int) -> int | None:
+    import psutil
+
+    for child in psutil.Process(parent_pid).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank) and "datagen.finetune" in " ".join(child.cmdline()):
+                return child.pid
+        except psutil.Error:
+            continue
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_kill_9_of_one_rank_then_a_rerun_resumes_and_ends_on_the_same_losses(setup, tmp_path, strategy):
+    folder, data, _reference = setup
+    settings = {**SETTINGS, "max_steps": 40, "save_every": 5, "distributed": strategy}
+    unbroken = tmp_path / "unbroken"
+    train(FinetuneConfig(base=str(folder / "tiny"), grad_accum=2, **settings), data, unbroken, show_progress=False)
+
+    out = tmp_path / "out"
+    config = config_file(tmp_path / "c.yaml", base=str(folder / "tiny"), **settings)
+    command = [sys.executable, "-m", "datagen.cli", "finetune", str(data), "--out", str(out), "--config", config,
+               "--nproc", "2"]
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoints" / "step-000005" / "state.pt").exists():
+        assert first.poll() is None, "finetune ended before its first checkpoint:\n" + first.stderr.read()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    victim = _worker_of_rank(first.pid, 1)
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    _out, stderr = first.communicate(timeout=300)
+    assert first.returncode != 0
+    assert "torchrun: a rank failed" in stderr
+    assert not (out / "adapter").exists()
+
+    second = run_cli("finetune", str(data), "--out", str(out), "--config", config, "--nproc", "2")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from" in second.stderr
+    resumed = json.loads((out / "summary.json").read_text())
+    assert resumed["finished"] and 5 <= resumed["resumed_from_step"] < 40
+    again, expected = log_of(out), log_of(unbroken)
+    assert [e["step"] for e in again] == list(range(1, 41))
+    assert [e["loss"] for e in again] == pytest.approx([e["loss"] for e in expected], rel=1e-4)
+
+
+# ---------------------------------------------------------------- GPUs
+
+
+@pytest.mark.gpu
+def test_qlora_under_ddp_on_two_gpus(tmp_path):
+    """QLoRA's simple default under several GPUs: a whole 4-bit student on each."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    pytest.importorskip("bitsandbytes")
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(32))
+    config = config_file(tmp_path / "c.yaml", **{**SETTINGS, "learning_rate": 1e-3, "max_steps": 6})
+    result = run_cli("finetune", str(data), "--out", str(tmp_path / "out"), "--config", config, "--nproc", "2",
+                     "--method", "qlora")
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = log_of(tmp_path / "out")
+    assert log[-1]["loss"] < log[0]["loss"]
+
+
+def test_qlora_under_fsdp_stores_4bit_weights_in_the_compute_dtype():
+    import torch
+
+    from datagen.finetune.sft import quantization_config
+
+    assert quantization_config("bfloat16", sharded=True).bnb_4bit_quant_storage == torch.bfloat16
+    assert quantization_config("float16", sharded=True).bnb_4bit_quant_storage == torch.float16
+    assert quantization_config("bfloat16").bnb_4bit_quant_storage == torch.uint8  # DDP: bitsandbytes' default
+
+
+@pytest.mark.gpu
+def test_qlora_under_fsdp_on_two_gpus(tmp_path):
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    pytest.importorskip("bitsandbytes")
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(32))
+    config = config_file(tmp_path / "c.yaml", **{**SETTINGS, "learning_rate": 1e-3, "max_steps": 6})
+    result = run_cli("finetune", str(data), "--out", str(tmp_path / "out"), "--config", config, "--nproc", "2",
+                     "--method", "qlora", "--distributed", "fsdp")
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = log_of(tmp_path / "out")
+    assert log[-1]["loss"] < log[0]["loss"]
