@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     # the Backend protocol, Teacher (cache, stats), the backends and their registry
     ("datagen.teachers", "datagen.vllm_server"),
     # the work: filter passes, generation methods, SFT examples
-    ("datagen.filters", "datagen.generators", "datagen.finetune", "datagen.finetune.data"),
+    ("datagen.filters", "datagen.generators", "datagen.finetune", "datagen.finetune.data", "datagen.engines"),
     # stage runners, each owning its config section
     ("datagen.generate", "datagen.filtering", "datagen.export", "datagen.finetune.sft",
      "datagen.finetune.evaluate", "datagen.view"),

@@ -94,6 +94,19 @@ def backoff_seconds(attempt: int, base: float, cap: float, rng: random.Random) -
     return rng.uniform(ceiling / 2, ceiling)
 
 
+def api_key_for(config: TeacherConfig, base_url: str) -> str:
+    """The API key from `config.api_key_env`; "EMPTY" for a loopback server without one."""
+    key = os.environ.get(config.api_key_env)
+    if key:
+        return key
+    if urlparse(base_url).hostname not in LOOPBACK_HOSTS:
+        # Said here, before the first request, not as a 401 from the server later.
+        raise TeacherError(
+            f"--api-key-env: environment variable {config.api_key_env} is not set (needed for {base_url})"
+        )
+    return "EMPTY"  # local servers ignore the key but the client wants one
+
+
 class OpenAIBackend:
     name = "openai"
 
@@ -104,15 +117,7 @@ class OpenAIBackend:
         self.model = config.model
         self.base_url = (config.base_url or OPENAI_URL).rstrip("/")
         self.counters = BackendCounters()
-        self._api_key = os.environ.get(config.api_key_env)
-        if not self._api_key:
-            if urlparse(self.base_url).hostname not in LOOPBACK_HOSTS:
-                # Said here, before the first request, not as a 401 from the server later.
-                raise TeacherError(
-                    f"--api-key-env: environment variable {config.api_key_env} is not set "
-                    f"(needed for {self.base_url})"
-                )
-            self._api_key = "EMPTY"  # local servers ignore the key but the client wants one
+        self._api_key = api_key_for(config, self.base_url)
         self._rng = random.Random(0)
         self._requests_budget = (
             RateLimiter(config.requests_per_minute) if config.requests_per_minute else None
