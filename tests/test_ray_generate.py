@@ -29,7 +29,8 @@ from datagen.generate import run_generate  # noqa: E402
 from datagen.io import read_records, rejects_path  # noqa: E402
 from datagen.records import Instance, Task  # noqa: E402
 from datagen.teachers.base import Completion  # noqa: E402
-from datagen.teachers.teacher import Teacher, TeacherConfig  # noqa: E402
+from datagen.teachers.openai_api import Endpoints  # noqa: E402
+from datagen.teachers.teacher import Teacher, TeacherConfig, make_teacher  # noqa: E402
 from tests import test_evol_instruct  # noqa: E402
 from tests.helpers import ScriptedBackend, write_tasks  # noqa: E402
 
@@ -210,12 +211,12 @@ def test_engine_section_is_validated_with_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_http_route_answers_every_request_once(tmp_path, local_ray, vllm_server, embedded_model_path):
+def test_http_route_answers_every_request_once(tmp_path, local_ray, vllm_server):
     config = config_for(tmp_path, "ray", "orca", 6, {"kind": "ray", "replicas": 2, "batch_size": 4},
                         items_per_batch=4, max_instances_per_task=1,
                         answer_sampling={"temperature": 0.0, "max_tokens": 32})
     config.teacher = config.teacher.model_copy(update={"backend": "openai", "base_url": vllm_server,
-                                                       "model": embedded_model_path})
+                                                       "model": "smollm2-135m"})
     summary = run_generate(config, "test")
     assert summary["engine"]["route"] == ROUTE_HTTP
     planned = 6  # the plan covers the whole input (40 tasks, one instance each) ...
@@ -236,3 +237,34 @@ def test_vllm_engine_route_on_gpu(tmp_path, local_ray, embedded_model_path):
     summary = run_generate(config, "test")
     assert summary["engine"]["route"].startswith("ray.data.llm vLLMEngine")
     assert summary["failures"] == 0 and summary["requests_sent"] >= 16
+
+
+# -- iterative methods: several base URLs, balanced by the openai backend ----------------------
+
+
+def test_least_busy_server_is_picked_and_a_retry_avoids_the_failed_one():
+    endpoints = Endpoints(["a", "b", "c"])
+    assert endpoints.pick() == 0
+    endpoints.in_flight = [2, 1, 1]
+    assert endpoints.pick() == 1 and endpoints.pick(avoid=1) == 2
+    assert Endpoints(["only"]).pick(avoid=0) == 0  # nowhere else to go
+    assert TeacherConfig(base_url="http://a/v1, http://b/v1").base_url == ["http://a/v1", "http://b/v1"]
+    assert TeacherConfig(base_url=["http://a/v1"]).base_url == "http://a/v1"
+
+
+@pytest.mark.slow
+def test_requests_spread_over_servers_and_a_failing_one_is_routed_around(vllm_server, tmp_path, monkeypatch):
+    from tests.fault_proxy import FaultProxy
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    prompts = [[{"role": "user", "content": f"[down] Name fruit number {n}."}] for n in range(8)]
+    # server A fails every request it gets; B answers all: every request completes, on B
+    with FaultProxy(vllm_server, {"[down]": ["500"] * 100}) as down, FaultProxy(vllm_server, {"[down]": []}) as up:
+        config = TeacherConfig(backend="openai", base_url=[down.base_url, up.base_url], model="smollm2-135m",
+                               cache_dir=str(tmp_path / "cache"), max_retries=1, backoff_base_s=0.0,
+                               sampling={"temperature": 0.0, "max_tokens": 8})
+        with make_teacher(config) as teacher:
+            replies = teacher.complete(prompts)
+    assert all(reply.ok for [reply] in replies)
+    assert down.attempts["[down]"] > 0  # it got its share of first attempts ...
+    assert up.delivered["[down]"] == len(prompts) and teacher.stats.retries == down.attempts["[down]"]
