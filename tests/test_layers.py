@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, ...]] = [
     # the work: filter passes, generation methods, SFT examples
     ("datagen.filters", "datagen.generators", "datagen.finetune", "datagen.finetune.data", "datagen.engines"),
     # stage runners, each owning its config section
-    ("datagen.generate", "datagen.filtering", "datagen.export", "datagen.finetune.sft",
+    ("datagen.generate", "datagen.estimate", "datagen.filtering", "datagen.export", "datagen.finetune.sft",
      "datagen.finetune.evaluate", "datagen.view"),
     # the whole-file config and the chained stages
     ("datagen.config_file", "datagen.distill"),

@@ -30,7 +30,7 @@ from datagen.io import read_records, rejects_path  # noqa: E402
 from datagen.records import Instance, Task  # noqa: E402
 from datagen.teachers.base import Completion  # noqa: E402
 from datagen.teachers.openai_api import Endpoints  # noqa: E402
-from datagen.teachers.teacher import Teacher, TeacherConfig, make_teacher  # noqa: E402
+from datagen.teachers.teacher import PriceTable, Teacher, TeacherConfig, make_teacher  # noqa: E402
 from tests import test_evol_instruct  # noqa: E402
 from tests.helpers import ScriptedBackend, write_tasks  # noqa: E402
 
@@ -268,3 +268,31 @@ def test_requests_spread_over_servers_and_a_failing_one_is_routed_around(vllm_se
     assert all(reply.ok for [reply] in replies)
     assert down.attempts["[down]"] > 0  # it got its share of first attempts ...
     assert up.delivered["[down]"] == len(prompts) and teacher.stats.retries == down.attempts["[down]"]
+
+
+# -- --estimate ------------------------------------------------------------------------------
+
+
+def test_estimate_projects_from_a_pilot_that_the_real_run_reuses(tmp_path):
+    from datagen.estimate import format_estimate, run_estimate
+
+    config = config_for(tmp_path, "est", "orca", 30, **ORCA)
+    config.teacher = config.teacher.model_copy(
+        update={"prices": PriceTable(input_per_million=1.0, output_per_million=2.0)})
+    pilot = ScriptedBackend(orca_reply, name="scripted", model=config.teacher.model)
+    estimate = run_estimate(config, pilot=5, teacher_factory=lambda: Teacher(pilot, config.teacher))
+
+    # tasks t0..t5 were tried (t3 fails both instances: 2 parse failures + "no instance answered")
+    assert len(pilot.seen) == 12 and estimate["pilot_tasks"] == 5
+    assert estimate["acceptance_rate"] == pytest.approx(5 / 8)
+    assert estimate["requests"] == 12 * 30 // 5
+    prompt_tokens = sum(len(p.split()) for p in pilot.seen) * 30 // 5
+    assert estimate["prompt_tokens"] == prompt_tokens and estimate["wall_seconds"] is not None
+    assert estimate["cost"] == pytest.approx((prompt_tokens + 2 * estimate["completion_tokens"]) / 1e6)
+    assert not Path(config.generate.out).exists()  # the pilot wrote to a scratch file
+    assert "assumed acceptance rate: 62%" in format_estimate(estimate)
+
+    real = ScriptedBackend(orca_reply, name="scripted", model=config.teacher.model)
+    summary = run_generate(config, "test", lambda: Teacher(real, config.teacher))
+    assert summary["cache_hits"] == 12 and not set(real.seen) & set(pilot.seen)
+    assert summary["tasks_produced"] == 30
