@@ -24,7 +24,7 @@ ray = pytest.importorskip("ray")
 from datagen.config_file import load_config  # noqa: E402
 from datagen.engines.config import ROUTE_ACTORS, ROUTE_HTTP, EngineConfig, ray_route  # noqa: E402
 from datagen.engines.ray_generate import ray_teacher  # noqa: E402
-from datagen.errors import ConfigError  # noqa: E402
+from datagen.errors import ConfigError, TeacherError  # noqa: E402
 from datagen.generate import run_generate  # noqa: E402
 from datagen.io import read_records, rejects_path  # noqa: E402
 from datagen.records import Instance, Task  # noqa: E402
@@ -154,7 +154,7 @@ def test_killed_run_resumes_without_repeating_finished_shards(tmp_path, local_ra
     engine = {"kind": "ray", "replicas": 1, "batch_size": 4}
     config = config_for(tmp_path, "ray", "orca", 30, engine, **ORCA)
     log = tmp_path / "answered.log"
-    with pytest.raises(Exception, match="replica killed"):
+    with pytest.raises(TeacherError, match=r"engine: ray: the pipeline failed .*replica killed"):
         run_ray(config, ScriptedReplicas(orca_reply, log, fail_after=30))
     first = answered(log)
     finished = list(read_records(config.generate.out, Task))
@@ -226,11 +226,12 @@ def test_http_route_answers_every_request_once(tmp_path, local_ray, vllm_server)
 
 
 @pytest.mark.gpu
-def test_vllm_engine_route_on_gpu(tmp_path, local_ray, embedded_model_path):
+def test_vllm_engine_route_on_gpu(tmp_path, request, embedded_model_path):
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     pytest.importorskip("vllm")
+    request.getfixturevalue("local_ray")
     config = config_for(tmp_path, "ray", "orca", 8, {"kind": "ray", "replicas": 1, "batch_size": 8},
                         items_per_batch=8, answer_sampling={"temperature": 0.0, "max_tokens": 64})
     config.teacher = config.teacher.model_copy(update={"backend": "vllm", "model": embedded_model_path})

@@ -212,7 +212,11 @@ def stream_replies(
         dataset = _http_processor(teacher, engine)(dataset)
     else:
         dataset = _actor_pool(dataset, teacher, engine, backend_factory or make_backend)
-    yield from dataset.iter_rows()
+    try:
+        yield from dataset.iter_rows()
+    except Exception as error:  # noqa: BLE001 - a replica's failure arrives wrapped in Ray's exception types
+        lines = [line for line in str(error).splitlines() if line.strip()]
+        raise TeacherError(f"engine: ray: the pipeline failed ({route}): {lines[-1] if lines else error!r}") from error
 
 
 # -- the driver's backend ----------------------------------------------------------------------
