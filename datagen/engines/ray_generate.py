@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -215,8 +216,20 @@ def stream_replies(
     try:
         yield from dataset.iter_rows()
     except Exception as error:  # noqa: BLE001 - a replica's failure arrives wrapped in Ray's exception types
-        lines = [line for line in str(error).splitlines() if line.strip()]
-        raise TeacherError(f"engine: ray: the pipeline failed ({route}): {lines[-1] if lines else error!r}") from error
+        raise TeacherError(f"engine: ray: the pipeline failed ({route}): {_root_cause(error)}") from error
+
+
+def _root_cause(error: BaseException) -> str:
+    """The replica's own error line ("RuntimeError: ...") from under Ray's wrappers."""
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = getattr(current, "cause", None) or current.__cause__ or current.__context__
+    text = "\n".join(str(e) for e in chain)
+    own = [line.strip() for line in re.findall(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception|Interrupt): .+)$", text, re.M)
+           if not line.strip().startswith(("ray.", "UserCodeException", "RayTaskError"))]
+    return own[-1] if own else f"{type(chain[-1]).__name__}: {str(chain[-1]).strip().splitlines()[-1:]}"
 
 
 # -- the driver's backend ----------------------------------------------------------------------
