@@ -190,6 +190,10 @@ def generate(
     max_retries: RetriesOpt = None,
     engine_args: EngineArgOpt = None,
     cache_dir: CacheDirOpt = None,
+    estimate: Annotated[bool, typer.Option(
+        "--estimate", help="Run a small pilot (cached for the real run) and print projected requests, tokens, "
+        "wall time and cost for --num; OUT is not written.")] = False,
+    pilot: Annotated[int, typer.Option("--pilot", help="Tasks the --estimate pilot makes.")] = 8,
 ) -> None:
     """Generate new tasks from seed tasks with a published method."""
     from datagen.config_file import load_config
@@ -209,6 +213,11 @@ def generate(
         "generate.seed": ("--seed", seed),
     })
     settings = load_config(config, overrides)
+    if estimate:
+        from datagen.estimate import format_estimate, run_estimate
+
+        typer.echo(format_estimate(run_estimate(settings, pilot)))
+        return
     summary = run_generate(settings, "datagen " + " ".join(sys.argv[1:]))
     typer.echo(format_summary(summary), err=True)
 

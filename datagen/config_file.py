@@ -3,6 +3,7 @@ the module that runs that stage.
 
     teacher:  datagen.teachers.TeacherConfig  (backend, model, sampling, limits, cache)
     generate: datagen.generate.GenerateConfig (method, seeds, num, per-method sections)
+    engine:   datagen.engines.config.EngineConfig (local, or ray: address, replicas, ...)
     filter:   datagen.filtering.FilterConfig  (passes and their settings)
     export:   datagen.export.ExportConfig     (splits, languages, Natural-Instructions fields)
     finetune: datagen.finetune.sft.FinetuneConfig      (LoRA / QLoRA SFT)
@@ -22,6 +23,7 @@ from typing import Any
 
 from datagen.config import Strict, read_yaml, validate_config
 from datagen.distill import DistillConfig
+from datagen.engines.config import EngineConfig
 from datagen.export.config import ExportConfig
 from datagen.filtering import FilterConfig
 from datagen.finetune.evaluate import EvalConfig
@@ -33,6 +35,7 @@ from datagen.teachers import TeacherConfig
 class Config(Strict):
     teacher: TeacherConfig = TeacherConfig()
     generate: GenerateConfig = GenerateConfig()
+    engine: EngineConfig = EngineConfig()
     filter: FilterConfig = FilterConfig()
     export: ExportConfig = ExportConfig()
     finetune: FinetuneConfig = FinetuneConfig()

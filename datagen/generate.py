@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -23,7 +24,7 @@ from datagen.generators.common import GenerationMethod, RunContext, TaskSink, in
 from datagen.io import atomic_write_json, progress_path, read_tasks, rejects_path, summary_path
 from datagen.progress import progress
 from datagen.records import Task
-from datagen.teachers.teacher import make_teacher, run_summary
+from datagen.teachers.teacher import Teacher, make_teacher, run_summary
 
 # The methods by name. Adding one: write generators/NAME.py with its settings model and
 # `run(seeds, settings, context)`, add a line here; its name becomes a `--method` choice
@@ -33,8 +34,8 @@ GENERATORS: dict[str, GenerationMethod] = {
                                       self_instruct.SelfInstructConfig),
     "alpaca": GenerationMethod(alpaca.run_alpaca, "alpaca", alpaca.AlpacaConfig),
     "evol-instruct": GenerationMethod(evol_instruct.run_evol_instruct, "evol_instruct",
-                                      evol_instruct.EvolInstructConfig),
-    "orca": GenerationMethod(orca.run_orca, "orca", orca.OrcaConfig),
+                                      evol_instruct.EvolInstructConfig, ray_settings=evol_instruct.whole_rounds),
+    "orca": GenerationMethod(orca.run_orca, "orca", orca.OrcaConfig, plan=orca.planned_requests),
 }
 
 Method = Literal[tuple(GENERATORS)]  # type: ignore[valid-type]
@@ -71,8 +72,28 @@ def _batches_done(output: Path, method: str) -> int:
     return state["batches_done"] if state.get("method") == method else 0
 
 
-def run_generate(config, command_line: str) -> dict[str, Any]:
-    """Run `config.generate` and return the summary it also writes beside the output."""
+def make_run_teacher(config) -> Teacher:
+    """The run's teacher: in this process (`engine: local`) or over Ray (`engine: ray`)."""
+    engine = config.engine
+    if engine.kind == "local":
+        return make_teacher(config.teacher)
+    method = GENERATORS[config.generate.method]
+    if method.plan is None and method.ray_settings is None:
+        raise ConfigError(
+            f"engine.kind: ray runs {', '.join(n for n, m in GENERATORS.items() if m.plan or m.ray_settings)}; "
+            f"{config.generate.method} is iterative (each round depends on the pool): use engine: local with "
+            "teacher.base_url listing several servers"
+        )
+    from datagen.engines.ray_generate import ray_teacher
+
+    return ray_teacher(config.teacher, engine)
+
+
+def run_generate(config, command_line: str, teacher_factory: Callable[[], Teacher] | None = None) -> dict[str, Any]:
+    """Run `config.generate` and return the summary it also writes beside the output.
+
+    `teacher_factory` replaces `make_run_teacher(config)` (tests use a scripted backend).
+    """
     settings = config.generate
     if not settings.out:
         raise ConfigError("--out: where to write the tasks is required")
@@ -81,7 +102,7 @@ def run_generate(config, command_line: str) -> dict[str, Any]:
     started = time.monotonic()
     # the teacher first: a teacher that cannot be used (no API key, no server) fails
     # before OUT is created
-    with make_teacher(config.teacher) as teacher, TaskSink(output) as sink, progress(
+    with (teacher_factory or (lambda: make_run_teacher(config)))() as teacher, TaskSink(output) as sink, progress(
         settings.method, total=settings.num, done=min(len(sink.existing), settings.num),
         detail=lambda: f"teacher: {teacher.stats.requests_sent} requests, {teacher.stats.cache_hits} cached",
     ) as bar:
@@ -91,10 +112,17 @@ def run_generate(config, command_line: str) -> dict[str, Any]:
 
         resumed_from = len(sink.existing)
         method = GENERATORS[settings.method]
-        method.run(seeds, getattr(settings, method.section), RunContext(
+        section = getattr(settings, method.section)
+        on_ray = config.engine.kind == "ray"
+        if on_ray and method.ray_settings:
+            section = method.ray_settings(section, seeds)
+        context = RunContext(
             teacher, sink, num=settings.num, seed=settings.seed, instances_per_task=settings.instances_per_task,
             batches_done=_batches_done(output, settings.method), progress=bar.advance, on_batch_done=mark_done,
-        ))
+        )
+        if on_ray and method.plan:
+            teacher.plan(method.plan(seeds, section, context))
+        method.run(seeds, section, context)
         summary = run_summary(
             teacher,
             time.monotonic() - started,
@@ -107,6 +135,9 @@ def run_generate(config, command_line: str) -> dict[str, Any]:
             parse_failures=sink.parse_failures,
             rejects_by_reason=dict(sink.reject_reasons.most_common()),
             **_instance_target(output, settings),
+            engine={"kind": config.engine.kind, **({"route": teacher.backend.route, "replicas": config.engine.replicas,
+                                                    "pipelines": teacher.backend.pipelines}
+                                                   if config.engine.kind == "ray" else {})},
             command=command_line,
             config=config.model_dump(mode="json"),
         )

@@ -31,9 +31,10 @@ LAYERS: list[tuple[str, ...]] = [
     ("datagen.teachers", "datagen.vllm_server"),
     # the work: filter passes, generation methods, SFT examples
     ("datagen.filters", "datagen.generators", "datagen.finetune", "datagen.finetune.data",
-     "datagen.finetune.distributed"),
+     "datagen.finetune.distributed", "datagen.engines"),
     # stage runners, each owning its config section
-    ("datagen.generate", "datagen.filtering", "datagen.scale_dedup", "datagen.export", "datagen.finetune.sft",
+    ("datagen.generate", "datagen.estimate", "datagen.filtering", "datagen.scale_dedup", "datagen.export",
+     "datagen.finetune.sft",
      "datagen.finetune.evaluate", "datagen.view"),
     # the whole-file config and the chained stages
     ("datagen.config_file", "datagen.distill"),

@@ -29,7 +29,7 @@ from datagen.prompts import Template
 from datagen.records import Instance, Lineage, Reject, Task, Usage, takes_input
 from datagen.rejects import PARSE_FAILURE, SHARED_INPUT
 from datagen.rouge import RougeLIndex
-from datagen.teachers.base import Completion
+from datagen.teachers.base import Completion, Message
 
 if TYPE_CHECKING:
     from datagen.teachers.teacher import Teacher
@@ -234,8 +234,16 @@ Run = Callable[[Sequence[Task], Any, RunContext], None]
 @dataclass(frozen=True)
 class GenerationMethod:
     """A registered method: `run(seeds, settings, context)` and the `generate:` section
-    (field name and settings model) that configures it."""
+    (field name and settings model) that configures it.
+
+    For `engine: ray` (a method with neither runs only on `engine: local`: it is iterative):
+    `plan(seeds, settings, context)` yields every (messages, sampling) request `run` will send,
+    in its order, so a pipeline can answer them ahead of the loop; `ray_settings(settings,
+    seeds)` gives the settings to run with on Ray (e.g. a whole round in one teacher call).
+    """
 
     run: Run
     section: str
     settings: type[BaseModel]
+    plan: Callable[[Sequence[Task], Any, RunContext], Iterable[tuple[list[Message], SamplingParams]]] | None = None
+    ray_settings: Callable[[Any, Sequence[Task]], Any] | None = None

@@ -329,6 +329,13 @@ class _Evolution:
     answer: Completion | None = None
 
 
+def whole_rounds(settings: EvolInstructConfig, seeds: Sequence[Task]) -> EvolInstructConfig:
+    """The settings for engine: ray: the whole pool in one batch, so each stage of a round
+    (rewrite, judge, answer) is one teacher call and one Ray pipeline. Every item's requests
+    are the same in any batching, so the tasks are the same; OUT is flushed once a round."""
+    return settings.model_copy(update={"items_per_batch": max(1, len(seeds))})
+
+
 def _have(sink: TaskSink) -> int:
     return len(sink.existing) + sink.produced
 

@@ -60,7 +60,7 @@ import json
 import random
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -87,6 +87,7 @@ ANSWER = "orca_answer.jinja"
 
 TaskKind = Literal["open", "classification", "translation"]
 ALL_KINDS: frozenset[str] = frozenset({"open", "classification", "translation"})
+NO_SUITABLE_SYSTEM_MESSAGE = "no allowed system message suits the task"
 
 
 @dataclass(frozen=True)
@@ -412,6 +413,63 @@ class _Job:
     instances: list[Instance]
     start: int = 0  # position of its first request in the batch
 
+    def conversations(self) -> list[list[Message]]:
+        """The job's requests: one answer per instance, in instance order."""
+        return [
+            answer_messages(self.parent.instruction, i.input, self.parent.is_classification, self.message.text)
+            for i in self.instances
+        ]
+
+
+@dataclass(frozen=True)
+class _Skip:
+    """An input task turned away before any request, with the reject it gets."""
+
+    parent: Task
+    reason: str
+    detail: str
+
+
+def _plan(seeds: Sequence[Task], settings: OrcaConfig, seed: int, done: set[str]) -> Iterator[_Job | _Skip]:
+    """The input tasks in order, each as a job to answer or a skip (a repeated id, no
+    suitable system message); tasks whose output id is in `done` are left out. Both engines
+    walk this one plan: the local loop batches it, `planned_requests` streams it to Ray."""
+    allowed = settings.allowed_messages()
+    seen_parents: set[str] = set()
+    for parent in seeds:
+        if parent.id in seen_parents:
+            yield _Skip(parent, DUPLICATE_INPUT_TASK_ID, f"task {parent.id} appears again in the input")
+            continue
+        seen_parents.add(parent.id)
+        message = choose_system_message(parent, allowed, settings.system_weights, seed)
+        if message is None:
+            yield _Skip(parent, NO_SUITABLE_SYSTEM_MESSAGE, f"task {parent.id} is a {task_kind(parent)} task")
+            continue
+        if stable_id("orca", parent.id, message.id) not in done:
+            yield _Job(parent, message, instances_to_answer(parent, settings.max_instances_per_task))
+
+
+def _answer_params(settings: OrcaConfig, seed: int) -> SamplingParams:
+    return settings.answer_sampling.model_copy(update={"seed": seed})
+
+
+def planned_requests(
+    seeds: Sequence[Task], settings: OrcaConfig, run: RunContext
+) -> Iterator[tuple[list[Message], SamplingParams]]:
+    """The requests `run_orca` will send for `seeds`, in its order, for an engine that
+    answers them ahead of the loop (engine: ray): those of the first `num` jobs (minus the
+    tasks already in OUT), all of which the loop asks for. Whatever more it needs when
+    tasks fail goes out when it asks, so nothing is answered and then thrown away."""
+    params = _answer_params(settings, run.seed)
+    wanted = run.num - len(run.sink.existing)
+    for item in _plan(seeds, settings, run.seed, {task.id for task in run.sink.existing}):
+        if wanted <= 0:
+            return
+        if isinstance(item, _Job):
+            wanted -= 1
+            for conversation in item.conversations():
+                yield conversation, params
+
 
 def run_orca(seeds: Sequence[Task], settings: OrcaConfig, run: RunContext) -> None:
     """Re-answer the tasks in `seeds` (in order) into `sink` until it holds `num` tasks
@@ -423,46 +481,32 @@ def run_orca(seeds: Sequence[Task], settings: OrcaConfig, run: RunContext) -> No
     on a rerun is decided by output id, not by batch number.
     """
     teacher, sink, num, seed = run.teacher, run.sink, run.num, run.seed
-    allowed = settings.allowed_messages()
-    params = settings.answer_sampling.model_copy(update={"seed": seed})
+    params = _answer_params(settings, seed)
     backend = (teacher.backend.name, teacher.backend.model)
     template = load_template(ANSWER)
     reject = _Rejects(sink)
     have = len(sink.existing)
-    done = {task.id for task in sink.existing}
-    seen_parents: set[str] = set()
-    position = 0
+    plan = _plan(seeds, settings, seed, {task.id for task in sink.existing})
     batch = run.batches_done
-    while have < num and position < len(seeds):
+    exhausted = False
+    while have < num and not exhausted:
         sink.at(batch)
         jobs: list[_Job] = []
-        while position < len(seeds) and len(jobs) < min(settings.items_per_batch, num - have):
-            parent = seeds[position]
-            position += 1
-            if parent.id in seen_parents:
-                reject(DUPLICATE_INPUT_TASK_ID, task=parent, detail=f"task {parent.id} appears again in the input")
-                continue
-            seen_parents.add(parent.id)
-            message = choose_system_message(parent, allowed, settings.system_weights, seed)
-            if message is None:
-                reject(
-                    "no allowed system message suits the task",
-                    task=parent,
-                    detail=f"task {parent.id} is a {task_kind(parent)} task",
-                )
-                continue
-            if stable_id("orca", parent.id, message.id) in done:
-                continue
-            jobs.append(_Job(parent, message, instances_to_answer(parent, settings.max_instances_per_task)))
+        while len(jobs) < min(settings.items_per_batch, num - have):
+            item = next(plan, None)
+            if item is None:
+                exhausted = True
+                break
+            if isinstance(item, _Skip):
+                reject(item.reason, task=item.parent, detail=item.detail)
+            else:
+                jobs.append(item)
         if not jobs:
             break
         conversations: list[list[Message]] = []
         for job in jobs:
             job.start = len(conversations)
-            conversations += [
-                answer_messages(job.parent.instruction, i.input, job.parent.is_classification, job.message.text)
-                for i in job.instances
-            ]
+            conversations += job.conversations()
         replies = [samples[0] for samples in teacher.complete(conversations, params)]
         candidates = [
             _answer_task(
@@ -479,7 +523,6 @@ def run_orca(seeds: Sequence[Task], settings: OrcaConfig, run: RunContext) -> No
         ]
         fresh = sink.accept([task for task in candidates if task is not None])
         sink.flush()
-        done.update(task.id for task in fresh)
         have += len(fresh)
         batch += 1
         run.on_batch_done(batch)

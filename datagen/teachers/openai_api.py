@@ -3,7 +3,10 @@
 Works with vLLM's server, OpenAI itself, or anything else that speaks
 `/v1/chat/completions`. What it adds over a bare `asyncio.gather`:
 
-- bounded concurrency (`max_concurrency`) and request/token-per-minute budgets;
+- bounded concurrency (`max_concurrency`, over all servers) and request/token-per-minute budgets;
+- several base URLs serving the same model (replicas; `vllm serve --data-parallel-size N`
+  behind one URL needs none of this): each request goes to the server with the fewest
+  requests in flight, and a request that failed on one server is retried on another;
 - retries with exponential backoff and jitter on 429, 5xx, timeouts, dropped
   connections and unparseable bodies, honouring `Retry-After` / `retry-after-ms`;
 - a per-request timeout; a fatal error (unreachable server, bad key) stops the run
@@ -16,6 +19,7 @@ Works with vLLM's server, OpenAI itself, or anything else that speaks
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
 import os
@@ -94,6 +98,19 @@ def backoff_seconds(attempt: int, base: float, cap: float, rng: random.Random) -
     return rng.uniform(ceiling / 2, ceiling)
 
 
+def api_key_for(config: TeacherConfig, base_url: str) -> str:
+    """The API key from `config.api_key_env`; "EMPTY" for a loopback server without one."""
+    key = os.environ.get(config.api_key_env)
+    if key:
+        return key
+    if urlparse(base_url).hostname not in LOOPBACK_HOSTS:
+        # Said here, before the first request, not as a 401 from the server later.
+        raise TeacherError(
+            f"--api-key-env: environment variable {config.api_key_env} is not set (needed for {base_url})"
+        )
+    return "EMPTY"  # local servers ignore the key but the client wants one
+
+
 class OpenAIBackend:
     name = "openai"
 
@@ -102,17 +119,12 @@ class OpenAIBackend:
 
         self.config = config
         self.model = config.model
-        self.base_url = (config.base_url or OPENAI_URL).rstrip("/")
+        urls = config.base_url if isinstance(config.base_url, list) else [config.base_url or OPENAI_URL]
+        self.base_urls = [url.rstrip("/") for url in urls]
+        self.base_url = ", ".join(self.base_urls)  # for messages
         self.counters = BackendCounters()
-        self._api_key = os.environ.get(config.api_key_env)
-        if not self._api_key:
-            if urlparse(self.base_url).hostname not in LOOPBACK_HOSTS:
-                # Said here, before the first request, not as a 401 from the server later.
-                raise TeacherError(
-                    f"--api-key-env: environment variable {config.api_key_env} is not set "
-                    f"(needed for {self.base_url})"
-                )
-            self._api_key = "EMPTY"  # local servers ignore the key but the client wants one
+        # the same for every server (raises for a remote one when the variable is unset)
+        self._api_key = [api_key_for(config, url) for url in self.base_urls][0]
         self._rng = random.Random(0)
         self._requests_budget = (
             RateLimiter(config.requests_per_minute) if config.requests_per_minute else None
@@ -139,13 +151,13 @@ class OpenAIBackend:
 
     # -- internals -----------------------------------------------------------------------
 
-    def _client(self):
+    def _client(self, base_url: str):
         import httpx
         from openai import AsyncOpenAI
 
         limit = self.config.max_concurrency
         return AsyncOpenAI(
-            base_url=self.base_url,
+            base_url=base_url,
             api_key=self._api_key,
             max_retries=0,  # retries are ours: they honour Retry-After and are counted
             timeout=self.config.timeout_s,
@@ -156,16 +168,19 @@ class OpenAIBackend:
         )
 
     async def _generate_all(self, requests: Sequence[Request], on_result: ResultCallback) -> None:
-        async with self._client() as client:
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(self._client(url)) for url in self.base_urls]
             if not self._checked:
-                await self._check_server(client)
+                for url, client in zip(self.base_urls, clients):
+                    await self._check_server(client, url)
                 self._checked = True
             slots = asyncio.Semaphore(self.config.max_concurrency)
+            endpoints = Endpoints(clients)
             await asyncio.gather(
-                *(self._answer(client, slots, i, r, on_result) for i, r in enumerate(requests))
+                *(self._answer(endpoints, slots, i, r, on_result) for i, r in enumerate(requests))
             )
 
-    async def _check_server(self, client) -> None:
+    async def _check_server(self, client, base_url: str) -> None:
         """Fail fast, with one line, if the server is unreachable, refuses the key or lacks the model."""
         import openai
 
@@ -173,31 +188,33 @@ class OpenAIBackend:
             page = await client.models.list(timeout=min(30.0, self.config.timeout_s))
         except openai.APIConnectionError as error:
             cause = error.__cause__ or error
-            raise TeacherError(f"cannot reach the teacher at {self.base_url}: {cause}") from None
+            raise TeacherError(f"cannot reach the teacher at {base_url}: {cause}") from None
         except openai.AuthenticationError:
             raise TeacherError(
-                f"{self.base_url} refused the API key in {self.config.api_key_env}"
+                f"{base_url} refused the API key in {self.config.api_key_env}"
             ) from None
         except openai.APIError:
             return  # some compatible servers have no /models; the first request will tell
         served = [model.id for model in page.data]
         if served and self.model not in served:
             shown = ", ".join(served[:5]) + (" ..." if len(served) > 5 else "")
-            raise TeacherError(f"{self.base_url} does not serve model {self.model!r} (it serves: {shown})")
+            raise TeacherError(f"{base_url} does not serve model {self.model!r} (it serves: {shown})")
 
-    async def _answer(self, client, slots, index: int, request: Request, on_result) -> None:
+    async def _answer(self, endpoints: Endpoints, slots, index: int, request: Request, on_result) -> None:
         import openai
 
         params = request.params
         estimate = sum(len(content) for _role, content in request.messages) / 4 + params.max_tokens
         attempt = 0
+        failed_on: int | None = None
         while True:
             if self._requests_budget:
                 await self._requests_budget.acquire(1)
             if self._tokens_budget:
                 await self._tokens_budget.acquire(estimate)
             try:
-                async with slots:
+                async with slots, endpoints.use(avoid=failed_on) as (endpoint, client):
+                    failed_on = endpoint
                     response = await client.chat.completions.create(
                         model=self.model,
                         messages=request.chat(),
@@ -211,7 +228,7 @@ class OpenAIBackend:
                 completion = _to_completion(response)
             except openai.AuthenticationError:
                 raise TeacherError(
-                    f"{self.base_url} refused the API key in {self.config.api_key_env}"
+                    f"{self.base_urls[failed_on or 0]} refused the API key in {self.config.api_key_env}"
                 ) from None
             except Exception as error:  # noqa: BLE001 - sorted into retryable or not below
                 reason, wait = _classify(error, openai)
@@ -234,6 +251,29 @@ class OpenAIBackend:
                 )
             on_result(index, completion)
             return
+
+
+class Endpoints:
+    """Client-side balancing over the servers of one backend: the least busy server (fewest
+    requests in flight, then list order), never the one a retried request just failed on
+    when there is another."""
+
+    def __init__(self, clients: Sequence):
+        self.clients = list(clients)
+        self.in_flight = [0] * len(self.clients)
+
+    def pick(self, avoid: int | None = None) -> int:
+        choices = [i for i in range(len(self.clients)) if i != avoid] or list(range(len(self.clients)))
+        return min(choices, key=lambda i: (self.in_flight[i], i))
+
+    @contextlib.asynccontextmanager
+    async def use(self, avoid: int | None = None):
+        endpoint = self.pick(avoid)
+        self.in_flight[endpoint] += 1
+        try:
+            yield endpoint, self.clients[endpoint]
+        finally:
+            self.in_flight[endpoint] -= 1
 
 
 def _to_completion(response) -> Completion:

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from datagen.config import DEFAULT_MODEL, SamplingParams, Strict
 from datagen.errors import TeacherError
@@ -63,7 +63,9 @@ class TeacherConfig(Strict):
     batch_size: int = Field(16, ge=1)
 
     # openai (any OpenAI-compatible server)
-    base_url: str | None = None
+    # one server, or several serving the same model (a list, or comma-separated on the command
+    # line): requests go to the least busy, and a failed one is retried on another
+    base_url: str | list[str] | None = None
     api_key_env: str = "OPENAI_API_KEY"
     max_concurrency: int = Field(32, ge=1)
     requests_per_minute: float | None = Field(None, gt=0)
@@ -80,6 +82,15 @@ class TeacherConfig(Strict):
     # request cache: "use" reads and writes, "off" bypasses, "only" replays offline
     cache: Literal["use", "off", "only"] = "use"
     cache_dir: str | None = None
+
+    @field_validator("base_url", mode="before")
+    @classmethod
+    def _url_list(cls, value: Any) -> Any:
+        if isinstance(value, str) and "," in value:
+            value = [url.strip() for url in value.split(",") if url.strip()]
+        if isinstance(value, list) and not value:
+            raise ValueError("list at least one URL")
+        return value[0] if isinstance(value, list) and len(value) == 1 else value
 
 
 

@@ -1,0 +1,359 @@
+"""`engine: ray`: a generation run's teacher requests answered by a Ray Data pipeline.
+
+The generation method's own loop still runs in the driver, unchanged: it builds the
+requests, parses the replies, stamps lineage and writes OUT batch by batch, exactly as
+with `engine: local`. What changes is the backend under its `Teacher`: `RayBackend`
+answers each request from a Ray Data stream instead of calling a model in-process, so
+the cache keys (backend name + model + request) and lineage stay those of the configured
+teacher, and a deterministic teacher gives the same records bit for bit.
+
+Two ways requests reach the cluster:
+
+- *planned* (Orca): before the loop starts, the method lists every request it will send
+  (`GenerationMethod.plan`, the same plan its loop walks). The ones not in the request
+  cache go into one streaming pipeline, `engine.batch_size` rows a shard, served by
+  `engine.replicas` replicas; the loop consumes the replies in order as they stream back and
+  flushes each of its batches to OUT. A killed run repeats no flushed batch (its tasks are
+  skipped by id) and no reply that reached the cache.
+- *per call* (one Evol-Instruct round over a fixed pool): each `Teacher.complete` call (the
+  rewrites, the verdicts, the answers of a whole round) becomes one pipeline.
+
+The pipeline's route follows `teacher.backend` (`datagen.engines.config.ray_route`):
+`vllm` -> `ray.data.llm.build_processor(vLLMEngineProcessorConfig(concurrency=replicas,
+engine_kwargs={"tensor_parallel_size": ...}))`; `openai` with one base URL ->
+`HttpRequestProcessorConfig` (POST /chat/completions); anything else -> `map_batches` over an
+actor pool whose actors each build one teacher backend (`local` loads its model once per
+actor). Ray is imported only here, and only when a run uses it.
+
+    with ray_teacher(config.teacher, config.engine) as teacher: ...
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+from datagen.config import SamplingParams
+from datagen.engines.config import ROUTE_ACTORS, ROUTE_HTTP, ROUTE_VLLM, EngineConfig, ray_route
+from datagen.errors import ConfigError, TeacherError
+from datagen.teachers.base import Backend, BackendCounters, Completion, Message, Request, ResultCallback
+from datagen.teachers.cache import request_key
+from datagen.teachers.teacher import Teacher, TeacherConfig, _single_sample, make_backend
+
+BackendFactory = Callable[[TeacherConfig], Backend]
+
+
+def import_ray():
+    """`ray` and `ray.data`, or one clear line saying how to install them."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise ConfigError("engine.kind: ray needs Ray Data: pip install 'datagen[ray]'") from None
+    return ray
+
+
+# -- rows: what travels through the pipeline ---------------------------------------------------
+
+
+def request_row(seq: int, key: str, request: Request) -> dict[str, Any]:
+    """A request as a pipeline row (plain columns, so every route can read it)."""
+    return {
+        "seq": seq,
+        "key": key,
+        "messages": json.dumps(request.chat(), ensure_ascii=False),
+        "params": request.params.model_dump_json(),
+        "sample_index": request.sample_index,
+    }
+
+
+def row_request(row: dict[str, Any]) -> Request:
+    params = SamplingParams.model_validate_json(row["params"])
+    return Request.build(json.loads(row["messages"]), params, int(row["sample_index"]))
+
+
+def result_row(row: dict[str, Any], completion: Completion) -> dict[str, Any]:
+    return {
+        "seq": int(row["seq"]),
+        "key": str(row["key"]),
+        "text": completion.text,
+        "finish_reason": completion.finish_reason,
+        "prompt_tokens": int(completion.prompt_tokens),
+        "completion_tokens": int(completion.completion_tokens),
+        "error": completion.error or "",
+    }
+
+
+def row_completion(row: dict[str, Any]) -> Completion:
+    return Completion(
+        text=str(row["text"]),
+        finish_reason=str(row["finish_reason"]),
+        prompt_tokens=int(row["prompt_tokens"]),
+        completion_tokens=int(row["completion_tokens"]),
+        error=str(row["error"]) or None,
+    )
+
+
+# -- the three routes --------------------------------------------------------------------------
+
+
+class TeacherReplica:
+    """A Ray Data actor holding one teacher backend (built once, reused for every batch)."""
+
+    def __init__(self, teacher_config_json: str, backend_factory: BackendFactory):
+        self.backend = backend_factory(TeacherConfig.model_validate_json(teacher_config_json))
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        replies: list[Completion | None] = [None] * len(rows)
+
+        def keep(index: int, completion: Completion) -> None:
+            replies[index] = completion
+
+        self.backend.generate([row_request(row) for row in rows], keep)
+        results = [result_row(row, reply or Completion("", "error", error="no reply")) for row, reply in
+                   zip(rows, replies)]
+        return {column: [result[column] for result in results] for column in results[0]} if results else {}
+
+
+def _actor_pool(dataset, teacher: TeacherConfig, engine: EngineConfig, backend_factory: BackendFactory):
+    resources = dict(engine.resources or {"CPU": 1.0})
+    return dataset.map_batches(
+        TeacherReplica,
+        fn_constructor_args=(teacher.model_dump_json(), backend_factory),
+        batch_size=engine.batch_size,
+        concurrency=engine.replicas,
+        num_cpus=resources.pop("CPU", 0.0),
+        num_gpus=resources.pop("GPU", 0.0),
+        resources=resources or None,
+    )
+
+
+def _vllm_processor(teacher: TeacherConfig, engine: EngineConfig):
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    from datagen.model_paths import resolve_model
+
+    engine_kwargs = {"dtype": teacher.dtype, "seed": 0, **teacher.engine_args,
+                     "tensor_parallel_size": engine.tensor_parallel}
+    extra = {"placement_group_config": {"bundle_per_worker": engine.resources}} if engine.resources else {}
+    config = vLLMEngineProcessorConfig(
+        model_source=resolve_model(teacher.model), engine_kwargs=engine_kwargs, concurrency=engine.replicas,
+        batch_size=engine.batch_size, **extra,
+    )
+
+    def preprocess(row: dict[str, Any]) -> dict[str, Any]:
+        params = json.loads(row["params"])
+        return {**row, "messages": json.loads(row["messages"]), "sampling_params": {
+            "temperature": params["temperature"], "top_p": params["top_p"], "max_tokens": params["max_tokens"],
+            "stop": params["stop"] or None, "seed": params["seed"]}}
+
+    def postprocess(row: dict[str, Any]) -> dict[str, Any]:
+        # the processor reports no finish reason: a reply that used its whole budget was cut off
+        generated, budget = int(row["num_generated_tokens"]), json.loads(row["params"])["max_tokens"]
+        return {"seq": row["seq"], "key": row["key"], "text": row["generated_text"],
+                "finish_reason": "length" if generated >= budget else "stop",
+                "prompt_tokens": int(row["num_input_tokens"]), "completion_tokens": generated, "error": ""}
+
+    return build_processor(config, preprocess=preprocess, postprocess=postprocess)
+
+
+def _http_processor(teacher: TeacherConfig, engine: EngineConfig):
+    from ray.data.llm import HttpRequestProcessorConfig, build_processor
+
+    from datagen.teachers.openai_api import OPENAI_URL, api_key_for
+
+    base_url = (teacher.base_url or OPENAI_URL).rstrip("/")
+    config = HttpRequestProcessorConfig(
+        url=f"{base_url}/chat/completions",
+        headers={"Authorization": f"Bearer {api_key_for(teacher, base_url)}"},
+        concurrency=engine.replicas, batch_size=engine.batch_size,
+        max_retries=teacher.max_retries, base_retry_wait_time_in_s=max(teacher.backoff_base_s, 0.1),
+    )
+    model = teacher.model
+
+    def preprocess(row: dict[str, Any]) -> dict[str, Any]:
+        params = json.loads(row["params"])
+        return {**row, "payload": {
+            "model": model, "messages": json.loads(row["messages"]), "temperature": params["temperature"],
+            "top_p": params["top_p"], "max_tokens": params["max_tokens"], "stop": params["stop"] or None,
+            "seed": params["seed"], "n": 1}}
+
+    def postprocess(row: dict[str, Any]) -> dict[str, Any]:
+        response = row["http_response"]
+        choice, usage = response["choices"][0], response.get("usage") or {}
+        return {"seq": row["seq"], "key": row["key"], "text": choice["message"]["content"] or "",
+                "finish_reason": choice.get("finish_reason") or "stop",
+                "prompt_tokens": int(usage.get("prompt_tokens") or 0),
+                "completion_tokens": int(usage.get("completion_tokens") or 0), "error": ""}
+
+    return build_processor(config, preprocess=preprocess, postprocess=postprocess)
+
+
+def stream_replies(
+    rows: list[dict[str, Any]], route: str, teacher: TeacherConfig, engine: EngineConfig,
+    backend_factory: BackendFactory | None,
+) -> Iterator[dict[str, Any]]:
+    """Result rows for `rows` (request rows) through `route`, streamed back as shards finish, in order."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    context.enable_progress_bars = False
+    dataset = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / engine.batch_size)))
+    if route == ROUTE_VLLM:
+        dataset = _vllm_processor(teacher, engine)(dataset)
+    elif route == ROUTE_HTTP:
+        dataset = _http_processor(teacher, engine)(dataset)
+    else:
+        dataset = _actor_pool(dataset, teacher, engine, backend_factory or make_backend)
+    try:
+        yield from dataset.iter_rows()
+    except Exception as error:  # noqa: BLE001 - a replica's failure arrives wrapped in Ray's exception types
+        raise TeacherError(f"engine: ray: the pipeline failed ({route}): {_root_cause(error)}") from error
+
+
+def _root_cause(error: BaseException) -> str:
+    """The replica's own error line ("RuntimeError: ...") from under Ray's wrappers."""
+    chain: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = getattr(current, "cause", None) or current.__cause__ or current.__context__
+    text = "\n".join(str(e) for e in chain)
+    own = [line.strip() for line in re.findall(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception|Interrupt): .+)$", text, re.M)
+           if not line.strip().startswith(("ray.", "UserCodeException", "RayTaskError"))]
+    return own[-1] if own else f"{type(chain[-1]).__name__}: {str(chain[-1]).strip().splitlines()[-1:]}"
+
+
+# -- the driver's backend ----------------------------------------------------------------------
+
+
+class RayBackend:
+    """A `Backend` whose replies come from Ray Data (see the module docstring).
+
+    `name` and `model` are the configured teacher's, so cache keys do not change. Requests
+    announced with `plan` are answered from one streaming pipeline started on the first
+    `generate`; any other request goes out in a pipeline of its own call.
+    """
+
+    def __init__(self, teacher: TeacherConfig, engine: EngineConfig, backend_factory: BackendFactory | None = None,
+                 name: str | None = None):
+        self.teacher_config = teacher
+        self.engine = engine
+        self.backend_factory = backend_factory
+        self.name = name or teacher.backend
+        self.model = teacher.model
+        self.counters = BackendCounters()
+        # an injected backend can only run inside actors
+        self.route = ROUTE_ACTORS if backend_factory else ray_route(teacher.backend, teacher.base_url)
+        self._planned: Counter[str] = Counter()  # requests announced and not yet served
+        self._rows: list[dict[str, Any]] = []
+        self._stream: Iterator[dict[str, Any]] | None = None
+        self._ahead: dict[str, Completion] = {}  # replies streamed back before the loop asked for them
+        self.pipelines = 0
+
+    def key(self, request: Request) -> str:
+        return request_key(self.name, self.model, request)
+
+    def plan(self, requests: Iterable[Request], skip: Callable[[str], bool] = lambda _key: False) -> int:
+        """Announce requests the run will send, in the order it will send them; those
+        `skip` says are answered already (cached) stay out. Returns how many will be sent."""
+        for request in requests:
+            key = self.key(request)
+            if skip(key):
+                continue
+            if key not in self._planned:
+                self._rows.append(request_row(len(self._rows), key, request))
+            self._planned[key] += 1
+        return len(self._rows)
+
+    def generate(self, requests: Sequence[Request], on_result: ResultCallback) -> None:
+        keys = [self.key(request) for request in requests]
+        unplanned = [index for index, key in enumerate(keys) if self._planned[key] <= 0]
+        if unplanned:
+            self.pipelines += 1
+            rows = [request_row(seq, keys[index], requests[index]) for seq, index in enumerate(unplanned)]
+            for row in stream_replies(rows, self.route, self.teacher_config, self.engine, self.backend_factory):
+                on_result(unplanned[int(row["seq"])], row_completion(row))
+        for index, key in enumerate(keys):
+            if self._planned[key] > 0:
+                on_result(index, self._take(key))
+
+    def _take(self, key: str) -> Completion:
+        if self._stream is None:
+            self.pipelines += 1
+            self._stream = stream_replies(
+                self._rows, self.route, self.teacher_config, self.engine, self.backend_factory)
+            self._rows = []
+        while key not in self._ahead:
+            row = next(self._stream, None)
+            if row is None:
+                raise RuntimeError(f"the Ray pipeline ended without answering planned request {key[:12]}")
+            self._ahead[str(row["key"])] = row_completion(row)
+        self._planned[key] -= 1
+        if self._planned[key] == 0:
+            del self._planned[key]
+            return self._ahead.pop(key)
+        return self._ahead[key]
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()  # stops the pipeline when the loop finished early (num reached)
+            self._stream = None
+
+
+def ray_teacher(teacher: TeacherConfig, engine: EngineConfig, backend_factory: BackendFactory | None = None,
+                name: str | None = None) -> RayTeacher:
+    """A Teacher (cache and statistics in the driver) whose backend is `RayBackend`.
+
+    Connects to `engine.address` (or starts Ray on this machine) unless Ray is already up;
+    `backend_factory` replaces the configured backend in the actor route (tests inject a
+    scripted one, named `name` in cache keys).
+    """
+    if engine.tensor_parallel > 1 and teacher.backend != "vllm":
+        raise ConfigError("engine.tensor_parallel: only teacher.backend: vllm splits a model across devices")
+    ray = import_ray()
+    started = False
+    if not ray.is_initialized():
+        try:
+            ray.init(address=engine.address or "local", include_dashboard=False, logging_level="WARNING",
+                     log_to_driver=False)
+        except ConnectionError as error:
+            raise TeacherError(f"engine.address: cannot reach the Ray cluster at {engine.address}: {error}") from None
+        started = True
+    return RayTeacher(RayBackend(teacher, engine, backend_factory, name), teacher, shutdown=started)
+
+
+class RayTeacher(Teacher):
+    """`Teacher` over `RayBackend`; `plan` announces requests, leaving out cached ones."""
+
+    backend: RayBackend
+
+    def __init__(self, backend: RayBackend, config: TeacherConfig, shutdown: bool = False):
+        super().__init__(backend, config)
+        self._shutdown = shutdown
+
+    def plan(self, conversations: Iterable[tuple[Sequence[Message], SamplingParams]]) -> int:
+        """Announce `(messages, params)` pairs in the order the loop will ask for them."""
+        requests = (request for messages, params in conversations for request in self.requests(messages, params))
+        cached = (lambda key: self.cache.get(key) is not None) if self.cache else (lambda _key: False)
+        return self.backend.plan(requests, cached)
+
+    @staticmethod
+    def requests(messages: Sequence[Message], params: SamplingParams) -> list[Request]:
+        return [Request.build(messages, _single_sample(params, sample), sample) for sample in range(params.n)]
+
+    def close(self) -> None:
+        super().close()
+        if self._shutdown:
+            import ray
+
+            ray.shutdown()
+

@@ -1,0 +1,136 @@
+"""`datagen generate ... --estimate`: what a run will cost, from a small pilot run.
+
+The pilot is the real run cut short: the same config and teacher, `--num` lowered to
+`pilot` tasks, written to a scratch file (OUT is not touched). Its requests go through the
+request cache, so the real run that follows answers them from there and pays for none of
+them again. From the pilot's requests, tokens and teacher time per accepted task it
+projects the requested `--num`:
+
+    requests   = pilot requests          x num / pilot tasks accepted
+    tokens     = pilot prompt/completion tokens, scaled the same way
+    wall time  = pilot seconds per request sent x projected requests (the pilot ran at the
+                 configured concurrency: teacher.max_concurrency, or engine.replicas on Ray)
+    cost       = projected tokens priced by teacher.prices
+
+and says the acceptance rate it assumed: accepted / (accepted + rejected) in the pilot.
+
+    summary = run_estimate(config, pilot=8); print(format_estimate(summary))
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from datagen.config import SamplingParams
+from datagen.errors import ConfigError
+from datagen.generate import make_run_teacher, run_generate
+from datagen.teachers.base import Message
+from datagen.teachers.teacher import Teacher
+
+DEFAULT_PILOT_TASKS = 8
+
+
+class TallyingTeacher:
+    """A Teacher as it is, plus the tokens of every reply it hands out (cached ones too, so a
+    repeated estimate projects the same tokens) and the time spent waiting for the teacher."""
+
+    def __init__(self, teacher: Teacher):
+        self.teacher = teacher
+        self.requests = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.seconds_sending = 0.0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.teacher, name)
+
+    def complete(self, conversations: Sequence[Sequence[Message]], params: SamplingParams | None = None,
+                 progress: Callable[[int], None] | None = None):
+        sent_before = self.teacher.stats.requests_sent
+        started = time.monotonic()
+        replies = self.teacher.complete(conversations, params, progress)
+        if self.teacher.stats.requests_sent > sent_before:
+            self.seconds_sending += time.monotonic() - started
+        for samples in replies:
+            for reply in samples:
+                self.requests += 1
+                self.prompt_tokens += reply.prompt_tokens
+                self.completion_tokens += reply.completion_tokens
+        return replies
+
+    def __enter__(self) -> TallyingTeacher:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.teacher.close()
+
+
+def run_estimate(config, pilot: int = DEFAULT_PILOT_TASKS,
+                 teacher_factory: Callable[[], Teacher] | None = None) -> dict[str, Any]:
+    """Run the pilot for `config` and return the projection for `config.generate.num`."""
+    if pilot < 1:
+        raise ConfigError("--pilot: give at least 1 task")
+    settings = config.generate
+    pilot_config = config.model_copy(deep=True)
+    pilot_config.generate.num = min(settings.num, pilot)
+    tally: TallyingTeacher | None = None
+
+    def make() -> TallyingTeacher:
+        nonlocal tally
+        tally = TallyingTeacher((teacher_factory or (lambda: make_run_teacher(pilot_config)))())
+        return tally
+
+    with tempfile.TemporaryDirectory(prefix="datagen-pilot-") as scratch:
+        pilot_config.generate.out = str(Path(scratch) / "pilot.jsonl")
+        summary = run_generate(pilot_config, "datagen generate --estimate (pilot)", make)
+    assert tally is not None
+    accepted = summary["tasks_produced"]
+    rejected = sum(summary["rejects_by_reason"].values())
+    if accepted == 0:
+        raise ConfigError(f"--estimate: the pilot of {pilot_config.generate.num} tasks accepted none "
+                          f"({rejected} rejects); nothing to project from (see the rejects with a real run)")
+    scale = settings.num / accepted
+    requests = math.ceil(tally.requests * scale)
+    prompt_tokens = round(tally.prompt_tokens * scale)
+    completion_tokens = round(tally.completion_tokens * scale)
+    sent = summary["requests_sent"]
+    prices = config.teacher.prices
+    return {
+        "method": settings.method,
+        "num": settings.num,
+        "pilot_tasks": accepted,
+        "pilot_requests": tally.requests,
+        "pilot_requests_sent": sent,
+        "pilot_cache_hits": summary["cache_hits"],
+        "acceptance_rate": accepted / (accepted + rejected),
+        "requests": requests,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        # seconds per request as the pilot saw them, at the configured concurrency
+        "wall_seconds": tally.seconds_sending / sent * requests if sent else None,
+        "cost": prices.cost(prompt_tokens, completion_tokens) if prices else None,
+        "concurrency": (f"engine: ray, {config.engine.replicas} replicas" if config.engine.kind == "ray"
+                        else f"teacher.max_concurrency {config.teacher.max_concurrency}"
+                        if config.teacher.backend == "openai" else f"teacher.batch_size {config.teacher.batch_size}"),
+    }
+
+
+def format_estimate(estimate: dict[str, Any]) -> str:
+    wall = estimate["wall_seconds"]
+    cost = estimate["cost"]
+    return "\n".join([
+        f"estimate for {estimate['method']} --num {estimate['num']}, from a pilot of {estimate['pilot_tasks']} "
+        f"accepted tasks ({estimate['pilot_requests']} requests: {estimate['pilot_requests_sent']} sent, "
+        f"{estimate['pilot_cache_hits']} from the cache; the real run reuses them)",
+        f"assumed acceptance rate: {estimate['acceptance_rate']:.0%} (accepted / accepted + rejected in the pilot)",
+        f"requests: {estimate['requests']}",
+        f"tokens: {estimate['prompt_tokens']} prompt + {estimate['completion_tokens']} completion",
+        "wall time: " + (f"{wall:.0f} s at {estimate['concurrency']}" if wall is not None
+                         else "unknown (every pilot request came from the cache)"),
+        "cost: " + (f"{cost:.4f}" if cost is not None else "unknown (set teacher.prices)"),
+    ])

@@ -1,0 +1,299 @@
+"""`engine: ray`: the same records as `engine: local`, on a real local Ray (2 CPUs) and a
+2-node localhost cluster; resume after a kill; the HTTP route against a real vLLM server.
+
+The teacher is the deterministic scripted backend of tests.helpers, built inside each Ray
+actor by `ScriptedReplicas` (a fault-injection double: the real engines are tested
+elsewhere, and vLLM output is not reproducible across batch shapes). Every prompt an actor
+answers is appended to a log file, so a test can count requests across processes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+ray = pytest.importorskip("ray")
+
+from datagen.config_file import load_config  # noqa: E402
+from datagen.engines.config import ROUTE_ACTORS, ROUTE_HTTP, EngineConfig, ray_route  # noqa: E402
+from datagen.engines.ray_generate import ray_teacher  # noqa: E402
+from datagen.errors import ConfigError, TeacherError  # noqa: E402
+from datagen.generate import run_generate  # noqa: E402
+from datagen.io import read_records, rejects_path  # noqa: E402
+from datagen.records import Instance, Task  # noqa: E402
+from datagen.teachers.base import Completion  # noqa: E402
+from datagen.teachers.openai_api import Endpoints  # noqa: E402
+from datagen.teachers.teacher import PriceTable, Teacher, TeacherConfig, make_teacher  # noqa: E402
+from tests import test_evol_instruct  # noqa: E402
+from tests.helpers import ScriptedBackend, write_tasks  # noqa: E402
+
+# Ray workers get these modules' functions by value (they need not import tests/)
+for _module in (sys.modules[__name__], test_evol_instruct, sys.modules["tests.helpers"]):
+    ray.cloudpickle.register_pickle_by_value(_module)
+
+
+def orca_reply(prompt: str) -> Completion | str:
+    """A reply keyed by the instance input "x<task>-<instance>": every instance of tasks
+    3, 13, 23... gets no "Final answer:" line (the task is rejected), the second instance of
+    tasks 7, 17... is cut off, so a run needs more input than --num."""
+    match = re.search(r"Input:\n(.*?)\n\n", prompt, flags=re.S)
+    key = match.group(1) if match else "none"
+    if "3-" in key:
+        return "I would rather not say."
+    if key.endswith("7-1"):
+        return Completion("Let me think about", "length", 20, 6)
+    return f"Because {key} is what it is.\nFinal answer: {key.upper()}"
+
+
+class ScriptedReplicas:
+    """Builds the scripted backend in each actor; logs every prompt it answers to `log`;
+    with `fail_after`, an actor raises once it has answered that many (a killed run)."""
+
+    def __init__(self, reply, log: Path, fail_after: int | None = None, delay_s: float = 0.0):
+        self.reply, self.log, self.fail_after, self.delay_s = reply, str(log), fail_after, delay_s
+
+    def __call__(self, _config: TeacherConfig) -> ScriptedBackend:
+        answered = 0
+
+        def reply(prompt: str):
+            nonlocal answered
+            if self.fail_after is not None and answered >= self.fail_after:
+                raise RuntimeError("replica killed")
+            answered += 1
+            time.sleep(self.delay_s)
+            with open(self.log, "a", encoding="utf-8") as log:
+                log.write(prompt.replace("\n", "\\n") + "\n")
+            return self.reply(prompt)
+
+        return ScriptedBackend(reply, name="scripted")
+
+
+def answered(log: Path) -> list[str]:
+    return log.read_text(encoding="utf-8").splitlines() if log.exists() else []
+
+
+def orca_seeds() -> list[Task]:
+    return [Task(id=f"t{n}", instruction=f"Task number {n}: repeat the input.",
+                 instances=[Instance(input=f"x{n}-{k}", output="") for k in range(2)]) for n in range(40)]
+
+
+def config_for(tmp_path: Path, name: str, method: str, num: int, engine: dict | None = None, **section):
+    tasks = orca_seeds() if method == "orca" else test_evol_instruct.fault_seeds()
+    seeds = write_tasks(tmp_path / "seeds.jsonl", tasks)
+    data = {"teacher": {"cache_dir": str(tmp_path / f"cache-{name}")},
+            "generate": {"method": method, "seeds": str(seeds), "out": str(tmp_path / f"{name}.jsonl"), "num": num,
+                         "seed": 5, method.replace("-", "_"): section},
+            "engine": engine or {}}
+    path = tmp_path / f"{name}.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(data))
+    return load_config(path)
+
+
+def run_local(config, reply):
+    backend = ScriptedBackend(reply, name="scripted", model=config.teacher.model)
+    return run_generate(config, "test", lambda: Teacher(backend, config.teacher))
+
+
+def run_ray(config, replicas: ScriptedReplicas):
+    return run_generate(config, "test", lambda: ray_teacher(config.teacher, config.engine, replicas, name="scripted"))
+
+
+def outputs(config) -> tuple[bytes, bytes]:
+    out = Path(config.generate.out)
+    return out.read_bytes(), rejects_path(out).read_bytes()
+
+
+@pytest.fixture
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+ORCA = {"items_per_batch": 8, "check_labels": False}
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_orca_on_ray_writes_the_same_rows_as_local(tmp_path, local_ray, replicas):
+    local = config_for(tmp_path, "local", "orca", 25, **ORCA)
+    run_local(local, orca_reply)
+    on_ray = config_for(tmp_path, "ray", "orca", 25, {"kind": "ray", "replicas": replicas, "batch_size": 4}, **ORCA)
+    log = tmp_path / "answered.log"
+    summary = run_ray(on_ray, ScriptedReplicas(orca_reply, log))
+
+    assert outputs(on_ray) == outputs(local)  # tasks and rejects, bit for bit (lineage included)
+    assert len(list(read_records(on_ray.generate.out, Task))) == 25
+    # one pipeline streamed the plan (25 jobs); the failed tasks' stand-ins went out as the
+    # loop asked for them; every request was answered once
+    assert summary["engine"]["route"] == ROUTE_ACTORS and summary["engine"]["pipelines"] > 1
+    assert len(answered(log)) == len(set(answered(log))) == summary["requests_sent"]
+
+
+def test_evol_round_on_ray_writes_the_same_rows_as_local(tmp_path, local_ray):
+    local = config_for(tmp_path, "local", "evol-instruct", 100, rounds=2)
+    run_local(local, test_evol_instruct.faulty_reply)
+    on_ray = config_for(tmp_path, "ray", "evol-instruct", 100, {"kind": "ray", "replicas": 2, "batch_size": 2},
+                        rounds=2)
+    summary = run_ray(on_ray, ScriptedReplicas(test_evol_instruct.faulty_reply, tmp_path / "answered.log"))
+
+    local_tasks = list(read_records(local.generate.out, Task))
+    assert Path(on_ray.generate.out).read_bytes() == Path(local.generate.out).read_bytes() and local_tasks
+    assert summary["engine"]["pipelines"] == 6  # rewrite, judge, answer: one pipeline each per round
+
+
+def test_killed_run_resumes_without_repeating_finished_shards(tmp_path, local_ray):
+    engine = {"kind": "ray", "replicas": 1, "batch_size": 4}
+    config = config_for(tmp_path, "ray", "orca", 30, engine, **ORCA)
+    log = tmp_path / "answered.log"
+    with pytest.raises(TeacherError, match=r"engine: ray: the pipeline failed .*replica killed"):
+        run_ray(config, ScriptedReplicas(orca_reply, log, fail_after=30))
+    first = answered(log)
+    finished = list(read_records(config.generate.out, Task))
+    assert 0 < len(finished) < 30
+    log.unlink()
+
+    run_ray(config, ScriptedReplicas(orca_reply, log))
+    again = set(answered(log)) & set(first)
+    finished_inputs = {i.input for task in finished for i in task.instances}
+    assert not any(f"Input:\\n{text}\\n" in prompt for prompt in again for text in finished_inputs)
+    local = config_for(tmp_path, "local", "orca", 30, **ORCA)
+    run_local(local, orca_reply)
+    assert outputs(config)[0] == outputs(local)[0]
+
+
+def test_two_node_cluster_writes_the_same_rows(tmp_path):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+        on_ray = config_for(tmp_path, "ray", "orca", 12, {"kind": "ray", "replicas": 2, "batch_size": 4}, **ORCA)
+        run_ray(on_ray, ScriptedReplicas(orca_reply, tmp_path / "answered.log"))
+        ray.shutdown()
+    finally:
+        cluster.shutdown()
+    local = config_for(tmp_path, "local", "orca", 12, **ORCA)
+    run_local(local, orca_reply)
+    assert outputs(on_ray) == outputs(local)
+
+
+def test_help_and_config_do_not_import_ray():
+    probe = ("import sys; from datagen.cli import main; import datagen.config_file, datagen.generate\n"
+             "try: main(['generate', '--help'])\n"
+             "except SystemExit: pass\n"
+             "print('RAY', 'ray' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert "--estimate" in result.stdout and "RAY False" in result.stdout
+
+
+def test_engine_section_is_validated_with_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"yaml: engine.replicas: Input should be greater than or equal to 1$"):
+        config_for(tmp_path, "x", "orca", 1, {"kind": "ray", "replicas": 0})
+    with pytest.raises(ConfigError, match=r"yaml: engine: Value error, replicas is for kind: ray"):
+        config_for(tmp_path, "x", "orca", 1, {"replicas": 2})
+    with pytest.raises(ConfigError, match=r"engine.kind: ray runs evol-instruct, orca; self-instruct is iterative"):
+        run_generate(config_for(tmp_path, "x", "self-instruct", 1, {"kind": "ray"}), "test")
+    assert ray_route("openai", "http://127.0.0.1:8000/v1") == ROUTE_HTTP
+    assert ray_route("openai", ["http://a/v1", "http://b/v1"]) == ROUTE_ACTORS
+    assert ray_route("local", None) == ROUTE_ACTORS
+    assert EngineConfig().kind == "local"
+
+
+@pytest.mark.slow
+def test_http_route_answers_every_request_once(tmp_path, local_ray, vllm_server):
+    config = config_for(tmp_path, "ray", "orca", 6, {"kind": "ray", "replicas": 2, "batch_size": 4},
+                        items_per_batch=4, max_instances_per_task=1,
+                        answer_sampling={"temperature": 0.0, "max_tokens": 32})
+    config.teacher = config.teacher.model_copy(update={"backend": "openai", "base_url": vllm_server,
+                                                       "model": "smollm2-135m"})
+    summary = run_generate(config, "test")
+    assert summary["engine"]["route"] == ROUTE_HTTP
+    planned = 6  # the plan covers the whole input (40 tasks, one instance each) ...
+    assert summary["requests_sent"] >= planned and summary["failures"] == 0
+    again = run_generate(config, "test")  # ... and a rerun answers from the cache: nothing is sent twice
+    assert again["requests_sent"] == 0
+
+
+@pytest.mark.gpu
+def test_vllm_engine_route_on_gpu(tmp_path, request, embedded_model_path):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    pytest.importorskip("vllm")
+    request.getfixturevalue("local_ray")
+    config = config_for(tmp_path, "ray", "orca", 8, {"kind": "ray", "replicas": 1, "batch_size": 8},
+                        items_per_batch=8, answer_sampling={"temperature": 0.0, "max_tokens": 64})
+    config.teacher = config.teacher.model_copy(update={"backend": "vllm", "model": embedded_model_path})
+    summary = run_generate(config, "test")
+    assert summary["engine"]["route"].startswith("ray.data.llm vLLMEngine")
+    assert summary["failures"] == 0 and summary["requests_sent"] >= 16
+
+
+# -- iterative methods: several base URLs, balanced by the openai backend ----------------------
+
+
+def test_least_busy_server_is_picked_and_a_retry_avoids_the_failed_one():
+    endpoints = Endpoints(["a", "b", "c"])
+    assert endpoints.pick() == 0
+    endpoints.in_flight = [2, 1, 1]
+    assert endpoints.pick() == 1 and endpoints.pick(avoid=1) == 2
+    assert Endpoints(["only"]).pick(avoid=0) == 0  # nowhere else to go
+    assert TeacherConfig(base_url="http://a/v1, http://b/v1").base_url == ["http://a/v1", "http://b/v1"]
+    assert TeacherConfig(base_url=["http://a/v1"]).base_url == "http://a/v1"
+
+
+@pytest.mark.slow
+def test_requests_spread_over_servers_and_a_failing_one_is_routed_around(vllm_server, tmp_path, monkeypatch):
+    from tests.fault_proxy import FaultProxy
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    prompts = [[{"role": "user", "content": f"[down] Name fruit number {n}."}] for n in range(8)]
+    # server A fails every request it gets; B answers all: every request completes, on B
+    with FaultProxy(vllm_server, {"[down]": ["500"] * 100}) as down, FaultProxy(vllm_server, {"[down]": []}) as up:
+        config = TeacherConfig(backend="openai", base_url=[down.base_url, up.base_url], model="smollm2-135m",
+                               cache_dir=str(tmp_path / "cache"), max_retries=1, backoff_base_s=0.0,
+                               sampling={"temperature": 0.0, "max_tokens": 8})
+        with make_teacher(config) as teacher:
+            replies = teacher.complete(prompts)
+    assert all(reply.ok for [reply] in replies)
+    assert down.attempts["[down]"] > 0  # it got its share of first attempts ...
+    assert up.delivered["[down]"] == len(prompts) and teacher.stats.retries == down.attempts["[down]"]
+
+
+# -- --estimate ------------------------------------------------------------------------------
+
+
+def test_estimate_projects_from_a_pilot_that_the_real_run_reuses(tmp_path):
+    from datagen.estimate import format_estimate, run_estimate
+
+    config = config_for(tmp_path, "est", "orca", 30, **ORCA)
+    config.teacher = config.teacher.model_copy(
+        update={"prices": PriceTable(input_per_million=1.0, output_per_million=2.0)})
+    pilot = ScriptedBackend(orca_reply, name="scripted", model=config.teacher.model)
+    estimate = run_estimate(config, pilot=5, teacher_factory=lambda: Teacher(pilot, config.teacher))
+
+    # tasks t0..t5 were tried (t3 fails both instances: 2 parse failures + "no instance answered")
+    assert len(pilot.seen) == 12 and estimate["pilot_tasks"] == 5
+    assert estimate["acceptance_rate"] == pytest.approx(5 / 8)
+    assert estimate["requests"] == 12 * 30 // 5
+    prompt_tokens = sum(len(p.split()) for p in pilot.seen) * 30 // 5
+    assert estimate["prompt_tokens"] == prompt_tokens and estimate["wall_seconds"] is not None
+    assert estimate["cost"] == pytest.approx((prompt_tokens + 2 * estimate["completion_tokens"]) / 1e6)
+    assert not Path(config.generate.out).exists()  # the pilot wrote to a scratch file
+    assert "assumed acceptance rate: 62%" in format_estimate(estimate)
+
+    real = ScriptedBackend(orca_reply, name="scripted", model=config.teacher.model)
+    summary = run_generate(config, "test", lambda: Teacher(real, config.teacher))
+    assert summary["cache_hits"] == 12 and not set(real.seen) & set(pilot.seen)
+    assert summary["tasks_produced"] == 30
