@@ -441,9 +441,10 @@ def test_view_command_warns_off_loopback_and_refuses_a_missing_path(tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "datagen.cli", "view", str(kept), "--host", "0.0.0.0",
                                 "--port", "0"], stderr=subprocess.PIPE, text=True)
     try:
-        lines = [process.stderr.readline() for _ in range(4)]
+        lines = [process.stderr.readline() for _ in range(5)]
     finally:
         process.terminate()
         process.wait(timeout=10)
     assert lines[0].startswith("warning: serving on 0.0.0.0, not 127.0.0.1")
-    assert "1 tasks" in lines[1] and lines[2].startswith(f"marks go to {tmp_path / 'kept.overrides.jsonl'}")
+    assert "1 files" in lines[1] and lines[2].startswith(f"marks go to {tmp_path / 'kept.overrides.jsonl'}")
+    assert lines[3].startswith("open http://") and "1 tasks indexed" in lines[4]  # said once the index is read
