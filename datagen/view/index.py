@@ -17,11 +17,13 @@ rejects are shown once, as the filter left them.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import threading
 import time
 from array import array
+from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import islice
@@ -31,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from datagen.io import REJECTS_SUFFIX, STATS_SUFFIX, SUMMARY_SUFFIX
+from datagen.view.index_cache import CACHE_MIN_BYTES, load_rows, save_rows
 
 # Columns with a facet: value counts shown beside the table, a click filters on them.
 FACETS = ("status", "method", "operation", "round", "teacher", "stage", "reason", "classification",
@@ -174,12 +177,40 @@ class _Batch:
     offsets: list[int] = field(default_factory=list)
     lines: list[int] = field(default_factory=list)
     ids: list[str] = field(default_factory=list)
-    instructions: list[str] = field(default_factory=list)
-    haystacks: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)  # the whole instruction (or "(raw) " and the raw text)
     instances: list[int] = field(default_factory=list)
-    combos: list[int] = field(default_factory=list)
-    parents: list[tuple[int, list[str]]] = field(default_factory=list)  # (position in batch, parent ids)
+    combos: list[int] = field(default_factory=list)  # codes into TaskIndex._combos
     rejected: list[bool] = field(default_factory=list)
+    parents: list[tuple[int, list]] = field(default_factory=list)  # (position in batch, parent ids as parsed)
+
+    def without(self, hidden: set[str]) -> _Batch:
+        """The rows whose id is not in `hidden` (a filter's output shows those instead)."""
+        keep = [position for position, task_id in enumerate(self.ids) if task_id not in hidden]
+        if len(keep) == len(self.ids):
+            return self
+        new_position = {old: new for new, old in enumerate(keep)}
+        kept = _Batch(self.end, self.next_line, self.torn,
+                      parents=[(new_position[p], ids) for p, ids in self.parents if p in new_position])
+        for name in ("offsets", "lines", "ids", "texts", "instances", "combos", "rejected"):
+            column = getattr(self, name)
+            setattr(kept, name, [column[position] for position in keep])
+        return kept
+
+    def rows_from(self, start: int) -> _Batch:
+        """This batch from its row `start` on."""
+        tail = _Batch(self.end, self.next_line, self.torn,
+                      parents=[(position - start, ids) for position, ids in self.parents if position >= start])
+        for name in ("offsets", "lines", "ids", "texts", "instances", "combos", "rejected"):
+            setattr(tail, name, getattr(self, name)[start:])
+        return tail
+
+    def extend(self, other: _Batch) -> None:
+        """Append `other`'s rows, the lines that follow this batch's (a file's batches into one, for the cache)."""
+        shift = len(self.ids)
+        for name in ("offsets", "lines", "ids", "texts", "instances", "combos", "rejected"):
+            getattr(self, name).extend(getattr(other, name))
+        self.parents += [(position + shift, ids) for position, ids in other.parents]
+        self.end, self.next_line, self.torn = other.end, other.next_line, other.torn
 
 
 def _lenient(raw: bytes) -> Any:
@@ -247,6 +278,7 @@ class TaskIndex:
         self._languages_done = 0
         self._running = False
         self._thread: threading.Thread | None = None
+        self._to_cache: list[tuple[Path, os.stat_result, _Batch]] = []  # files read whole, to cache
         self.index_seconds: float | None = None  # how long the first full pass took
         self._cursors = self._plan()
         self.sources = [cursor.name for cursor in self._cursors]
@@ -358,15 +390,25 @@ class TaskIndex:
 
     def _index_all(self) -> None:
         started = time.perf_counter()
+        # Parsing makes ~10 containers a line and keeps them all: the cyclic collector would
+        # walk every row read so far again and again (a quarter of the time on 100k tasks).
+        # It is paused while the files are read and restored as it was.
+        collecting = gc.isenabled()
+        gc.disable()
         try:
             for cursor in self._cursors:
                 self._read_more(cursor)
         finally:
+            if collecting:
+                gc.enable()
             with self.lock:
                 self._running = False
                 if self.index_seconds is None:
                     self.index_seconds = time.perf_counter() - started
                 self._changed.notify_all()
+        while self._to_cache:  # after the index is complete: queries need not wait for these
+            path, stat, whole = self._to_cache.pop()
+            save_rows(path, stat, self._cache_rows(whole))
 
     def _read_more(self, cursor: _Cursor) -> None:
         """Index `cursor`'s file from where it was left to its last complete line."""
@@ -387,26 +429,67 @@ class TaskIndex:
                 return
             if cursor.hidden is None:
                 cursor.hidden = self._superseded(cursor.name)
+            whole = _Batch() if cursor.offset == 0 and stat.st_size >= CACHE_MIN_BYTES else None  # to cache
             handle.seek(cursor.offset)
             limit = FIRST_BATCH_LINES if not self.ids else BATCH_LINES
             while lines := list(islice(handle, limit)):
                 batch = self._parse(cursor, lines)
-                with self.lock:
-                    self._publish(cursor, batch)
+                self._publish_visible(cursor, batch)
+                if whole is not None:
+                    whole.extend(batch)
+                    if len(whole.ids) == len(batch.ids) and not batch.torn:  # first batch out: the rest from a cache?
+                        cached = load_rows(self.files.root / cursor.name, stat, len(PARSED_FACETS))
+                        if cached is not None:
+                            self._publish_visible(cursor, self._from_cache(cached, cursor.offset))
+                            handle.seek(cursor.offset)
+                            whole = None
                 if batch.torn:
                     break
                 limit = BATCH_LINES
+            if whole is not None and whole.end + whole.torn == stat.st_size:
+                self._to_cache.append((self.files.root / cursor.name, stat, whole))
+
+    def _publish_visible(self, cursor: _Cursor, batch: _Batch) -> None:
+        if cursor.hidden:
+            batch = batch.without(cursor.hidden)
+        with self.lock:
+            self._publish(cursor, batch)
+
+    def _from_cache(self, rows: dict[str, Any], offset: int) -> _Batch:
+        """The cached rows from byte `offset` on (the lines before it are already indexed)."""
+        codes = []
+        for combo in rows["combo_values"]:
+            key = tuple(combo)
+            code = self._combo_of.get(key)
+            if code is None:
+                code = self._combo_of[key] = len(self._combos)
+                self._combos.append(key)
+            codes.append(code)
+        batch = _Batch(rows["end"], rows["next_line"], rows["torn"], offsets=rows["offsets"], lines=rows["lines"],
+                       ids=rows["ids"], texts=rows["texts"], instances=rows["instances"],
+                       combos=[codes[code] for code in rows["combos"]], rejected=rows["rejected"],
+                       parents=[(position, ids) for position, ids in rows["parents"]])
+        return batch.rows_from(bisect_left(batch.offsets, offset))
+
+    def _cache_rows(self, batch: _Batch) -> dict[str, Any]:
+        """A whole file's parsed rows as `index_cache.save_rows` stores them."""
+        local: dict[int, int] = {}
+        combos = [local.setdefault(code, len(local)) for code in batch.combos]
+        return {"offsets": batch.offsets, "lines": batch.lines, "ids": batch.ids, "texts": batch.texts,
+                "instances": batch.instances, "combos": combos, "rejected": batch.rejected,
+                "combo_values": [list(self._combos[code]) for code in local],
+                "parents": [[position, ids] for position, ids in batch.parents],
+                "end": batch.end, "next_line": batch.next_line, "torn": batch.torn}
 
     def _parse(self, cursor: _Cursor, lines: list[bytes]) -> _Batch:
         # the hot loop of opening a run: one stdlib JSON parse a line, plain list appends, and
         # the row's facet values looked up as one tuple (few distinct ones in a run)
         loads = json.loads
-        name, is_rejects, hidden = cursor.name, cursor.is_rejects, cursor.hidden
+        name, is_rejects = cursor.name, cursor.is_rejects
         combo_of, combos = self._combo_of, self._combos
         batch = _Batch()
-        offsets, line_numbers, ids, instructions = batch.offsets, batch.lines, batch.ids, batch.instructions
-        haystacks, instances_of, combo_codes, rejected_flags = (batch.haystacks, batch.instances, batch.combos,
-                                                                batch.rejected)
+        offsets, line_numbers, ids, texts = batch.offsets, batch.lines, batch.ids, batch.texts
+        instances_of, combo_codes, rejected_flags = batch.instances, batch.combos, batch.rejected
         offset, line_number = cursor.offset, cursor.line
         for raw in lines:
             try:
@@ -432,8 +515,6 @@ class TaskIndex:
                 task = _NO_LINEAGE
             task_id = task.get("id")
             task_id = str(task_id) if task_id else f"{name}:{this_line}"
-            if hidden and task_id in hidden:
-                continue
             instruction = task.get("instruction")
             shown = str(instruction) if instruction else "(raw) " + str(record.get("raw") or "")
             lineage = task.get("lineage")
@@ -457,8 +538,7 @@ class TaskIndex:
             offsets.append(start)
             line_numbers.append(this_line)
             ids.append(task_id)
-            instructions.append(shown[:SHOWN_CHARS])
-            haystacks.append(f"{task_id}\n{shown}\n{reason}".lower())
+            texts.append(shown)
             instances = task.get("instances")
             instances_of.append(len(instances) if isinstance(instances, list) else 0)
             combo_codes.append(code)
@@ -478,8 +558,11 @@ class TaskIndex:
         self.offset.extend(batch.offsets)
         self.line.extend(batch.lines)
         self.ids.extend(batch.ids)
-        self.instruction.extend(batch.instructions)
-        self.haystack.extend(batch.haystacks)
+        self.instruction.extend([text[:SHOWN_CHARS] for text in batch.texts])
+        reason_of = PARSED_FACETS.index("reason")
+        combos = self._combos
+        self.haystack.extend([f"{task_id}\n{text}\n{combos[code][reason_of]}".lower()
+                              for task_id, text, code in zip(batch.ids, batch.texts, batch.combos)])
         self.instances.extend(batch.instances)
         self._combo.extend(batch.combos)
         for name in SET_LATER:
@@ -498,7 +581,7 @@ class TaskIndex:
                 if task_id in self.marks:
                     self._later["mark"][row] = self.columns["mark"].code(self.marks[task_id].decision)
         if self._detect is not None:  # rows appended after detection ran: detect theirs now
-            self._set_languages(base, [self._detect_one(text) for text in batch.instructions])
+            self._set_languages(base, [self._detect_one(text) for text in self.instruction[base:]])
         cursor.offset, cursor.line, cursor.torn = batch.end, batch.next_line, batch.torn
         self._changed.notify_all()
 
