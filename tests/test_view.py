@@ -342,6 +342,48 @@ def test_lines_appended_while_open_are_indexed_and_a_torn_last_line_waits(tmp_pa
     assert state.page()["changed_files"] == ["raw.jsonl"]
 
 
+def test_a_big_files_index_is_cached_beside_it_and_redone_when_it_changes(tmp_path, monkeypatch):
+    from datagen.view import index as index_module
+    from datagen.view import index_cache
+
+    for module in (index_module, index_cache):
+        monkeypatch.setattr(module, "CACHE_MIN_BYTES", 0)  # every file counts as big here
+    path = tmp_path / "raw.jsonl"
+    tasks = [_evol(f"e{i:03d}", f"e{i - 1:03d}" if i else EVOL_ROOT, i % 4 + 1, "evol:deepen", f"Explain item {i}.")
+             for i in range(FIRST_BATCH_LINES + 100)]
+    write_jsonl_atomic(path, tasks)
+    with path.open("a") as handle:
+        handle.write("{not json\n")
+    data = path.read_bytes()
+    parsed = []
+    parse = TaskIndex._parse
+    monkeypatch.setattr(TaskIndex, "_parse", lambda self, cursor, lines: parsed.append(len(lines)) or
+                        parse(self, cursor, lines))
+
+    def look(index):
+        page = index.query(search="item 2", sort="round", descending=True, limit=500)
+        return page["total"], page["rows"], page["facets"], index.parent_ids(5), index.children("e005")
+
+    first = TaskIndex.build(discover(path))
+    assert sum(parsed) == len(tasks) + 1 and index_cache.cache_path(path).is_file()
+    parsed.clear()
+    again = TaskIndex.build(discover(path))
+    assert parsed == [FIRST_BATCH_LINES]  # the first page's lines, then the rest from the cache
+    assert look(again) == look(first) and len(again) == len(first)
+    assert again.record(again.row_of_id["e250"])["instruction"] == "Explain item 250."
+    assert path.read_bytes() == data  # the data file is never written
+    with path.open("a") as handle:  # changed: size and mtime no longer match, so it is all read again
+        handle.write(make_task("new-1", "Explain item 2 again.").model_dump_json() + "\n")
+    parsed.clear()
+    grown = TaskIndex.build(discover(path))
+    assert sum(parsed) == len(tasks) + 2 and "new-1" in grown.row_of_id
+    cache = index_cache.cache_path(path)
+    cache.write_text(cache.read_text()[:1000])  # a damaged cache is not trusted: the file is parsed
+    parsed.clear()
+    assert len(TaskIndex.build(discover(path))) == len(grown) and sum(parsed) == len(tasks) + 2
+    assert discover(path).servable() == {"raw.jsonl"}  # the hidden cache is neither listed nor served
+
+
 # -- the manual pass -------------------------------------------------------------------------------
 
 
