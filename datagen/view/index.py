@@ -309,6 +309,11 @@ class TaskIndex:
         with self.lock:
             return self._changed.wait_for(lambda: not self._running, timeout)
 
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the background thread to end: indexing, then the cache files it writes."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+
     def wait_for_rows(self, rows: int, timeout: float) -> None:
         """Wait until `rows` rows are indexed or indexing stops (a first page wants its rows)."""
         with self.lock:
