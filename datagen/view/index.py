@@ -1,11 +1,13 @@
 """A light index of every task and reject line under a run: what the Tasks table pages over.
 
-Built once when `datagen view` starts. Each line is parsed with the standard library's
-`json` (no pydantic: a 100,000-task file must open in about a second) and leaves behind its
-byte offset and the few columns the table, the facets and the lineage links need; the full
-record is read back from its offset when a task page asks for it.
+Read in a background thread when `datagen view` starts (`TaskIndex.start`), a batch of lines
+at a time, so the first page comes from the first rows while the rest is read. Each line is
+parsed with the standard library's `json` (no pydantic) and leaves behind its byte offset and
+the few columns the table, the facets and the lineage links need; the full record is read
+back from its offset when a task page asks for it. A big file's parsed rows are cached beside
+it (`index_cache`), so opening it again skips the parse.
 
-    index = TaskIndex.build(discover(Path("out/distill")))
+    index = TaskIndex.build(discover(Path("out/distill")))   # or TaskIndex(files).start() and index.wait()
     page = index.query(search="poem", filters={"status": ["rejected"]}, sort="round", offset=0, limit=50)
     record = index.record(page["rows"][0]["row"])
 

@@ -66,7 +66,7 @@ class ViewState:
     """The index (filled in a background thread), the task details, the marks file, and the
     lock that serialises changes to them (the index's own)."""
 
-    def __init__(self, path: Path, background: bool = True) -> None:
+    def __init__(self, path: Path) -> None:
         if not Path(path).exists():
             raise InputError(f"{path}: no such file or folder")
         self.path = Path(path)
@@ -74,10 +74,7 @@ class ViewState:
         self.overrides = overrides_file(self.path)
         self.index = TaskIndex(self.files, self._read_marks())
         self.lock = self.index.lock
-        if background:
-            self.index.start()
-        else:
-            self.index.start().join()
+        self.index.start()
         self.details = TaskDetails(self.index)
         self.servable = self.files.servable()
 
