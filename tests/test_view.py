@@ -33,8 +33,8 @@ from datagen.filters.base import PassContext
 from datagen.filters.manual import REASON_DROPPED_BY_HAND, ManualConfig, append_override, run_manual_pass
 from datagen.io import read_tasks, write_jsonl_atomic
 from datagen.records import Lineage
-from datagen.view.index import TaskIndex, discover
-from datagen.view.server import make_server
+from datagen.view.index import FIRST_BATCH_LINES, TaskIndex, discover
+from datagen.view.server import ViewState, make_server
 from tests.helpers import make_task, run_cli, single_error_line
 
 DATA = Path(__file__).parent / "data" / "export"
@@ -272,6 +272,118 @@ def test_index_reads_a_single_file_without_pydantic_and_pages_it(tmp_path):
     assert index.record(index.row_of_id["t007"])["instruction"] == "Instruction number 7"
 
 
+def pause_after_first_batch(monkeypatch) -> threading.Event:
+    """Hold the background indexer after its first batch of lines until the returned event is
+    set (an injected stall: a big file's first page must not wait for the rest)."""
+    release, parse, calls = threading.Event(), TaskIndex._parse, []
+
+    def stalled(self, cursor, lines):
+        calls.append(len(lines))
+        if len(calls) > 1:
+            release.wait(30)
+        return parse(self, cursor, lines)
+
+    monkeypatch.setattr(TaskIndex, "_parse", stalled)
+    return release
+
+
+def test_first_page_is_served_while_the_rest_of_the_file_is_indexed(tmp_path, monkeypatch):
+    path = tmp_path / "kept.jsonl"
+    last = FIRST_BATCH_LINES + 1000
+    write_jsonl_atomic(path, [make_task(f"t{i:05d}", "Write a haiku about the sea." if i == last - 1
+                                        else f"Instruction number {i}") for i in range(last)])
+    release = pause_after_first_batch(monkeypatch)
+    server, state = make_server(path, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        first = get_json(f"{base}/api/tasks?limit=50")  # answered with the indexer stalled
+        assert first["indexing"] and first["all"] == FIRST_BATCH_LINES and len(first["rows"]) == 50
+        assert first["rows"][0]["id"] == "t00000" and dict(first["facets"]["status"]) == {"kept": FIRST_BATCH_LINES}
+        assert get_json(f"{base}/api/tasks?q=haiku")["total"] == 0  # not read yet
+        release.set()
+        assert state.index.wait(30)
+        done = get_json(f"{base}/api/tasks?q=haiku&sort=id&desc=1")
+        assert not done["indexing"] and done["all"] == last
+        assert [r["id"] for r in done["rows"]] == [f"t{last - 1:05d}"]
+        assert dict(done["facets"]["status"]) == {"kept": 1}
+        assert get_json(f"{base}/api/tasks?sort=id&desc=1&limit=1")["rows"][0]["line"] == last
+        # a task asked for by id is waited for rather than refused while indexing goes on
+        assert get_json(f"{base}/api/task?id=t{last - 1:05d}")["task"]["instruction"].startswith("Write a haiku")
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+
+
+def test_lines_appended_while_open_are_indexed_and_a_torn_last_line_waits(tmp_path):
+    path = tmp_path / "raw.jsonl"
+    lines = [make_task(f"a{i}", f"Name a colour, number {i}.").model_dump_json() for i in range(4)]
+    path.write_text(lines[0] + "\n\n" + lines[1] + "\n" + lines[2][:40])  # a blank line, then a line being written
+    state = ViewState(path)
+    state.index.wait(30)
+    page = state.page(sort="id")
+    assert [r["id"] for r in page["rows"]] == ["a0", "a1"] and page["unfinished_lines"] == ["raw.jsonl"]
+    with path.open("a") as handle:  # the writer finishes its line and adds one without a newline yet
+        handle.write(lines[2][40:] + "\n" + lines[3])
+    state.page()  # a page notices the file grew and reads on from where it stopped
+    state.index.wait(30)
+    page = state.page(sort="id", search="colour")
+    assert [(r["id"], r["line"]) for r in page["rows"]] == [("a0", 1), ("a1", 3), ("a2", 4), ("a3", 5)]
+    assert page["unfinished_lines"] == [] and page["changed_files"] == []
+    with path.open("a") as handle:
+        handle.write("\n" + make_task("a4", "Name a fruit.").model_dump_json() + "\n")
+    state.page()
+    state.index.wait(30)
+    row = state.index.row_of_id["a4"]
+    assert state.index.line[row] == 6 and state.index.record(row)["instruction"] == "Name a fruit."
+    assert state.details.page(row)["similar"]  # the ROUGE-L pool grows with the index
+    write_jsonl_atomic(path, [make_task("b0", "Another run.")])  # replaced: no longer what was indexed
+    assert state.page()["changed_files"] == ["raw.jsonl"]
+
+
+def test_a_big_files_index_is_cached_beside_it_and_redone_when_it_changes(tmp_path, monkeypatch):
+    from datagen.view import index as index_module
+    from datagen.view import index_cache
+
+    for module in (index_module, index_cache):
+        monkeypatch.setattr(module, "CACHE_MIN_BYTES", 0)  # every file counts as big here
+    path = tmp_path / "raw.jsonl"
+    tasks = [_evol(f"e{i:03d}", f"e{i - 1:03d}" if i else EVOL_ROOT, i % 4 + 1, "evol:deepen", f"Explain item {i}.")
+             for i in range(FIRST_BATCH_LINES + 100)]
+    write_jsonl_atomic(path, tasks)
+    with path.open("a") as handle:
+        handle.write("{not json\n")
+    data = path.read_bytes()
+    parsed = []
+    parse = TaskIndex._parse
+    monkeypatch.setattr(TaskIndex, "_parse", lambda self, cursor, lines: parsed.append(len(lines)) or
+                        parse(self, cursor, lines))
+
+    def look(index):
+        page = index.query(search="item 2", sort="round", descending=True, limit=500)
+        return page["total"], page["rows"], page["facets"], index.parent_ids(5), index.children("e005")
+
+    first = TaskIndex.build(discover(path))
+    assert sum(parsed) == len(tasks) + 1 and index_cache.cache_path(path).is_file()
+    parsed.clear()
+    again = TaskIndex.build(discover(path))
+    assert parsed == [FIRST_BATCH_LINES]  # the first page's lines, then the rest from the cache
+    assert look(again) == look(first) and len(again) == len(first)
+    assert again.record(again.row_of_id["e250"])["instruction"] == "Explain item 250."
+    assert path.read_bytes() == data  # the data file is never written
+    with path.open("a") as handle:  # changed: size and mtime no longer match, so it is all read again
+        handle.write(make_task("new-1", "Explain item 2 again.").model_dump_json() + "\n")
+    parsed.clear()
+    grown = TaskIndex.build(discover(path))
+    assert sum(parsed) == len(tasks) + 2 and "new-1" in grown.row_of_id
+    cache = index_cache.cache_path(path)
+    cache.write_text(cache.read_text()[:1000])  # a damaged cache is not trusted: the file is parsed
+    parsed.clear()
+    assert len(TaskIndex.build(discover(path))) == len(grown) and sum(parsed) == len(tasks) + 2
+    assert discover(path).servable() == {"raw.jsonl"}  # the hidden cache is neither listed nor served
+
+
 # -- the manual pass -------------------------------------------------------------------------------
 
 
@@ -432,6 +544,26 @@ def test_browser_run_page_shows_summary_stats_plots_and_samples(browser, served)
     assert "exact-dedup" in text and "cache hits" in text
 
 
+def test_browser_table_fills_in_while_the_index_is_read(browser, tmp_path, monkeypatch):
+    path = tmp_path / "kept.jsonl"
+    write_jsonl_atomic(path, [make_task(f"t{i:03d}", f"Instruction number {i}") for i in range(900)])
+    release = pause_after_first_batch(monkeypatch)
+    server, _state = make_server(path, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        browser.get(f"http://127.0.0.1:{server.server_address[1]}/#/tasks")
+        count = wait_for(browser, lambda d: "indexing" in d.find_element("id", "count").text
+                         and d.find_element("id", "count").text)
+        assert count.startswith(f"{FIRST_BATCH_LINES} of {FIRST_BATCH_LINES} tasks so far (indexing…")
+        assert len(browser.find_elements("css selector", "#tasks tbody tr")) == 50
+        release.set()  # the page asks again by itself and shows the whole file
+        wait_for(browser, lambda d: d.find_element("id", "count").text == "900 of 900 tasks")
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+
+
 def test_view_command_warns_off_loopback_and_refuses_a_missing_path(tmp_path):
     result = run_cli("view", str(tmp_path / "nothing"))
     assert result.returncode != 0
@@ -441,9 +573,10 @@ def test_view_command_warns_off_loopback_and_refuses_a_missing_path(tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "datagen.cli", "view", str(kept), "--host", "0.0.0.0",
                                 "--port", "0"], stderr=subprocess.PIPE, text=True)
     try:
-        lines = [process.stderr.readline() for _ in range(4)]
+        lines = [process.stderr.readline() for _ in range(5)]
     finally:
         process.terminate()
         process.wait(timeout=10)
     assert lines[0].startswith("warning: serving on 0.0.0.0, not 127.0.0.1")
-    assert "1 tasks" in lines[1] and lines[2].startswith(f"marks go to {tmp_path / 'kept.overrides.jsonl'}")
+    assert "1 files" in lines[1] and lines[2].startswith(f"marks go to {tmp_path / 'kept.overrides.jsonl'}")
+    assert lines[3].startswith("open http://") and "1 tasks indexed" in lines[4]  # said once the index is read

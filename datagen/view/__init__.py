@@ -9,7 +9,8 @@ beside the data (the `manual` filter pass applies them).
     from datagen.view import serve
     serve(Path("out/distill"), host="127.0.0.1", port=8765)
 
-Pieces: `index` (a light index of every task line: byte offsets and the table's columns),
+Pieces: `index` (a light index of every task line: byte offsets and the table's columns,
+read in a background thread), `index_cache` (a big file's parsed rows, cached beside it),
 `detail` (one task's page: lineage chain, children, most similar instructions),
 `run_files` (the summaries, stats, card plots and eval reports under PATH), `server` (the
 HTTP handler, standard library only) and `static/` (the page: plain HTML, CSS and JS

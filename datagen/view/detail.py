@@ -7,8 +7,8 @@
   the first one not in the index (the seed), oldest first.
 - `children`: the rows whose `lineage.parent_ids` name this task.
 - `similar`: the most similar instructions among the indexed tasks by exact ROUGE-L F1
-  (`datagen.rouge.RougeLIndex`, built on first use), next to the scores Self-Instruct stored
-  in `lineage.most_similar` when it made the task.
+  (`datagen.rouge.RougeLIndex`, built on first use and grown as rows are indexed), next to
+  the scores Self-Instruct stored in `lineage.most_similar` when it made the task.
 """
 
 from __future__ import annotations
@@ -36,18 +36,26 @@ class TaskDetails:
         self.index = index
         self._rouge: RougeLIndex | None = None
         self._rouge_rows: list[int] = []
+        self._rouge_covered = 0  # rows of the index the pool has seen
         self._lock = threading.Lock()
 
     def _rouge_index(self) -> tuple[RougeLIndex, list[int]]:
         with self._lock:
+            index = self.index
+            rows = len(index)
             if self._rouge is None:
-                index = self.index
                 # every task once (kept rows first, so a duplicate instruction points at the kept one)
-                rows = [r for r in range(len(index)) if index.status(r) == STATUS_KEPT]
-                rows += [r for r in range(len(index)) if index.status(r) != STATUS_KEPT
+                pool = [r for r in range(rows) if index.status(r) == STATUS_KEPT]
+                pool += [r for r in range(rows) if index.status(r) != STATUS_KEPT
                          and not index.instruction[r].startswith("(raw) ")]
-                self._rouge_rows = rows
-                self._rouge = RougeLIndex(index.instruction[r] for r in rows)
+                self._rouge_rows = pool
+                self._rouge = RougeLIndex(index.instruction[r] for r in pool)
+            elif rows > self._rouge_covered:  # rows indexed since (the rest of the file, or lines appended)
+                for r in range(self._rouge_covered, rows):
+                    if not index.instruction[r].startswith("(raw) "):
+                        self._rouge_rows.append(r)
+                        self._rouge.add(index.instruction[r])
+            self._rouge_covered = rows
             return self._rouge, self._rouge_rows
 
     def similar_ready(self) -> None:
@@ -60,7 +68,7 @@ class TaskDetails:
         chain, seen = [], {index.ids[row]}
         current = row
         while current is not None and len(chain) < CHAIN_LIMIT:
-            parents = index.parents.get(current)
+            parents = index.parent_ids(current)
             if not parents or parents[0] in seen:
                 break
             seen.add(parents[0])
@@ -93,9 +101,9 @@ class TaskDetails:
             "row": row, "id": index.ids[row], "file": index.value("file", row), "line": index.line[row],
             "status": index.status(row), "record": record, "task": task,
             "mark": mark.model_dump() if mark is not None else None,
-            "parents": [_link(index, p) for p in index.parents.get(row, [])],
+            "parents": [_link(index, p) for p in index.parent_ids(row)],
             "chain": self.chain(row) if generator.startswith("evol") else [],
-            "children": [_link(index, index.ids[c]) | {"row": c} for c in index.children.get(index.ids[row], [])],
+            "children": [_link(index, index.ids[c]) | {"row": c} for c in index.children(index.ids[row])],
             "stored_similar": [{"instruction": text, "rouge_l": score}
                                for text, score in (lineage.get("most_similar") or {}).items()],
             "similar": self.similar(row, str(task.get("instruction") or "")),

@@ -50,6 +50,8 @@ SECURITY_HEADERS = {
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MAX_BODY = 64 * 1024
 PAGE_LIMIT = 500
+FIRST_PAGE_WAIT = 2.0  # seconds a page waits for its rows while the index is read (then shows what there is)
+FIND_WAIT = 30.0  # seconds a task asked for by id waits for the index to reach it
 
 
 def overrides_file(path: Path) -> Path:
@@ -61,7 +63,8 @@ def overrides_file(path: Path) -> Path:
 
 
 class ViewState:
-    """The index, the task details, the marks file, and the lock that serialises changes to them."""
+    """The index (filled in a background thread), the task details, the marks file, and the
+    lock that serialises changes to them (the index's own)."""
 
     def __init__(self, path: Path) -> None:
         if not Path(path).exists():
@@ -69,13 +72,30 @@ class ViewState:
         self.path = Path(path)
         self.files: DataFiles = discover(self.path)
         self.overrides = overrides_file(self.path)
-        self.lock = threading.RLock()
-        self.index = TaskIndex.build(self.files, self._read_marks())
+        self.index = TaskIndex(self.files, self._read_marks())
+        self.lock = self.index.lock
+        self.index.start()
         self.details = TaskDetails(self.index)
         self.servable = self.files.servable()
 
     def _read_marks(self) -> dict[str, Any]:
         return read_overrides(self.overrides) if self.overrides.exists() else {}
+
+    def page(self, offset: int = 0, limit: int = 50, **query: Any) -> dict[str, Any]:
+        """One page of the table (`TaskIndex.query`); while the index is being read, from the rows
+        so far once there are enough for this page (or FIRST_PAGE_WAIT has passed)."""
+        if not self.index.refresh():  # lines appended since they were read get indexed too
+            return self.index.query(offset=offset, limit=limit, **query)
+        self.index.wait_for_rows(offset + limit, FIRST_PAGE_WAIT)
+        return self.index.query(offset=offset, limit=limit, **query)
+
+    def row_of(self, task_id: str) -> int | None:
+        """The row of a task id; one not indexed yet is waited for while indexing goes on."""
+        row = self.index.row_of_id.get(task_id)
+        if row is None and self.index.indexing:
+            self.index.wait(FIND_WAIT)
+            row = self.index.row_of_id.get(task_id)
+        return row
 
     def mark(self, task_id: str, decision: str, note: str) -> dict[str, Any]:
         with self.lock:
@@ -85,12 +105,14 @@ class ViewState:
             return {"id": task_id, "mark": mark.model_dump() if mark else None, "overrides": str(self.overrides)}
 
     def warm_up_later(self) -> threading.Thread:
-        """Fill the language facet, then build the ROUGE-L pool, in a background thread: both
-        take seconds on a big run, and the first page must not wait for them."""
+        """Once the index is read, fill the language facet, then build the ROUGE-L pool, in a
+        background thread: both take seconds on a big run, and no page waits for them."""
         def work() -> None:
             from datagen.export.languages import detect_language
 
-            self.index.detect_languages(detect_language, self.lock)
+            self.index.wait()
+            self.index.children("")  # the parent -> children map, built once here rather than by a task page
+            self.index.detect_languages(detect_language)
             self.details.similar_ready()
 
         thread = threading.Thread(target=work, name="datagen-view-languages", daemon=True)
@@ -202,11 +224,9 @@ class ViewHandler(BaseHTTPRequestHandler):
         limit = _int(query, "limit", 50)
         if not 1 <= limit <= PAGE_LIMIT:
             raise _Refused(HTTPStatus.BAD_REQUEST, f"limit: between 1 and {PAGE_LIMIT}")
-        with self.state.lock:
-            page = self.state.index.query(search=query.get("q", [""])[0], filters=filters,
-                                          sort=query.get("sort", [None])[0],
-                                          descending=query.get("desc", ["0"])[0] == "1",
-                                          offset=_int(query, "offset", 0), limit=limit)
+        page = self.state.page(search=query.get("q", [""])[0], filters=filters, sort=query.get("sort", [None])[0],
+                               descending=query.get("desc", ["0"])[0] == "1", offset=_int(query, "offset", 0),
+                               limit=limit)
         page["overrides"] = str(self.state.overrides)
         page["root"] = str(self.state.path)
         self._json(page)
@@ -214,7 +234,7 @@ class ViewHandler(BaseHTTPRequestHandler):
     def _task(self, query: dict[str, list[str]]) -> None:
         index = self.state.index
         if "id" in query:
-            row = index.row_of_id.get(query["id"][0])
+            row = self.state.row_of(query["id"][0])
         else:
             row = _int(query, "row", -1)
         if row is None or not 0 <= row < len(index):
@@ -240,7 +260,7 @@ class ViewHandler(BaseHTTPRequestHandler):
         if not isinstance(body, dict) or body.get("decision") not in DECISIONS or not isinstance(note, str):
             raise _Refused(HTTPStatus.BAD_REQUEST, f"expected {{id, decision: {'|'.join(DECISIONS)}, note}}")
         task_id = body.get("id")
-        if task_id not in self.state.index.row_of_id:
+        if not isinstance(task_id, str) or self.state.row_of(task_id) is None:
             raise _Refused(HTTPStatus.NOT_FOUND, "no such task")
         self._json(self.state.mark(task_id, body["decision"], body.get("note", "")))
 
@@ -276,10 +296,16 @@ def serve(path: Path, host: str = "127.0.0.1", port: int = 8765, announce=print)
     bound_host, bound_port = server.server_address[:2]
     state.warm_up_later()
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    announce(f"datagen view: {len(state.index)} tasks from {len(state.files.tasks) + len(state.files.rejects)} "
-             f"files under {state.files.root}")
+    announce(f"datagen view: {len(state.files.tasks) + len(state.files.rejects)} files under {state.files.root} "
+             f"(read in the background: the page fills in as they are)")
     announce(f"marks go to {state.overrides}")
     announce(f"open http://{shown}:{bound_port}/  (Ctrl-C stops)")
+
+    def when_indexed() -> None:
+        state.index.wait()
+        announce(f"datagen view: {len(state.index)} tasks indexed in {state.index.index_seconds:.1f} s")
+
+    threading.Thread(target=when_indexed, name="datagen-view-announce", daemon=True).start()
     try:
         server.serve_forever()
     except KeyboardInterrupt:  # Ctrl-C is how a user stops it, not an interruption to resume

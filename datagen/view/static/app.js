@@ -119,7 +119,8 @@ function tasksSkeleton() {
   view = el("div", { id: "tasks-view", class: "tasks" },
     el("aside", { id: "facets" }),
     el("section", { class: "table-side" },
-      el("div", { class: "toolbar" }, search, el("span", { id: "count", class: "muted" })),
+      el("div", { class: "toolbar" }, search, el("span", { id: "count", class: "muted" }),
+        el("span", { id: "notice", class: "muted" })),
       el("table", { id: "tasks" }, el("thead"), el("tbody")),
       el("div", { class: "pager" },
         el("button", { id: "prev", type: "button" }, "← previous"),
@@ -149,8 +150,19 @@ async function showTasks(params) {
   renderFacets(page, params);
   renderTable(page, params);
   const offset = page.offset;
-  document.getElementById("count").textContent =
-    `${page.total.toLocaleString()} of ${page.all.toLocaleString()} tasks`;
+  document.getElementById("count").textContent = `${page.total.toLocaleString()} of ${page.all.toLocaleString()} tasks` +
+    (page.indexing ? ` so far (indexing… ${page.all.toLocaleString()} tasks read)` : "");
+  const notes = [];
+  if (page.unfinished_lines.length) notes.push(`an unfinished last line (still being written?) not shown yet: ${page.unfinished_lines.join(", ")}`);
+  if (page.changed_files.length) notes.push(`changed on disk since read (restart datagen view to see them): ${page.changed_files.join(", ")}`);
+  document.getElementById("notice").textContent = notes.join("; ");
+  if (page.indexing || !page.languages_ready) {
+    // counts and facets fill in as the index is read (and languages detected): ask again soon
+    const hash = location.hash;
+    setTimeout(() => {
+      if (ticket === tasksTicket && location.hash === hash && document.body.contains(view)) showTasks(params);
+    }, page.indexing ? 500 : 2000);
+  }
   document.getElementById("page").textContent = page.total
     ? `${offset + 1}–${Math.min(offset + PAGE_SIZE, page.total)}` : "no tasks match";
   const prev = document.getElementById("prev");
