@@ -10,7 +10,7 @@ with 1-3 near-duplicate variants), written as one JSONL file. Rows, each on the 
 
 - single process: `run_filter` with exact-dedup + near-dedup, what `datagen dedup` runs today
   (the baseline);
-- datatrove local, 1 task / 2 tasks (2 workers): `run_scaled_dedup(..., "local")`;
+- datatrove local, 1 task / 2 tasks (2 workers): `run_scaled_dedup(..., "datatrove")`;
 - with --ray: datatrove on a local Ray (`ray.init(address="local", num_cpus=2)`), 2 tasks.
 
 Each row runs in a forked child (bench/dedup.py's `in_child`): wall seconds, records/s, and the
@@ -85,7 +85,8 @@ def main() -> None:
         _, base, peak = in_child(lambda: single(source, reference))
         print(f"  {'single process (baseline)':<34} {base:>8.2f} {args.n / base:>10.0f} {mib(peak):>9} "
               f"{1.0:>6.2f}")
-        rows = [("datatrove local, 1 task", "local", 1, 1), ("datatrove local, 2 tasks, 2 workers", "local", 2, 2)]
+        rows = [("datatrove local, 1 task", "datatrove", 1, 1),
+                ("datatrove local, 2 tasks, 2 workers", "datatrove", 2, 2)]
         if args.ray:
             rows.append(("datatrove Ray, 2 tasks, 2 CPUs", "ray", 2, 2))
         for label, engine, shards, workers in rows:

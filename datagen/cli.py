@@ -289,8 +289,8 @@ def dedup(
     rejects: RejectsOpt = None,
     skip_invalid: SkipInvalidOpt = False,
     config: ConfigOpt = None,
-    engine: Annotated[Optional[str], typer.Option(
-        "--engine", help="Run on datatrove: local | ray | slurm (default: one process, as before).")] = None,
+    engine: Annotated[str, typer.Option(
+        "--engine", help="local (one process) | datatrove (its processes on this machine) | ray | slurm.")] = "local",
     tasks: Annotated[Optional[int], typer.Option("--tasks", help="--engine: input shards (default: CPUs).")] = None,
     workers: Annotated[int, typer.Option("--workers", help="--engine: tasks at once (default: all).")] = -1,
     work_dir: Annotated[Optional[Path], typer.Option("--work-dir", help="--engine: stage files (default OUT.work)."
@@ -303,9 +303,9 @@ def dedup(
         "filter.passes": ("--passes", ["exact-dedup", "near-dedup"]),
         "filter.skip_invalid": ("--skip-invalid", True if skip_invalid else None),
     }
-    if engine is None:
+    if engine == "local":
         if tasks is not None:
-            raise ConfigError("--tasks needs --engine local, ray or slurm")
+            raise ConfigError("--tasks needs --engine datatrove, ray or slurm")
         return _filter(source, out, rejects, overrides, config)
     from datagen.config_file import load_config
     from datagen.io import rejects_path

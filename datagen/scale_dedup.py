@@ -1,16 +1,16 @@
-"""`datagen dedup --engine local|ray|slurm`: exact + MinHash near dedup as datatrove stages.
+"""`datagen dedup --engine datatrove|ray|slurm`: exact + MinHash near dedup as datatrove stages.
 
 The same decisions as the single-process `datagen dedup` (kept ids, rejects with their
 reasons and details, in the same order), computed in stages that datatrove runs over N
 byte-range shards of the input on its LocalPipelineExecutor, RayPipelineExecutor or
 SlurmPipelineExecutor:
 
-    datagen dedup raw.jsonl --out kept.jsonl --engine local --tasks 4
+    datagen dedup raw.jsonl --out kept.jsonl --engine datatrove --tasks 4
     datagen dedup raw.jsonl --out kept.jsonl --engine ray --tasks 64      # RAY_ADDRESS or a local Ray
     datagen dedup raw.jsonl --out kept.jsonl --engine slurm --tasks 256 --partition cpu
 
     from datagen.scale_dedup import ScaleDedupPlan, run_scaled_dedup
-    stats = run_scaled_dedup(ScaleDedupPlan(source, out, rejects, work, DedupConfig(), tasks=4), "local")
+    stats = run_scaled_dedup(ScaleDedupPlan(source, out, rejects, work, DedupConfig(), tasks=4), "datatrove")
 
 Stages (tasks), each a datatrove `PipelineStep` reading and writing files under the work
 folder (`KEPT.work/` by default; datatrove's logs and completion marks are there too, so a
@@ -91,7 +91,7 @@ from datagen.io import (
 from datagen.records import Reject, Task
 from datagen.rejects import INVALID_LINE, STAGE_READ
 
-ENGINES = ("local", "ray", "slurm")
+ENGINES = ("datatrove", "ray", "slurm")  # "local" (one process) is filtering's own path
 STAGE_EXACT, STAGE_NEAR = "exact-dedup", "near-dedup"  # the pass names run_filter writes
 NOT_UTF8 = "not UTF-8 text"
 _UTF8_BOM = b"\xef\xbb\xbf"
@@ -633,7 +633,7 @@ def build_executors(plan: ScaleDedupPlan, engine: str, options: EngineOptions) -
         common = {"pipeline": [DedupStage(plan, stage, plan.tasks, engine)], "tasks": tasks,
                   "logging_dir": str(plan.work / "logs" / stage)}
         workers = min(options.workers, tasks) if options.workers > 0 and tasks > 1 else -1
-        if engine == "local":
+        if engine == "datatrove":
             from datatrove.executor import LocalPipelineExecutor
 
             executors.append(LocalPipelineExecutor(**common, workers=workers, start_method="fork"))
@@ -727,7 +727,7 @@ def _quietly(plan: ScaleDedupPlan, run) -> None:
 
 def _check_engine(engine: str, options: EngineOptions) -> None:
     if engine not in ENGINES:
-        raise ConfigError(f"--engine: expected one of {', '.join(ENGINES)}, got {engine!r}")
+        raise ConfigError(f"--engine: expected one of local, {', '.join(ENGINES)}, got {engine!r}")
     if engine == "slurm" and not options.partition:
         raise ConfigError("--engine slurm needs --partition")
 

@@ -1,4 +1,4 @@
-"""`datagen dedup --engine local|ray|slurm` makes the single-process run's decisions.
+"""`datagen dedup --engine datatrove|ray|slurm` makes the single-process run's decisions.
 
 A corpus with planted duplicates of every kind the single-process path handles (exact
 copies, one-word edits, a chain A~B~C, identical token sequences, the keep rule choosing a
@@ -127,7 +127,7 @@ def test_local_executor_matches_single_process(tmp_path: Path, config: DedupConf
         kept = set(want[0])
         assert {"A", "C"} <= kept and "B" not in kept  # the chain: B goes, C (not a duplicate of A) stays
     for tasks, workers in ((1, 1), (3, 2)):
-        stats = scaled(tmp_path, source, f"local{tasks}", "local", tasks, config, workers=workers)
+        stats = scaled(tmp_path, source, f"local{tasks}", "datatrove", tasks, config, workers=workers)
         assert outputs(tmp_path / f"local{tasks}.jsonl") == want
         same_counts(stats, reference)
         assert stats["passes"][1]["report"].split(",")[0] == reference["passes"][1]["report"].split(",")[0]
@@ -137,13 +137,13 @@ def test_local_executor_matches_single_process(tmp_path: Path, config: DedupConf
 def test_invalid_lines_are_rejected_or_stop_the_run_as_before(tmp_path: Path) -> None:
     source = write_corpus(tmp_path / "in.jsonl", corpus(60), bad_lines=True)
     reference = single_process(source, tmp_path / "single.jsonl", DedupConfig(), skip_invalid=True)
-    stats = scaled(tmp_path, source, "local", "local", 3, DedupConfig(), skip_invalid=True, workers=1)
+    stats = scaled(tmp_path, source, "local", "datatrove", 3, DedupConfig(), skip_invalid=True, workers=1)
     assert outputs(tmp_path / "local.jsonl") == outputs(tmp_path / "single.jsonl")
     same_counts(stats, reference)
     assert stats["invalid_lines"] == 2
 
     single = run_cli("dedup", str(source), "--out", str(tmp_path / "a.jsonl"))
-    sharded = run_cli("dedup", str(source), "--out", str(tmp_path / "b.jsonl"), "--engine", "local", "--tasks", "3")
+    sharded = run_cli("dedup", str(source), "--out", str(tmp_path / "b.jsonl"), "--engine", "datatrove", "--tasks", "3")
     assert single.returncode == sharded.returncode != 0
     assert single_error_line(sharded) == single_error_line(single)
     assert "(and 1 more bad lines); fix it or pass --skip-invalid" in single_error_line(sharded)
@@ -198,10 +198,10 @@ def test_slurm_submits_a_chain_of_array_jobs(tmp_path: Path, monkeypatch: pytest
 def test_bad_flags_get_one_error_line(tmp_path: Path) -> None:
     source = write_corpus(tmp_path / "in.jsonl", corpus(40))
     for flags, message in [
-        (["--engine", "spark"], "--engine: expected one of local, ray, slurm, got 'spark'"),
-        (["--engine", "local", "--tasks", "0"], "--tasks: must be at least 1, got 0"),
+        (["--engine", "spark"], "--engine: expected one of local, datatrove, ray, slurm, got 'spark'"),
+        (["--engine", "datatrove", "--tasks", "0"], "--tasks: must be at least 1, got 0"),
         (["--engine", "slurm", "--tasks", "2"], "--engine slurm needs --partition"),
-        (["--tasks", "4"], "--tasks needs --engine local, ray or slurm"),
+        (["--tasks", "4"], "--tasks needs --engine datatrove, ray or slurm"),
     ]:
         result = run_cli("dedup", str(source), "--out", str(tmp_path / "k.jsonl"), *flags)
         assert result.returncode == 2, result.stderr
@@ -211,7 +211,7 @@ def test_bad_flags_get_one_error_line(tmp_path: Path) -> None:
 def test_executors_are_built_per_stage(tmp_path: Path) -> None:
     plan = ScaleDedupPlan(tmp_path / "in.jsonl", tmp_path / "k.jsonl", tmp_path / "r.jsonl", tmp_path / "w",
                           DedupConfig(), tasks=40)
-    executors = build_executors(plan, "local", EngineOptions(workers=2))
+    executors = build_executors(plan, "datatrove", EngineOptions(workers=2))
     assert [(e.pipeline[0].stage, e.world_size, e.workers) for e in executors] == [
         ("read", 40, 2), ("group", 1, 1), ("signatures", 40, 2), ("buckets", 25, 2), ("decide", 1, 1),
         ("write", 40, 2), ("collect", 1, 1)]
@@ -238,7 +238,7 @@ def test_empty_and_tiny_inputs(tmp_path: Path) -> None:
         if not tasks:
             source.write_text("")
         reference = single_process(source, tmp_path / f"{name}-single.jsonl", DedupConfig())
-        stats = scaled(tmp_path, source, name, "local", 3, DedupConfig(), workers=1)
+        stats = scaled(tmp_path, source, name, "datatrove", 3, DedupConfig(), workers=1)
         assert outputs(tmp_path / f"{name}.jsonl") == outputs(tmp_path / f"{name}-single.jsonl")
         same_counts(stats, reference)
         assert stats["rejected"] == (0 if name in ("empty", "one") else 1)
