@@ -171,7 +171,7 @@ def teacher(
 @app.command()
 def generate(
     method: Annotated[
-        Optional[str], typer.Option("--method", help="self-instruct | alpaca | evol-instruct | orca.")
+        Optional[str], typer.Option("--method", help="self-instruct | alpaca | evol-instruct | orca | preferences.")
     ] = None,
     seeds: Annotated[Optional[Path], typer.Option("--seeds", help="Seed task JSONL (default: bundled seeds).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output task JSONL (appended, resumable).")] = None,

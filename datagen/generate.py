@@ -18,7 +18,7 @@ from pydantic import Field
 
 from datagen.config import Strict, with_sections
 from datagen.errors import ConfigError
-from datagen.generators import alpaca, evol_instruct, orca, self_instruct
+from datagen.generators import alpaca, evol_instruct, orca, preferences, self_instruct
 from datagen.generators.common import GenerationMethod, RunContext, TaskSink, instances_toward_target
 from datagen.io import atomic_write_json, progress_path, read_tasks, rejects_path, summary_path
 from datagen.progress import progress
@@ -35,6 +35,8 @@ GENERATORS: dict[str, GenerationMethod] = {
     "evol-instruct": GenerationMethod(evol_instruct.run_evol_instruct, "evol_instruct",
                                       evol_instruct.EvolInstructConfig),
     "orca": GenerationMethod(orca.run_orca, "orca", orca.OrcaConfig),
+    "preferences": GenerationMethod(preferences.run_preferences, "preferences", preferences.PreferencesConfig,
+                                    preferences.PreferencePair),
 }
 
 Method = Literal[tuple(GENERATORS)]  # type: ignore[valid-type]
@@ -79,9 +81,10 @@ def run_generate(config, command_line: str) -> dict[str, Any]:
     output = Path(settings.out)
     seeds = load_seeds(config)
     started = time.monotonic()
+    record = GENERATORS[settings.method].record
     # the teacher first: a teacher that cannot be used (no API key, no server) fails
     # before OUT is created
-    with make_teacher(config.teacher) as teacher, TaskSink(output) as sink, progress(
+    with make_teacher(config.teacher) as teacher, TaskSink(output, record) as sink, progress(
         settings.method, total=settings.num, done=min(len(sink.existing), settings.num),
         detail=lambda: f"teacher: {teacher.stats.requests_sent} requests, {teacher.stats.cache_hits} cached",
     ) as bar:
