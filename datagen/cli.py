@@ -340,7 +340,9 @@ def finetune(
     base: Annotated[
         Optional[str], typer.Option("--base", help="Student: alias, model folder, .gguf or hub id.")
     ] = None,
-    method: Annotated[Optional[str], typer.Option("--method", help="lora | qlora (QLoRA needs CUDA).")] = None,
+    method: Annotated[Optional[str], typer.Option(
+        "--method", help="lora | qlora (QLoRA needs CUDA) | dpo (PAIRS; the dpo: section, LoRA or QLoRA).")] = None,
+    beta: Annotated[Optional[float], typer.Option("--beta", help="dpo: strength of the reference penalty.")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs")] = None,
     max_steps: Annotated[
         Optional[int], typer.Option("--max-steps", help="Optimiser steps (overrides --epochs).")
@@ -356,17 +358,26 @@ def finetune(
     seed: Annotated[Optional[int], typer.Option("--seed")] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """LoRA / QLoRA SFT of a student on chat data; rerun the same command to resume."""
+    """LoRA / QLoRA SFT of a student on chat data, or DPO on preference pairs; rerun the same command to resume."""
     from datagen.config_file import load_config
     from datagen.finetune.sft import train
 
-    flags = {"base": (base, "--base"), "method": (method, "--method"), "epochs": (epochs, "--epochs"),
+    dpo = method == "dpo"
+    flags = {"base": (base, "--base"), "method": (None if dpo else method, "--method"), "epochs": (epochs, "--epochs"),
              "max_steps": (max_steps, "--max-steps"), "batch_size": (batch_size, "--batch-size"),
              "grad_accum": (grad_accum, "--grad-accum"), "learning_rate": (learning_rate, "--learning-rate"),
              "r": (lora_r, "--lora-r"), "alpha": (lora_alpha, "--lora-alpha"),
              "max_length": (max_length, "--max-length"), "packing": (packing, "--packing"),
              "merge": (merge, "--merge"), "seed": (seed, "--seed")}
-    settings = load_config(config, {f"finetune.{key}": (flag, value) for key, (value, flag) in flags.items()})
+    if dpo:
+        flags["beta"] = (beta, "--beta")
+    section = "dpo" if dpo else "finetune"
+    settings = load_config(config, {f"{section}.{key}": (flag, value) for key, (value, flag) in flags.items()})
+    if dpo:
+        from datagen.finetune.dpo import format_dpo_summary, train_dpo
+
+        typer.echo(format_dpo_summary(train_dpo(settings.dpo, data, out)), err=True)
+        return
     summary = train(settings.finetune, data, out)
     typer.echo(
         f"finetune: {summary['step']}/{summary['total_steps']} steps on {summary['examples']} examples "

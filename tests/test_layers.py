@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("datagen.filters", "datagen.generators", "datagen.finetune", "datagen.finetune.data"),
     # stage runners, each owning its config section
     ("datagen.generate", "datagen.filtering", "datagen.export", "datagen.finetune.sft",
-     "datagen.finetune.evaluate", "datagen.view"),
+     "datagen.finetune.evaluate", "datagen.finetune.dpo", "datagen.view"),
     # the whole-file config and the chained stages
     ("datagen.config_file", "datagen.distill"),
     # typer commands
