@@ -293,7 +293,7 @@ def dedup(
 def export_command(
     source: Annotated[Path, typer.Argument(help="Task JSONL to export (e.g. kept.jsonl).")],
     fmt: Annotated[str, typer.Option("--format", "-f", help="natural-instructions | alpaca | messages | "
-                                                             "prompt-completion | hf.")],
+                                                             "prompt-completion | hf | preferences (pairs).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (data, README.md card, export.json).")],
     strict: Annotated[bool, typer.Option("--strict", help="natural-instructions: export only the tasks that "
                                                           "pass the upstream validation rules.")] = False,

@@ -276,3 +276,61 @@ def test_pairs_load_unchanged_in_trl_dpo_trainer(tmp_path, embedded_model_path):
     prompt_text = tokenizer.decode(example["prompt_ids"])
     assert "Good question.\n\nInput:\nx" in prompt_text
     assert tokenizer.decode(example["chosen_ids"]).startswith("Good answer warm 0 [s=9]")
+
+
+# ---------------------------------------------------------------- export
+
+
+def make_pairs(task_ids, scores=(9.0, 4.0)) -> list[PreferencePair]:
+    from datagen.records import Lineage
+
+    return [PreferencePair(
+        id=f"pref-{task_id}", task_id=task_id, instance_index=0,
+        prompt=[{"role": "user", "content": f"Question {task_id}"}],
+        chosen=[{"role": "assistant", "content": "good"}], rejected=[{"role": "assistant", "content": "bad"}],
+        score_chosen=scores[0] - (number % 2), score_rejected=scores[1], rationale_chosen="r1",
+        rationale_rejected="r2",
+        lineage=Lineage(generator="preferences", template="preference_rating.jinja", template_sha256="abc",
+                        teacher_backend="scripted", teacher_model="prefs",
+                        responders={"chosen": {"name": "warm"}, "rejected": {"name": "hot"}}))
+        for number, task_id in enumerate(task_ids)]
+
+
+def test_preferences_export_splits_like_the_sft_export_and_loads_as_a_datasetdict(tmp_path):
+    import datasets
+
+    from datagen.config_file import load_config
+    from datagen.export import run_export
+    from datagen.io import write_jsonl_atomic
+
+    seeds = tmp_path / "kept.jsonl"
+    ids = [f"task-{n}" for n in range(20)]
+    write_jsonl_atomic(seeds, [Task(id=i, instruction=f"Do {i}.", instances=[Instance(output="x")]) for i in ids])
+    pairs_file = tmp_path / "pairs.jsonl"
+    pairs = make_pairs(ids[:15])  # pairs for some tasks only: the split still follows the seed file's
+    write_jsonl_atomic(pairs_file, pairs)
+    (tmp_path / "pairs.summary.json").write_text(json.dumps({
+        "config": {"generate": {"seeds": str(seeds)}}, "command": "datagen generate --method preferences",
+        "rejects_by_reason": {"all responses rated the same": 3}}))
+    config = load_config()
+    sft = run_export(config, seeds, "messages", tmp_path / "sft")
+    summary = run_export(config, pairs_file, "preferences", tmp_path / "prefs")
+
+    def task_ids(folder, split):
+        return {json.loads(line)["task_id"] for line in (folder / f"{split}.jsonl").read_text().splitlines()}
+
+    for split in ("train", "validation", "test"):
+        assert task_ids(tmp_path / "prefs", split) == task_ids(tmp_path / "sft", split) & set(ids[:15])
+    assert summary["split_on"] == str(seeds) and summary["instances"] == 15
+    assert sum(s["instances"] for s in summary["splits"].values()) == 15 and sft["tasks"] == 20
+    rows = [json.loads(line) for split in ("train", "validation", "test")
+            for line in (tmp_path / "prefs" / f"{split}.jsonl").read_text().splitlines()]
+    assert sorted(rows, key=lambda r: r["id"]) == sorted((json.loads(p.to_json()) for p in pairs),
+                                                         key=lambda r: r["id"])  # records unchanged
+    loaded = datasets.load_from_disk(str(tmp_path / "prefs" / "dataset"))
+    first = loaded["train"][0]
+    assert first["prompt"][0]["role"] == "user" and first["chosen"] == [{"role": "assistant", "content": "good"}]
+    card = (tmp_path / "prefs" / "README.md").read_text()
+    assert "| 9 | 8 | 0 |" in card and "| 8 | 7 | 0 |" in card and "| 4 | 0 | 15 |" in card
+    assert "`scripted:prefs` (15 pairs)" in card and "| all responses rated the same | 3 |" in card
+    assert "path: data/train.parquet" in card
