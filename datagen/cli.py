@@ -410,6 +410,12 @@ def eval_command(
     overrides.update({"finetune.base": ("--base", base), "eval.judge": ("--judge", judge),
                       "eval.max_examples": ("--max-examples", max_examples)})
     settings = load_config(config, overrides)
+    from datagen.finetune.dpo import evaluate_dpo, format_dpo_eval, is_dpo_output
+
+    if is_dpo_output(tuned):  # held-out pairs: reward accuracy, margin, win rate over the SFT student
+        report = evaluate_dpo(settings.eval, data, tuned, out, teacher_config=settings.teacher)
+        typer.echo(format_dpo_eval(report) + f"\nreport: {out / 'report.md'}", err=True)
+        return
     report = evaluate(settings.eval, data, settings.finetune.base, tuned, out, teacher_config=settings.teacher)
     typer.echo(format_summary(report) + f"\nreport: {out / 'report.md'}", err=True)
 
@@ -430,6 +436,11 @@ def distill(
                          say=lambda text: typer.echo(text, err=True))
     typer.echo(f"\ndistilled into {result['workdir']}/student; before -> after:\n"
                + format_summary(result["report"]), err=True)
+    if "dpo_report" in result:
+        from datagen.finetune.dpo import format_dpo_eval
+
+        typer.echo(f"\nDPO student {result['workdir']}/dpo-student:\n" + format_dpo_eval(result["dpo_report"]),
+                   err=True)
 
 
 @app.command()

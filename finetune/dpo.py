@@ -525,3 +525,76 @@ def format_dpo_summary(summary: dict[str, Any]) -> str:
             f"reward accuracy {summary['reward_accuracy']}, margin {summary['margin']}, "
             f"{summary['tokens_per_s']} tokens/s, peak {summary['peak_memory_mib']} MiB; "
             f"adapter {summary.get('adapter')}, merged {summary.get('merged')}")
+
+
+def is_dpo_output(folder: str | Path) -> bool:
+    """Whether `folder` is a `datagen finetune --method dpo` output."""
+    summary = Path(folder) / "summary.json"
+    try:
+        return summary.exists() and json.loads(summary.read_text()).get("method") == "dpo"
+    except json.JSONDecodeError:
+        return False
+
+
+def evaluate_dpo(config, data: str | Path, tuned: str | Path, out_dir: str | Path, teacher_config=None
+                 ) -> dict[str, Any]:
+    """`datagen eval` for a DPO student: reward accuracy and margin on held-out pairs (an
+    export folder's `test.jsonl`, or a pairs file) and, with `eval.judge`, the teacher-judged
+    win rate of the DPO student over the model it started from (the SFT student), each pair
+    judged in both orders. Writes `OUT/report.json` and `OUT/report.md`."""
+    from datagen.finetune.data import Conversation
+    from datagen.finetune.evaluate import held_out_path, score_model, win_rate
+    from datagen.io import atomic_write_text
+
+    source = held_out_path(data)
+    report: dict[str, Any] = {"kind": "dpo", **evaluate_pairs(tuned, source, max_pairs=config.max_examples,
+                                                               batch_size=config.batch_size)}
+    if config.judge:
+        from datagen.teachers import TeacherConfig
+        from datagen.teachers.teacher import make_teacher
+
+        pairs = load_pairs(source)[: config.max_examples] if config.max_examples else load_pairs(source)
+        conversations = [Conversation(p.prompt + (("assistant", p.chosen),), p.source) for p in pairs]
+        merged = Path(tuned) / "merged"
+        if not (merged / "config.json").exists():
+            raise InputError(f"{tuned}: no merged/ model to generate with (train with merge: true)")
+        before = score_model(report["base"], conversations, config)
+        after = score_model(str(merged), conversations, config)
+        requests = ["\n\n".join(c for r, c in p.prompt if r == "user") for p in pairs]
+        with make_teacher(teacher_config or TeacherConfig()) as teacher:
+            report["judge"] = win_rate(teacher, requests, after["replies"], before["replies"], config.judge_sampling)
+        report["samples"] = [{"request": requests[i], "sft": before["replies"][i], "dpo": after["replies"][i]}
+                             for i in range(min(config.samples_in_report, len(pairs)))]
+    out_dir = Path(out_dir)
+    atomic_write_json(out_dir / "report.json", report)
+    atomic_write_text(out_dir / "report.md", format_dpo_report(report))
+    return report
+
+
+def format_dpo_report(report: dict[str, Any]) -> str:
+    lines = ["# DPO student evaluation", "",
+             f"Held-out pairs: `{report['data']}` ({report['pairs']} pairs, split by task). Student "
+             f"`{report['student']}`; reference (adapter disabled): `{report['base']}`.", "",
+             "| metric | value |", "| --- | --- |",
+             f"| reward accuracy (chosen reward > rejected) | {report['reward_accuracy']:.4f} |",
+             f"| reward margin (mean chosen - rejected) | {report['margin']:.4f} |",
+             f"| chosen reward | {report['chosen_reward']:.4f} |",
+             f"| rejected reward | {report['rejected_reward']:.4f} |",
+             f"| DPO loss | {report['loss']:.4f} |"]
+    judge = report.get("judge")
+    if judge:
+        rate = "n/a" if judge["win_rate"] is None else f"{judge['win_rate']:.3f}"
+        lines.append(f"| judged win rate of DPO over SFT ({judge['judge']}, both orders) | {rate} |")
+    for number, sample in enumerate(report.get("samples", []), start=1):
+        lines += ["", f"## Sample {number}", "", sample["request"], "", "**SFT**", "", sample["sft"], "",
+                  "**DPO**", "", sample["dpo"]]
+    return "\n".join(lines) + "\n"
+
+
+def format_dpo_eval(report: dict[str, Any]) -> str:
+    """Before/after in a few lines, for the terminal."""
+    text = (f"held-out pairs: {report['pairs']} ({report['data']})\n"
+            f"reward accuracy {report['reward_accuracy']:.4f}, margin {report['margin']:.4f}")
+    if report.get("judge"):
+        text += f"\njudged win rate of DPO over SFT: {report['judge']['win_rate']}"
+    return text

@@ -286,3 +286,23 @@ def test_qlora_dpo_trains_on_a_gpu(tmp_path):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "merged")
+
+
+def test_distill_dpo_stages_chain_onto_sft_and_each_other(tmp_path):
+    from datagen.config_file import load_config
+    from datagen.distill import ALL_STAGES, fingerprints
+
+    def prints(**overrides):
+        return fingerprints(load_config(None, {key: (f"--{key}", value) for key, value in overrides.items()}))
+
+    before = prints()
+    changed = {
+        "dpo.beta": ["dpo", "dpo-eval"],
+        "generate.preferences.margin": ["preferences", "dpo", "dpo-eval"],
+        "finetune.max_steps": ["finetune", "eval", "preferences", "dpo", "dpo-eval"],
+        "eval.max_examples": ["eval", "dpo-eval"],
+    }
+    values = {"dpo.beta": 0.3, "generate.preferences.margin": 2.0, "finetune.max_steps": 7, "eval.max_examples": 5}
+    for key, stages in changed.items():
+        after = prints(**{key: values[key]})
+        assert [s for s in ALL_STAGES if after[s] != before[s]] == stages, key
