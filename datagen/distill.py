@@ -29,7 +29,9 @@ unchanged since it finished is skipped. A stage killed midway resumes its own wa
 (generation from its output file and the request cache, training from its last
 checkpoint); a stage whose settings changed reruns, and so does every stage after it.
 Generation keeps appending to `raw.jsonl`, so raising `generate.num` adds tasks; use a
-new workdir to start from nothing. `--from STAGE` reruns from that stage on.
+new workdir to start from nothing. Preference pairs are made again when their stage reruns
+(the student answering may have changed; the teacher's replies come from the cache).
+`--from STAGE` reruns from that stage on.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from pydantic import Field
 
 from datagen.config import Strict
 from datagen.errors import ConfigError, InputError
-from datagen.io import atomic_write_json
+from datagen.io import atomic_write_json, progress_path, rejects_path, summary_path
 
 STAGES = ("generate", "filter", "export", "finetune", "eval")
 PREFERENCE_STAGES = ("preferences", "dpo", "dpo-eval")  # with distill.dpo
@@ -189,8 +191,12 @@ def run_distill(
     def run_preferences_stage() -> None:
         from datagen.export import format_export_summary, run_export
 
+        # the student's replies are cached under this SFT run's fingerprint: its folder keeps
+        # its name when it is retrained, and the cache must not answer for the old weights
+        student = {"model": str(paths.student / "merged"),
+                   "cache_dir": str(paths.workdir / "student-cache" / wanted["finetune"][:16])}
         responders = [
-            r.model_copy(update={"teacher": r.teacher.model_copy(update={"model": str(paths.student / "merged")})})
+            r.model_copy(update={"teacher": r.teacher.model_copy(update=student)})
             if r.teacher is not None and r.teacher.model == STUDENT_RESPONDER else r
             for r in config.generate.preferences.responders
         ]
@@ -253,6 +259,10 @@ def _clear_stage_output(stage: str, paths: Paths) -> None:
         shutil.rmtree(paths.student, ignore_errors=True)
     elif stage == "eval":
         shutil.rmtree(paths.eval, ignore_errors=True)
+    elif stage == "preferences":  # made partly by the student, which changed: the teacher's part is cached
+        for path in (paths.pairs, rejects_path(paths.pairs), summary_path(paths.pairs), progress_path(paths.pairs)):
+            path.unlink(missing_ok=True)
+        shutil.rmtree(paths.preferences, ignore_errors=True)
     elif stage == "dpo":
         shutil.rmtree(paths.dpo_student, ignore_errors=True)
     elif stage == "dpo-eval":
