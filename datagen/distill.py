@@ -98,7 +98,10 @@ def stage_settings(config, stage: str) -> dict[str, Any]:
     dump = config.model_dump(mode="json")
     teacher = {k: v for k, v in dump["teacher"].items() if k not in ("cache", "cache_dir", "max_concurrency")}
     if stage == "generate":
-        return {"teacher": teacher, "generate": {k: v for k, v in dump["generate"].items() if k != "out"}}
+        # the preferences section is the preferences stage's (leaving it out also keeps the
+        # fingerprints of workdirs made before it existed)
+        return {"teacher": teacher,
+                "generate": {k: v for k, v in dump["generate"].items() if k not in ("out", "preferences")}}
     if stage == "filter":
         uses_teacher = "judge" in config.filter.passes
         return {"filter": dump["filter"], "teacher": teacher if uses_teacher else None}

@@ -42,6 +42,8 @@ FEWER_THAN_TWO_RATED = "fewer than two rated responses"
 ALL_RATINGS_EQUAL = "all responses rated the same"
 NO_RATING_MARGIN = "no response rated far enough below the best"
 SAME_TEXT = "chosen and rejected say the same"
+NO_CHOSEN_REPLY = "no usable reply from the chosen responder"
+NO_OTHER_REPLY = "no usable reply from another responder"
 
 # -- reasons about a task's instances as a whole ------------------------------------------------
 

@@ -334,3 +334,30 @@ def test_preferences_export_splits_like_the_sft_export_and_loads_as_a_datasetdic
     assert "| 9 | 8 | 0 |" in card and "| 8 | 7 | 0 |" in card and "| 4 | 0 | 15 |" in card
     assert "`scripted:prefs` (15 pairs)" in card and "| all responses rated the same | 3 |" in card
     assert "path: data/train.parquet" in card
+
+
+def test_chosen_responder_pairs_without_ratings(tmp_path):
+    settings = SETTINGS.model_copy(update={"chosen_responder": "warm"})
+    teacher = Teacher(SampledScript(), TeacherConfig(cache_dir=str(tmp_path / "cache")))
+    with TaskSink(tmp_path / "pairs.jsonl", PreferencePair) as sink:
+        run_preferences(SEEDS, settings, RunContext(teacher, sink, num=10, seed=7))
+    assert teacher.stats.requests_sent == 16  # responses only: no judge
+    pairs = list(read_records(tmp_path / "pairs.jsonl", PreferencePair))
+    assert [p.task_id for p in pairs] == ["good", "tie", "close"]  # no rating, so no tie
+    good = pairs[0]
+    assert good.chosen[0]["content"] == "Good answer warm 0 [s=9]" and good.score_chosen is None
+    assert good.rejected[0]["content"] in ("Good answer hot 0 [s=6]", "Good answer hot 1 [s=?]")
+    assert good.lineage.operation == "preferences:responder" and good.lineage.template is None
+    assert good.lineage.responders["chosen"]["name"] == "warm"
+    rejects = [json.loads(line) for line in rejects_path(tmp_path / "pairs.jsonl").read_text().splitlines()]
+    # faults: warm's sample 1 is usable, but hot's replies were cut off and empty
+    assert Counter(r["reason"] for r in rejects) == Counter({
+        "teacher error": 1, "reply hit the length limit": 1, "empty response": 1,
+        "no usable reply from another responder": 1})
+
+
+def test_chosen_responder_must_be_a_responder():
+    with pytest.raises(ValueError, match="chosen_responder 'student' is not a responder"):
+        PreferencesConfig(chosen_responder="student")
+    with pytest.raises(ValueError, match="needs a second responder"):
+        PreferencesConfig(responders=[Responder(name="a")], chosen_responder="a")

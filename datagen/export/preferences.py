@@ -113,8 +113,8 @@ def write_preference_files(splits: dict[str, list], out_dir: Path) -> list[Path]
 def score_distribution(pairs: list) -> list[tuple[int, int, int]]:
     """(score, pairs whose chosen has it, pairs whose rejected has it) for scores 1..10
     (half points round down)."""
-    chosen = Counter(int(p.score_chosen) for p in pairs)
-    rejected = Counter(int(p.score_rejected) for p in pairs)
+    chosen = Counter(int(p.score_chosen) for p in pairs if p.score_chosen is not None)
+    rejected = Counter(int(p.score_rejected) for p in pairs if p.score_rejected is not None)
     return [(score, chosen[score], rejected[score]) for score in range(1, 11)]
 
 
@@ -124,7 +124,8 @@ def preference_card(source: Path, splits: dict[str, list], split_source: str, ge
     from datagen.export.card import _table
 
     everything = [pair for pairs in splits.values() for pair in pairs]
-    margins = [p.score_chosen - p.score_rejected for p in everything]
+    margins = [p.score_chosen - p.score_rejected for p in everything
+               if p.score_chosen is not None and p.score_rejected is not None]
     lines = [f"---\n{front_matter.rstrip()}\n---\n", f"# Dataset card: {source.name} (preferences)", "",
              f"AI-feedback preference pairs made with datagen (`generate --method preferences`) from "
              f"`{source}`, in TRL's conversational preference shape (`prompt`, `chosen`, `rejected`). "
@@ -132,7 +133,10 @@ def preference_card(source: Path, splits: dict[str, list], split_source: str, ge
              "## Contents", ""]
     lines += _table(["split", "pairs", "tasks"],
                     [[name, len(pairs), len({p.task_id for p in pairs})] for name, pairs in splits.items()])
+    unrated = len(everything) - len([p for p in everything if p.score_chosen is not None])
     lines += ["", "## Score distribution (teacher ratings, 1-10)", ""]
+    if unrated:
+        lines += [f"{unrated} pairs are not rated (chosen by responder, `chosen_responder`).", ""]
     lines += _table(["score", "chosen", "rejected"], [list(row) for row in score_distribution(everything)])
     if margins:
         lines += ["", f"Score margin chosen - rejected: min {min(margins):g}, median {statistics.median(margins):g}, "

@@ -19,6 +19,10 @@ distinct inputs (`orca.instances_to_answer`):
    is a reject "rating unparseable" with the judge's raw text. Errors, empty replies and
    replies cut off at max_tokens are rejected before rating (a truncated reply taught as
    "chosen" would teach the student to stop mid-sentence).
+   With `chosen_responder` set, nothing is rated: chosen is that responder's first usable
+   reply, rejected a usable reply of another one (the Orca-DPO-pairs recipe: the teacher's
+   answer over the student's; `choose_by_responder`). Scores are then null. This is also what
+   runs on a CPU with the embedded 135M model, which cannot follow any rating format.
 4. *Pair* (`choose_pair`): chosen = the best-rated response (the first of equals);
    rejected = one rated at least `margin` below it (`rejected_pick`: "random", seeded per
    prompt, as UltraFeedback-binarized; or "lowest"). Fewer than two ratings, all ratings
@@ -54,7 +58,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from datagen.chat import instance_messages
 from datagen.config import SamplingParams, Strict
@@ -68,6 +72,8 @@ from datagen.rejects import (
     EMPTY_RESPONSE,
     FEWER_THAN_TWO_RATED,
     LENGTH_LIMIT,
+    NO_CHOSEN_REPLY,
+    NO_OTHER_REPLY,
     NO_RATING_MARGIN,
     RATING_UNPARSEABLE,
     SAME_TEXT,
@@ -109,6 +115,19 @@ class PreferencesConfig(Strict):
     # show the judge the task's own output as a reference answer (UltraFeedback shows none)
     show_reference: bool = False
     judge_sampling: SamplingParams = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=160)
+    # no ratings: this responder's reply is chosen over another responder's (see the module doc)
+    chosen_responder: str | None = None
+
+    @model_validator(mode="after")
+    def _chosen_responder_named(self) -> PreferencesConfig:
+        names = [r.name for r in self.responders]
+        if self.chosen_responder is not None:
+            if self.chosen_responder not in names:
+                raise ValueError(f"chosen_responder {self.chosen_responder!r} is not a responder "
+                                 f"(responders: {', '.join(names)})")
+            if len(names) < 2:
+                raise ValueError("chosen_responder needs a second responder to give the rejected replies")
+        return self
 
     @field_validator("responders")
     @classmethod
@@ -130,8 +149,8 @@ class PreferencePair(BaseModel):
     prompt: list[dict[str, str]]
     chosen: list[dict[str, str]]
     rejected: list[dict[str, str]]
-    score_chosen: float
-    score_rejected: float
+    score_chosen: float | None  # None when chosen by responder, not rated
+    score_rejected: float | None
     rationale_chosen: str = ""
     rationale_rejected: str = ""
     lineage: Lineage | None = None
@@ -219,6 +238,23 @@ def choose_pair(
     return PairChoice(best, rng.choice(below))
 
 
+def choose_by_responder(responders: Sequence[str], usable: Sequence[bool], texts: Sequence[str], chosen_name: str,
+                        rng: random.Random, pick: str = "random") -> PairChoice | str:
+    """Indexes of chosen (the first usable reply of `chosen_name`) and rejected (a usable
+    reply of another responder saying something else: seeded pick, or the first with
+    `pick="lowest"`), or the reject reason."""
+    mine = [i for i, name in enumerate(responders) if name == chosen_name and usable[i]]
+    if not mine:
+        return NO_CHOSEN_REPLY
+    others = [i for i, name in enumerate(responders) if name != chosen_name and usable[i]]
+    if not others:
+        return NO_OTHER_REPLY
+    others = [i for i in others if normalised_text(texts[i]) != normalised_text(texts[mine[0]])]
+    if not others:
+        return SAME_TEXT
+    return PairChoice(mine[0], others[0] if pick == "lowest" else rng.choice(others))
+
+
 # -- the loop ---------------------------------------------------------------------------------
 
 
@@ -254,6 +290,7 @@ class _Candidate:
     reply: Completion
     rating: Rating | None = None
     judge_reply: Completion | None = None
+    usable: bool = False
 
 
 @dataclass
@@ -327,7 +364,9 @@ def run_preferences(seeds: Sequence[Task], settings: PreferencesConfig, run: Run
                 break
             sink.at(batch)
             _respond(jobs, settings, teachers, plan, seed)
-            _rate(jobs, settings, judge, judge_params, reject)
+            asks = _usable(jobs, settings, reject)
+            if settings.chosen_responder is None:
+                _rate(asks, judge, judge_params, reject)
             pairs = [pair for job in jobs if (pair := _pair(job, settings, seed, judge, judge_params, template,
                                                               teachers, reject)) is not None]
             fresh = sink.accept(pairs)
@@ -353,10 +392,9 @@ def _respond(jobs: list[_Job], settings: PreferencesConfig, teachers: list[Teach
                           for which, sample in plan]
 
 
-def _rate(jobs: list[_Job], settings: PreferencesConfig, judge: Teacher, params: SamplingParams,
-          reject: _Rejects) -> None:
-    """Rate every usable response in one judge call; reject the unusable and the unreadable."""
-    asks: list[tuple[_Candidate, list[Message]]] = []
+def _usable(jobs: list[_Job], settings: PreferencesConfig, reject: _Rejects) -> list[tuple[str, _Candidate, list]]:
+    """Mark the usable replies, reject the others; return the rating requests of the usable."""
+    asks: list[tuple[str, _Candidate, list[Message]]] = []
     for job in jobs:
         reference = job.instance.output if settings.show_reference else None
         for number, candidate in enumerate(job.candidates):
@@ -369,17 +407,21 @@ def _rate(jobs: list[_Job], settings: PreferencesConfig, judge: Teacher, params:
             elif not reply.text.strip():
                 reject(EMPTY_RESPONSE, where)
             else:
-                asks.append((candidate, rating_messages(job.prompt, reply.text, reference)))
-    verdicts = judge.complete([messages for _c, messages in asks], params)
-    for (candidate, _messages), [verdict] in zip(asks, verdicts):
+                candidate.usable = True
+                asks.append((where, candidate, rating_messages(job.prompt, reply.text, reference)))
+    return asks
+
+
+def _rate(asks: list[tuple[str, _Candidate, list]], judge: Teacher, params: SamplingParams, reject: _Rejects) -> None:
+    """Rate every usable reply in one judge call; reject the unreadable ratings."""
+    verdicts = judge.complete([messages for _w, _c, messages in asks], params)
+    for (where, candidate, _messages), [verdict] in zip(asks, verdicts):
         candidate.judge_reply = verdict
         parsed = parse_rating(verdict.text) if verdict.ok else f"judge error: {verdict.error}"
         if isinstance(parsed, Rating):
             candidate.rating = parsed
         else:
-            job = next(j for j in jobs if candidate in j.candidates)
-            reject(RATING_UNPARSEABLE, f"{job.where}, response {job.candidates.index(candidate)} "
-                                       f"({candidate.responder}): {parsed}", verdict.text or None)
+            reject(RATING_UNPARSEABLE, f"{where}: {parsed}", verdict.text or None)
 
 
 def _pair(job: _Job, settings: PreferencesConfig, seed: int, judge: Teacher, judge_params: SamplingParams,
@@ -387,13 +429,21 @@ def _pair(job: _Job, settings: PreferencesConfig, seed: int, judge: Teacher, jud
     scores = [c.rating.score if c.rating else None for c in job.candidates]
     texts = [c.reply.text for c in job.candidates]
     rng = random.Random(f"pref:{seed}:{job.task.id}:{job.index}")
-    choice = choose_pair(scores, texts, settings.margin, rng, settings.rejected_pick)
-    if isinstance(choice, str):
-        shown = ", ".join("-" if s is None else f"{s:g}" for s in scores)
-        reject(choice, f"{job.where}: ratings [{shown}]")
-        return None
+    if settings.chosen_responder is not None:
+        choice = choose_by_responder([c.responder for c in job.candidates], [c.usable for c in job.candidates],
+                                     texts, settings.chosen_responder, rng, settings.rejected_pick)
+        if isinstance(choice, str):
+            reject(choice, job.where)
+            return None
+    else:
+        choice = choose_pair(scores, texts, settings.margin, rng, settings.rejected_pick)
+        if isinstance(choice, str):
+            shown = ", ".join("-" if s is None else f"{s:g}" for s in scores)
+            reject(choice, f"{job.where}: ratings [{shown}]")
+            return None
     chosen, rejected = job.candidates[choice.chosen], job.candidates[choice.rejected]
     names = [r.name for r in settings.responders]
+    rated = settings.chosen_responder is None
 
     def about(candidate: _Candidate) -> dict:
         which = names.index(candidate.responder)
@@ -410,14 +460,14 @@ def _pair(job: _Job, settings: PreferencesConfig, seed: int, judge: Teacher, jud
         prompt=job.prompt,
         chosen=[{"role": "assistant", "content": chosen.reply.text.strip()}],
         rejected=[{"role": "assistant", "content": rejected.reply.text.strip()}],
-        score_chosen=chosen.rating.score,
-        score_rejected=rejected.rating.score,
-        rationale_chosen=chosen.rating.rationale,
-        rationale_rejected=rejected.rating.rationale,
+        score_chosen=chosen.rating.score if chosen.rating else None,
+        score_rejected=rejected.rating.score if rejected.rating else None,
+        rationale_chosen=chosen.rating.rationale if chosen.rating else "",
+        rationale_rejected=rejected.rating.rationale if rejected.rating else "",
         lineage=lineage(
-            generator="preferences", operation="preferences:rate", teacher_name=(judge.backend.name,
-                                                                                 judge.backend.model),
-            templates=[template], sampling=judge_params, seed=seed, completions=completions,
+            generator="preferences", operation="preferences:rate" if rated else "preferences:responder",
+            teacher_name=(judge.backend.name, judge.backend.model) if rated else ("", ""),
+            templates=[template] if rated else [], sampling=judge_params, seed=seed, completions=completions,
             parent_ids=[job.task.id], margin=settings.margin, rejected_pick=settings.rejected_pick,
             responders={"chosen": about(chosen), "rejected": about(rejected)},
             candidates=[{"responder": c.responder, "sample": c.sample,
