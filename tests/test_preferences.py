@@ -355,6 +355,13 @@ def test_chosen_responder_pairs_without_ratings(tmp_path):
         "teacher error": 1, "reply hit the length limit": 1, "empty response": 1,
         "no usable reply from another responder": 1})
 
+    from datagen.config_file import load_config
+    from datagen.export import run_export
+
+    run_export(load_config(), tmp_path / "pairs.jsonl", "preferences", tmp_path / "prefs")  # unrated pairs export
+    card = (tmp_path / "prefs" / "README.md").read_text()
+    assert "3 pairs are not rated (chosen by responder, `chosen_responder`)." in card
+
 
 def test_chosen_responder_must_be_a_responder():
     with pytest.raises(ValueError, match="chosen_responder 'student' is not a responder"):

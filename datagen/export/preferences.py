@@ -76,7 +76,7 @@ def hf_preference_features():
 
 def _hf_row(pair) -> dict[str, Any]:
     row = json.loads(pair.to_json())
-    return {key: row.get(key, "") for key in hf_preference_features()} | {
+    return {key: row.get(key) for key in hf_preference_features()} | {
         "lineage": json.dumps(row.get("lineage") or {}, ensure_ascii=False)}
 
 
