@@ -171,7 +171,7 @@ def teacher(
 @app.command()
 def generate(
     method: Annotated[
-        Optional[str], typer.Option("--method", help="self-instruct | alpaca | evol-instruct | orca.")
+        Optional[str], typer.Option("--method", help="self-instruct | alpaca | evol-instruct | orca | preferences.")
     ] = None,
     seeds: Annotated[Optional[Path], typer.Option("--seeds", help="Seed task JSONL (default: bundled seeds).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output task JSONL (appended, resumable).")] = None,
@@ -320,7 +320,7 @@ def dedup(
 def export_command(
     source: Annotated[Path, typer.Argument(help="Task JSONL to export (e.g. kept.jsonl).")],
     fmt: Annotated[str, typer.Option("--format", "-f", help="natural-instructions | alpaca | messages | "
-                                                             "prompt-completion | hf.")],
+                                                             "prompt-completion | hf | preferences (pairs).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (data, README.md card, export.json).")],
     strict: Annotated[bool, typer.Option("--strict", help="natural-instructions: export only the tasks that "
                                                           "pass the upstream validation rules.")] = False,
@@ -367,7 +367,9 @@ def finetune(
     base: Annotated[
         Optional[str], typer.Option("--base", help="Student: alias, model folder, .gguf or hub id.")
     ] = None,
-    method: Annotated[Optional[str], typer.Option("--method", help="lora | qlora (QLoRA needs CUDA).")] = None,
+    method: Annotated[Optional[str], typer.Option(
+        "--method", help="lora | qlora (QLoRA needs CUDA) | dpo (PAIRS; the dpo: section, LoRA or QLoRA).")] = None,
+    beta: Annotated[Optional[float], typer.Option("--beta", help="dpo: strength of the reference penalty.")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs")] = None,
     max_steps: Annotated[
         Optional[int], typer.Option("--max-steps", help="Optimiser steps (overrides --epochs).")
@@ -396,22 +398,35 @@ def finetune(
     ] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """LoRA / QLoRA SFT of a student on chat data; rerun the same command to resume."""
+    """LoRA / QLoRA SFT of a student on chat data, or DPO on preference pairs; rerun the same command to resume."""
     import os
 
     from datagen.config_file import load_config
     from datagen.finetune.sft import train
 
-    flags = {"base": (base, "--base"), "method": (method, "--method"), "epochs": (epochs, "--epochs"),
+    dpo = method == "dpo"
+    flags = {"base": (base, "--base"), "method": (None if dpo else method, "--method"), "epochs": (epochs, "--epochs"),
              "max_steps": (max_steps, "--max-steps"), "batch_size": (batch_size, "--batch-size"),
              "grad_accum": (grad_accum, "--grad-accum"), "learning_rate": (learning_rate, "--learning-rate"),
              "r": (lora_r, "--lora-r"), "alpha": (lora_alpha, "--lora-alpha"),
              "max_length": (max_length, "--max-length"), "packing": (packing, "--packing"),
-             "merge": (merge, "--merge"), "seed": (seed, "--seed"), "distributed": (distributed, "--distributed")}
-    settings = load_config(config, {f"finetune.{key}": (flag, value) for key, (value, flag) in flags.items()})
+             "merge": (merge, "--merge"), "seed": (seed, "--seed")}
     launch = {"nnodes": nnodes, "node_rank": node_rank, "master_addr": master_addr, "master_port": master_port,
               "rdzv_endpoint": rdzv_endpoint}
-    if (nproc is not None or any(v is not None for v in launch.values())) and "TORCHELASTIC_RUN_ID" not in os.environ:
+    several_processes = nproc is not None or any(v is not None for v in launch.values())
+    if dpo:
+        if several_processes or distributed is not None:
+            raise ConfigError("--method dpo trains in one process: drop --nproc, --distributed and the torchrun "
+                              "options")
+        flags["beta"] = (beta, "--beta")
+        settings = load_config(config, {f"dpo.{key}": (flag, value) for key, (value, flag) in flags.items()})
+        from datagen.finetune.dpo import format_dpo_summary, train_dpo
+
+        typer.echo(format_dpo_summary(train_dpo(settings.dpo, data, out)), err=True)
+        return
+    flags["distributed"] = (distributed, "--distributed")
+    settings = load_config(config, {f"finetune.{key}": (flag, value) for key, (value, flag) in flags.items()})
+    if several_processes and "TORCHELASTIC_RUN_ID" not in os.environ:
         _launch_torchrun(nproc if nproc is not None else 1, data, out, flags, config, launch)
         return
     summary = train(settings.finetune, data, out)
@@ -474,6 +489,12 @@ def eval_command(
     overrides.update({"finetune.base": ("--base", base), "eval.judge": ("--judge", judge),
                       "eval.max_examples": ("--max-examples", max_examples)})
     settings = load_config(config, overrides)
+    from datagen.finetune.dpo import evaluate_dpo, format_dpo_eval, is_dpo_output
+
+    if is_dpo_output(tuned):  # held-out pairs: reward accuracy, margin, win rate over the SFT student
+        report = evaluate_dpo(settings.eval, data, tuned, out, teacher_config=settings.teacher)
+        typer.echo(format_dpo_eval(report) + f"\nreport: {out / 'report.md'}", err=True)
+        return
     report = evaluate(settings.eval, data, settings.finetune.base, tuned, out, teacher_config=settings.teacher)
     typer.echo(format_summary(report) + f"\nreport: {out / 'report.md'}", err=True)
 
@@ -494,6 +515,11 @@ def distill(
                          say=lambda text: typer.echo(text, err=True))
     typer.echo(f"\ndistilled into {result['workdir']}/student; before -> after:\n"
                + format_summary(result["report"]), err=True)
+    if "dpo_report" in result:
+        from datagen.finetune.dpo import format_dpo_eval
+
+        typer.echo(f"\nDPO student {result['workdir']}/dpo-student:\n" + format_dpo_eval(result["dpo_report"]),
+                   err=True)
 
 
 @app.command()

@@ -7,6 +7,7 @@ the module that runs that stage.
     filter:   datagen.filtering.FilterConfig  (passes and their settings)
     export:   datagen.export.ExportConfig     (splits, languages, Natural-Instructions fields)
     finetune: datagen.finetune.sft.FinetuneConfig      (LoRA / QLoRA SFT)
+    dpo:      datagen.finetune.dpo.DPOConfig           (LoRA / QLoRA DPO on preference pairs)
     eval:     datagen.finetune.evaluate.EvalConfig     (base vs tuned on held-out tasks)
     distill:  datagen.distill.DistillConfig   (workdir and extra export formats)
 
@@ -26,6 +27,7 @@ from datagen.distill import DistillConfig
 from datagen.engines.config import EngineConfig
 from datagen.export.config import ExportConfig
 from datagen.filtering import FilterConfig
+from datagen.finetune.dpo import DPOConfig
 from datagen.finetune.evaluate import EvalConfig
 from datagen.finetune.sft import FinetuneConfig
 from datagen.generate import GenerateConfig
@@ -39,6 +41,7 @@ class Config(Strict):
     filter: FilterConfig = FilterConfig()
     export: ExportConfig = ExportConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    dpo: DPOConfig = DPOConfig()
     eval: EvalConfig = EvalConfig()
     distill: DistillConfig = DistillConfig()
 

@@ -12,12 +12,26 @@ Everything lands in `distill.workdir`:
     eval/     report.json, report.md               eval (base vs tuned on dataset/test.jsonl)
     distill.json                                   which stages are done, and with what settings
 
+With `distill.dpo: true` the Zephyr recipe goes on past SFT (the stages in
+`PREFERENCE_STAGES`):
+
+    pairs.jsonl (+ .rejects.jsonl, .summary.json) preferences (`generate.preferences` on kept.jsonl;
+    preferences/  train/validation/test.jsonl     a responder whose model is `student` is the SFT
+                                                  student; pairs split by task as dataset/ is)
+    dpo-student/  adapter/, merged/, train_log    dpo (the `dpo:` section, from the SFT student,
+                                                  on preferences/train.jsonl)
+    dpo-eval/     report.json, report.md          dpo-eval (reward accuracy and margin on
+                                                  preferences/test.jsonl; judged win rate over
+                                                  the SFT student with eval.judge)
+
 Resumable stage by stage: a stage whose settings (and whose upstream stages) are
 unchanged since it finished is skipped. A stage killed midway resumes its own way
 (generation from its output file and the request cache, training from its last
 checkpoint); a stage whose settings changed reruns, and so does every stage after it.
 Generation keeps appending to `raw.jsonl`, so raising `generate.num` adds tasks; use a
-new workdir to start from nothing. `--from STAGE` reruns from that stage on.
+new workdir to start from nothing. Preference pairs are made again when their stage reruns
+(the student answering may have changed; the teacher's replies come from the cache).
+`--from STAGE` reruns from that stage on.
 """
 
 from __future__ import annotations
@@ -34,9 +48,15 @@ from pydantic import Field
 
 from datagen.config import Strict
 from datagen.errors import ConfigError, InputError
-from datagen.io import atomic_write_json
+from datagen.io import atomic_write_json, progress_path, rejects_path, summary_path
 
 STAGES = ("generate", "filter", "export", "finetune", "eval")
+PREFERENCE_STAGES = ("preferences", "dpo", "dpo-eval")  # with distill.dpo
+ALL_STAGES = STAGES + PREFERENCE_STAGES
+# the stage whose output each stage reads: its fingerprint is chained onto that one's
+UPSTREAM = {"filter": "generate", "export": "filter", "finetune": "export", "eval": "finetune",
+            "preferences": "finetune", "dpo": "preferences", "dpo-eval": "dpo"}
+STUDENT_RESPONDER = "student"  # a preferences responder with this model answers with the SFT student
 STATE_FILE = "distill.json"
 TRAINING_FORMAT = "messages"
 
@@ -47,6 +67,9 @@ class DistillConfig(Strict):
     formats: list[Literal["natural-instructions", "alpaca", "messages", "prompt-completion", "hf"]] = Field(
         default_factory=list
     )
+    # go on past SFT: preference pairs on kept.jsonl, DPO from the SFT student, its eval
+    dpo: bool = False
+    pairs: int = Field(64, ge=1)  # preference pairs to make
 
 
 class Paths:
@@ -61,6 +84,10 @@ class Paths:
         self.student = self.workdir / "student"
         self.eval = self.workdir / "eval"
         self.state = self.workdir / STATE_FILE
+        self.pairs = self.workdir / "pairs.jsonl"
+        self.preferences = self.workdir / "preferences"
+        self.dpo_student = self.workdir / "dpo-student"
+        self.dpo_eval = self.workdir / "dpo-eval"
 
     def export_dir(self, fmt: str) -> Path:
         return self.workdir / f"export-{fmt}"
@@ -71,7 +98,10 @@ def stage_settings(config, stage: str) -> dict[str, Any]:
     dump = config.model_dump(mode="json")
     teacher = {k: v for k, v in dump["teacher"].items() if k not in ("cache", "cache_dir", "max_concurrency")}
     if stage == "generate":
-        return {"teacher": teacher, "generate": {k: v for k, v in dump["generate"].items() if k != "out"}}
+        # the preferences section is the preferences stage's (leaving it out also keeps the
+        # fingerprints of workdirs made before it existed)
+        return {"teacher": teacher,
+                "generate": {k: v for k, v in dump["generate"].items() if k not in ("out", "preferences")}}
     if stage == "filter":
         uses_teacher = "judge" in config.filter.passes
         return {"filter": dump["filter"], "teacher": teacher if uses_teacher else None}
@@ -80,15 +110,22 @@ def stage_settings(config, stage: str) -> dict[str, Any]:
                 "orca": {k: dump["generate"]["orca"][k] for k in ("prompt_erasure", "generic_system")}}
     if stage == "finetune":
         return {"finetune": {k: v for k, v in dump["finetune"].items() if k not in ("save_every", "keep_checkpoints")}}
+    if stage == "preferences":
+        return {"teacher": teacher, "preferences": dump["generate"]["preferences"], "pairs": dump["distill"]["pairs"],
+                "seed": dump["generate"]["seed"], "export": dump["export"]}
+    if stage == "dpo":
+        return {"dpo": {k: v for k, v in dump["dpo"].items() if k not in ("save_every", "keep_checkpoints", "base")}}
     return {"eval": dump["eval"], "teacher": teacher if config.eval.judge else None}
 
 
 def fingerprints(config) -> dict[str, str]:
-    """Each stage's fingerprint, chained: a change upstream changes every stage after it."""
-    chained, previous = {}, ""
-    for stage in STAGES:
+    """Each stage's fingerprint, chained onto its upstream stage's: a change upstream changes
+    every stage after it."""
+    chained: dict[str, str] = {}
+    for stage in ALL_STAGES:
+        previous = chained[UPSTREAM[stage]] if stage in UPSTREAM else ""
         payload = previous + json.dumps(stage_settings(config, stage), sort_keys=True)
-        previous = chained[stage] = hashlib.sha256(payload.encode()).hexdigest()
+        chained[stage] = hashlib.sha256(payload.encode()).hexdigest()
     return chained
 
 
@@ -112,13 +149,14 @@ def run_distill(
     from datagen.generate import format_summary as generate_summary
     from datagen.generate import run_generate
 
-    if start_from is not None and start_from not in STAGES:
-        raise ConfigError(f"--from: expected one of {', '.join(STAGES)}, got {start_from!r}")
+    if start_from is not None and start_from not in ALL_STAGES:
+        raise ConfigError(f"--from: expected one of {', '.join(ALL_STAGES)}, got {start_from!r}")
     paths = Paths(config.distill.workdir)
     paths.workdir.mkdir(parents=True, exist_ok=True)
     state = read_state(paths.state)
     wanted = fingerprints(config)
-    forced = STAGES[STAGES.index(start_from):] if start_from else ()
+    forced = ALL_STAGES[ALL_STAGES.index(start_from):] if start_from else ()
+    stages = ALL_STAGES if config.distill.dpo else STAGES
 
     def run_generate_stage() -> None:
         generate_config = config.model_copy(
@@ -153,10 +191,43 @@ def run_distill(
         evaluate(config.eval, paths.dataset / "test.jsonl", config.finetune.base, str(paths.student),
                  paths.eval, teacher_config=config.teacher)
 
+    def run_preferences_stage() -> None:
+        from datagen.export import format_export_summary, run_export
+
+        # the student's replies are cached under this SFT run's fingerprint: its folder keeps
+        # its name when it is retrained, and the cache must not answer for the old weights
+        student = {"model": str(paths.student / "merged"),
+                   "cache_dir": str(paths.workdir / "student-cache" / wanted["finetune"][:16])}
+        responders = [
+            r.model_copy(update={"teacher": r.teacher.model_copy(update=student)})
+            if r.teacher is not None and r.teacher.model == STUDENT_RESPONDER else r
+            for r in config.generate.preferences.responders
+        ]
+        preferences = config.generate.preferences.model_copy(update={"responders": responders})
+        generate = config.generate.model_copy(update={
+            "method": "preferences", "seeds": str(paths.kept), "out": str(paths.pairs), "num": config.distill.pairs,
+            "preferences": preferences})
+        say(generate_summary(run_generate(config.model_copy(update={"generate": generate}), command_line)))
+        say(format_export_summary(run_export(config, paths.pairs, "preferences", paths.preferences,
+                                             command_line=command_line)))
+
+    def run_dpo_stage() -> None:
+        from datagen.finetune.dpo import format_dpo_summary, train_dpo
+
+        settings = config.dpo.model_copy(update={"base": str(paths.student)})
+        say(format_dpo_summary(train_dpo(settings, paths.preferences / "train.jsonl", paths.dpo_student)))
+
+    def run_dpo_eval_stage() -> None:
+        from datagen.finetune.dpo import evaluate_dpo, format_dpo_eval
+
+        say(format_dpo_eval(evaluate_dpo(config.eval, paths.preferences / "test.jsonl", paths.dpo_student,
+                                         paths.dpo_eval, teacher_config=config.teacher)))
+
     runners = {"generate": run_generate_stage, "filter": run_filter_stage, "export": run_export_stage,
-               "finetune": run_finetune_stage, "eval": run_eval_stage}
+               "finetune": run_finetune_stage, "eval": run_eval_stage, "preferences": run_preferences_stage,
+               "dpo": run_dpo_stage, "dpo-eval": run_dpo_eval_stage}
     outcome: dict[str, Any] = {}
-    for stage in STAGES:
+    for stage in stages:
         record = state["stages"].get(stage, {})
         if record.get("fingerprint") == wanted[stage] and record.get("status") == "done" and stage not in forced:
             say(f"== {stage}: done before, skipped")
@@ -175,7 +246,10 @@ def run_distill(
         atomic_write_json(paths.state, state)
         outcome[stage] = "ran"
     report = json.loads((paths.eval / "report.json").read_text())
-    return {"stages": outcome, "report": report, "workdir": str(paths.workdir)}
+    result = {"stages": outcome, "report": report, "workdir": str(paths.workdir)}
+    if config.distill.dpo:
+        result["dpo_report"] = json.loads((paths.dpo_eval / "report.json").read_text())
+    return result
 
 
 def _clear_stage_output(stage: str, paths: Paths) -> None:
@@ -188,3 +262,11 @@ def _clear_stage_output(stage: str, paths: Paths) -> None:
         shutil.rmtree(paths.student, ignore_errors=True)
     elif stage == "eval":
         shutil.rmtree(paths.eval, ignore_errors=True)
+    elif stage == "preferences":  # made partly by the student, which changed: the teacher's part is cached
+        for path in (paths.pairs, rejects_path(paths.pairs), summary_path(paths.pairs), progress_path(paths.pairs)):
+            path.unlink(missing_ok=True)
+        shutil.rmtree(paths.preferences, ignore_errors=True)
+    elif stage == "dpo":
+        shutil.rmtree(paths.dpo_student, ignore_errors=True)
+    elif stage == "dpo-eval":
+        shutil.rmtree(paths.dpo_eval, ignore_errors=True)

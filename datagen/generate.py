@@ -19,7 +19,7 @@ from pydantic import Field
 
 from datagen.config import Strict, with_sections
 from datagen.errors import ConfigError
-from datagen.generators import alpaca, evol_instruct, orca, self_instruct
+from datagen.generators import alpaca, evol_instruct, orca, preferences, self_instruct
 from datagen.generators.common import GenerationMethod, RunContext, TaskSink, instances_toward_target
 from datagen.io import atomic_write_json, progress_path, read_tasks, rejects_path, summary_path
 from datagen.progress import progress
@@ -36,6 +36,8 @@ GENERATORS: dict[str, GenerationMethod] = {
     "evol-instruct": GenerationMethod(evol_instruct.run_evol_instruct, "evol_instruct",
                                       evol_instruct.EvolInstructConfig, ray_settings=evol_instruct.whole_rounds),
     "orca": GenerationMethod(orca.run_orca, "orca", orca.OrcaConfig, plan=orca.planned_requests),
+    "preferences": GenerationMethod(preferences.run_preferences, "preferences", preferences.PreferencesConfig,
+                                    preferences.PreferencePair),
 }
 
 Method = Literal[tuple(GENERATORS)]  # type: ignore[valid-type]
@@ -100,9 +102,11 @@ def run_generate(config, command_line: str, teacher_factory: Callable[[], Teache
     output = Path(settings.out)
     seeds = load_seeds(config)
     started = time.monotonic()
+    record = GENERATORS[settings.method].record
     # the teacher first: a teacher that cannot be used (no API key, no server) fails
     # before OUT is created
-    with (teacher_factory or (lambda: make_run_teacher(config)))() as teacher, TaskSink(output) as sink, progress(
+    make = teacher_factory or (lambda: make_run_teacher(config))
+    with make() as teacher, TaskSink(output, record) as sink, progress(
         settings.method, total=settings.num, done=min(len(sink.existing), settings.num),
         detail=lambda: f"teacher: {teacher.stats.requests_sent} requests, {teacher.stats.cache_hits} cached",
     ) as bar:

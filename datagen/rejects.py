@@ -20,6 +20,7 @@ STAGE_INSTANCES = "instances"  # Self-Instruct: instances of a new instruction
 STAGE_ALPACA = "alpaca"
 STAGE_EVOL = "evol"
 STAGE_ORCA = "orca"
+STAGE_PREFERENCES = "preferences"  # preference pairs: responses and their ratings
 
 # -- reasons every generator may give -----------------------------------------------------------
 
@@ -32,6 +33,17 @@ COPIED_DEMONSTRATION = "copies a demonstration"
 SHARED_INPUT = "input shared by too many tasks"
 INVALID_LINE = "invalid line"
 TOO_SIMILAR = "too similar to an existing instruction"
+
+# -- preference pairs (a response, its rating, or the prompt's set of responses) ---------------
+
+EMPTY_RESPONSE = "empty response"
+RATING_UNPARSEABLE = "rating unparseable"
+FEWER_THAN_TWO_RATED = "fewer than two rated responses"
+ALL_RATINGS_EQUAL = "all responses rated the same"
+NO_RATING_MARGIN = "no response rated far enough below the best"
+SAME_TEXT = "chosen and rejected say the same"
+NO_CHOSEN_REPLY = "no usable reply from the chosen responder"
+NO_OTHER_REPLY = "no usable reply from another responder"
 
 # -- reasons about a task's instances as a whole ------------------------------------------------
 

@@ -136,7 +136,7 @@ def test_unknown_method():
     result = run_cli("generate", "--method", "magic", "--out", "x.jsonl")
     assert result.returncode == 2
     assert single_error_line(result).startswith(
-        "error: --method: Input should be 'self-instruct', 'alpaca', 'evol-instruct' or 'orca'"
+        "error: --method: Input should be 'self-instruct', 'alpaca', 'evol-instruct', 'orca' or 'preferences'"
     )
 
 

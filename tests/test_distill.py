@@ -53,7 +53,8 @@ def test_unknown_stage_is_a_usage_error(tmp_path):
     result = run_cli("distill", str(write_config(tmp_path)), "--from", "deploy")
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "error: --from: expected one of generate, filter, export, finetune, eval, got 'deploy'"
+        "error: --from: expected one of generate, filter, export, finetune, eval, preferences, dpo, dpo-eval, "
+        "got 'deploy'"
     )
 
 

@@ -34,8 +34,7 @@ LAYERS: list[tuple[str, ...]] = [
      "datagen.finetune.distributed", "datagen.engines"),
     # stage runners, each owning its config section
     ("datagen.generate", "datagen.estimate", "datagen.filtering", "datagen.scale_dedup", "datagen.export",
-     "datagen.finetune.sft",
-     "datagen.finetune.evaluate", "datagen.view"),
+     "datagen.finetune.sft", "datagen.finetune.evaluate", "datagen.finetune.dpo", "datagen.view"),
     # the whole-file config and the chained stages
     ("datagen.config_file", "datagen.distill"),
     # typer commands

@@ -21,7 +21,7 @@ from datagen.export.natural_instructions import write_natural_instructions
 from datagen.export.negatives import read_rejects
 from datagen.io import atomic_write_json, read_tasks, rejects_path, stats_path, summary_path
 
-FORMATS = ("natural-instructions", "alpaca", "messages", "prompt-completion", "hf")
+FORMATS = ("natural-instructions", "alpaca", "messages", "prompt-completion", "hf", "preferences")
 MANIFEST = "export.json"
 
 
@@ -64,6 +64,15 @@ def run_export(
     source, out_dir = Path(source), Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: exists and is not a folder")
+    if fmt == "preferences":  # pairs, not tasks (datagen.export.preferences)
+        from datagen.export.preferences import export_preferences
+
+        fields, written = export_preferences(config, source, out_dir)
+        summary = {"format": fmt, "input": str(source), "out": str(out_dir), **fields, "command": command_line}
+        summary["files"] = sorted({str(p.relative_to(out_dir)) for p in written} | {MANIFEST})
+        _remove_stale(out_dir, summary["files"])
+        atomic_write_json(out_dir / MANIFEST, summary)
+        return summary
     tasks = read_tasks(source)
     seen: set[str] = set()
     for task in tasks:  # one id, two tasks: file names, negatives and row groups would mix them

@@ -92,13 +92,14 @@ def stable_id(prefix: str, *parts: str) -> str:
 class TaskSink:
     """Accepted tasks and rejects of one run, buffered per batch and flushed together."""
 
-    def __init__(self, output: str | Path):
+    def __init__(self, output: str | Path, record: type[BaseModel] = Task):
         self.output = Path(output)
         # the appenders first: opening cuts a line a kill left half-written, which would
         # otherwise stop the read of OUT below
         self._tasks = JsonlAppender(self.output)
         self._rejects = JsonlAppender(rejects_path(self.output))
-        self.existing: list[Task] = list(read_records(self.output, Task))
+        # `record`: what OUT holds (tasks; preference pairs for `--method preferences`)
+        self.existing: list[Task] = list(read_records(self.output, record))
         self._known_ids = {task.id for task in self.existing}
         self._pending_tasks: list[Task] = []
         self._pending_rejects: list[Reject] = []
@@ -167,8 +168,8 @@ def lineage(
         operation=operation,
         round=round,
         parent_ids=parent_ids or [],
-        template=templates[0].name,
-        template_sha256=templates[0].sha256,
+        template=templates[0].name if templates else None,
+        template_sha256=templates[0].sha256 if templates else None,
         templates={t.name: t.sha256 for t in templates},
         teacher_backend=teacher_name[0],
         teacher_model=teacher_name[1],
@@ -245,5 +246,6 @@ class GenerationMethod:
     run: Run
     section: str
     settings: type[BaseModel]
+    record: type[BaseModel] = Task  # the record OUT holds, read back on resume
     plan: Callable[[Sequence[Task], Any, RunContext], Iterable[tuple[list[Message], SamplingParams]]] | None = None
     ray_settings: Callable[[Any, Sequence[Task]], Any] | None = None

@@ -1,0 +1,476 @@
+"""AI-feedback preference pairs (UltraFeedback ratings, the Zephyr recipe): `--method preferences`.
+
+    datagen generate --method preferences --seeds kept.jsonl --num 200 --out pairs.jsonl
+
+Works on any task JSONL. Per task, in input order, for its first `max_instances_per_task`
+distinct inputs (`orca.instances_to_answer`):
+
+1. *Prompt*: the instance as the conversation SFT trains on (`datagen.chat.instance_messages`
+   without its assistant turn), so the pairs ask exactly what the SFT data asked.
+2. *Responses*: `responses_per_prompt` (K, default 4) replies, response k from responder
+   `k mod len(responders)`. A responder is any backend (`teacher:` section, e.g. the local
+   student) or, with no `teacher:`, the run's teacher, each with its own sampling (the
+   default: the teacher at temperature 1.0). A responder's replies to one prompt are its
+   samples 0, 1, … (`n`, seeds seed+i), each cached on its own.
+3. *Ratings*: the run's teacher rates every response on its own with an UltraFeedback-style
+   rubric (`templates/preference_rating.jinja`: helpfulness, honesty, instruction following,
+   truthfulness; one overall 1–10 score and a rationale). `parse_rating` reads the last
+   `Rating: N` line (`8/10`, `**Rating:** 8` too); anything else, or a score outside 1–10,
+   is a reject "rating unparseable" with the judge's raw text. Errors, empty replies and
+   replies cut off at max_tokens are rejected before rating (a truncated reply taught as
+   "chosen" would teach the student to stop mid-sentence).
+   With `chosen_responder` set, nothing is rated: chosen is that responder's first usable
+   reply, rejected a usable reply of another one (the Orca-DPO-pairs recipe: the teacher's
+   answer over the student's; `choose_by_responder`). Scores are then null. This is also what
+   runs on a CPU with the embedded 135M model, which cannot follow any rating format.
+4. *Pair* (`choose_pair`): chosen = the best-rated response (the first of equals);
+   rejected = one rated at least `margin` below it (`rejected_pick`: "random", seeded per
+   prompt, as UltraFeedback-binarized; or "lowest"). Fewer than two ratings, all ratings
+   equal, none far enough below, or a rejected text equal to the chosen one: the prompt
+   is a reject with that reason (constants in `datagen.rejects`).
+
+Each pair is one JSONL line in TRL's conversational preference shape:
+
+    {"id": "pref-…", "task_id": "…", "instance_index": 0,
+     "prompt":   [{"role": "user", "content": "…"}],          (system first for Orca tasks)
+     "chosen":   [{"role": "assistant", "content": "…"}],
+     "rejected": [{"role": "assistant", "content": "…"}],
+     "score_chosen": 9.0, "score_rejected": 4.0,
+     "rationale_chosen": "…", "rationale_rejected": "…",
+     "lineage": {"generator": "preferences", "template": "preference_rating.jinja",
+                 "template_sha256": "…", "teacher_backend"/"teacher_model": the judge,
+                 "sampling": the judge's, "responders": {"chosen": {...}, "rejected": {...}},
+                 "candidates": [{"responder", "sample", "score"}, …], …}}
+
+Resume is replay, as for Orca: ids are `stable_id("pref", task id, instance index)`, a
+rerun skips prompts already in OUT, answers everything else from the request cache (same
+seeds, so the same requests), and writes no reject already in OUT's rejects file.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import Counter
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from datagen.chat import instance_messages
+from datagen.config import SamplingParams, Strict
+from datagen.generators.common import RunContext, TaskSink, lineage, normalised_text, stable_id
+from datagen.generators.orca import instances_to_answer
+from datagen.io import read_lines_tolerant, rejects_path
+from datagen.prompts import load_template
+from datagen.records import Instance, Lineage, Task
+from datagen.rejects import (
+    ALL_RATINGS_EQUAL,
+    EMPTY_RESPONSE,
+    FEWER_THAN_TWO_RATED,
+    LENGTH_LIMIT,
+    NO_CHOSEN_REPLY,
+    NO_OTHER_REPLY,
+    NO_RATING_MARGIN,
+    RATING_UNPARSEABLE,
+    SAME_TEXT,
+    STAGE_PREFERENCES,
+    TEACHER_ERROR,
+)
+from datagen.teachers.base import Completion, Message
+from datagen.teachers.teacher import Teacher, TeacherConfig, make_teacher
+
+RATING = "preference_rating.jinja"
+MIN_SCORE, MAX_SCORE = 1.0, 10.0
+
+
+class Responder(Strict):
+    """One source of responses: a backend (None: the run's teacher) and its sampling."""
+
+    name: str = Field(min_length=1)
+    teacher: TeacherConfig | None = None
+    sampling: SamplingParams = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=256)
+
+    @field_validator("sampling")
+    @classmethod
+    def _one_sample(cls, params: SamplingParams) -> SamplingParams:
+        if params.n != 1:
+            raise ValueError("n must be 1: responses_per_prompt says how many replies each prompt gets")
+        return params
+
+
+class PreferencesConfig(Strict):
+    """Preference-pair settings: who answers, how many times, how the teacher rates."""
+
+    responders: list[Responder] = Field(default_factory=lambda: [Responder(name="teacher")], min_length=1)
+    responses_per_prompt: int = Field(4, ge=2)
+    # rejected must be rated at least this far below chosen
+    margin: float = Field(1.0, gt=0)
+    rejected_pick: Literal["random", "lowest"] = "random"
+    max_instances_per_task: int = Field(1, ge=1)
+    items_per_batch: int = Field(16, ge=1)  # prompts per round of teacher calls (and per flush)
+    # show the judge the task's own output as a reference answer (UltraFeedback shows none)
+    show_reference: bool = False
+    judge_sampling: SamplingParams = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=160)
+    # no ratings: this responder's reply is chosen over another responder's (see the module doc)
+    chosen_responder: str | None = None
+
+    @model_validator(mode="after")
+    def _chosen_responder_named(self) -> PreferencesConfig:
+        names = [r.name for r in self.responders]
+        if self.chosen_responder is not None:
+            if self.chosen_responder not in names:
+                raise ValueError(f"chosen_responder {self.chosen_responder!r} is not a responder "
+                                 f"(responders: {', '.join(names)})")
+            if len(names) < 2:
+                raise ValueError("chosen_responder needs a second responder to give the rejected replies")
+        return self
+
+    @field_validator("responders")
+    @classmethod
+    def _distinct_names(cls, responders: list[Responder]) -> list[Responder]:
+        names = [r.name for r in responders]
+        if len(set(names)) != len(names):
+            raise ValueError("responder names must be distinct")
+        return responders
+
+
+class PreferencePair(BaseModel):
+    """One preference pair in TRL's conversational shape, with scores and lineage."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    task_id: str
+    instance_index: int
+    prompt: list[dict[str, str]]
+    chosen: list[dict[str, str]]
+    rejected: list[dict[str, str]]
+    score_chosen: float | None  # None when chosen by responder, not rated
+    score_rejected: float | None
+    rationale_chosen: str = ""
+    rationale_rejected: str = ""
+    lineage: Lineage | None = None
+
+    def to_json(self) -> str:
+        return self.model_dump_json(exclude_none=True)
+
+
+# -- pure functions: prompts, rating parse, pair choice ----------------------------------------
+
+
+def prompt_messages(task: Task, instance: Instance) -> list[Message]:
+    """The conversation the student is asked: the SFT example without its assistant turn."""
+    return instance_messages(task, instance)[:-1]
+
+
+def rating_messages(prompt: Sequence[Message], response: str, reference: str | None = None) -> list[Message]:
+    """What the judge is sent to rate `response` to `prompt`."""
+    system = next((m["content"] for m in prompt if m["role"] == "system"), None)
+    request = "\n\n".join(m["content"] for m in prompt if m["role"] == "user")
+    text = load_template(RATING).render(system=system, request=request, response=response.strip(),
+                                        reference=(reference or "").strip())
+    return [{"role": "user", "content": text}]
+
+
+@dataclass(frozen=True)
+class Rating:
+    score: float
+    rationale: str
+
+
+_RATING_LINE = re.compile(
+    r"^[ \t>#*_]*(?:overall[ \t]+)?(?:rating|score)[ \t*_]*[:：][ \t*_]*(-?\d+(?:\.\d+)?)[ \t*_]*(/[ \t]*10)?",
+    flags=re.IGNORECASE | re.MULTILINE,
+)
+_RATIONALE = re.compile(r"^[ \t>#*_]*rationale[ \t*_]*[:：][ \t*_]*", flags=re.IGNORECASE | re.MULTILINE)
+
+
+def parse_rating(text: str) -> Rating | str:
+    """The score and rationale of a judge reply, or why none can be read.
+
+    The score is the last line starting `Rating:` (or `Score:`, `Overall rating:`; markdown
+    marks and `/10` allowed) and must lie in 1..10. The rationale is the text after
+    `Rationale:` up to the rating line, else the text before the rating line.
+    """
+    matches = list(_RATING_LINE.finditer(text))
+    if not matches:
+        return 'no "Rating: N" line'
+    last = matches[-1]
+    score = float(last.group(1))
+    if not MIN_SCORE <= score <= MAX_SCORE:
+        return f"rating {last.group(1)} outside 1-10"
+    before = text[: last.start()]
+    label = list(_RATIONALE.finditer(before))
+    rationale = before[label[-1].end():] if label else before
+    return Rating(score, rationale.strip())
+
+
+@dataclass(frozen=True)
+class PairChoice:
+    chosen: int
+    rejected: int
+
+
+def choose_pair(
+    scores: Sequence[float | None], texts: Sequence[str], margin: float, rng: random.Random,
+    pick: str = "random",
+) -> PairChoice | str:
+    """Indexes of chosen (best score, first of equals) and rejected (a score at least `margin`
+    below, by `pick`), or the reject reason when the ratings make no pair."""
+    rated = [i for i, score in enumerate(scores) if score is not None]
+    if len(rated) < 2:
+        return FEWER_THAN_TWO_RATED
+    best = max(rated, key=lambda i: (scores[i], -i))
+    if all(scores[i] == scores[best] for i in rated):
+        return ALL_RATINGS_EQUAL
+    below = [i for i in rated if scores[best] - scores[i] >= margin]
+    if not below:
+        return NO_RATING_MARGIN
+    below = [i for i in below if normalised_text(texts[i]) != normalised_text(texts[best])]
+    if not below:
+        return SAME_TEXT
+    if pick == "lowest":
+        return PairChoice(best, min(below, key=lambda i: (scores[i], i)))
+    return PairChoice(best, rng.choice(below))
+
+
+def choose_by_responder(responders: Sequence[str], usable: Sequence[bool], texts: Sequence[str], chosen_name: str,
+                        rng: random.Random, pick: str = "random") -> PairChoice | str:
+    """Indexes of chosen (the first usable reply of `chosen_name`) and rejected (a usable
+    reply of another responder saying something else: seeded pick, or the first with
+    `pick="lowest"`), or the reject reason."""
+    mine = [i for i, name in enumerate(responders) if name == chosen_name and usable[i]]
+    if not mine:
+        return NO_CHOSEN_REPLY
+    others = [i for i, name in enumerate(responders) if name != chosen_name and usable[i]]
+    if not others:
+        return NO_OTHER_REPLY
+    others = [i for i in others if normalised_text(texts[i]) != normalised_text(texts[mine[0]])]
+    if not others:
+        return SAME_TEXT
+    return PairChoice(mine[0], others[0] if pick == "lowest" else rng.choice(others))
+
+
+# -- the loop ---------------------------------------------------------------------------------
+
+
+class _Rejects:
+    """This run's rejects, minus those a previous run of the same OUT already wrote (a rerun
+    replays the same decisions from the request cache)."""
+
+    def __init__(self, sink: TaskSink):
+        self.sink = sink
+        self.on_disk: Counter[tuple] = Counter()
+        path = rejects_path(sink.output)
+        if path.exists():
+            for _number, line in read_lines_tolerant(path):
+                try:
+                    record = json.loads(line) if line is not None else None
+                except json.JSONDecodeError:  # a line cut short by a kill
+                    continue
+                if isinstance(record, dict) and record.get("stage") == STAGE_PREFERENCES:
+                    self.on_disk[(record.get("reason"), record.get("detail"), record.get("raw"))] += 1
+
+    def __call__(self, reason: str, detail: str, raw: str | None = None) -> None:
+        key = (reason, detail, raw)
+        if self.on_disk[key] > 0:
+            self.on_disk[key] -= 1
+            return
+        self.sink.reject(reason, STAGE_PREFERENCES, detail=detail, raw=raw)
+
+
+@dataclass
+class _Candidate:
+    responder: str
+    sample: int
+    reply: Completion
+    rating: Rating | None = None
+    judge_reply: Completion | None = None
+    usable: bool = False
+
+
+@dataclass
+class _Job:
+    task: Task
+    index: int  # instance index within the task's answered instances
+    instance: Instance
+    prompt: list[Message]
+    candidates: list[_Candidate] = field(default_factory=list)
+
+    @property
+    def pair_id(self) -> str:
+        return stable_id("pref", self.task.id, str(self.index))
+
+    @property
+    def where(self) -> str:
+        return f"task {self.task.id}, instance {self.index}"
+
+
+def responder_plan(responders: Sequence[Responder], k: int) -> list[tuple[int, int]]:
+    """(responder number, its sample number) for responses 0..k-1: round-robin over responders."""
+    counts: Counter[int] = Counter()
+    plan = []
+    for position in range(k):
+        which = position % len(responders)
+        plan.append((which, counts[which]))
+        counts[which] += 1
+    return plan
+
+
+def _open_responders(stack: ExitStack, settings: PreferencesConfig, teacher: Teacher) -> list[Teacher]:
+    """A Teacher per responder; those without a backend of their own share the run's, and
+    the others cache where the run's teacher caches unless they say otherwise."""
+    opened = []
+    for responder in settings.responders:
+        if responder.teacher is None:
+            opened.append(teacher)
+            continue
+        config = responder.teacher
+        if config.cache_dir is None and teacher.config.cache_dir is not None:
+            config = config.model_copy(update={"cache_dir": teacher.config.cache_dir})
+        opened.append(stack.enter_context(make_teacher(config)))
+    return opened
+
+
+def run_preferences(seeds: Sequence[Task], settings: PreferencesConfig, run: RunContext) -> None:
+    """Make preference pairs for the instances of `seeds` (in order) until OUT holds `num`."""
+    judge, sink, seed = run.teacher, run.sink, run.seed
+    template = load_template(RATING)
+    judge_params = settings.judge_sampling.model_copy(update={"seed": seed})
+    reject = _Rejects(sink)
+    done = {pair.id for pair in sink.existing}
+    have = len(sink.existing)
+    jobs_all = [
+        _Job(task, index, instance, prompt_messages(task, instance))
+        for task in seeds
+        for index, instance in enumerate(instances_to_answer(task, settings.max_instances_per_task))
+    ]
+    pending = iter(job for job in jobs_all if job.pair_id not in done)
+    plan = responder_plan(settings.responders, settings.responses_per_prompt)
+    with ExitStack() as stack:
+        teachers = _open_responders(stack, settings, judge)
+        batch = run.batches_done
+        while have < run.num:
+            jobs = []
+            for job in pending:
+                jobs.append(job)
+                if len(jobs) >= min(settings.items_per_batch, run.num - have):
+                    break
+            if not jobs:
+                break
+            sink.at(batch)
+            _respond(jobs, settings, teachers, plan, seed)
+            asks = _usable(jobs, settings, reject)
+            if settings.chosen_responder is None:
+                _rate(asks, judge, judge_params, reject)
+            pairs = [pair for job in jobs if (pair := _pair(job, settings, seed, judge, judge_params, template,
+                                                              teachers, reject)) is not None]
+            fresh = sink.accept(pairs)
+            sink.flush()
+            have += len(fresh)
+            batch += 1
+            run.on_batch_done(batch)
+            run.progress(len(fresh))
+    sink.flush()
+
+
+def _respond(jobs: list[_Job], settings: PreferencesConfig, teachers: list[Teacher],
+             plan: list[tuple[int, int]], seed: int) -> None:
+    prompts = [job.prompt for job in jobs]
+    replies: dict[int, list[list[Completion]]] = {}
+    for which, responder in enumerate(settings.responders):
+        samples = sum(1 for r, _s in plan if r == which)
+        if samples:
+            params = responder.sampling.model_copy(update={"n": samples, "seed": seed})
+            replies[which] = teachers[which].complete(prompts, params)
+    for position, job in enumerate(jobs):
+        job.candidates = [_Candidate(settings.responders[which].name, sample, replies[which][position][sample])
+                          for which, sample in plan]
+
+
+def _usable(jobs: list[_Job], settings: PreferencesConfig, reject: _Rejects) -> list[tuple[str, _Candidate, list]]:
+    """Mark the usable replies, reject the others; return the rating requests of the usable."""
+    asks: list[tuple[str, _Candidate, list[Message]]] = []
+    for job in jobs:
+        reference = job.instance.output if settings.show_reference else None
+        for number, candidate in enumerate(job.candidates):
+            where = f"{job.where}, response {number} ({candidate.responder})"
+            reply = candidate.reply
+            if not reply.ok:
+                reject(TEACHER_ERROR, f"{where}: {reply.error}")
+            elif reply.finish_reason == "length":
+                reject(LENGTH_LIMIT, where, reply.text)
+            elif not reply.text.strip():
+                reject(EMPTY_RESPONSE, where)
+            else:
+                candidate.usable = True
+                asks.append((where, candidate, rating_messages(job.prompt, reply.text, reference)))
+    return asks
+
+
+def _rate(asks: list[tuple[str, _Candidate, list]], judge: Teacher, params: SamplingParams, reject: _Rejects) -> None:
+    """Rate every usable reply in one judge call; reject the unreadable ratings."""
+    verdicts = judge.complete([messages for _w, _c, messages in asks], params)
+    for (where, candidate, _messages), [verdict] in zip(asks, verdicts):
+        candidate.judge_reply = verdict
+        parsed = parse_rating(verdict.text) if verdict.ok else f"judge error: {verdict.error}"
+        if isinstance(parsed, Rating):
+            candidate.rating = parsed
+        else:
+            reject(RATING_UNPARSEABLE, f"{where}: {parsed}", verdict.text or None)
+
+
+def _pair(job: _Job, settings: PreferencesConfig, seed: int, judge: Teacher, judge_params: SamplingParams,
+          template, teachers: list[Teacher], reject: _Rejects) -> PreferencePair | None:
+    scores = [c.rating.score if c.rating else None for c in job.candidates]
+    texts = [c.reply.text for c in job.candidates]
+    rng = random.Random(f"pref:{seed}:{job.task.id}:{job.index}")
+    if settings.chosen_responder is not None:
+        choice = choose_by_responder([c.responder for c in job.candidates], [c.usable for c in job.candidates],
+                                     texts, settings.chosen_responder, rng, settings.rejected_pick)
+        if isinstance(choice, str):
+            reject(choice, job.where)
+            return None
+    else:
+        choice = choose_pair(scores, texts, settings.margin, rng, settings.rejected_pick)
+        if isinstance(choice, str):
+            shown = ", ".join("-" if s is None else f"{s:g}" for s in scores)
+            reject(choice, f"{job.where}: ratings [{shown}]")
+            return None
+    chosen, rejected = job.candidates[choice.chosen], job.candidates[choice.rejected]
+    names = [r.name for r in settings.responders]
+    rated = settings.chosen_responder is None
+
+    def about(candidate: _Candidate) -> dict:
+        which = names.index(candidate.responder)
+        backend = teachers[which].backend
+        return {"name": candidate.responder, "backend": backend.name, "model": backend.model,
+                "sample": candidate.sample,
+                "sampling": settings.responders[which].sampling.model_dump(exclude={"n"}) | {"seed": seed}}
+
+    completions = [c.reply for c in job.candidates] + [c.judge_reply for c in job.candidates if c.judge_reply]
+    return PreferencePair(
+        id=job.pair_id,
+        task_id=job.task.id,
+        instance_index=job.index,
+        prompt=job.prompt,
+        chosen=[{"role": "assistant", "content": chosen.reply.text.strip()}],
+        rejected=[{"role": "assistant", "content": rejected.reply.text.strip()}],
+        score_chosen=chosen.rating.score if chosen.rating else None,
+        score_rejected=rejected.rating.score if rejected.rating else None,
+        rationale_chosen=chosen.rating.rationale if chosen.rating else "",
+        rationale_rejected=rejected.rating.rationale if rejected.rating else "",
+        lineage=lineage(
+            generator="preferences", operation="preferences:rate" if rated else "preferences:responder",
+            teacher_name=(judge.backend.name, judge.backend.model) if rated else ("", ""),
+            templates=[template] if rated else [], sampling=judge_params, seed=seed, completions=completions,
+            parent_ids=[job.task.id], margin=settings.margin, rejected_pick=settings.rejected_pick,
+            responders={"chosen": about(chosen), "rejected": about(rejected)},
+            candidates=[{"responder": c.responder, "sample": c.sample,
+                         "score": c.rating.score if c.rating else None} for c in job.candidates],
+        ),
+    )

@@ -1,0 +1,600 @@
+"""LoRA / QLoRA DPO of a student on preference pairs: `datagen finetune PAIRS --method dpo`.
+
+    datagen finetune pairs.jsonl --method dpo --base out/student --out out/dpo
+
+Direct Preference Optimisation (Rafailov et al. 2023) with a LoRA adapter on the base (an
+SFT output folder means its merged model, as in the Zephyr recipe). The reference policy is
+the same weights with the adapter disabled (peft's `disable_adapter()`), so no second model
+is held in memory; its log-probabilities are computed once, before training, in eval mode
+(`precompute_reference`, the default: one forward per pair instead of one per pair per
+epoch, and cached in `OUT/reference_logps.pt` for a resumed run), or on the fly.
+
+A sequence's log-probability is summed over the response tokens only, encoded exactly as
+SFT encodes a conversation (`datagen.finetune.data.encode_conversation`: the student's
+chat template, the reply through its EOS; only the final reply counts). With
+h = (log π(c) − log π(r)) − (log π_ref(c) − log π_ref(r)):
+
+- `sigmoid`: −(1−ε)·log σ(βh) − ε·log σ(−βh)   (ε = `label_smoothing`, conservative DPO)
+- `ipo`:     (h − 1/(2β))²  on log-probs averaged over response tokens (as TRL does)
+
+Rewards are β·(log π − log π_ref) of chosen and rejected; reward accuracy is the share of
+pairs whose chosen reward is higher; the margin is their mean difference.
+
+Everything else is SFT's (imported from `datagen.finetune.sft`): model loading, LoRA/QLoRA
+setup, precision, optimiser and schedule, gradient clipping and fp16 loss scaling,
+checkpoints (kill it and rerun: it resumes from `OUT/checkpoints/`), merge. It writes
+`OUT/adapter/`, `OUT/merged/`, `OUT/train_log.jsonl` (per step: loss, reward accuracy,
+chosen/rejected rewards, margin, tokens/s) and `OUT/summary.json` (with the reward
+accuracy and margin over the training pairs after training).
+
+Pairs: our `generate --method preferences` output or any TRL preference JSONL
+(`prompt` as messages or a string, `chosen`/`rejected` as assistant messages or strings),
+or an export folder's `train.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from datagen.errors import InputError
+from datagen.finetune.sft import FinetuneConfig
+from datagen.io import atomic_write_json, read_jsonl, write_dir_atomic, write_file_atomic
+
+REFERENCE_FILE = "reference_logps.pt"
+
+
+class DPOConfig(FinetuneConfig):
+    """DPO settings: SFT's LoRA / QLoRA and optimisation fields (`method` is the adapter kind,
+    lora or qlora) plus the DPO loss. Defaults suit LoRA DPO of a small student."""
+
+    beta: float = Field(0.1, gt=0)
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # sigmoid loss only
+    precompute_reference: bool = True
+    learning_rate: float = Field(5e-5, gt=0)
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(4, ge=1)  # pairs per micro-batch (2x sequences)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt: tuple[tuple[str, str], ...]
+    chosen: str
+    rejected: str
+    source: str
+
+
+def load_pairs(path: str | Path) -> list[Pair]:
+    """Every preference pair in `path` (a JSONL file or an export folder's train.jsonl)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "train.jsonl"
+    pairs = [_pair(f"{path}:{number}", row) for number, row in read_jsonl(path)]
+    if not pairs:
+        raise InputError(f"{path}: no preference pairs in file")
+    return pairs
+
+
+def _pair(where: str, row: dict[str, Any]) -> Pair:
+    missing = [key for key in ("prompt", "chosen", "rejected") if key not in row]
+    if missing:
+        raise InputError(f'{where}: missing "{missing[0]}" (a preference pair has prompt, chosen, rejected)')
+    prompt = row["prompt"]
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, list) or not prompt or not all(
+            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+            and isinstance(m.get("content"), str) for m in prompt):
+        raise InputError(f'{where}: field "prompt": expected a string or a list of chat messages')
+    return Pair(tuple((m["role"], m["content"]) for m in prompt), _reply(where, row, "chosen"),
+                _reply(where, row, "rejected"), where)
+
+
+def _reply(where: str, row: dict[str, Any], key: str) -> str:
+    value = row[key]
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) \
+            and value[0].get("role") == "assistant" and isinstance(value[0].get("content"), str):
+        value = value[0]["content"]
+    if not isinstance(value, str):
+        raise InputError(f'{where}: field "{key}": expected a string or one assistant message')
+    return value
+
+
+@dataclass
+class EncodedPair:
+    chosen: Any  # datagen.finetune.data.Encoded
+    rejected: Any
+    source: str
+
+    @property
+    def length(self) -> int:
+        return max(len(self.chosen.input_ids), len(self.rejected.input_ids))
+
+
+def encode_pair(tokenizer, pair: Pair) -> EncodedPair:
+    """Both sides encoded as SFT encodes a conversation, supervising the final reply only."""
+    from datagen.finetune.data import Conversation, encode_conversation
+
+    sides = [_final_reply_only(encode_conversation(tokenizer, Conversation(
+        pair.prompt + (("assistant", reply),), f"{pair.source} ({side})")))
+        for side, reply in (("chosen", pair.chosen), ("rejected", pair.rejected))]
+    return EncodedPair(sides[0], sides[1], pair.source)
+
+
+def _final_reply_only(encoded):
+    """Keep supervision on the last run of supervised tokens (the final reply): assistant
+    turns inside the prompt are context, not the response being compared."""
+    from datagen.finetune.data import IGNORE_INDEX
+
+    labels = list(encoded.labels)
+    end = max(k for k, label in enumerate(labels) if label != IGNORE_INDEX)
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    encoded.labels = [label if start <= k <= end else IGNORE_INDEX for k, label in enumerate(labels)]
+    return encoded
+
+
+def encode_pairs(tokenizer, pairs: Sequence[Pair], *, max_length: int | None, model_limit: int, cap: int,
+                 overlong: str) -> tuple[list[EncodedPair], int, list[str]]:
+    """Encoded pairs, the max length (from the data unless given) and the pairs dropped as
+    longer than it (or an error, with `overlong: error`)."""
+    from datagen.finetune.data import choose_max_length
+
+    encoded = [encode_pair(tokenizer, pair) for pair in pairs]
+    chosen_length = max_length or choose_max_length([e.length for e in encoded], model_limit, cap)
+    kept, dropped = [], []
+    for example in encoded:
+        if example.length <= chosen_length:
+            kept.append(example)
+        elif overlong == "error":
+            raise InputError(f"{example.source}: {example.length} tokens, longer than max_length {chosen_length}")
+        else:
+            dropped.append(example.source)
+    if not kept:
+        raise InputError(f"every pair is longer than max_length {chosen_length}")
+    return kept, chosen_length, dropped
+
+
+def collate_pairs(pairs: Sequence[EncodedPair], indexes: Sequence[int], pad_id: int) -> dict[str, Any]:
+    """One micro-batch: the chosen sequences of `indexes`, then their rejected ones."""
+    from datagen.finetune.data import Batch, collate
+
+    sequences = [pairs[i].chosen for i in indexes] + [pairs[i].rejected for i in indexes]
+    return collate(sequences, Batch(tuple((k,) for k in range(len(sequences)))), pad_id)
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+@dataclass
+class DPOTerms:
+    losses: Any  # per pair
+    chosen_rewards: Any
+    rejected_rewards: Any
+
+
+def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, *, beta: float,
+             loss: str = "sigmoid", label_smoothing: float = 0.0) -> DPOTerms:
+    """Per-pair DPO losses and rewards from sequence log-probabilities (tensors of shape [pairs])."""
+    import torch.nn.functional as F
+
+    h = (policy_chosen - policy_rejected) - (reference_chosen - reference_rejected)
+    if loss == "sigmoid":
+        losses = -F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing
+    elif loss == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss {loss!r}")
+    return DPOTerms(losses, beta * (policy_chosen - reference_chosen).detach(),
+                    beta * (policy_rejected - reference_rejected).detach())
+
+
+def sequence_logps(model, batch: dict[str, Any], fast: bool = True):
+    """Per row: the summed log-probability of its supervised tokens, and their count.
+
+    fast: the output layer only at the positions that predict a supervised token (as SFT's
+    `summed_loss`; `check_fast_loss` decides once per run whether that is the model's own)."""
+    import torch
+
+    from datagen.finetune.sft import _model_inputs, logits_of
+
+    labels = batch["labels"][:, 1:]
+    supervised = labels != -100
+    if fast:
+        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        hidden = causal_lm.base_model(**_model_inputs(batch), use_cache=False).last_hidden_state
+        logits = causal_lm.get_output_embeddings()(hidden[:, :-1][supervised])
+    else:
+        logits = logits_of(model, batch)[:, :-1][supervised]
+    token_logps = -torch.nn.functional.cross_entropy(logits.float(), labels[supervised], reduction="none")
+    rows = supervised.nonzero()[:, 0]
+    sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device).index_add(0, rows, token_logps)
+    return sums, supervised.sum(1)
+
+
+def _for_loss(logps, counts, loss: str):
+    """IPO compares log-probs averaged over the response tokens; sigmoid DPO their sums."""
+    return logps / counts if loss == "ipo" else logps
+
+
+def reference_logps(model, pairs: Sequence[EncodedPair], pad_id: int, device: str, batch_size: int,
+                    fast: bool) -> tuple[Any, Any, Any, Any]:
+    """Chosen and rejected log-probs (and token counts) of every pair under the reference
+    policy: the model with its adapter disabled, in eval mode, without gradients."""
+    import torch
+
+    from datagen.finetune.sft import _to_device
+
+    chosen, rejected, chosen_n, rejected_n = [], [], [], []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), model.disable_adapter():
+            for start in range(0, len(pairs), batch_size):
+                indexes = list(range(start, min(start + batch_size, len(pairs))))
+                tensors = _to_device(collate_pairs(pairs, indexes, pad_id), device)
+                logps, counts = sequence_logps(model, tensors, fast)
+                chosen.append(logps[: len(indexes)].cpu())
+                rejected.append(logps[len(indexes):].cpu())
+                chosen_n.append(counts[: len(indexes)].cpu())
+                rejected_n.append(counts[len(indexes):].cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(chosen), torch.cat(rejected), torch.cat(chosen_n), torch.cat(rejected_n)
+
+
+def pair_metrics(model, pairs: Sequence[EncodedPair], reference: tuple, config: DPOConfig, pad_id: int,
+                 device: str, fast: bool) -> dict[str, float]:
+    """Loss, reward accuracy, mean chosen/rejected rewards and margin over `pairs` (eval mode)."""
+    import torch
+
+    from datagen.finetune.sft import _to_device
+
+    ref_c, ref_r, n_c, n_r = reference
+    totals = {"loss": 0.0, "reward_accuracy": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0, "margin": 0.0}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(pairs), config.batch_size):
+                indexes = list(range(start, min(start + config.batch_size, len(pairs))))
+                tensors = _to_device(collate_pairs(pairs, indexes, pad_id), device)
+                logps, counts = sequence_logps(model, tensors, fast)
+                terms = _terms(logps.cpu(), counts.cpu(), indexes, (ref_c, ref_r, n_c, n_r), config)
+                for key, value in _step_figures(terms).items():
+                    totals[key] += value * len(indexes)
+    finally:
+        model.train(was_training)
+    return {key: round(value / len(pairs), 6) for key, value in totals.items()}
+
+
+def _terms(logps, counts, indexes: Sequence[int], reference: tuple, config: DPOConfig) -> DPOTerms:
+    half = len(indexes)
+    ref_c, ref_r, n_c, n_r = (t[indexes].to(logps.device) for t in reference)
+    return dpo_loss(
+        _for_loss(logps[:half], counts[:half], config.loss), _for_loss(logps[half:], counts[half:], config.loss),
+        _for_loss(ref_c, n_c, config.loss), _for_loss(ref_r, n_r, config.loss),
+        beta=config.beta, loss=config.loss, label_smoothing=config.label_smoothing)
+
+
+def _step_figures(terms: DPOTerms) -> dict[str, float]:
+    return {
+        "loss": float(terms.losses.detach().mean()),
+        "reward_accuracy": float((terms.chosen_rewards > terms.rejected_rewards).float().mean()),
+        "chosen_reward": float(terms.chosen_rewards.mean()),
+        "rejected_reward": float(terms.rejected_rewards.mean()),
+        "margin": float((terms.chosen_rewards - terms.rejected_rewards).mean()),
+    }
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def resolve_base(base: str) -> str:
+    """The model DPO starts from: an SFT output folder means its merged model."""
+    from datagen.finetune.evaluate import resolve_student
+    from datagen.model_paths import resolve_model
+
+    student = resolve_student(base)
+    return student if student != base else resolve_model(base)
+
+
+def _load_reference(path: Path, fingerprint: str):
+    import torch
+
+    if not path.exists():
+        return None
+    stored = torch.load(path, weights_only=False)
+    return stored["logps"] if stored.get("fingerprint") == fingerprint else None
+
+
+def train_dpo(config: DPOConfig, data: str | Path, out_dir: str | Path, *, show_progress: bool = True
+              ) -> dict[str, Any]:
+    """DPO-train (resuming from the last checkpoint in `out_dir`), save adapter and merged
+    model; return the summary also written to `out_dir/summary.json`."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    from datagen.finetune import sft
+    from datagen.finetune.data import plan_batches
+
+    out_dir = Path(out_dir)
+    device = sft.pick_device(config.device)
+    if config.method == "qlora":
+        sft.require_qlora_support(device)
+    precision = sft.precision_for(config, device)
+    base_path = resolve_base(config.base)
+    pairs = load_pairs(data)
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model_limit = int(getattr(AutoConfig.from_pretrained(base_path), "max_position_embeddings", 8192) or 8192)
+    encoded, max_length, dropped = encode_pairs(tokenizer, pairs, max_length=config.max_length,
+                                                model_limit=model_limit, cap=config.max_length_cap,
+                                                overlong=config.overlong)
+    lengths = [e.length for e in encoded]
+
+    def plan_epoch(epoch: int):
+        return plan_batches(lengths, config.batch_size, config.seed + epoch, packing=False, max_length=max_length)
+
+    steps_per_epoch = max(1, math.ceil(len(plan_epoch(0)) / config.grad_accum))
+    total_steps = config.max_steps or config.epochs * steps_per_epoch
+    warmup = int(config.warmup_ratio * total_steps)
+
+    torch.manual_seed(config.seed)
+    model = sft.load_student(config, base_path, device, precision)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = sft.make_optimizer(config, trainable)
+    scaler = sft.make_grad_scaler(precision, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: sft.lr_factor(step, total_steps, warmup, config.scheduler))
+
+    say = sft._printer(show_progress)
+    data_ids = [ids for e in encoded for ids in (e.chosen.input_ids, e.rejected.input_ids)]
+    run_fingerprint = sft.fingerprint(config, data_ids, base_path)
+    checkpoints = out_dir / "checkpoints"
+    step, resumed_from = 0, None
+    last = sft.latest_checkpoint(checkpoints)
+    if last is not None:
+        step = resumed_from = sft.load_checkpoint(last, model, optimizer, scheduler, run_fingerprint, scaler)
+        say(f"resuming from {last} (step {step} of {total_steps})")
+    if dropped:
+        say(f"dropped {len(dropped)} pairs longer than {max_length} tokens (first: {dropped[0]})")
+
+    probe = sft._to_device(collate_pairs(encoded, list(range(min(2, len(encoded)))), pad_id), device)
+    loss_note = sft.check_fast_loss(model, probe)
+    fast = loss_note is None
+    if loss_note:
+        say(f"loss: {loss_note}; using the model's own forward ({sft.LOSS_PATH_FULL})")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    reference, reference_seconds = None, 0.0
+    if config.precompute_reference:
+        reference_file = out_dir / REFERENCE_FILE
+        reference = _load_reference(reference_file, run_fingerprint)
+        if reference is None:
+            started = time.monotonic()
+            reference = reference_logps(model, encoded, pad_id, device, config.batch_size * 2, fast)
+            reference_seconds = time.monotonic() - started
+            write_file_atomic(reference_file, lambda target: torch.save(
+                {"fingerprint": run_fingerprint, "logps": reference}, target))
+
+    log_path = out_dir / "train_log.jsonl"
+    sft._truncate_log(log_path, step)
+    started = time.monotonic()
+    tokens_seen = 0
+    from datagen.progress import progress
+
+    with progress("dpo", total=total_steps, done=step, fields=("loss", "acc", "margin")) if show_progress \
+            else _Silent() as bar, log_path.open("a") as log:
+        while step < total_steps:
+            chunk = sft.micro_batches(plan_epoch, step * config.grad_accum, config.grad_accum)
+            pairs_in_step = sum(len(batch.rows) for _epoch, batch in chunk)
+            figures = dict.fromkeys(("loss", "reward_accuracy", "chosen_reward", "rejected_reward", "margin"), 0.0)
+            step_tokens = 0
+            for _epoch, batch in chunk:
+                indexes = [row[0] for row in batch.rows]
+                tensors = sft._to_device(collate_pairs(encoded, indexes, pad_id), device)
+                step_tokens += tensors["tokens"]
+                batch_reference = reference if reference is not None else \
+                    reference_logps(model, [encoded[i] for i in indexes], pad_id, device, len(indexes) * 2, fast)
+                ref_indexes = indexes if reference is not None else list(range(len(indexes)))
+                logps, counts = sequence_logps(model, tensors, fast)
+                terms = _terms(logps, counts, ref_indexes, batch_reference, config)
+                loss = terms.losses.sum() / pairs_in_step
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+                for key, value in _step_figures(terms).items():
+                    figures[key] += value * len(indexes) / pairs_in_step
+            grad_norm = sft.optimizer_step(optimizer, trainable, config.max_grad_norm, scaler)
+            scheduler.step()
+            step += 1
+            tokens_seen += step_tokens
+            elapsed = time.monotonic() - started
+            record = {"step": step, "epoch": round(step / steps_per_epoch, 4),
+                      **{key: round(value, 6) for key, value in figures.items()},
+                      "lr": scheduler.get_last_lr()[0], "grad_norm": round(grad_norm, 4), "tokens": step_tokens,
+                      "tokens_per_s": round(tokens_seen / elapsed, 1), "elapsed_s": round(elapsed, 2)}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.advance(1, loss=f"{record['loss']:.4f}", acc=f"{record['reward_accuracy']:.2f}",
+                        margin=f"{record['margin']:.3f}")
+            if step % config.save_every == 0 or step == total_steps:
+                sft.save_checkpoint(checkpoints, step, model, optimizer, scheduler,
+                                    {"fingerprint": run_fingerprint}, config.keep_checkpoints, scaler)
+    train_seconds = time.monotonic() - started
+    finished = step >= total_steps
+    final = None
+    if finished:
+        final_reference = reference if reference is not None else \
+            reference_logps(model, encoded, pad_id, device, config.batch_size * 2, fast)
+        final = pair_metrics(model, encoded, final_reference, config, pad_id, device, fast)
+    summary: dict[str, Any] = {
+        "finished": finished, "step": step, "total_steps": total_steps, "resumed_from_step": resumed_from,
+        "method": "dpo", "adapter_method": config.method, "loss": config.loss, "beta": config.beta,
+        "label_smoothing": config.label_smoothing, "base": config.base, "base_path": base_path,
+        "device": device, "compute_dtype": precision.dtype, "loss_scaling": precision.loss_scaling,
+        "loss_path": sft.LOSS_PATH_FAST if fast else sft.LOSS_PATH_FULL, "loss_path_note": loss_note,
+        "data": str(data), "pairs": len(encoded), "dropped_overlong": dropped, "max_length": max_length,
+        "reference": "precomputed" if config.precompute_reference else "on the fly",
+        "reference_seconds": round(reference_seconds, 2),
+        "trainable_parameters": sum(p.numel() for p in trainable),
+        "tokens_this_run": tokens_seen, "train_seconds_this_run": round(train_seconds, 2),
+        "tokens_per_s": round(tokens_seen / train_seconds, 1) if train_seconds > 0 else None,
+        "peak_memory_mib": sft.peak_memory_mib(device),
+        "final_loss": sft._last_logged_loss(log_path),
+        # over every training pair after training, in eval mode
+        "reward_accuracy": final["reward_accuracy"] if final else None,
+        "margin": final["margin"] if final else None,
+        "chosen_reward": final["chosen_reward"] if final else None,
+        "rejected_reward": final["rejected_reward"] if final else None,
+        "config": config.model_dump(mode="json"),
+    }
+    if finished:
+        adapter_dir = out_dir / "adapter"
+        write_dir_atomic(adapter_dir, lambda target: (model.save_pretrained(target), tokenizer.save_pretrained(target)))
+        summary["adapter"] = str(adapter_dir)
+        del model, optimizer
+        if config.merge:
+            summary["merged"] = str(sft.merge_adapter(base_path, adapter_dir, out_dir / "merged"))
+    atomic_write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+class _Silent:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        pass
+
+    def advance(self, *args, **kwargs) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------- held-out pairs
+
+
+def evaluate_pairs(student: str | Path, data: str | Path, *, max_pairs: int | None = None,
+                   batch_size: int = 4) -> dict[str, Any]:
+    """Reward accuracy and margin of a DPO output folder on held-out pairs: the policy is its
+    base plus adapter, the reference the same base with the adapter disabled."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(student)
+    summary_file = folder / "summary.json"
+    if not (folder / "adapter" / "adapter_config.json").exists() or not summary_file.exists():
+        raise InputError(f"{folder}: not a `datagen finetune --method dpo` output (no adapter/ and summary.json)")
+    summary = json.loads(summary_file.read_text())
+    config = DPOConfig.model_validate({**summary["config"], "batch_size": batch_size})
+    pairs = load_pairs(data)[:max_pairs] if max_pairs else load_pairs(data)
+    tokenizer = AutoTokenizer.from_pretrained(folder / "adapter")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = [encode_pair(tokenizer, pair) for pair in pairs]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = AutoModelForCausalLM.from_pretrained(summary["base_path"], dtype=torch.float32).to(device)
+    model = PeftModel.from_pretrained(base, str(folder / "adapter")).eval()
+    from datagen.finetune.sft import check_fast_loss
+
+    fast = check_fast_loss(model, {k: v.to(device) if hasattr(v, "to") else v
+                                   for k, v in collate_pairs(encoded, [0], pad_id).items()}) is None
+    reference = reference_logps(model, encoded, pad_id, device, batch_size * 2, fast)
+    metrics = pair_metrics(model, encoded, reference, config, pad_id, device, fast)
+    return {"data": str(data), "pairs": len(encoded), "student": str(folder), "base": summary["base_path"],
+            **metrics}
+
+
+def format_dpo_summary(summary: dict[str, Any]) -> str:
+    """The closing line of `datagen finetune --method dpo`."""
+    return (f"dpo: {summary['step']}/{summary['total_steps']} steps on {summary['pairs']} pairs "
+            f"(max_length {summary['max_length']}), final loss {summary['final_loss']}, "
+            f"reward accuracy {summary['reward_accuracy']}, margin {summary['margin']}, "
+            f"{summary['tokens_per_s']} tokens/s, peak {summary['peak_memory_mib']} MiB; "
+            f"adapter {summary.get('adapter')}, merged {summary.get('merged')}")
+
+
+def is_dpo_output(folder: str | Path) -> bool:
+    """Whether `folder` is a `datagen finetune --method dpo` output."""
+    summary = Path(folder) / "summary.json"
+    try:
+        return summary.exists() and json.loads(summary.read_text()).get("method") == "dpo"
+    except json.JSONDecodeError:
+        return False
+
+
+def evaluate_dpo(config, data: str | Path, tuned: str | Path, out_dir: str | Path, teacher_config=None
+                 ) -> dict[str, Any]:
+    """`datagen eval` for a DPO student: reward accuracy and margin on held-out pairs (an
+    export folder's `test.jsonl`, or a pairs file) and, with `eval.judge`, the teacher-judged
+    win rate of the DPO student over the model it started from (the SFT student), each pair
+    judged in both orders. Writes `OUT/report.json` and `OUT/report.md`."""
+    from datagen.finetune.data import Conversation
+    from datagen.finetune.evaluate import held_out_path, score_model, win_rate
+    from datagen.io import atomic_write_text
+
+    source = held_out_path(data)
+    report: dict[str, Any] = {"kind": "dpo", **evaluate_pairs(tuned, source, max_pairs=config.max_examples,
+                                                               batch_size=config.batch_size)}
+    if config.judge:
+        from datagen.teachers import TeacherConfig
+        from datagen.teachers.teacher import make_teacher
+
+        pairs = load_pairs(source)[: config.max_examples] if config.max_examples else load_pairs(source)
+        conversations = [Conversation(p.prompt + (("assistant", p.chosen),), p.source) for p in pairs]
+        merged = Path(tuned) / "merged"
+        if not (merged / "config.json").exists():
+            raise InputError(f"{tuned}: no merged/ model to generate with (train with merge: true)")
+        before = score_model(report["base"], conversations, config)
+        after = score_model(str(merged), conversations, config)
+        requests = ["\n\n".join(c for r, c in p.prompt if r == "user") for p in pairs]
+        with make_teacher(teacher_config or TeacherConfig()) as teacher:
+            report["judge"] = win_rate(teacher, requests, after["replies"], before["replies"], config.judge_sampling)
+        report["samples"] = [{"request": requests[i], "sft": before["replies"][i], "dpo": after["replies"][i]}
+                             for i in range(min(config.samples_in_report, len(pairs)))]
+    out_dir = Path(out_dir)
+    atomic_write_json(out_dir / "report.json", report)
+    atomic_write_text(out_dir / "report.md", format_dpo_report(report))
+    return report
+
+
+def format_dpo_report(report: dict[str, Any]) -> str:
+    lines = ["# DPO student evaluation", "",
+             f"Held-out pairs: `{report['data']}` ({report['pairs']} pairs, split by task). Student "
+             f"`{report['student']}`; reference (adapter disabled): `{report['base']}`.", "",
+             "| metric | value |", "| --- | --- |",
+             f"| reward accuracy (chosen reward > rejected) | {report['reward_accuracy']:.4f} |",
+             f"| reward margin (mean chosen - rejected) | {report['margin']:.4f} |",
+             f"| chosen reward | {report['chosen_reward']:.4f} |",
+             f"| rejected reward | {report['rejected_reward']:.4f} |",
+             f"| DPO loss | {report['loss']:.4f} |"]
+    judge = report.get("judge")
+    if judge:
+        rate = "n/a" if judge["win_rate"] is None else f"{judge['win_rate']:.3f}"
+        lines.append(f"| judged win rate of DPO over SFT ({judge['judge']}, both orders) | {rate} |")
+    for number, sample in enumerate(report.get("samples", []), start=1):
+        lines += ["", f"## Sample {number}", "", sample["request"], "", "**SFT**", "", sample["sft"], "",
+                  "**DPO**", "", sample["dpo"]]
+    return "\n".join(lines) + "\n"
+
+
+def format_dpo_eval(report: dict[str, Any]) -> str:
+    """Before/after in a few lines, for the terminal."""
+    text = (f"held-out pairs: {report['pairs']} ({report['data']})\n"
+            f"reward accuracy {report['reward_accuracy']:.4f}, margin {report['margin']:.4f}")
+    if report.get("judge"):
+        text += f"\njudged win rate of DPO over SFT: {report['judge']['win_rate']}"
+    return text

@@ -1,0 +1,370 @@
+"""Preference pairs (`--method preferences`): the exact rating prompt, the parse of sample
+judge replies (malformed ones too), the pair choice, and the loop with a scripted teacher:
+TRL's record shape, lineage, rejects with reasons, resume without repeated requests, and the
+pairs loading unchanged in TRL's DPOTrainer data path."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import Counter
+
+import pytest
+
+from datagen.generate import GENERATORS
+from datagen.generators.common import RunContext, TaskSink
+from datagen.generators.preferences import (
+    PairChoice,
+    PreferencePair,
+    PreferencesConfig,
+    Rating,
+    Responder,
+    choose_pair,
+    parse_rating,
+    prompt_messages,
+    rating_messages,
+    responder_plan,
+    run_preferences,
+)
+from datagen.io import read_records, rejects_path
+from datagen.records import Instance, Task
+from datagen.teachers.base import BackendCounters, Completion
+from datagen.teachers.teacher import Teacher, TeacherConfig
+
+# ---------------------------------------------------------------- prompt and parse
+
+
+def test_rating_prompt_is_pinned():
+    task = Task(id="t", instruction="Add the numbers.", instances=[Instance(input="2 and 3", output="5")])
+    prompt = prompt_messages(task, task.instances[0])
+    assert prompt == [{"role": "user", "content": "Add the numbers.\n\nInput:\n2 and 3"}]
+    [message] = rating_messages(prompt, " The sum is 5. ")
+    assert message["role"] == "user"
+    assert message["content"] == (
+        "You are rating an AI assistant's response to a user's request, as in UltraFeedback.\n"
+        "\n"
+        "Judge the response as a whole on four aspects:\n"
+        "- Helpfulness: does it do what was asked, with correct and useful content?\n"
+        "- Honesty: does it say when it is unsure instead of inventing an answer?\n"
+        "- Instruction following: does it respect every requirement of the request, including format and length?\n"
+        "- Truthfulness: is it free of factual errors and made-up details?\n"
+        "\n"
+        "Give one overall rating from 1 to 10:\n"
+        "10: excellent; it could not be meaningfully improved\n"
+        "7-9: good; minor flaws only\n"
+        "4-6: partly useful; clear errors or omissions\n"
+        "2-3: mostly wrong, off-topic or ignores the instructions\n"
+        "1: useless, empty or harmful\n"
+        "\n"
+        "Request:\n"
+        "Add the numbers.\n\nInput:\n2 and 3\n"
+        "\n"
+        "Response:\n"
+        "The sum is 5.\n"
+        "\n"
+        "Reply in exactly this form:\n"
+        "Rationale: <one or two sentences>\n"
+        "Rating: <a whole number from 1 to 10>"
+    )
+    # an Orca task's system message and a reference answer are shown when there are ones
+    orca = rating_messages([{"role": "system", "content": "Be terse."}, prompt[0]], "5", reference="5")
+    assert "System message the assistant was given:\nBe terse.\n" in orca[0]["content"]
+    assert "A reference answer (a good response may differ from it):\n5\n" in orca[0]["content"]
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("Rationale: Correct and brief.\nRating: 8", Rating(8.0, "Correct and brief.")),
+    ("**Rationale:** Fine.\n**Rating:** 7/10", Rating(7.0, "Fine.")),
+    ("The answer is right but terse.\n\nOverall rating: 6.5", Rating(6.5, "The answer is right but terse.")),
+    ("Rating: 3\nOn reflection it is wrong.\nRating: 2", Rating(2.0, "Rating: 3\nOn reflection it is wrong.")),
+    ("Score: 10", Rating(10.0, "")),
+    ("I think this is a good answer.", 'no "Rating: N" line'),
+    ("Rationale: ok\nRating: ten", 'no "Rating: N" line'),
+    ("Rationale: great\nRating: 11", "rating 11 outside 1-10"),
+    ("Rationale: bad\nRating: 0", "rating 0 outside 1-10"),
+    ("", 'no "Rating: N" line'),
+])
+def test_judge_replies_parse(reply, expected):
+    assert parse_rating(reply) == expected
+
+
+@pytest.mark.parametrize("scores, pick, expected", [
+    ([9, 4, 6, 9], "lowest", PairChoice(0, 1)),  # first of equal bests; lowest below
+    ([5, 8, 7.5, 2], "lowest", PairChoice(1, 3)),
+    ([5, None, 8, None], "lowest", PairChoice(2, 0)),
+    ([7, 7, 7, 7], "lowest", "all responses rated the same"),
+    ([7, 7.5, None, 7], "lowest", "no response rated far enough below the best"),
+    ([None, 6, None, None], "lowest", "fewer than two rated responses"),
+    ([None, None, None, None], "random", "fewer than two rated responses"),
+])
+def test_pair_choice(scores, pick, expected):
+    texts = [f"answer {i}" for i in range(len(scores))]
+    assert choose_pair(scores, texts, 1.0, random.Random(0), pick) == expected
+
+
+def test_random_rejected_is_one_far_enough_below_and_texts_must_differ():
+    picks = {choose_pair([9, 4, 6, 8.5], list("abcd"), 1.0, random.Random(seed)).rejected for seed in range(30)}
+    assert picks == {1, 2}
+    assert choose_pair([9, 4], ["Same text.", "same text"], 1.0, random.Random(0)) == "chosen and rejected say the same"
+
+
+def test_responses_go_round_robin_over_responders():
+    assert responder_plan([Responder(name="a"), Responder(name="b")], 5) == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2)]
+
+
+def test_registered_as_a_generation_method():
+    method = GENERATORS["preferences"]
+    assert method.section == "preferences" and method.record is PreferencePair
+    from datagen.config_file import load_config
+
+    config = load_config(None, {"generate.method": ("--method", "preferences")})
+    assert config.generate.preferences.responses_per_prompt == 4
+
+
+# ---------------------------------------------------------------- the loop, scripted teacher
+
+
+class SampledScript:
+    """A backend answering from a script that sees the prompt and the request's seed, so each
+    sample of a prompt can differ. Responses carry their own score, `[s=7]`, which the judge
+    reads back; a few prompts and responses inject faults."""
+
+    name, model = "scripted", "prefs"
+
+    def __init__(self, fail_after: int | None = None):
+        self.counters = BackendCounters()
+        self.sent = 0
+        self.fail_after = fail_after
+
+    def generate(self, requests, on_result):
+        for index, request in enumerate(requests):
+            if self.fail_after is not None and self.sent >= self.fail_after:
+                raise KeyboardInterrupt  # the run dies here, as under a kill
+            self.sent += 1
+            prompt = request.messages[-1][1]
+            on_result(index, self.answer(prompt, request.params.seed, request.params.temperature))
+
+    @staticmethod
+    def answer(prompt: str, seed: int, temperature: float) -> Completion:
+        if prompt.startswith("You are rating"):
+            response = prompt.split("Response:\n", 1)[1].split("\n\nReply in exactly", 1)[0]
+            if "[s=?]" in response:
+                return Completion("Rationale: hard to say.", "stop", 50, 5)
+            score = re.search(r"\[s=([\d.]+)\]", response).group(1)
+            return Completion(f"Rationale: looks like {score}.\nRating: {score}", "stop", 50, 8)
+        sample = seed - 7  # the run's seed is 7; sample i has seed 7 + i
+        which = "hot" if temperature > 1 else "warm"
+        scripted = {
+            # (task, responder) -> scores of samples 0, 1
+            ("Tie", "warm"): ["[s=5]", "[s=5]"], ("Tie", "hot"): ["[s=5]", "[s=5]"],
+            ("Good", "warm"): ["[s=9]", "[s=3]"], ("Good", "hot"): ["[s=6]", "[s=?]"],
+            ("Close", "warm"): ["[s=7]", "[s=7]"], ("Close", "hot"): ["[s=6.5]", "[s=7]"],
+            ("Faults", "warm"): ["ERROR", "[s=8]"], ("Faults", "hot"): ["CUT", ""],
+        }
+        key = next(name for name in ("Tie", "Good", "Close", "Faults") if prompt.startswith(name))
+        text = scripted[(key, which)][sample]
+        if text == "ERROR":
+            return Completion("", "error", error="HTTP 500")
+        if text == "CUT":
+            return Completion("An answer that goes on and", "length", 10, 6)
+        return Completion(f"{key} answer {which} {sample} {text}" if text else "", "stop", 10, 6)
+
+    def close(self):
+        pass
+
+
+SEEDS = [
+    Task(id="good", instruction="Good question.", instances=[Instance(input="x", output="y")]),
+    Task(id="tie", instruction="Tie question."),
+    Task(id="close", instruction="Close question."),
+    Task(id="faults", instruction="Faults question."),
+]
+SETTINGS = PreferencesConfig(
+    responders=[Responder(name="warm"), Responder(name="hot", sampling={"temperature": 1.2})],
+    items_per_batch=2,
+)
+
+
+def run(tmp_path, backend, num=10):
+    teacher = Teacher(backend, TeacherConfig(cache_dir=str(tmp_path / "cache")))
+    batches = []
+    with TaskSink(tmp_path / "pairs.jsonl", PreferencePair) as sink:
+        run_preferences(SEEDS, SETTINGS, RunContext(teacher, sink, num=num, seed=7, on_batch_done=batches.append))
+    return teacher, batches
+
+
+def test_pairs_rejects_and_resume_after_a_kill(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, SampledScript(fail_after=20))  # dies in the second batch
+    killed_pairs = list(read_records(tmp_path / "pairs.jsonl", PreferencePair))
+    assert [p.task_id for p in killed_pairs] == ["good"]  # the first batch was flushed
+
+    teacher, batches = run(tmp_path, SampledScript())
+    # nothing answered is asked again: 16 responses + 13 ratings in all, 20 sent before the
+    # kill, one of them failed (failures are not cached); the tie is replayed from the cache
+    assert teacher.stats.requests_sent == 29 - 20 + 1 and teacher.stats.cache_hits == 8 + 3
+    assert batches == [1, 2]
+
+    [pair] = list(read_records(tmp_path / "pairs.jsonl", PreferencePair))
+    row = json.loads((tmp_path / "pairs.jsonl").read_text())
+    assert set(row) >= {"prompt", "chosen", "rejected", "score_chosen", "score_rejected", "lineage"}
+    assert row["prompt"] == [{"role": "user", "content": "Good question.\n\nInput:\nx"}]
+    assert row["chosen"] == [{"role": "assistant", "content": "Good answer warm 0 [s=9]"}]
+    assert row["rejected"][0]["role"] == "assistant"
+    assert (pair.score_chosen, pair.rationale_chosen) == (9.0, "looks like 9.")
+    assert pair.score_rejected in (3.0, 6.0)
+    lineage = row["lineage"]
+    assert lineage["generator"] == "preferences" and lineage["parent_ids"] == ["good"]
+    assert lineage["template"] == "preference_rating.jinja" and len(lineage["template_sha256"]) == 64
+    assert (lineage["teacher_backend"], lineage["teacher_model"]) == ("scripted", "prefs")
+    assert lineage["sampling"]["temperature"] == 0.0 and lineage["seed"] == 7
+    assert lineage["responders"]["chosen"] == {
+        "name": "warm", "backend": "scripted", "model": "prefs", "sample": 0,
+        "sampling": {"temperature": 1.0, "top_p": 1.0, "max_tokens": 256, "stop": [], "seed": 7}}
+    assert [c["score"] for c in lineage["candidates"]] == [9.0, 6.0, 3.0, None]
+    assert [(c["responder"], c["sample"]) for c in lineage["candidates"]] == [
+        ("warm", 0), ("hot", 0), ("warm", 1), ("hot", 1)]
+
+    rejects = [json.loads(line) for line in rejects_path(tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert all(r["stage"] == "preferences" for r in rejects)
+    assert Counter(r["reason"] for r in rejects) == Counter({
+        "rating unparseable": 1, "all responses rated the same": 1,
+        "no response rated far enough below the best": 1, "teacher error": 1,
+        "reply hit the length limit": 1, "empty response": 1, "fewer than two rated responses": 1,
+    })
+    by_reason = {r["reason"]: r for r in rejects}
+    assert by_reason["rating unparseable"]["raw"] == "Rationale: hard to say."
+    assert by_reason["rating unparseable"]["detail"] == 'task good, instance 0, response 3 (hot): no "Rating: N" line'
+    assert by_reason["no response rated far enough below the best"]["detail"] == (
+        "task close, instance 0: ratings [7, 6.5, 7, 7]")
+
+    before = [(tmp_path / name).read_text() for name in ("pairs.jsonl", "pairs.rejects.jsonl")]
+    again, _ = run(tmp_path, SampledScript())
+    assert again.stats.requests_sent == 1  # the failed request only: failures are not cached
+    assert [(tmp_path / name).read_text() for name in ("pairs.jsonl", "pairs.rejects.jsonl")] == before
+
+
+def test_num_caps_the_pairs(tmp_path):
+    teacher, _ = run(tmp_path, SampledScript(), num=1)
+    assert len(list(read_records(tmp_path / "pairs.jsonl", PreferencePair))) == 1
+    assert teacher.stats.requests_sent == 4 + 4  # one prompt asked and rated
+
+
+# ---------------------------------------------------------------- TRL's data path
+
+
+def test_pairs_load_unchanged_in_trl_dpo_trainer(tmp_path, embedded_model_path):
+    trl = pytest.importorskip("trl", reason="trl is not installed (pip install 'trl>=1.0', the test extra)")
+    import datasets
+    import transformers
+
+    run(tmp_path, SampledScript())
+    rows = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(embedded_model_path)
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    dataset = datasets.Dataset.from_list(rows)
+    trainer = trl.DPOTrainer(
+        model=str(tmp_path / "tiny"), args=trl.DPOConfig(output_dir=str(tmp_path / "trl"), report_to=[], max_steps=1,
+                                        per_device_train_batch_size=1, use_cpu=True),
+        train_dataset=dataset, processing_class=tokenizer)
+    [example] = trainer.train_dataset
+    prompt_text = tokenizer.decode(example["prompt_ids"])
+    assert "Good question.\n\nInput:\nx" in prompt_text
+    assert tokenizer.decode(example["chosen_ids"]).startswith("Good answer warm 0 [s=9]")
+
+
+# ---------------------------------------------------------------- export
+
+
+def make_pairs(task_ids, scores=(9.0, 4.0)) -> list[PreferencePair]:
+    from datagen.records import Lineage
+
+    return [PreferencePair(
+        id=f"pref-{task_id}", task_id=task_id, instance_index=0,
+        prompt=[{"role": "user", "content": f"Question {task_id}"}],
+        chosen=[{"role": "assistant", "content": "good"}], rejected=[{"role": "assistant", "content": "bad"}],
+        score_chosen=scores[0] - (number % 2), score_rejected=scores[1], rationale_chosen="r1",
+        rationale_rejected="r2",
+        lineage=Lineage(generator="preferences", template="preference_rating.jinja", template_sha256="abc",
+                        teacher_backend="scripted", teacher_model="prefs",
+                        responders={"chosen": {"name": "warm"}, "rejected": {"name": "hot"}}))
+        for number, task_id in enumerate(task_ids)]
+
+
+def test_preferences_export_splits_like_the_sft_export_and_loads_as_a_datasetdict(tmp_path):
+    import datasets
+
+    from datagen.config_file import load_config
+    from datagen.export import run_export
+    from datagen.io import write_jsonl_atomic
+
+    seeds = tmp_path / "kept.jsonl"
+    ids = [f"task-{n}" for n in range(20)]
+    write_jsonl_atomic(seeds, [Task(id=i, instruction=f"Do {i}.", instances=[Instance(output="x")]) for i in ids])
+    pairs_file = tmp_path / "pairs.jsonl"
+    pairs = make_pairs(ids[:15])  # pairs for some tasks only: the split still follows the seed file's
+    write_jsonl_atomic(pairs_file, pairs)
+    (tmp_path / "pairs.summary.json").write_text(json.dumps({
+        "config": {"generate": {"seeds": str(seeds)}}, "command": "datagen generate --method preferences",
+        "rejects_by_reason": {"all responses rated the same": 3}}))
+    config = load_config()
+    sft = run_export(config, seeds, "messages", tmp_path / "sft")
+    summary = run_export(config, pairs_file, "preferences", tmp_path / "prefs")
+
+    def task_ids(folder, split):
+        return {json.loads(line)["task_id"] for line in (folder / f"{split}.jsonl").read_text().splitlines()}
+
+    for split in ("train", "validation", "test"):
+        assert task_ids(tmp_path / "prefs", split) == task_ids(tmp_path / "sft", split) & set(ids[:15])
+    assert summary["split_on"] == str(seeds) and summary["instances"] == 15
+    assert sum(s["instances"] for s in summary["splits"].values()) == 15 and sft["tasks"] == 20
+    rows = [json.loads(line) for split in ("train", "validation", "test")
+            for line in (tmp_path / "prefs" / f"{split}.jsonl").read_text().splitlines()]
+    assert sorted(rows, key=lambda r: r["id"]) == sorted((json.loads(p.to_json()) for p in pairs),
+                                                         key=lambda r: r["id"])  # records unchanged
+    loaded = datasets.load_from_disk(str(tmp_path / "prefs" / "dataset"))
+    first = loaded["train"][0]
+    assert first["prompt"][0]["role"] == "user" and first["chosen"] == [{"role": "assistant", "content": "good"}]
+    card = (tmp_path / "prefs" / "README.md").read_text()
+    assert "| 9 | 8 | 0 |" in card and "| 8 | 7 | 0 |" in card and "| 4 | 0 | 15 |" in card
+    assert "`scripted:prefs` (15 pairs)" in card and "| all responses rated the same | 3 |" in card
+    assert "path: data/train.parquet" in card
+
+
+def test_chosen_responder_pairs_without_ratings(tmp_path):
+    settings = SETTINGS.model_copy(update={"chosen_responder": "warm"})
+    teacher = Teacher(SampledScript(), TeacherConfig(cache_dir=str(tmp_path / "cache")))
+    with TaskSink(tmp_path / "pairs.jsonl", PreferencePair) as sink:
+        run_preferences(SEEDS, settings, RunContext(teacher, sink, num=10, seed=7))
+    assert teacher.stats.requests_sent == 16  # responses only: no judge
+    pairs = list(read_records(tmp_path / "pairs.jsonl", PreferencePair))
+    assert [p.task_id for p in pairs] == ["good", "tie", "close"]  # no rating, so no tie
+    good = pairs[0]
+    assert good.chosen[0]["content"] == "Good answer warm 0 [s=9]" and good.score_chosen is None
+    assert good.rejected[0]["content"] in ("Good answer hot 0 [s=6]", "Good answer hot 1 [s=?]")
+    assert good.lineage.operation == "preferences:responder" and good.lineage.template is None
+    assert good.lineage.responders["chosen"]["name"] == "warm"
+    rejects = [json.loads(line) for line in rejects_path(tmp_path / "pairs.jsonl").read_text().splitlines()]
+    # faults: warm's sample 1 is usable, but hot's replies were cut off and empty
+    assert Counter(r["reason"] for r in rejects) == Counter({
+        "teacher error": 1, "reply hit the length limit": 1, "empty response": 1,
+        "no usable reply from another responder": 1})
+
+    from datagen.config_file import load_config
+    from datagen.export import run_export
+
+    run_export(load_config(), tmp_path / "pairs.jsonl", "preferences", tmp_path / "prefs")  # unrated pairs export
+    card = (tmp_path / "prefs" / "README.md").read_text()
+    assert "3 pairs are not rated (chosen by responder, `chosen_responder`)." in card
+
+
+def test_chosen_responder_must_be_a_responder():
+    with pytest.raises(ValueError, match="chosen_responder 'student' is not a responder"):
+        PreferencesConfig(chosen_responder="student")
+    with pytest.raises(ValueError, match="needs a second responder"):
+        PreferencesConfig(responders=[Responder(name="a")], chosen_responder="a")
