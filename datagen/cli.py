@@ -309,7 +309,12 @@ def dedup(
         return _filter(source, out, rejects, overrides, config)
     from datagen.config_file import load_config
     from datagen.io import rejects_path
-    from datagen.scale_dedup import EngineOptions, dedup_command
+
+    try:
+        from datagen.scale_dedup import EngineOptions, dedup_command
+    except ImportError as error:  # the `ray` extra is optional
+        raise ConfigError(f"--engine {engine}: needs datatrove and ray[data] (pip install 'datagen[ray]'): {error}"
+                          ) from error
 
     options = EngineOptions(workers=workers, partition=partition, time=slurm_time)
     typer.echo(dedup_command(load_config(config, overrides), source, out, rejects or rejects_path(out), engine,
@@ -414,8 +419,10 @@ def finetune(
     launch = {"nnodes": nnodes, "node_rank": node_rank, "master_addr": master_addr, "master_port": master_port,
               "rdzv_endpoint": rdzv_endpoint}
     several_processes = nproc is not None or any(v is not None for v in launch.values())
+    if beta is not None and not dpo:
+        raise ConfigError("--beta: only with --method dpo")
     if dpo:
-        if several_processes or distributed is not None:
+        if several_processes or distributed is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ConfigError("--method dpo trains in one process: drop --nproc, --distributed and the torchrun "
                               "options")
         flags["beta"] = (beta, "--beta")

@@ -83,8 +83,8 @@ def make_run_teacher(config) -> Teacher:
     if method.plan is None and method.ray_settings is None:
         raise ConfigError(
             f"engine.kind: ray runs {', '.join(n for n, m in GENERATORS.items() if m.plan or m.ray_settings)}; "
-            f"{config.generate.method} is iterative (each round depends on the pool): use engine: local with "
-            "teacher.base_url listing several servers"
+            f"{config.generate.method} runs on engine: local only (to spread it over several servers, list them in "
+            "teacher.base_url)"
         )
     from datagen.engines.ray_generate import ray_teacher
 

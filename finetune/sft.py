@@ -501,7 +501,8 @@ def fingerprint(config: FinetuneConfig, data_ids: Sequence[Sequence[int]], base_
                 world_size: int = 1) -> str:
     """What a checkpoint must match to be resumed: the settings that shape training and the data.
 
-    The number of ranks shapes the global batch; ddp and fsdp train the same numbers."""
+    The number of ranks shapes the global batch; ddp and fsdp train the same numbers but save
+    the optimiser state in different layouts, so one does not resume the other."""
     digest = hashlib.sha256()
     # prompt_erasure shapes the data, which is hashed below; leaving it (and distributed,
     # and a world size of 1) out keeps checkpoints made before those options existed resumable
@@ -509,7 +510,7 @@ def fingerprint(config: FinetuneConfig, data_ids: Sequence[Sequence[int]], base_
     digest.update(config.model_dump_json(exclude=ignored).encode())
     digest.update(base_path.encode())
     if world_size > 1:
-        digest.update(f"world_size={world_size}".encode())
+        digest.update(f"world_size={world_size} distributed={config.distributed}".encode())
     for ids in data_ids:
         digest.update(len(ids).to_bytes(4, "little"))
         digest.update(bytes(str(ids), "ascii"))

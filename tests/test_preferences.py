@@ -27,6 +27,7 @@ from datagen.generators.preferences import (
     responder_plan,
     run_preferences,
 )
+from datagen.errors import InputError
 from datagen.io import read_records, rejects_path
 from datagen.records import Instance, Task
 from datagen.teachers.base import BackendCounters, Completion
@@ -335,6 +336,10 @@ def test_preferences_export_splits_like_the_sft_export_and_loads_as_a_datasetdic
     assert "`scripted:prefs` (15 pairs)" in card and "| all responses rated the same | 3 |" in card
     assert "path: data/train.parquet" in card
 
+    seeds.unlink()  # splitting on the pairs' own ids would hold out other tasks than the SFT export
+    with pytest.raises(InputError, match="kept.jsonl, which is gone"):
+        run_export(config, pairs_file, "preferences", tmp_path / "prefs-again")
+
 
 def test_chosen_responder_pairs_without_ratings(tmp_path):
     settings = SETTINGS.model_copy(update={"chosen_responder": "warm"})
@@ -359,6 +364,9 @@ def test_chosen_responder_pairs_without_ratings(tmp_path):
     from datagen.export import run_export
 
     run_export(load_config(), tmp_path / "pairs.jsonl", "preferences", tmp_path / "prefs")  # unrated pairs export
+    exported = [pair for split in ("train", "validation", "test")
+                for pair in read_records(tmp_path / "prefs" / f"{split}.jsonl", PreferencePair)]
+    assert sorted(p.id for p in exported) == sorted(p.id for p in pairs)  # and read back
     card = (tmp_path / "prefs" / "README.md").read_text()
     assert "3 pairs are not rated (chosen by responder, `chosen_responder`)." in card
 

@@ -229,6 +229,18 @@ def test_help_does_not_import_datatrove_or_ray() -> None:
     assert "--engine" in result.stdout and "LOADED []" in result.stdout
 
 
+def test_an_engine_without_the_ray_extra_is_one_error_line(tmp_path: Path) -> None:
+    source = write_corpus(tmp_path / "in.jsonl", corpus(40))
+    probe = (  # datatrove made unimportable, as on a base install
+        "import sys; sys.modules['datatrove'] = None; from datagen.cli import main\n"
+        f"main(['dedup', {str(source)!r}, '--out', {str(tmp_path / 'k.jsonl')!r}, '--engine', 'datatrove'])"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert single_error_line(result).startswith("error: --engine datatrove: needs datatrove and ray[data]")
+    assert not (tmp_path / "k.jsonl").exists()
+
+
 def test_empty_and_tiny_inputs(tmp_path: Path) -> None:
     pair = [Task(id="a", instruction="Name a long river in Europe and its sources."),
             Task(id="b", instruction="Name a long river in Europe and its source.")]  # 3 shards: one is empty

@@ -6,7 +6,7 @@
       replicas: 4            # teacher replicas (Ray Data actors / vLLM engines)
       tensor_parallel: 2     # GPUs per vLLM engine (teacher.backend: vllm only)
       batch_size: 32         # requests per Ray Data batch (one shard of the stream)
-      resources: {CPU: 1, GPU: 2}   # per replica
+      resources: {CPU: 1, GPU: 1}   # per actor; vllm route: per TP rank (a replica takes 2 here)
 
 Which Ray route a run takes depends on `teacher.backend` (`ray_route`):
 `vllm` -> `ray.data.llm` with `vLLMEngineProcessorConfig`; `openai` with one base URL ->
@@ -38,8 +38,9 @@ class EngineConfig(Strict):
     replicas: int = Field(1, ge=1)
     tensor_parallel: int = Field(1, ge=1)
     batch_size: int = Field(16, ge=1)
-    # Ray resources per replica, e.g. {"CPU": 1} or {"GPU": 1}; other keys are custom
-    # resources. Unset: one CPU per actor; for vLLM, Ray Data's default (a GPU per TP rank)
+    # Ray resources per actor, e.g. {"CPU": 1} or {"GPU": 1}; other keys are custom resources.
+    # On the vllm route they are per engine worker (one per tensor-parallel rank), so a replica
+    # takes tensor_parallel times them. Unset: one CPU per actor; for vLLM, a GPU per TP rank
     resources: dict[str, float] | None = None
 
     @field_validator("resources")

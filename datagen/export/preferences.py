@@ -46,6 +46,10 @@ def _source_task_ids(source: Path, pairs: list) -> tuple[list[str], str]:
             seeds = None
         if seeds and Path(seeds).exists():
             return [task.id for task in read_tasks(seeds)], str(seeds)
+        if seeds:
+            # splitting on the pairs' own ids would hold out other tasks than the SFT export did
+            raise InputError(f"{summary}: the pairs were made from {seeds}, which is gone; the split by task "
+                             "needs it to match the SFT export's (restore it or rerun from where it is)")
     return list(dict.fromkeys(pair.task_id for pair in pairs)), str(source)
 
 

@@ -149,8 +149,8 @@ class PreferencePair(BaseModel):
     prompt: list[dict[str, str]]
     chosen: list[dict[str, str]]
     rejected: list[dict[str, str]]
-    score_chosen: float | None  # None when chosen by responder, not rated
-    score_rejected: float | None
+    score_chosen: float | None = None  # None when chosen by responder, not rated (and left out of the JSON)
+    score_rejected: float | None = None
     rationale_chosen: str = ""
     rationale_rejected: str = ""
     lineage: Lineage | None = None
