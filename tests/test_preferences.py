@@ -12,6 +12,7 @@ from collections import Counter
 
 import pytest
 
+from datagen.errors import InputError
 from datagen.generate import GENERATORS
 from datagen.generators.common import RunContext, TaskSink
 from datagen.generators.preferences import (
@@ -27,7 +28,6 @@ from datagen.generators.preferences import (
     responder_plan,
     run_preferences,
 )
-from datagen.errors import InputError
 from datagen.io import read_records, rejects_path
 from datagen.records import Instance, Task
 from datagen.teachers.base import BackendCounters, Completion
