@@ -47,6 +47,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from datagen.config import Strict
+from datagen.engines.config import EngineConfig
 from datagen.errors import ConfigError, InputError
 from datagen.io import atomic_write_json, progress_path, rejects_path, summary_path
 
@@ -207,7 +208,9 @@ def run_distill(
         generate = config.generate.model_copy(update={
             "method": "preferences", "seeds": str(paths.kept), "out": str(paths.pairs), "num": config.distill.pairs,
             "preferences": preferences})
-        say(generate_summary(run_generate(config.model_copy(update={"generate": generate}), command_line)))
+        # preferences has no Ray plan yet: this stage runs in this process whatever `engine:` says
+        local = config.model_copy(update={"generate": generate, "engine": EngineConfig()})
+        say(generate_summary(run_generate(local, command_line)))
         say(format_export_summary(run_export(config, paths.pairs, "preferences", paths.preferences,
                                              command_line=command_line)))
 

@@ -20,8 +20,9 @@ rerun skips finished tasks):
    `normalize`d text (exact dedup), of the token sequence (identical texts form one node, as in
    `near_dedup`), of the id; the keep-rule values; the `shingle_hash` of every shingle.
 2. group (1): invalid lines and repeated ids (as `read_tasks_lenient` words them), exact dedup,
-   nodes and their best task, the IDF table over the nodes' shingles. Arrays of a few dozen
-   bytes per task plus one entry per distinct shingle: no task text.
+   nodes and their best task, the IDF table over the nodes' shingles. Keys and every shard's
+   shingle hashes (8 bytes a shingle; ~300 bytes a task in all) plus one entry per distinct
+   shingle: no task text.
 3. signatures (N): the MinHash of each node whose first task is in the shard: our shingles,
    weights, `hash_elements` and `minhash_signatures` (scheme `MINHASH_SCHEME`, pinned), so
    the signatures are the single-process ones bit for bit.
