@@ -454,6 +454,7 @@ def _launch_torchrun(nproc: int, data: Path, out: Path, flags: dict[str, tuple[A
     """Run this finetune under torchrun (`python -m datagen.finetune` on every rank) and wait.
 
     The data is read here first, so a bad file is one error line before any process starts."""
+    import os
     import subprocess
 
     from datagen.finetune.data import load_conversations
@@ -469,9 +470,28 @@ def _launch_torchrun(nproc: int, data: Path, out: Path, flags: dict[str, tuple[A
             worker_args += [flag, str(value)]
     if config is not None:
         worker_args += ["--config", str(config)]
-    done = subprocess.run(command + worker_args)
-    if done.returncode:
-        raise DatagenError(f"torchrun: a rank failed (exit {done.returncode}); rerun the same command to resume")
+    # torchrun sets OMP_NUM_THREADS=1 per rank when unset, with a banner; set it quietly instead
+    env = {"OMP_NUM_THREADS": "1", **os.environ}
+    launcher = subprocess.Popen(command + worker_args, stderr=subprocess.PIPE, text=True, bufsize=1, env=env)
+    rank_error = _relay_rank_output(launcher.stderr)
+    if launcher.wait():
+        if rank_error:  # every rank says the same: once is enough
+            raise DatagenError(rank_error.removeprefix("error: "))
+        raise DatagenError(f"torchrun: a rank failed (exit {launcher.returncode}); rerun the same command to resume")
+
+
+def _relay_rank_output(stream) -> str | None:
+    """Pass the ranks' progress through until one prints an `error:` line; return that line.
+
+    What follows it (the same line from the other ranks, torchrun's warnings and its traceback
+    about the failed child) is noise once the cause is known."""
+    first_error = None
+    for line in stream:
+        if first_error is None and line.startswith("error: "):
+            first_error = line.strip()
+        elif first_error is None:
+            sys.stderr.write(line)
+    return first_error
 
 
 @app.command("eval")

@@ -104,6 +104,15 @@ def test_bad_distributed_settings_are_one_error_line(tmp_path, args, expected):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_rank_that_fails_is_one_error_line(tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(2))
+    missing = tmp_path / "no-such-student"
+    result = run_cli("finetune", str(data), "--out", str(tmp_path / "out"), "--nproc", "2", "--base", str(missing))
+    assert result.returncode != 0
+    line = single_error_line(result)  # not one per rank, and no torchrun traceback
+    assert line.startswith("error: ") and str(missing) in line, line
+
+
 def test_bad_distributed_in_the_config_file_names_the_field(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(2))
     config = config_file(tmp_path / "c.yaml", distributed="foo")
