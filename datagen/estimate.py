@@ -12,7 +12,8 @@ projects the requested `--num`:
                  configured concurrency: teacher.max_concurrency, or engine.replicas on Ray)
     cost       = projected tokens priced by teacher.prices
 
-and says the acceptance rate it assumed: accepted / (accepted + rejected) in the pilot.
+and says what it assumed: the pilot's requests per accepted task (rejected tasks, retries and
+per-instance rejects are all inside that figure).
 
     summary = run_estimate(config, pilot=8); print(format_estimate(summary))
 """
@@ -107,7 +108,10 @@ def run_estimate(config, pilot: int = DEFAULT_PILOT_TASKS,
         "pilot_requests": tally.requests,
         "pilot_requests_sent": sent,
         "pilot_cache_hits": summary["cache_hits"],
-        "acceptance_rate": accepted / (accepted + rejected),
+        # what the projection assumes; reject records also count per-instance rejects, so they
+        # are reported, not turned into a per-task rate
+        "requests_per_task": tally.requests / accepted,
+        "pilot_rejects": rejected,
         "requests": requests,
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
@@ -127,7 +131,8 @@ def format_estimate(estimate: dict[str, Any]) -> str:
         f"estimate for {estimate['method']} --num {estimate['num']}, from a pilot of {estimate['pilot_tasks']} "
         f"accepted tasks ({estimate['pilot_requests']} requests: {estimate['pilot_requests_sent']} sent, "
         f"{estimate['pilot_cache_hits']} from the cache; the real run reuses them)",
-        f"assumed acceptance rate: {estimate['acceptance_rate']:.0%} (accepted / accepted + rejected in the pilot)",
+        f"assumed: {estimate['requests_per_task']:.2f} requests per accepted task, as in the pilot "
+        f"({estimate['pilot_rejects']} reject records there: see a real run's rejects for why)",
         f"requests: {estimate['requests']}",
         f"tokens: {estimate['prompt_tokens']} prompt + {estimate['completion_tokens']} completion",
         "wall time: " + (f"{wall:.0f} s at {estimate['concurrency']}" if wall is not None

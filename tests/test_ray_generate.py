@@ -286,13 +286,13 @@ def test_estimate_projects_from_a_pilot_that_the_real_run_reuses(tmp_path):
 
     # tasks t0..t5 were tried (t3 fails both instances: 2 parse failures + "no instance answered")
     assert len(pilot.seen) == 12 and estimate["pilot_tasks"] == 5
-    assert estimate["acceptance_rate"] == pytest.approx(5 / 8)
+    assert estimate["requests_per_task"] == pytest.approx(12 / 5) and estimate["pilot_rejects"] == 3
     assert estimate["requests"] == 12 * 30 // 5
     prompt_tokens = sum(len(p.split()) for p in pilot.seen) * 30 // 5
     assert estimate["prompt_tokens"] == prompt_tokens and estimate["wall_seconds"] is not None
     assert estimate["cost"] == pytest.approx((prompt_tokens + 2 * estimate["completion_tokens"]) / 1e6)
     assert not Path(config.generate.out).exists()  # the pilot wrote to a scratch file
-    assert "assumed acceptance rate: 62%" in format_estimate(estimate)
+    assert "assumed: 2.40 requests per accepted task, as in the pilot (3 reject records" in format_estimate(estimate)
 
     real = ScriptedBackend(orca_reply, name="scripted", model=config.teacher.model)
     summary = run_generate(config, "test", lambda: Teacher(real, config.teacher))
