@@ -14,6 +14,7 @@ killed run loses nothing it finished. A rerun reads OUT back and continues.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from datagen.config import SamplingParams
-from datagen.io import JsonlAppender, read_records, rejects_path
+from datagen.io import JsonlAppender, read_lines_tolerant, read_records, rejects_path
 from datagen.prompts import Template
 from datagen.records import Instance, Lineage, Reject, Task, Usage, takes_input
 from datagen.rejects import PARSE_FAILURE, SHARED_INPUT
@@ -249,3 +250,33 @@ class GenerationMethod:
     record: type[BaseModel] = Task  # the record OUT holds, read back on resume
     plan: Callable[[Sequence[Task], Any, RunContext], Iterable[tuple[list[Message], SamplingParams]]] | None = None
     ray_settings: Callable[[Any, Sequence[Task]], Any] | None = None
+
+
+class ReplayedRejects:
+    """A stage's rejects for this run, minus those a previous run of the same OUT already wrote.
+
+    A rerun replays the same decisions (from the request cache), so each reject it makes again
+    matches one on disk (by reason, detail, raw text and task id) and is not written twice.
+    """
+
+    def __init__(self, sink: TaskSink, stage: str):
+        self.sink, self.stage = sink, stage
+        self.on_disk: Counter[tuple] = Counter()
+        path = rejects_path(sink.output)
+        if path.exists():
+            for _number, line in read_lines_tolerant(path):
+                try:
+                    record = json.loads(line) if line is not None else None
+                except json.JSONDecodeError:  # a line cut short by a kill
+                    continue
+                if isinstance(record, dict) and record.get("stage") == stage:
+                    task = record.get("task") or {}
+                    self.on_disk[(record.get("reason"), record.get("detail"), record.get("raw"), task.get("id"))] += 1
+
+    def __call__(self, reason: str, *, detail: str | None = None, raw: str | None = None,
+                 task: Task | None = None) -> None:
+        key = (reason, detail, raw, task.id if task else None)
+        if self.on_disk[key] > 0:
+            self.on_disk[key] -= 1
+            return
+        self.sink.reject(reason, self.stage, detail=detail, raw=raw, task=task)

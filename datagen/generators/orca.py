@@ -56,10 +56,8 @@ apply (Orca answers existing instances); `max_instances_per_task` caps them.
 
 from __future__ import annotations
 
-import json
 import random
 import re
-from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -69,8 +67,7 @@ from pydantic import Field, field_validator
 from datagen.chat import FINAL_ANSWER, GENERIC_SYSTEM, user_turn
 from datagen.chat import orca_messages as training_messages  # noqa: F401  (the Orca name for it)
 from datagen.config import SamplingParams, Strict
-from datagen.generators.common import RunContext, TaskSink, lineage, stable_id
-from datagen.io import read_lines_tolerant, rejects_path
+from datagen.generators.common import ReplayedRejects, RunContext, lineage, stable_id
 from datagen.prompts import load_template
 from datagen.records import Instance, Task
 from datagen.rejects import (
@@ -369,43 +366,6 @@ def instances_to_answer(task: Task, limit: int) -> list[Instance]:
 # -- the loop ---------------------------------------------------------------------------------
 
 
-class _Rejects:
-    """Rejects for this run, minus those a previous run of the same output already wrote.
-
-    A rerun replays the same decisions (from the request cache), so each reject it makes
-    again matches one on disk; those are not written twice.
-    """
-
-    def __init__(self, sink: TaskSink):
-        self.sink = sink
-        self.on_disk: Counter[tuple] = Counter()
-        path = rejects_path(sink.output)
-        if path.exists():
-            for _number, line in read_lines_tolerant(path):
-                try:
-                    record = json.loads(line) if line is not None else None
-                except json.JSONDecodeError:  # a line cut short by a kill
-                    continue
-                if isinstance(record, dict) and record.get("stage") == STAGE_ORCA:
-                    task = record.get("task") or {}
-                    self.on_disk[
-                        self._key(record.get("reason"), record.get("detail"), record.get("raw"), task.get("id"))
-                    ] += 1
-
-    @staticmethod
-    def _key(reason, detail, raw, task_id) -> tuple:
-        return (reason, detail, raw, task_id)
-
-    def __call__(
-        self, reason: str, *, detail: str | None = None, raw: str | None = None, task: Task | None = None
-    ) -> None:
-        key = self._key(reason, detail, raw, task.id if task else None)
-        if self.on_disk[key] > 0:
-            self.on_disk[key] -= 1
-            return
-        self.sink.reject(reason, STAGE_ORCA, detail=detail, raw=raw, task=task)
-
-
 @dataclass
 class _Job:
     parent: Task
@@ -484,7 +444,7 @@ def run_orca(seeds: Sequence[Task], settings: OrcaConfig, run: RunContext) -> No
     params = _answer_params(settings, seed)
     backend = (teacher.backend.name, teacher.backend.model)
     template = load_template(ANSWER)
-    reject = _Rejects(sink)
+    reject = ReplayedRejects(sink, STAGE_ORCA)
     have = len(sink.existing)
     plan = _plan(seeds, settings, seed, {task.id for task in sink.existing})
     batch = run.batches_done
@@ -538,7 +498,7 @@ def _answer_task(
     seed: int,
     backend: tuple[str, str],
     template,
-    reject: _Rejects,
+    reject: ReplayedRejects,
 ) -> Task | None:
     parent, message = job.parent, job.message
     task_id = stable_id("orca", parent.id, message.id)

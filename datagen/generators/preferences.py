@@ -49,7 +49,6 @@ seeds, so the same requests), and writes no reject already in OUT's rejects file
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections import Counter
@@ -62,9 +61,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from datagen.chat import instance_messages
 from datagen.config import SamplingParams, Strict
-from datagen.generators.common import RunContext, TaskSink, lineage, normalised_text, stable_id
+from datagen.generators.common import ReplayedRejects, RunContext, lineage, normalised_text, stable_id
 from datagen.generators.orca import instances_to_answer
-from datagen.io import read_lines_tolerant, rejects_path
 from datagen.prompts import load_template
 from datagen.records import Instance, Lineage, Task
 from datagen.rejects import (
@@ -258,31 +256,6 @@ def choose_by_responder(responders: Sequence[str], usable: Sequence[bool], texts
 # -- the loop ---------------------------------------------------------------------------------
 
 
-class _Rejects:
-    """This run's rejects, minus those a previous run of the same OUT already wrote (a rerun
-    replays the same decisions from the request cache)."""
-
-    def __init__(self, sink: TaskSink):
-        self.sink = sink
-        self.on_disk: Counter[tuple] = Counter()
-        path = rejects_path(sink.output)
-        if path.exists():
-            for _number, line in read_lines_tolerant(path):
-                try:
-                    record = json.loads(line) if line is not None else None
-                except json.JSONDecodeError:  # a line cut short by a kill
-                    continue
-                if isinstance(record, dict) and record.get("stage") == STAGE_PREFERENCES:
-                    self.on_disk[(record.get("reason"), record.get("detail"), record.get("raw"))] += 1
-
-    def __call__(self, reason: str, detail: str, raw: str | None = None) -> None:
-        key = (reason, detail, raw)
-        if self.on_disk[key] > 0:
-            self.on_disk[key] -= 1
-            return
-        self.sink.reject(reason, STAGE_PREFERENCES, detail=detail, raw=raw)
-
-
 @dataclass
 class _Candidate:
     responder: str
@@ -341,7 +314,7 @@ def run_preferences(seeds: Sequence[Task], settings: PreferencesConfig, run: Run
     judge, sink, seed = run.teacher, run.sink, run.seed
     template = load_template(RATING)
     judge_params = settings.judge_sampling.model_copy(update={"seed": seed})
-    reject = _Rejects(sink)
+    reject = ReplayedRejects(sink, STAGE_PREFERENCES)
     done = {pair.id for pair in sink.existing}
     have = len(sink.existing)
     jobs_all = [
@@ -392,7 +365,8 @@ def _respond(jobs: list[_Job], settings: PreferencesConfig, teachers: list[Teach
                           for which, sample in plan]
 
 
-def _usable(jobs: list[_Job], settings: PreferencesConfig, reject: _Rejects) -> list[tuple[str, _Candidate, list]]:
+def _usable(jobs: list[_Job], settings: PreferencesConfig,
+            reject: ReplayedRejects) -> list[tuple[str, _Candidate, list]]:
     """Mark the usable replies, reject the others; return the rating requests of the usable."""
     asks: list[tuple[str, _Candidate, list[Message]]] = []
     for job in jobs:
@@ -401,18 +375,19 @@ def _usable(jobs: list[_Job], settings: PreferencesConfig, reject: _Rejects) -> 
             where = f"{job.where}, response {number} ({candidate.responder})"
             reply = candidate.reply
             if not reply.ok:
-                reject(TEACHER_ERROR, f"{where}: {reply.error}")
+                reject(TEACHER_ERROR, detail=f"{where}: {reply.error}")
             elif reply.finish_reason == "length":
-                reject(LENGTH_LIMIT, where, reply.text)
+                reject(LENGTH_LIMIT, detail=where, raw=reply.text)
             elif not reply.text.strip():
-                reject(EMPTY_RESPONSE, where)
+                reject(EMPTY_RESPONSE, detail=where)
             else:
                 candidate.usable = True
                 asks.append((where, candidate, rating_messages(job.prompt, reply.text, reference)))
     return asks
 
 
-def _rate(asks: list[tuple[str, _Candidate, list]], judge: Teacher, params: SamplingParams, reject: _Rejects) -> None:
+def _rate(asks: list[tuple[str, _Candidate, list]], judge: Teacher, params: SamplingParams,
+          reject: ReplayedRejects) -> None:
     """Rate every usable reply in one judge call; reject the unreadable ratings."""
     verdicts = judge.complete([messages for _w, _c, messages in asks], params)
     for (where, candidate, _messages), [verdict] in zip(asks, verdicts):
@@ -421,11 +396,11 @@ def _rate(asks: list[tuple[str, _Candidate, list]], judge: Teacher, params: Samp
         if isinstance(parsed, Rating):
             candidate.rating = parsed
         else:
-            reject(RATING_UNPARSEABLE, f"{where}: {parsed}", verdict.text or None)
+            reject(RATING_UNPARSEABLE, detail=f"{where}: {parsed}", raw=verdict.text or None)
 
 
 def _pair(job: _Job, settings: PreferencesConfig, seed: int, judge: Teacher, judge_params: SamplingParams,
-          template, teachers: list[Teacher], reject: _Rejects) -> PreferencePair | None:
+          template, teachers: list[Teacher], reject: ReplayedRejects) -> PreferencePair | None:
     scores = [c.rating.score if c.rating else None for c in job.candidates]
     texts = [c.reply.text for c in job.candidates]
     rng = random.Random(f"pref:{seed}:{job.task.id}:{job.index}")
@@ -433,13 +408,13 @@ def _pair(job: _Job, settings: PreferencesConfig, seed: int, judge: Teacher, jud
         choice = choose_by_responder([c.responder for c in job.candidates], [c.usable for c in job.candidates],
                                      texts, settings.chosen_responder, rng, settings.rejected_pick)
         if isinstance(choice, str):
-            reject(choice, job.where)
+            reject(choice, detail=job.where)
             return None
     else:
         choice = choose_pair(scores, texts, settings.margin, rng, settings.rejected_pick)
         if isinstance(choice, str):
             shown = ", ".join("-" if s is None else f"{s:g}" for s in scores)
-            reject(choice, f"{job.where}: ratings [{shown}]")
+            reject(choice, detail=f"{job.where}: ratings [{shown}]")
             return None
     chosen, rejected = job.candidates[choice.chosen], job.candidates[choice.rejected]
     names = [r.name for r in settings.responders]
