@@ -209,19 +209,13 @@ def sequence_logps(model, batch: dict[str, Any], fast: bool = True):
     `summed_loss`; `check_fast_loss` decides once per run whether that is the model's own)."""
     import torch
 
-    from datagen.finetune.sft import _model_inputs, logits_of
+    from datagen.finetune.sft import supervised_logits
 
-    labels = batch["labels"][:, 1:]
-    supervised = labels != -100
-    if fast:
-        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-        hidden = causal_lm.base_model(**_model_inputs(batch), use_cache=False).last_hidden_state
-        logits = causal_lm.get_output_embeddings()(hidden[:, :-1][supervised])
-    else:
-        logits = logits_of(model, batch)[:, :-1][supervised]
-    token_logps = -torch.nn.functional.cross_entropy(logits.float(), labels[supervised], reduction="none")
+    logits, targets, supervised = supervised_logits(model, batch, fast)
+    token_logps = -torch.nn.functional.cross_entropy(logits, targets, reduction="none")
     rows = supervised.nonzero()[:, 0]
-    sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device).index_add(0, rows, token_logps)
+    sums = torch.zeros(supervised.shape[0], dtype=torch.float32, device=supervised.device).index_add(
+        0, rows, token_logps)
     return sums, supervised.sum(1)
 
 

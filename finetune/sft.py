@@ -306,6 +306,14 @@ def summed_loss(model, batch: dict[str, Any], fast: bool = True):
     """
     import torch
 
+    logits, targets, supervised = supervised_logits(model, batch, fast)
+    loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    return loss, int(supervised.sum())
+
+
+def supervised_logits(model, batch: dict[str, Any], fast: bool):
+    """The float logits at the positions that predict a supervised token, those tokens, and
+    the (rows x positions) mask of them; `fast` as in `summed_loss`. SFT and DPO share it."""
     labels = batch["labels"][:, 1:]
     supervised = labels != -100
     if fast:
@@ -314,8 +322,7 @@ def summed_loss(model, batch: dict[str, Any], fast: bool = True):
         logits = causal_lm.get_output_embeddings()(hidden[:, :-1][supervised])
     else:
         logits = logits_of(model, batch)[:, :-1][supervised]
-    loss = torch.nn.functional.cross_entropy(logits.float(), labels[supervised], reduction="sum")
-    return loss, int(supervised.sum())
+    return logits.float(), labels[supervised], supervised
 
 
 def _half(model) -> bool:
