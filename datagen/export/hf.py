@@ -89,13 +89,18 @@ def tasks_from_rows(rows: Iterable[dict[str, Any]]) -> list[Task]:
 
 
 def write_hf_files(splits: dict[str, list[Task]], out_dir: Path, chat: dict) -> list[Path]:
+    present = {name: tasks for name, tasks in splits.items() if name == "train" or any(t.instances for t in tasks)}
+    return write_dataset_dict({name: hf_rows(tasks, **chat) for name, tasks in present.items()}, hf_features(),
+                              out_dir)
+
+
+def write_dataset_dict(rows_by_split: dict[str, list[dict[str, Any]]], features, out_dir: Path) -> list[Path]:
+    """`out_dir/dataset` (`DatasetDict.save_to_disk`) and `out_dir/data/<split>.parquet` for the
+    splits given; the parquet file of any other split is removed. Returns the paths written."""
     import datasets
 
-    features = hf_features()
-    present = {name: tasks for name, tasks in splits.items() if name == "train" or any(t.instances for t in tasks)}
-    dataset = datasets.DatasetDict({
-        name: datasets.Dataset.from_list(hf_rows(tasks, **chat), features=features) for name, tasks in present.items()
-    })
+    dataset = datasets.DatasetDict({name: datasets.Dataset.from_list(rows, features=features)
+                                    for name, rows in rows_by_split.items()})
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # a bar per file would drown the closing summary
     try:
@@ -109,6 +114,6 @@ def write_hf_files(splits: dict[str, list[Task]], out_dir: Path, chat: dict) -> 
         if bars:
             datasets.enable_progress_bars()
     for name in SPLITS:  # a split emptied since the last export: its old file would leak tasks
-        if name not in present:
+        if name not in rows_by_split:
             (out_dir / "data" / f"{name}.parquet").unlink(missing_ok=True)
     return written + [out_dir / "dataset"]

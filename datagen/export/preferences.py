@@ -24,13 +24,12 @@ from typing import Any
 
 from datagen.errors import InputError
 from datagen.export.formats import SPLITS, split_by_task
+from datagen.export.hf import write_dataset_dict
 from datagen.io import (
     atomic_write_text,
     read_records,
     read_tasks,
     summary_path,
-    write_dir_atomic,
-    write_file_atomic,
     write_jsonl_atomic,
 )
 from datagen.records import Task
@@ -86,32 +85,13 @@ def _hf_row(pair) -> dict[str, Any]:
 
 def write_preference_files(splits: dict[str, list], out_dir: Path) -> list[Path]:
     """JSONL per split, the DatasetDict and parquet per split (an empty split: JSONL only)."""
-    import datasets
-
     written = []
     for name, pairs in splits.items():
         path = out_dir / f"{name}.jsonl"
         write_jsonl_atomic(path, (pair.to_json() for pair in pairs))
         written.append(path)
-    present = {name: pairs for name, pairs in splits.items() if pairs or name == "train"}
-    features = hf_preference_features()
-    dataset = datasets.DatasetDict({name: datasets.Dataset.from_list([_hf_row(p) for p in pairs], features=features)
-                                    for name, pairs in present.items()})
-    bars = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        write_dir_atomic(out_dir / "dataset", lambda folder: dataset.save_to_disk(str(folder)))
-        for name, split in dataset.items():
-            path = out_dir / "data" / f"{name}.parquet"
-            write_file_atomic(path, lambda temp, split=split: split.to_parquet(str(temp)))
-            written.append(path)
-    finally:
-        if bars:
-            datasets.enable_progress_bars()
-    for name in SPLITS:
-        if name not in present:
-            (out_dir / "data" / f"{name}.parquet").unlink(missing_ok=True)
-    return written + [out_dir / "dataset"]
+    present = {name: [_hf_row(p) for p in pairs] for name, pairs in splits.items() if pairs or name == "train"}
+    return written + write_dataset_dict(present, hf_preference_features(), out_dir)
 
 
 def score_distribution(pairs: list) -> list[tuple[int, int, int]]:
