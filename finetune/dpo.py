@@ -27,6 +27,18 @@ checkpoints (kill it and rerun: it resumes from `OUT/checkpoints/`), merge. It w
 chosen/rejected rewards, margin, tokens/s) and `OUT/summary.json` (with the reward
 accuracy and margin over the training pairs after training).
 
+Several processes: `datagen finetune PAIRS --method dpo --nproc N` (or `torchrun ... -m
+datagen.finetune PAIRS --method dpo`) with `distributed: ddp` trains as SFT does
+(`datagen.finetune.distributed`): rank r takes micro-batches r, r+N, … of every step, and the
+loss is summed over pairs and divided by the step's pairs on all ranks, so N ranks train
+what one process accumulating over the same global batch trains. Each rank computes the
+reference log-probs of its share of the pairs and all gather the whole (one pass split N
+ways; every rank then has each pair's reference wherever the shuffled batches send it);
+rank 0 alone writes the cache, log, checkpoints (with every rank's RNG), adapter, merged
+model and summary. The final reward accuracy and margin are summed over the ranks' shares.
+`fsdp` is refused: FSDP2 gathers parameters only inside the sharded module's forward, and
+the reference and final-metric passes call the model outside it.
+
 Pairs: our `generate --method preferences` output or any TRL preference JSONL
 (`prompt` as messages or a string, `chosen`/`rejected` as assistant messages or strings),
 or an export folder's `train.jsonl`.
