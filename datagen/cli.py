@@ -421,17 +421,22 @@ def finetune(
     several_processes = nproc is not None or any(v is not None for v in launch.values())
     if beta is not None and not dpo:
         raise ConfigError("--beta: only with --method dpo")
+    flags["distributed"] = (distributed, "--distributed")
     if dpo:
-        if several_processes or distributed is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ConfigError("--method dpo trains in one process: drop --nproc, --distributed and the torchrun "
-                              "options")
         flags["beta"] = (beta, "--beta")
         settings = load_config(config, {f"dpo.{key}": (flag, value) for key, (value, flag) in flags.items()})
-        from datagen.finetune.dpo import format_dpo_summary, train_dpo
+        from datagen.finetune.dpo import FSDP_REFUSAL, format_dpo_summary, load_pairs, train_dpo
 
-        typer.echo(format_dpo_summary(train_dpo(settings.dpo, data, out)), err=True)
+        if settings.dpo.distributed == "fsdp" and (several_processes or int(os.environ.get("WORLD_SIZE", 1)) > 1):
+            raise ConfigError(FSDP_REFUSAL)
+        if several_processes and "TORCHELASTIC_RUN_ID" not in os.environ:
+            _launch_torchrun(nproc if nproc is not None else 1, data, out, {**flags, "method": ("dpo", "--method")},
+                             config, launch, check_data=load_pairs)
+            return
+        summary = train_dpo(settings.dpo, data, out)
+        if int(os.environ.get("RANK", 0)) == 0:
+            typer.echo(format_dpo_summary(summary), err=True)
         return
-    flags["distributed"] = (distributed, "--distributed")
     settings = load_config(config, {f"finetune.{key}": (flag, value) for key, (value, flag) in flags.items()})
     if several_processes and "TORCHELASTIC_RUN_ID" not in os.environ:
         _launch_torchrun(nproc if nproc is not None else 1, data, out, flags, config, launch)
@@ -450,7 +455,7 @@ def finetune(
 
 
 def _launch_torchrun(nproc: int, data: Path, out: Path, flags: dict[str, tuple[Any, str]], config: Path | None,
-                     launch: dict[str, Any]) -> None:
+                     launch: dict[str, Any], check_data: Any = None) -> None:
     """Run this finetune under torchrun (`python -m datagen.finetune` on every rank) and wait.
 
     The data is read here first, so a bad file is one error line before any process starts."""
@@ -461,7 +466,7 @@ def _launch_torchrun(nproc: int, data: Path, out: Path, flags: dict[str, tuple[A
     from datagen.finetune.distributed import torchrun_command
 
     command = torchrun_command(sys.executable, nproc, [], **launch)  # checks --nproc first
-    load_conversations(data)
+    (check_data or load_conversations)(data)
     worker_args = [str(data), "--out", str(out)]
     for value, flag in flags.values():
         if isinstance(value, bool):

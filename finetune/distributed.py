@@ -1,5 +1,5 @@
-"""Several processes for one SFT run: torchrun's environment, DDP / FSDP2 wrapping, the
-share of each global batch a rank trains on, and the torchrun command line.
+"""Several processes for one SFT or DPO run: torchrun's environment, DDP / FSDP2 wrapping,
+the share of each global batch a rank trains on, and the torchrun command line.
 
 `datagen finetune --nproc N` runs `python -m torch.distributed.run --nproc_per_node N
 -m datagen.finetune ARGS` (see `torchrun_command`); each worker then calls `start()`, which
@@ -12,7 +12,9 @@ batches) and one optimiser step consumes `grad_accum * world_size` consecutive
 micro-batches of that stream; rank r takes micro-batches r, r + W, r + 2W, ...
 (`rank_share`). So N ranks with accumulation k train on exactly the batches of one
 process with accumulation k * N, and the loss (summed over supervised tokens, divided by
-the step's supervised tokens over all ranks) is the same global token mean.
+the step's supervised tokens over all ranks) is the same global token mean. DPO
+(`datagen.finetune.dpo`, DDP only) shares the same pieces; its loss is summed over pairs
+and divided by the step's pairs over all ranks.
 
     from datagen.finetune.distributed import start
     context = start("auto")

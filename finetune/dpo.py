@@ -27,6 +27,18 @@ checkpoints (kill it and rerun: it resumes from `OUT/checkpoints/`), merge. It w
 chosen/rejected rewards, margin, tokens/s) and `OUT/summary.json` (with the reward
 accuracy and margin over the training pairs after training).
 
+Several processes: `datagen finetune PAIRS --method dpo --nproc N` (or `torchrun ... -m
+datagen.finetune PAIRS --method dpo`) with `distributed: ddp` trains as SFT does
+(`datagen.finetune.distributed`): rank r takes micro-batches r, r+N, … of every step, and the
+loss is summed over pairs and divided by the step's pairs on all ranks, so N ranks train
+what one process accumulating over the same global batch trains. Each rank computes the
+reference log-probs of its share of the pairs and all gather the whole (one pass split N
+ways; every rank then has each pair's reference wherever the shuffled batches send it);
+rank 0 alone writes the cache, log, checkpoints (with every rank's RNG), adapter, merged
+model and summary. The final reward accuracy and margin are summed over the ranks' shares.
+`fsdp` is refused: FSDP2 gathers parameters only inside the sharded module's forward, and
+the reference and final-metric passes call the model outside it.
+
 Pairs: our `generate --method preferences` output or any TRL preference JSONL
 (`prompt` as messages or a string, `chosen`/`rejected` as assistant messages or strings),
 or an export folder's `train.jsonl`.
@@ -39,16 +51,21 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
 
-from datagen.errors import InputError
+from datagen.errors import ConfigError, InputError
 from datagen.finetune.sft import FinetuneConfig
 from datagen.io import atomic_write_json, read_jsonl, write_dir_atomic, write_file_atomic
 
 REFERENCE_FILE = "reference_logps.pt"
+# FSDP2 unshards parameters only inside the sharded module's forward; the reference pass,
+# on-the-fly references and the final metrics call the peft model outside it
+FSDP_REFUSAL = ("dpo: distributed: fsdp is not supported (the reference and final-metric passes run "
+                "the model outside FSDP's sharded forward); use distributed: ddp")
 
 
 class DPOConfig(FinetuneConfig):
@@ -224,55 +241,93 @@ def _for_loss(logps, counts, loss: str):
     return logps / counts if loss == "ipo" else logps
 
 
+def pair_batches(count: int, batch_size: int) -> list[list[int]]:
+    """Pair indexes 0..count-1 in consecutive batches of `batch_size`: how the reference pass
+    and the final metrics go through the pairs. Several ranks: rank r takes batches r, r+W, …
+    (the same batches one process computes, so the same numbers)."""
+    return [list(range(start, min(start + batch_size, count))) for start in range(0, count, batch_size)]
+
+
 def reference_logps(model, pairs: Sequence[EncodedPair], pad_id: int, device: str, batch_size: int,
-                    fast: bool) -> tuple[Any, Any, Any, Any]:
+                    fast: bool, context=None) -> tuple[Any, Any, Any, Any]:
     """Chosen and rejected log-probs (and token counts) of every pair under the reference
-    policy: the model with its adapter disabled, in eval mode, without gradients."""
+    policy: the model with its adapter disabled, in eval mode, without gradients.
+
+    context (several ranks): each rank computes its share of the batches and every rank
+    gets the whole, gathered (one reference pass split N ways instead of N whole ones)."""
     import torch
 
     from datagen.finetune.sft import _to_device
 
-    chosen, rejected, chosen_n, rejected_n = [], [], [], []
+    batches = pair_batches(len(pairs), batch_size)
+    several = context is not None and context.distributed
+    found = []
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode(), model.disable_adapter():
-            for start in range(0, len(pairs), batch_size):
-                indexes = list(range(start, min(start + batch_size, len(pairs))))
+            for indexes in (batches[context.rank::context.world_size] if several else batches):
                 tensors = _to_device(collate_pairs(pairs, indexes, pad_id), device)
                 logps, counts = sequence_logps(model, tensors, fast)
-                chosen.append(logps[: len(indexes)].cpu())
-                rejected.append(logps[len(indexes):].cpu())
-                chosen_n.append(counts[: len(indexes)].cpu())
-                rejected_n.append(counts[len(indexes):].cpu())
+                half = len(indexes)
+                found.append((indexes[0], logps[:half].cpu(), logps[half:].cpu(), counts[:half].cpu(),
+                              counts[half:].cpu()))
     finally:
         model.train(was_training)
-    return torch.cat(chosen), torch.cat(rejected), torch.cat(chosen_n), torch.cat(rejected_n)
+    if several:
+        found = [part for parts in context.gather(found) for part in parts]
+    found.sort(key=lambda part: part[0])  # back into pair order
+    return tuple(torch.cat([part[k] for part in found]) for k in range(1, 5))
 
 
 def pair_metrics(model, pairs: Sequence[EncodedPair], reference: tuple, config: DPOConfig, pad_id: int,
-                 device: str, fast: bool) -> dict[str, float]:
-    """Loss, reward accuracy, mean chosen/rejected rewards and margin over `pairs` (eval mode)."""
+                 device: str, fast: bool, context=None) -> dict[str, float]:
+    """Loss, reward accuracy, mean chosen/rejected rewards and margin over `pairs` (eval mode).
+
+    context (several ranks): each rank scores its share of the batches; the sums are
+    all-reduced, so every rank gets the figures over all pairs."""
     import torch
 
     from datagen.finetune.sft import _to_device
 
-    ref_c, ref_r, n_c, n_r = reference
-    totals = {"loss": 0.0, "reward_accuracy": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0, "margin": 0.0}
+    several = context is not None and context.distributed
+    batches = pair_batches(len(pairs), config.batch_size)
+    totals = dict.fromkeys(STEP_FIGURES, 0.0)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            for start in range(0, len(pairs), config.batch_size):
-                indexes = list(range(start, min(start + config.batch_size, len(pairs))))
+            for indexes in (batches[context.rank::context.world_size] if several else batches):
                 tensors = _to_device(collate_pairs(pairs, indexes, pad_id), device)
                 logps, counts = sequence_logps(model, tensors, fast)
-                terms = _terms(logps.cpu(), counts.cpu(), indexes, (ref_c, ref_r, n_c, n_r), config)
+                terms = _terms(logps.cpu(), counts.cpu(), indexes, reference, config)
                 for key, value in _step_figures(terms).items():
                     totals[key] += value * len(indexes)
     finally:
         model.train(was_training)
+    if several:
+        totals = dict(zip(totals, context.sum(list(totals.values()))))
     return {key: round(value / len(pairs), 6) for key, value in totals.items()}
+
+
+def logps_module(model, fast: bool):
+    """An nn.Module whose forward is `sequence_logps(model, batch, fast)`: DDP sees only the
+    work inside the forward of the module it wraps, and the fast path calls the base model and
+    the output layer separately. Call it as `module(**batch)` (extra keys ignored)."""
+    import torch
+
+    class SequenceLogps(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, labels, attention_mask=None, **_ignored):
+            batch = {"input_ids": input_ids, "labels": labels}
+            if attention_mask is not None:
+                batch["attention_mask"] = attention_mask
+            return sequence_logps(self.model, batch, fast)
+
+    return SequenceLogps()
 
 
 def _terms(logps, counts, indexes: Sequence[int], reference: tuple, config: DPOConfig) -> DPOTerms:
@@ -282,6 +337,9 @@ def _terms(logps, counts, indexes: Sequence[int], reference: tuple, config: DPOC
         _for_loss(logps[:half], counts[:half], config.loss), _for_loss(logps[half:], counts[half:], config.loss),
         _for_loss(ref_c, n_c, config.loss), _for_loss(ref_r, n_r, config.loss),
         beta=config.beta, loss=config.loss, label_smoothing=config.label_smoothing)
+
+
+STEP_FIGURES = ("loss", "reward_accuracy", "chosen_reward", "rejected_reward", "margin")
 
 
 def _step_figures(terms: DPOTerms) -> dict[str, float]:
@@ -318,15 +376,32 @@ def _load_reference(path: Path, fingerprint: str):
 def train_dpo(config: DPOConfig, data: str | Path, out_dir: str | Path, *, show_progress: bool = True
               ) -> dict[str, Any]:
     """DPO-train (resuming from the last checkpoint in `out_dir`), save adapter and merged
-    model; return the summary also written to `out_dir/summary.json`."""
+    model; return the summary also written to `out_dir/summary.json`.
+
+    Under torchrun every rank calls this, as SFT's `train` (`datagen.finetune.distributed`):
+    each trains on its share of every step's micro-batches, the loss is the mean over the
+    step's pairs on all ranks, and rank 0 alone writes and shows progress."""
+    from datagen.finetune.distributed import start
+
+    context = start(config.device)
+    try:
+        return _train_dpo(config, data, Path(out_dir), show_progress and context.is_main, context)
+    finally:
+        context.close()
+
+
+def _train_dpo(config: DPOConfig, data: str | Path, out_dir: Path, show_progress: bool, context
+               ) -> dict[str, Any]:
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
     from datagen.finetune import sft
     from datagen.finetune.data import plan_batches
+    from datagen.finetune.distributed import rank_share, sync_gradients, wrap
 
-    out_dir = Path(out_dir)
-    device = sft.pick_device(config.device)
+    device, world, main = context.device, context.world_size, context.is_main
+    if context.distributed and config.distributed == "fsdp":
+        raise ConfigError(FSDP_REFUSAL)
     if config.method == "qlora":
         sft.require_qlora_support(device)
     precision = sft.precision_for(config, device)
@@ -343,103 +418,150 @@ def train_dpo(config: DPOConfig, data: str | Path, out_dir: str | Path, *, show_
     def plan_epoch(epoch: int):
         return plan_batches(lengths, config.batch_size, config.seed + epoch, packing=False, max_length=max_length)
 
-    steps_per_epoch = max(1, math.ceil(len(plan_epoch(0)) / config.grad_accum))
+    # one optimiser step: grad_accum micro-batches on each of `world` ranks (as SFT)
+    per_step = config.grad_accum * world
+    steps_per_epoch = max(1, math.ceil(len(plan_epoch(0)) / per_step))
     total_steps = config.max_steps or config.epochs * steps_per_epoch
     warmup = int(config.warmup_ratio * total_steps)
 
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # the same fresh adapter on every rank
     model = sft.load_student(config, base_path, device, precision)
     model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = sft.make_optimizer(config, trainable)
-    scaler = sft.make_grad_scaler(precision, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: sft.lr_factor(step, total_steps, warmup, config.scheduler))
+    if context.distributed:
+        torch.manual_seed(config.seed + context.rank)  # each rank its own dropout masks
 
     say = sft._printer(show_progress)
     data_ids = [ids for e in encoded for ids in (e.chosen.input_ids, e.rejected.input_ids)]
-    run_fingerprint = sft.fingerprint(config, data_ids, base_path)
+    run_fingerprint = sft.fingerprint(config, data_ids, base_path, world)
     checkpoints = out_dir / "checkpoints"
-    step, resumed_from = 0, None
+    step, resumed_from, resume_state = 0, None, None
     last = sft.latest_checkpoint(checkpoints)
     if last is not None:
-        step = resumed_from = sft.load_checkpoint(last, model, optimizer, scheduler, run_fingerprint, scaler)
+        resume_state = sft.read_checkpoint(last, run_fingerprint)
+        sft.restore_adapter(last, model)
+        step = resumed_from = resume_state["step"]
         say(f"resuming from {last} (step {step} of {total_steps})")
     if dropped:
         say(f"dropped {len(dropped)} pairs longer than {max_length} tokens (first: {dropped[0]})")
 
+    # decided before wrapping, on the same pairs on every rank, so every rank decides alike
     probe = sft._to_device(collate_pairs(encoded, list(range(min(2, len(encoded)))), pad_id), device)
     loss_note = sft.check_fast_loss(model, probe)
     fast = loss_note is None
     if loss_note:
         say(f"loss: {loss_note}; using the model's own forward ({sft.LOSS_PATH_FULL})")
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     reference, reference_seconds = None, 0.0
     if config.precompute_reference:
         reference_file = out_dir / REFERENCE_FILE
         reference = _load_reference(reference_file, run_fingerprint)
-        if reference is None:
+        # every rank must take part in computing it, or none: the pass is split between them
+        if not all(context.gather(reference is not None)):
             started = time.monotonic()
-            reference = reference_logps(model, encoded, pad_id, device, config.batch_size * 2, fast)
+            reference = reference_logps(model, encoded, pad_id, device, config.batch_size * 2, fast, context)
             reference_seconds = time.monotonic() - started
-            write_file_atomic(reference_file, lambda target: torch.save(
-                {"fingerprint": run_fingerprint, "logps": reference}, target))
+            if main:
+                write_file_atomic(reference_file, lambda target: torch.save(
+                    {"fingerprint": run_fingerprint, "logps": reference}, target))
+
+    wrapped = wrap(logps_module(model, fast), model, config.distributed, context)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = sft.make_optimizer(config, trainable)
+    scaler = sft.make_grad_scaler(precision, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: sft.lr_factor(step, total_steps, warmup, config.scheduler))
+    if resume_state is not None:
+        sft.restore_training_state(resume_state, optimizer, scheduler, scaler, context.rank)
+        del resume_state
+
+    def checkpoint() -> None:
+        rngs = context.gather(torch.get_rng_state())  # collective: every rank takes part, rank 0 writes
+        if main:
+            sft.save_checkpoint(checkpoints, step, model, optimizer, scheduler,
+                                {"fingerprint": run_fingerprint, "world_size": world, "torch_rng_by_rank": rngs},
+                                config.keep_checkpoints, scaler)
+        context.barrier()
+
+    def pair_losses(batch: dict[str, Any], figures: dict[str, float], pairs_in_step: int):
+        """The summed DPO loss of one micro-batch's pairs (its figures noted on the way)."""
+        indexes = batch["pair_indexes"]
+        if reference is not None:
+            batch_reference, ref_indexes = reference, indexes
+        else:
+            batch_reference = reference_logps(model, [encoded[i] for i in indexes], pad_id, device,
+                                              len(indexes) * 2, fast)
+            ref_indexes = list(range(len(indexes)))
+        logps, counts = wrapped(**batch)
+        terms = _terms(logps, counts, ref_indexes, batch_reference, config)
+        for key, value in _step_figures(terms).items():
+            figures[key] += value * len(indexes) / pairs_in_step
+        return terms.losses.sum()
 
     log_path = out_dir / "train_log.jsonl"
-    sft._truncate_log(log_path, step)
+    if main:
+        sft._truncate_log(log_path, step)
+    global_batch = config.batch_size * per_step
+    if context.distributed:
+        say(f"{world} ranks ({config.distributed}, {context.backend}), global batch {global_batch} pairs = "
+            f"{config.batch_size} x {config.grad_accum} accumulation x {world} ranks")
     started = time.monotonic()
     tokens_seen = 0
+    sync = (lambda last: sync_gradients(wrapped, last)) if context.distributed else None
     from datagen.progress import progress
 
     with progress("dpo", total=total_steps, done=step, fields=("loss", "acc", "margin")) if show_progress \
-            else _Silent() as bar, log_path.open("a") as log:
+            else _Silent() as bar, (log_path.open("a") if main else sft._NullLog()) as log:
         while step < total_steps:
-            chunk = sft.micro_batches(plan_epoch, step * config.grad_accum, config.grad_accum)
-            pairs_in_step = sum(len(batch.rows) for _epoch, batch in chunk)
-            figures = dict.fromkeys(("loss", "reward_accuracy", "chosen_reward", "rejected_reward", "margin"), 0.0)
-            step_tokens = 0
-            for _epoch, batch in chunk:
+            chunk = sft.micro_batches(plan_epoch, step * per_step, per_step)
+            pairs_in_step = sum(len(batch.rows) for _epoch, batch in chunk)  # every rank plans the whole step
+            figures = dict.fromkeys(STEP_FIGURES, 0.0)
+            tensors = []
+            for _epoch, batch in rank_share(chunk, context.rank, world):
                 indexes = [row[0] for row in batch.rows]
-                tensors = sft._to_device(collate_pairs(encoded, indexes, pad_id), device)
-                step_tokens += tensors["tokens"]
-                batch_reference = reference if reference is not None else \
-                    reference_logps(model, [encoded[i] for i in indexes], pad_id, device, len(indexes) * 2, fast)
-                ref_indexes = indexes if reference is not None else list(range(len(indexes)))
-                logps, counts = sequence_logps(model, tensors, fast)
-                terms = _terms(logps, counts, ref_indexes, batch_reference, config)
-                loss = terms.losses.sum() / pairs_in_step
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-                for key, value in _step_figures(terms).items():
-                    figures[key] += value * len(indexes) / pairs_in_step
+                tensors.append({**sft._to_device(collate_pairs(encoded, indexes, pad_id), device),
+                                "pair_indexes": indexes})
+
+            # the loss is a mean over the step's pairs on all ranks (as SFT's over its tokens)
+            sft.accumulate_gradients(model, tensors, scaler=scaler, supervised=pairs_in_step,
+                                     loss_fn=partial(pair_losses, figures=figures, pairs_in_step=pairs_in_step),
+                                     scale=world, sync=sync)
+            *summed, step_tokens = context.sum([*figures.values(), sum(t["tokens"] for t in tensors)])
+            figures = dict(zip(figures, summed))
             grad_norm = sft.optimizer_step(optimizer, trainable, config.max_grad_norm, scaler)
             scheduler.step()
             step += 1
+            step_tokens = int(step_tokens)
             tokens_seen += step_tokens
             elapsed = time.monotonic() - started
             record = {"step": step, "epoch": round(step / steps_per_epoch, 4),
                       **{key: round(value, 6) for key, value in figures.items()},
-                      "lr": scheduler.get_last_lr()[0], "grad_norm": round(grad_norm, 4), "tokens": step_tokens,
-                      "tokens_per_s": round(tokens_seen / elapsed, 1), "elapsed_s": round(elapsed, 2)}
+                      "lr": scheduler.get_last_lr()[0], "grad_norm": round(grad_norm, 4), "pairs": pairs_in_step,
+                      "tokens": step_tokens, "tokens_per_s": round(tokens_seen / elapsed, 1),
+                      "elapsed_s": round(elapsed, 2)}
+            if context.distributed:
+                record["tokens_per_s_per_rank"] = round(tokens_seen / elapsed / world, 1)
             log.write(json.dumps(record) + "\n")
             log.flush()
             bar.advance(1, loss=f"{record['loss']:.4f}", acc=f"{record['reward_accuracy']:.2f}",
                         margin=f"{record['margin']:.3f}")
             if step % config.save_every == 0 or step == total_steps:
-                sft.save_checkpoint(checkpoints, step, model, optimizer, scheduler,
-                                    {"fingerprint": run_fingerprint}, config.keep_checkpoints, scaler)
+                checkpoint()
     train_seconds = time.monotonic() - started
     finished = step >= total_steps
     final = None
     if finished:
         final_reference = reference if reference is not None else \
-            reference_logps(model, encoded, pad_id, device, config.batch_size * 2, fast)
-        final = pair_metrics(model, encoded, final_reference, config, pad_id, device, fast)
+            reference_logps(model, encoded, pad_id, device, config.batch_size * 2, fast, context)
+        final = pair_metrics(model, encoded, final_reference, config, pad_id, device, fast, context)
+    peaks = context.gather(sft.peak_memory_mib(device))
     summary: dict[str, Any] = {
         "finished": finished, "step": step, "total_steps": total_steps, "resumed_from_step": resumed_from,
         "method": "dpo", "adapter_method": config.method, "loss": config.loss, "beta": config.beta,
         "label_smoothing": config.label_smoothing, "base": config.base, "base_path": base_path,
-        "device": device, "compute_dtype": precision.dtype, "loss_scaling": precision.loss_scaling,
+        "device": device, "world_size": world, "distributed": config.distributed if context.distributed else None,
+        "global_batch": global_batch, "compute_dtype": precision.dtype, "loss_scaling": precision.loss_scaling,
         "loss_path": sft.LOSS_PATH_FAST if fast else sft.LOSS_PATH_FULL, "loss_path_note": loss_note,
         "data": str(data), "pairs": len(encoded), "dropped_overlong": dropped, "max_length": max_length,
         "reference": "precomputed" if config.precompute_reference else "on the fly",
@@ -447,9 +569,10 @@ def train_dpo(config: DPOConfig, data: str | Path, out_dir: str | Path, *, show_
         "trainable_parameters": sum(p.numel() for p in trainable),
         "tokens_this_run": tokens_seen, "train_seconds_this_run": round(train_seconds, 2),
         "tokens_per_s": round(tokens_seen / train_seconds, 1) if train_seconds > 0 else None,
-        "peak_memory_mib": sft.peak_memory_mib(device),
-        "final_loss": sft._last_logged_loss(log_path),
-        # over every training pair after training, in eval mode
+        "tokens_per_s_per_rank": round(tokens_seen / train_seconds / world, 1) if train_seconds > 0 else None,
+        "peak_memory_mib": max(peaks), "peak_memory_mib_per_rank": peaks,
+        "final_loss": sft._last_logged_loss(log_path) if main else None,
+        # over every training pair after training, in eval mode (each rank scores its share)
         "reward_accuracy": final["reward_accuracy"] if final else None,
         "margin": final["margin"] if final else None,
         "chosen_reward": final["chosen_reward"] if final else None,
@@ -458,12 +581,16 @@ def train_dpo(config: DPOConfig, data: str | Path, out_dir: str | Path, *, show_
     }
     if finished:
         adapter_dir = out_dir / "adapter"
-        write_dir_atomic(adapter_dir, lambda target: (model.save_pretrained(target), tokenizer.save_pretrained(target)))
+        if main:
+            write_dir_atomic(adapter_dir, lambda target: (model.save_pretrained(target),
+                                                          tokenizer.save_pretrained(target)))
         summary["adapter"] = str(adapter_dir)
-        del model, optimizer
-        if config.merge:
+        del model, optimizer, wrapped
+        context.barrier()
+        if config.merge and main:
             summary["merged"] = str(sft.merge_adapter(base_path, adapter_dir, out_dir / "merged"))
-    atomic_write_json(out_dir / "summary.json", summary)
+    if main:
+        atomic_write_json(out_dir / "summary.json", summary)
     return summary
 
 
@@ -514,7 +641,8 @@ def evaluate_pairs(student: str | Path, data: str | Path, *, max_pairs: int | No
 
 def format_dpo_summary(summary: dict[str, Any]) -> str:
     """The closing line of `datagen finetune --method dpo`."""
-    return (f"dpo: {summary['step']}/{summary['total_steps']} steps on {summary['pairs']} pairs "
+    ranks = f" on {summary['world_size']} ranks" if summary.get("world_size", 1) > 1 else ""
+    return (f"dpo: {summary['step']}/{summary['total_steps']} steps on {summary['pairs']} pairs{ranks} "
             f"(max_length {summary['max_length']}), final loss {summary['final_loss']}, "
             f"reward accuracy {summary['reward_accuracy']}, margin {summary['margin']}, "
             f"{summary['tokens_per_s']} tokens/s, peak {summary['peak_memory_mib']} MiB; "

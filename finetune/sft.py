@@ -412,6 +412,8 @@ def accumulate_gradients(model, batches: Sequence[dict[str, Any]], fast: bool = 
     module's forward, `scale` the world size (DDP and FSDP average gradients over ranks;
     this turns the average back into the global token mean) and `sync(last)` turns the
     gradient all-reduce on for the last micro-batch only. One process: the defaults.
+    DPO (`datagen.finetune.dpo`) passes its summed pair losses as `loss_fn` and the step's
+    pair count over all ranks as `supervised`: its loss is a mean over pairs, not tokens.
     """
     supervised = supervised_count(batches) if supervised is None else supervised
     loss_fn = loss_fn or (lambda batch: summed_loss(model, batch, fast)[0])

@@ -93,7 +93,6 @@ def test_the_number_of_ranks_is_part_of_a_checkpoints_fingerprint():
 @pytest.mark.parametrize(("args", "expected"), [
     (["--distributed", "foo"], "error: --distributed: input should be 'ddp' or 'fsdp'"),
     (["--nproc", "0"], "error: --nproc: must be at least 1 (got 0)"),
-    (["--method", "dpo", "--nproc", "2"], "error: --method dpo trains in one process"),
     (["--beta", "0.2"], "error: --beta: only with --method dpo"),
 ])
 def test_bad_distributed_settings_are_one_error_line(tmp_path, args, expected):
