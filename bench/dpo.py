@@ -105,6 +105,9 @@ def run_in_child(args, which: str, data: Path, out: Path) -> dict:
                "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing",
                "--precompute" if args.precompute else "--no-precompute"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(HERE.parents[1])}
+    if args.malloc_mmap_threshold is not None:
+        # one allocator setting for both sides, so peak RSS compares tensors, not glibc's heuristics
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
@@ -122,6 +125,8 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--precompute", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+                        help="set glibc's MALLOC_MMAP_THRESHOLD_ in both children (CPU peak RSS)")
     parser.add_argument("--worker", choices=["ours", "trl"])
     parser.add_argument("--data")
     parser.add_argument("--out")
@@ -138,7 +143,8 @@ def main() -> None:
         print(f"TRL DPOTrainer: {json.dumps(trl)}", flush=True)
     print(f"{args.steps} steps x {args.batch_size} pairs, max_length {args.max_length}, LoRA r={LORA['r']}, "
           f"beta {args.beta}, reference {'precomputed' if args.precompute else 'per step'}, "
-          f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}")
+          f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, MALLOC_MMAP_THRESHOLD_ "
+          f"{args.malloc_mmap_threshold if args.malloc_mmap_threshold is not None else 'unset'}")
     print(f"{'':<16}{'tokens/s':>10}{'peak MiB':>10}{'final loss':>12}{'tokens':>9}{'seconds':>9}")
     for name, result in (("datagen dpo", ours), ("TRL DPOTrainer", trl)):
         print(f"{name:<16}{result['tokens_per_s']:>10.1f}{result['peak_memory_mib']:>10.0f}"

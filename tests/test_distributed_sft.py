@@ -179,6 +179,24 @@ def _worker_of_rank(parent_pid: int, rank: int) -> int | None:
     return None
 
 
+def kill_rank_after_checkpoint(command: list[str], state_file, rank: int = 1) -> str:
+    """Start `command` (a `--nproc 2` launch), SIGKILL rank `rank` once `state_file` (a
+    checkpoint's state.pt) exists, check the launch failed as one, return its stderr."""
+    launch = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not state_file.exists():
+        assert launch.poll() is None, "ended before the checkpoint:\n" + launch.stderr.read()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    victim = _worker_of_rank(launch.pid, rank)
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    _out, stderr = launch.communicate(timeout=300)
+    assert launch.returncode != 0
+    assert "torchrun: a rank failed" in stderr
+    return stderr
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_kill_9_of_one_rank_then_a_rerun_resumes_and_ends_on_the_same_losses(setup, tmp_path, strategy):
@@ -191,18 +209,7 @@ def test_kill_9_of_one_rank_then_a_rerun_resumes_and_ends_on_the_same_losses(set
     config = config_file(tmp_path / "c.yaml", base=str(folder / "tiny"), **settings)
     command = [sys.executable, "-m", "datagen.cli", "finetune", str(data), "--out", str(out), "--config", config,
                "--nproc", "2"]
-    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not (out / "checkpoints" / "step-000005" / "state.pt").exists():
-        assert first.poll() is None, "finetune ended before its first checkpoint:\n" + first.stderr.read()[-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    victim = _worker_of_rank(first.pid, 1)
-    assert victim is not None
-    os.kill(victim, signal.SIGKILL)
-    _out, stderr = first.communicate(timeout=300)
-    assert first.returncode != 0
-    assert "torchrun: a rank failed" in stderr
+    kill_rank_after_checkpoint(command, out / "checkpoints" / "step-000005" / "state.pt")
     assert not (out / "adapter").exists()
 
     second = run_cli("finetune", str(data), "--out", str(out), "--config", config, "--nproc", "2")

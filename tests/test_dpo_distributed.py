@@ -10,16 +10,12 @@ torchrun launches (the killed one and its resume) plus one in-process reference 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 
 from tests.helpers import run_cli, single_error_line
-from tests.test_distributed_sft import _worker_of_rank, log_of
+from tests.test_distributed_sft import kill_rank_after_checkpoint, log_of
 from tests.test_dpo import write_pairs
 
 # dropout 0: the ranks draw other dropout masks than one process would. 8 pairs in
@@ -73,18 +69,7 @@ def test_two_ranks_train_what_one_process_trains_and_resume_after_kill_9(tmp_pat
     config = config_file(tmp_path / "c.yaml", base=embedded_model_path, **SETTINGS)
     command = [sys.executable, "-m", "datagen.cli", "finetune", str(data), "--method", "dpo", "--out", str(out),
                "--config", config, "--nproc", "2"]
-    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not (out / "checkpoints" / "step-000002" / "state.pt").exists():
-        assert first.poll() is None, "dpo ended before its first checkpoint:\n" + first.stderr.read()[-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    victim = _worker_of_rank(first.pid, 1)
-    assert victim is not None
-    os.kill(victim, signal.SIGKILL)
-    _out, stderr = first.communicate(timeout=300)
-    assert first.returncode != 0
-    assert "torchrun: a rank failed" in stderr
+    stderr = kill_rank_after_checkpoint(command, out / "checkpoints" / "step-000002" / "state.pt")
     assert "2 ranks (ddp, gloo), global batch 4 pairs" in stderr
     assert not (out / "adapter").exists()
     assert (out / "reference_logps.pt").exists()  # rank 0 wrote the gathered reference
