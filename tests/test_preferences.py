@@ -556,3 +556,11 @@ def test_pairwise_judging_pairs_rejects_and_replay(tmp_path):
     again = run_pairwise(tmp_path)
     assert again.stats.requests_sent == 1  # the failed response only: everything else is cached
     assert [(tmp_path / name).read_text() for name in ("pairs.jsonl", "pairs.rejects.jsonl")] == before
+
+    from datagen.config_file import load_config
+    from datagen.export import run_export
+
+    run_export(load_config(), tmp_path / "pairs.jsonl", "preferences", tmp_path / "prefs")
+    card = (tmp_path / "prefs" / "README.md").read_text()
+    assert "1 pairs were judged pairwise (wins in both orders, no 1-10 score; `judging: pairwise`)." in card
+    assert "not rated (chosen by responder" not in card
