@@ -564,3 +564,60 @@ def test_pairwise_judging_pairs_rejects_and_replay(tmp_path):
     card = (tmp_path / "prefs" / "README.md").read_text()
     assert "1 pairs were judged pairwise (wins in both orders, no 1-10 score; `judging: pairwise`)." in card
     assert "not rated (chosen by responder" not in card
+
+
+# ---------------------------------------------------------------- responders' own teachers: summary, --estimate
+
+
+def test_responders_with_their_own_backend_count_in_the_summary_and_the_estimate(tmp_path):
+    from datagen.config_file import load_config
+    from datagen.estimate import format_estimate, run_estimate
+    from datagen.generate import format_summary, run_generate
+    from datagen.io import write_jsonl_atomic
+    from datagen.teachers.teacher import PriceTable
+
+    seeds = tmp_path / "seeds.jsonl"
+    write_jsonl_atomic(seeds, SEEDS)
+    hot_prices = PriceTable(input_per_million=1.0, output_per_million=2.0)
+    hot = Responder(name="hot", sampling={"temperature": 1.2}, teacher=TeacherConfig(model="hot", prices=hot_prices))
+    config = load_config()
+    config.teacher = TeacherConfig(cache_dir=str(tmp_path / "cache"),
+                                   prices=PriceTable(input_per_million=10.0, output_per_million=20.0))
+    config.generate = config.generate.model_copy(update={
+        "method": "preferences", "seeds": str(seeds), "out": str(tmp_path / "pairs.jsonl"), "num": 10, "seed": 7,
+        "preferences": SETTINGS.model_copy(update={"responders": [Responder(name="warm"), hot]})})
+    opened = []
+
+    def open_responder(name, responder_config):
+        opened.append((name, responder_config.model, responder_config.cache_dir))
+        return Teacher(SampledScript(), responder_config)
+
+    # --estimate, a pilot of one pair (task good: 2 warm + 2 hot replies, 4 ratings), projected to 10
+    estimate = run_estimate(config, pilot=1, teacher_factory=lambda: Teacher(SampledScript(), config.teacher),
+                            other_teacher_factory=open_responder)
+    assert opened == [("hot", "hot", str(tmp_path / "cache"))]  # caching where the run's teacher caches
+    assert estimate["pilot_requests"] == 8 and estimate["requests"] == 80
+    assert estimate["responders"]["hot"]["requests"] == 20 and estimate["teacher"]["requests"] == 60
+    # replies: 10 prompt + 6 completion tokens; ratings 50 + 8 ("[s=?]"'s unreadable one: 50 + 5)
+    assert estimate["prompt_tokens"] == 10 * (4 * 10 + 4 * 50)
+    assert estimate["completion_tokens"] == 10 * (4 * 6 + 3 * 8 + 5)
+    hot_cost, judge_cost = (200 * 1 + 120 * 2) / 1e6, (10 * (2 * 10 + 4 * 50) * 10 + 10 * (2 * 6 + 29) * 20) / 1e6
+    assert estimate["cost"] == pytest.approx(hot_cost + judge_cost)
+    text = format_estimate(estimate)
+    assert "requests: 80\n" in text
+    assert "  of which responder hot (scripted:prefs): 20 requests, 200 prompt + 120 completion tokens, cost" in text
+
+    summary = run_generate(config, "test", lambda: Teacher(SampledScript(), config.teacher), open_responder)
+    # the judge and warm: 8 replies + 13 ratings, 6 of them cached by the pilot; hot: 8 replies, 2 cached
+    assert (summary["requests_sent"], summary["cache_hits"]) == (21 - 6, 6)
+    hot_counts = summary["responders"]["hot"]
+    assert (hot_counts["backend"], hot_counts["model"]) == ("scripted", "prefs")
+    assert (hot_counts["requests_sent"], hot_counts["cache_hits"], hot_counts["failures"]) == (6, 2, 0)
+    assert (hot_counts["prompt_tokens"], hot_counts["completion_tokens"]) == (60, 36)
+    assert hot_counts["cost"] == pytest.approx((60 * 1 + 36 * 2) / 1e6)
+    total = summary["all_teachers"]
+    assert total["requests_sent"] == 15 + 6 and total["cache_hits"] == 8 and total["unpriced"] == []
+    assert total["cost"] == pytest.approx(summary["cost"] + hot_counts["cost"])
+    assert "responder hot scripted:prefs: 6 requests, 2 cache hits, 0 failures; tokens 60 prompt + 36 completion" \
+        in format_summary(summary)
+    assert "all teachers: 21 requests, 8 cache hits" in format_summary(summary)

@@ -68,7 +68,7 @@ import itertools
 import random
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Literal
@@ -436,9 +436,12 @@ def responder_plan(responders: Sequence[Responder], k: int) -> list[tuple[int, i
     return plan
 
 
-def _open_responders(stack: ExitStack, settings: PreferencesConfig, teacher: Teacher) -> list[Teacher]:
+def _open_responders(stack: ExitStack, settings: PreferencesConfig, teacher: Teacher,
+                     open_teacher: Callable[[str, TeacherConfig], Teacher] | None = None) -> list[Teacher]:
     """A Teacher per responder; those without a backend of their own share the run's, and
-    the others cache where the run's teacher caches unless they say otherwise."""
+    the others (opened by `open_teacher(name, config)`, by default `make_teacher`) cache where
+    the run's teacher caches unless they say otherwise."""
+    open_teacher = open_teacher or (lambda _name, config: make_teacher(config))
     opened = []
     for responder in settings.responders:
         if responder.teacher is None:
@@ -447,7 +450,7 @@ def _open_responders(stack: ExitStack, settings: PreferencesConfig, teacher: Tea
         config = responder.teacher
         if config.cache_dir is None and teacher.config.cache_dir is not None:
             config = config.model_copy(update={"cache_dir": teacher.config.cache_dir})
-        opened.append(stack.enter_context(make_teacher(config)))
+        opened.append(stack.enter_context(open_teacher(responder.name, config)))
     return opened
 
 
@@ -467,7 +470,7 @@ def run_preferences(seeds: Sequence[Task], settings: PreferencesConfig, run: Run
     pending = iter(job for job in jobs_all if job.pair_id not in done)
     plan = responder_plan(settings.responders, settings.responses_per_prompt)
     with ExitStack() as stack:
-        teachers = _open_responders(stack, settings, judge)
+        teachers = _open_responders(stack, settings, judge, run.open_teacher)
         batch = run.batches_done
         while have < run.num:
             jobs = []
