@@ -12,6 +12,10 @@ projects the requested `--num`:
                  configured concurrency: teacher.max_concurrency, or engine.replicas on Ray)
     cost       = projected tokens priced by teacher.prices
 
+Every teacher of the run counts: for `--method preferences` the responders with a backend of
+their own (e.g. the local student) are tallied beside the judge, each projected the same way
+and priced by its own `prices` (an unpriced one is named, not guessed).
+
 and says what it assumed: the pilot's requests per accepted task (rejected tasks, retries and
 per-instance rejects are all inside that figure).
 
@@ -31,7 +35,7 @@ from datagen.config import SamplingParams
 from datagen.errors import ConfigError
 from datagen.generate import make_run_teacher, run_generate
 from datagen.teachers.base import Message
-from datagen.teachers.teacher import Teacher
+from datagen.teachers.teacher import Teacher, TeacherConfig, make_teacher
 
 DEFAULT_PILOT_TASKS = 8
 
@@ -72,23 +76,31 @@ class TallyingTeacher:
 
 
 def run_estimate(config, pilot: int = DEFAULT_PILOT_TASKS,
-                 teacher_factory: Callable[[], Teacher] | None = None) -> dict[str, Any]:
-    """Run the pilot for `config` and return the projection for `config.generate.num`."""
+                 teacher_factory: Callable[[], Teacher] | None = None,
+                 other_teacher_factory: Callable[[str, TeacherConfig], Teacher] | None = None) -> dict[str, Any]:
+    """Run the pilot for `config` and return the projection for `config.generate.num`
+    (the factories as in `run_generate`)."""
     if pilot < 1:
         raise ConfigError("--pilot: give at least 1 task")
     settings = config.generate
     pilot_config = config.model_copy(deep=True)
     pilot_config.generate.num = min(settings.num, pilot)
     tally: TallyingTeacher | None = None
+    others: dict[str, tuple[TallyingTeacher, TeacherConfig]] = {}
 
     def make() -> TallyingTeacher:
         nonlocal tally
         tally = TallyingTeacher((teacher_factory or (lambda: make_run_teacher(pilot_config)))())
         return tally
 
+    def make_other(name: str, teacher_config: TeacherConfig) -> TallyingTeacher:
+        others[name] = (TallyingTeacher((other_teacher_factory or (lambda _n, c: make_teacher(c)))(
+            name, teacher_config)), teacher_config)
+        return others[name][0]
+
     with tempfile.TemporaryDirectory(prefix="datagen-pilot-") as scratch:
         pilot_config.generate.out = str(Path(scratch) / "pilot.jsonl")
-        summary = run_generate(pilot_config, "datagen generate --estimate (pilot)", make)
+        summary = run_generate(pilot_config, "datagen generate --estimate (pilot)", make, make_other)
     assert tally is not None
     accepted = summary["tasks_produced"]
     rejected = sum(summary["rejects_by_reason"].values())
@@ -96,28 +108,46 @@ def run_estimate(config, pilot: int = DEFAULT_PILOT_TASKS,
         raise ConfigError(f"--estimate: the pilot of {pilot_config.generate.num} tasks accepted none "
                           f"({rejected} rejects); nothing to project from (see the rejects with a real run)")
     scale = settings.num / accepted
-    requests = math.ceil(tally.requests * scale)
-    prompt_tokens = round(tally.prompt_tokens * scale)
-    completion_tokens = round(tally.completion_tokens * scale)
-    sent = summary["requests_sent"]
-    prices = config.teacher.prices
+
+    def projected(counted: TallyingTeacher, prices) -> dict[str, Any]:
+        prompt, completion = round(counted.prompt_tokens * scale), round(counted.completion_tokens * scale)
+        return {"requests": math.ceil(counted.requests * scale), "prompt_tokens": prompt,
+                "completion_tokens": completion, "cost": prices.cost(prompt, completion) if prices else None}
+
+    own = projected(tally, config.teacher.prices)
+    responders = {name: {"backend": counted.backend.name, "model": counted.backend.model,
+                         "pilot_requests": counted.requests, **projected(counted, responder_config.prices)}
+                  for name, (counted, responder_config) in others.items()}
+    every = [own, *responders.values()]
+    requests = sum(p["requests"] for p in every)
+    prompt_tokens = sum(p["prompt_tokens"] for p in every)
+    completion_tokens = sum(p["completion_tokens"] for p in every)
+    pilot_requests = tally.requests + sum(counted.requests for counted, _c in others.values())
+    responder_summaries = summary.get("responders", {}).values()
+    sent = summary["requests_sent"] + sum(r["requests_sent"] for r in responder_summaries)
+    seconds = tally.seconds_sending + sum(counted.seconds_sending for counted, _c in others.values())
+    costs = [p["cost"] for p in every if p["cost"] is not None]
     return {
         "method": settings.method,
         "num": settings.num,
         "pilot_tasks": accepted,
-        "pilot_requests": tally.requests,
+        "pilot_requests": pilot_requests,
         "pilot_requests_sent": sent,
-        "pilot_cache_hits": summary["cache_hits"],
+        "pilot_cache_hits": summary["cache_hits"] + sum(r["cache_hits"] for r in responder_summaries),
         # what the projection assumes; reject records also count per-instance rejects, so they
         # are reported, not turned into a per-task rate
-        "requests_per_task": tally.requests / accepted,
+        "requests_per_task": pilot_requests / accepted,
         "pilot_rejects": rejected,
         "requests": requests,
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         # seconds per request as the pilot saw them, at the configured concurrency
-        "wall_seconds": tally.seconds_sending / sent * requests if sent else None,
-        "cost": prices.cost(prompt_tokens, completion_tokens) if prices else None,
+        "wall_seconds": seconds / sent * requests if sent else None,
+        # the teacher's cost plus the priced responders' (`unpriced`: the others, left out)
+        "cost": sum(costs) if own["cost"] is not None else None,
+        "teacher": own,
+        "responders": responders,
+        "unpriced": [name for name, projection in responders.items() if projection["cost"] is None],
         "concurrency": (f"engine: ray, {config.engine.replicas} replicas" if config.engine.kind == "ray"
                         else f"teacher.max_concurrency {config.teacher.max_concurrency}"
                         if config.teacher.backend == "openai" else f"teacher.batch_size {config.teacher.batch_size}"),
@@ -135,7 +165,13 @@ def format_estimate(estimate: dict[str, Any]) -> str:
         f"({estimate['pilot_rejects']} reject records there: see a real run's rejects for why)",
         f"requests: {estimate['requests']}",
         f"tokens: {estimate['prompt_tokens']} prompt + {estimate['completion_tokens']} completion",
+        *(f"  of which responder {name} ({r['backend']}:{r['model']}): {r['requests']} requests, "
+          f"{r['prompt_tokens']} prompt + {r['completion_tokens']} completion tokens"
+          + (f", cost {r['cost']:.4f}" if r["cost"] is not None else ", no prices")
+          for name, r in estimate["responders"].items()),
         "wall time: " + (f"{wall:.0f} s at {estimate['concurrency']}" if wall is not None
                          else "unknown (every pilot request came from the cache)"),
-        "cost: " + (f"{cost:.4f}" if cost is not None else "unknown (set teacher.prices)"),
+        "cost: " + (f"{cost:.4f}" if cost is not None else "unknown (set teacher.prices)")
+        + (f" (not counted, no prices: responder {', '.join(estimate['unpriced'])})"
+           if cost is not None and estimate["unpriced"] else ""),
     ])

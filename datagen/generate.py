@@ -24,7 +24,7 @@ from datagen.generators.common import GenerationMethod, RunContext, TaskSink, in
 from datagen.io import atomic_write_json, progress_path, read_tasks, rejects_path, summary_path
 from datagen.progress import progress
 from datagen.records import Task
-from datagen.teachers.teacher import Teacher, make_teacher, run_summary
+from datagen.teachers.teacher import Teacher, TeacherConfig, make_teacher, run_summary
 
 # The methods by name. Adding one: write generators/NAME.py with its settings model and
 # `run(seeds, settings, context)`, add a line here; its name becomes a `--method` choice
@@ -91,10 +91,14 @@ def make_run_teacher(config) -> Teacher:
     return ray_teacher(config.teacher, engine)
 
 
-def run_generate(config, command_line: str, teacher_factory: Callable[[], Teacher] | None = None) -> dict[str, Any]:
+def run_generate(config, command_line: str, teacher_factory: Callable[[], Teacher] | None = None,
+                 other_teacher_factory: Callable[[str, TeacherConfig], Teacher] | None = None) -> dict[str, Any]:
     """Run `config.generate` and return the summary it also writes beside the output.
 
-    `teacher_factory` replaces `make_run_teacher(config)` (tests use a scripted backend).
+    `teacher_factory` replaces `make_run_teacher(config)` (tests use a scripted backend);
+    `other_teacher_factory(name, config)` opens the further teachers a method asks for (the
+    preferences responders with a backend of their own; default `make_teacher`). Those are
+    counted in the summary's `responders`.
     """
     settings = config.generate
     if not settings.out:
@@ -114,6 +118,12 @@ def run_generate(config, command_line: str, teacher_factory: Callable[[], Teache
         def mark_done(batches: int) -> None:
             atomic_write_json(progress_path(output), {"method": settings.method, "batches_done": batches})
 
+        others: dict[str, Teacher] = {}
+
+        def open_teacher(name: str, teacher_config: TeacherConfig) -> Teacher:
+            others[name] = (other_teacher_factory or (lambda _name, c: make_teacher(c)))(name, teacher_config)
+            return others[name]
+
         resumed_from = len(sink.existing)
         method = GENERATORS[settings.method]
         section = getattr(settings, method.section)
@@ -123,6 +133,7 @@ def run_generate(config, command_line: str, teacher_factory: Callable[[], Teache
         context = RunContext(
             teacher, sink, num=settings.num, seed=settings.seed, instances_per_task=settings.instances_per_task,
             batches_done=_batches_done(output, settings.method), progress=bar.advance, on_batch_done=mark_done,
+            open_teacher=open_teacher,
         )
         if on_ray and method.plan:
             teacher.plan(method.plan(seeds, section, context))
@@ -139,6 +150,7 @@ def run_generate(config, command_line: str, teacher_factory: Callable[[], Teache
             parse_failures=sink.parse_failures,
             rejects_by_reason=dict(sink.reject_reasons.most_common()),
             **_instance_target(output, settings),
+            **_other_teachers(teacher, others),
             engine={"kind": config.engine.kind, **({"route": teacher.backend.route, "replicas": config.engine.replicas,
                                                     "pipelines": teacher.backend.pipelines}
                                                    if config.engine.kind == "ray" else {})},
@@ -159,6 +171,27 @@ def _instance_target(output: Path, settings: GenerateConfig) -> dict[str, Any]:
             "tasks_reaching_instances_per_task": sum(count >= settings.instances_per_task for count in counts)}
 
 
+def _other_teachers(teacher: Teacher, others: dict[str, Teacher]) -> dict[str, Any]:
+    """The teachers a method opened besides the run's (preferences responders with a backend of
+    their own): each one's requests, tokens and cost, and the totals over every teacher (cost
+    over the priced ones; `unpriced` names the others)."""
+    if not others:
+        return {}
+    every = {"teacher": teacher, **others}
+    costs = {name: t.stats.cost for name, t in every.items()}
+    return {
+        "responders": {name: {"backend": t.backend.name, "model": t.backend.model, **t.stats.as_dict()}
+                       for name, t in others.items()},
+        "all_teachers": {
+            **{key: sum(getattr(t.stats, key) for t in every.values())
+               for key in ("requests_sent", "cache_hits", "failures", "prompt_tokens", "completion_tokens")},
+            "cost": sum(c for c in costs.values() if c is not None) if any(c is not None for c in costs.values())
+            else None,
+            "unpriced": [name for name, cost in costs.items() if cost is None],
+        },
+    }
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """The closing one-screen summary."""
     cost = summary["cost"]
@@ -170,8 +203,19 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"{summary['retries']} retries, {summary['failures']} failures",
         f"tokens: {summary['prompt_tokens']} prompt + {summary['completion_tokens']} completion"
         + (f", cost {cost:.4f}" if cost is not None else ""),
-        f"parse failures: {summary['parse_failures']}; rejects by reason:",
     ]
+    for name, other in summary.get("responders", {}).items():
+        lines.append(f"responder {name} {other['backend']}:{other['model']}: {other['requests_sent']} requests, "
+                     f"{other['cache_hits']} cache hits, {other['failures']} failures; tokens {other['prompt_tokens']} "
+                     f"prompt + {other['completion_tokens']} completion"
+                     + (f", cost {other['cost']:.4f}" if other["cost"] is not None else ""))
+    if "all_teachers" in summary:
+        total = summary["all_teachers"]
+        lines.append(f"all teachers: {total['requests_sent']} requests, {total['cache_hits']} cache hits; tokens "
+                     f"{total['prompt_tokens']} prompt + {total['completion_tokens']} completion"
+                     + (f", cost {total['cost']:.4f}" if total["cost"] is not None else "")
+                     + (f" (no prices: {', '.join(total['unpriced'])})" if total["unpriced"] else ""))
+    lines.append(f"parse failures: {summary['parse_failures']}; rejects by reason:")
     lines += [f"  {count:6d}  {reason}" for reason, count in summary["rejects_by_reason"].items()] or ["  none"]
     if "instances_per_task" in summary:
         reached, total = summary["tasks_reaching_instances_per_task"], summary["tasks_total"]

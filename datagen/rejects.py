@@ -44,6 +44,11 @@ NO_RATING_MARGIN = "no response rated far enough below the best"
 SAME_TEXT = "chosen and rejected say the same"
 NO_CHOSEN_REPLY = "no usable reply from the chosen responder"
 NO_OTHER_REPLY = "no usable reply from another responder"
+# pairwise judging (`judging: pairwise`): each two replies compared in both orders
+VERDICT_UNPARSEABLE = "verdict unparseable"
+FEWER_THAN_TWO_USABLE = "fewer than two usable responses"
+NO_PAIR_JUDGED = "no pair judged in both orders"
+NO_PAIRWISE_WIN = "no response beat another in both orders"
 
 # -- reasons about a task's instances as a whole ------------------------------------------------
 

@@ -104,3 +104,89 @@ def test_distill_end_to_end_then_resume_skips_finished_stages(tmp_path):
     assert "== finetune\n" in third.stderr and "== eval\n" in third.stderr
     assert (work / "raw.jsonl").read_text() == raw_before
     assert json.loads((work / "student" / "summary.json").read_text())["step"] == 3
+
+
+# ---------------------------------------------------------------- distill.dpo: the `student` responder
+
+
+def tiny_llama(folder, tokenizer, seed: int) -> str:
+    """A randomly initialised tiny Llama with the embedded tokenizer (nothing downloaded)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+PREFERENCE_STAGES_ONLY = """\
+teacher: {{backend: local, model: {teacher}, batch_size: 8, cache_dir: {cache}}}
+generate:
+  preferences:
+    responders:
+      - name: teacher
+        sampling: {{temperature: 0.0, max_tokens: 12, stop: ["e"]}}
+      - name: student
+        teacher: {{backend: local, model: student, batch_size: 8}}
+        sampling: {{temperature: 0.0, max_tokens: 12, stop: ["e"]}}
+    chosen_responder: teacher
+    responses_per_prompt: 2
+export: {{validation: 0.0, test: 0.34}}
+dpo: {{max_steps: 1, batch_size: 2}}
+eval: {{max_new_tokens: 4, max_examples: 2}}
+distill: {{workdir: {workdir}, dpo: true, pairs: 6}}
+"""
+
+
+def test_the_student_responder_answers_with_this_runs_sft_student(tmp_path, embedded_model_path):
+    """The preferences stage resolves a responder whose model is `student` to this run's SFT
+    student (`student/merged`, cached under the SFT stage's fingerprint), counts it in the pairs'
+    summary, and dpo and dpo-eval run on from it. Tiny random models stand in for teacher and
+    student; the stages before run here as done (a resumed workdir)."""
+    from transformers import AutoTokenizer
+
+    from datagen.distill import STAGES, run_distill
+    from datagen.io import write_jsonl_atomic
+    from datagen.records import Instance, Task
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_path)
+    work = tmp_path / "work"
+    teacher = tiny_llama(tmp_path / "teacher", tokenizer, seed=1)
+    student = tiny_llama(work / "student" / "merged", tokenizer, seed=2)
+    write_jsonl_atomic(work / "kept.jsonl", [
+        Task(id=f"task-{n}", instruction=f"Name a word with {n} letters.", instances=[Instance(output="word")])
+        for n in range(6)])
+    path = tmp_path / "distill.yaml"
+    path.write_text(PREFERENCE_STAGES_ONLY.format(teacher=teacher, cache=tmp_path / "cache", workdir=work))
+    config = load_config(path)
+    wanted = fingerprints(config)
+    (work / "distill.json").write_text(json.dumps(
+        {"stages": {stage: {"fingerprint": wanted[stage], "status": "done"} for stage in STAGES}}))
+    (work / "eval").mkdir()
+    (work / "eval" / "report.json").write_text("{}")  # the SFT eval, done before
+
+    said = []
+    result = run_distill(config, "test", say=said.append)
+    assert result["stages"] == {**{stage: "skipped" for stage in STAGES},
+                                "preferences": "ran", "dpo": "ran", "dpo-eval": "ran"}
+    pairs = [json.loads(line) for line in (work / "pairs.jsonl").read_text().splitlines()]
+    assert pairs, (work / "pairs.rejects.jsonl").read_text()
+    for pair in pairs:
+        responders = pair["lineage"]["responders"]
+        assert (responders["chosen"]["name"], responders["chosen"]["model"]) == ("teacher", teacher)
+        assert (responders["rejected"]["name"], responders["rejected"]["model"]) == ("student", student)
+    # the student's replies are cached under this SFT run's fingerprint, not where the teacher's are
+    assert (work / "student-cache" / wanted["finetune"][:16] / "requests.sqlite").exists()
+    summary = json.loads((work / "pairs.summary.json").read_text())
+    counted = summary["responders"]["student"]
+    assert (counted["backend"], counted["model"], counted["requests_sent"]) == ("local", student, 6)
+    assert any(line.startswith(f"responder student local:{student}: 6 requests") for line in "\n".join(
+        said).splitlines())
+    dpo = json.loads((work / "dpo-student" / "summary.json").read_text())
+    assert dpo["base_path"] == student and dpo["step"] == 1
+    assert result["dpo_report"]["base"] == student

@@ -306,3 +306,57 @@ def test_distill_dpo_stages_chain_onto_sft_and_each_other(tmp_path):
     for key, stages in changed.items():
         after = prints(**{key: values[key]})
         assert [s for s in ALL_STAGES if after[s] != before[s]] == stages, key
+
+
+# ---------------------------------------------------------------- datagen eval --judge on a DPO student
+
+
+def test_judged_win_rate_of_dpo_over_sft_in_both_orders(tokenizer, tmp_path, monkeypatch):
+    import datagen.teachers.teacher as teachers
+    from datagen.finetune.dpo import evaluate_dpo
+    from datagen.finetune.evaluate import EvalConfig
+    from datagen.teachers.teacher import Teacher, TeacherConfig
+    from tests.helpers import ScriptedBackend
+
+    tiny_model(tmp_path / "base", tokenizer)  # the "SFT student" the DPO run starts from
+    data = write_pairs(tmp_path / "pairs.jsonl", 4)
+    train_dpo(DPOConfig(base=str(tmp_path / "base"), max_steps=2, batch_size=2, learning_rate=0.5, warmup_ratio=0.0,
+                        dropout=0.0), data, tmp_path / "out", show_progress=False)
+    settings = EvalConfig(judge=True, max_new_tokens=8, samples_in_report=4)
+
+    def judged_by(reply):
+        """evaluate_dpo with a scripted judge (the only double: the verdicts); the prompts it saw."""
+        backend = ScriptedBackend(reply)
+        monkeypatch.setattr(teachers, "make_teacher", lambda config: Teacher(backend, config))
+        report = evaluate_dpo(settings, data, tmp_path / "out", tmp_path / "eval", teacher_config=TeacherConfig(
+            cache="off"))
+        return report, backend.seen
+
+    # a judge that always prefers the answer shown first: each pair is one win and one loss
+    report, seen = judged_by(lambda prompt: "Verdict: A\nReason: first is best.")
+    assert report["judge"] == {"win_rate": 0.5, "judgements": 8, "unreadable": 0, "judge": "scripted:script"}
+    samples = report["samples"]
+    assert [s["request"] for s in samples] == [row["prompt"][0]["content"] for row in map(json.loads, data.open())]
+    assert all(s["dpo"] != s["sft"] for s in samples)  # the judge below can tell them apart
+    for sample, dpo_first, sft_first in zip(samples, seen[0::2], seen[1::2]):  # each pair in both orders
+        assert f"Request:\n{sample['request']}\n\nAnswer A:\n{sample['dpo']}\n\nAnswer B:\n{sample['sft']}\n" \
+            in dpo_first
+        assert f"Answer A:\n{sample['sft']}\n\nAnswer B:\n{sample['dpo']}\n" in sft_first
+
+    # a judge that prefers the DPO student's reply, says tie on one request and is unreadable on another
+    dpo_replies = {s["dpo"] for s in samples}
+
+    def verdict(prompt):
+        if samples[1]["request"] in prompt:
+            return "I cannot decide."
+        if samples[2]["request"] in prompt:
+            return "Verdict: tie"
+        answer_a = prompt.split("Answer A:\n", 1)[1].split("\n\nAnswer B:", 1)[0]
+        return "Verdict: A" if answer_a in dpo_replies else "Verdict: B"
+
+    report, _seen = judged_by(verdict)
+    assert report["judge"]["win_rate"] == pytest.approx(round(5 / 6, 4))  # wins 1, 1, 1, 1; tie 0.5, 0.5
+    assert (report["judge"]["judgements"], report["judge"]["unreadable"]) == (6, 2)
+    assert "| judged win rate of DPO over SFT (scripted:script, both orders) | 0.833 |" in (
+        tmp_path / "eval" / "report.md").read_text()
+    assert json.loads((tmp_path / "eval" / "report.json").read_text())["judge"] == report["judge"]

@@ -16,13 +16,19 @@ from datagen.errors import InputError
 from datagen.generate import GENERATORS
 from datagen.generators.common import RunContext, TaskSink
 from datagen.generators.preferences import (
+    Comparison,
     PairChoice,
     PreferencePair,
     PreferencesConfig,
     Rating,
     Responder,
+    Verdict,
+    choose_by_wins,
     choose_pair,
+    pairwise_messages,
+    pairwise_wins,
     parse_rating,
+    parse_verdict,
     prompt_messages,
     rating_messages,
     responder_plan,
@@ -376,3 +382,242 @@ def test_chosen_responder_must_be_a_responder():
         PreferencesConfig(chosen_responder="student")
     with pytest.raises(ValueError, match="needs a second responder"):
         PreferencesConfig(responders=[Responder(name="a")], chosen_responder="a")
+    with pytest.raises(ValueError, match="chosen_responder judges nothing, so judging: pairwise has no effect"):
+        PreferencesConfig(responders=[Responder(name="a"), Responder(name="b")], chosen_responder="a",
+                          judging="pairwise")
+
+
+# ---------------------------------------------------------------- pairwise judging, both orders
+
+
+def test_pairwise_prompt_is_pinned():
+    task = Task(id="t", instruction="Add the numbers.", instances=[Instance(input="2 and 3", output="5")])
+    prompt = prompt_messages(task, task.instances[0])
+    [message] = pairwise_messages(prompt, " The sum is 5. ", "It is 6.\n")
+    assert message["role"] == "user"
+    assert message["content"] == (
+        "You are comparing two AI assistants' responses to the same user request, as in UltraFeedback.\n"
+        "\n"
+        "Judge each response as a whole on four aspects:\n"
+        "- Helpfulness: does it do what was asked, with correct and useful content?\n"
+        "- Honesty: does it say when it is unsure instead of inventing an answer?\n"
+        "- Instruction following: does it respect every requirement of the request, including format and length?\n"
+        "- Truthfulness: is it free of factual errors and made-up details?\n"
+        "\n"
+        "Decide which response is better overall. Judge the content, not the length or the order in which the "
+        "responses appear. Say tie when neither is clearly better.\n"
+        "\n"
+        "Request:\n"
+        "Add the numbers.\n\nInput:\n2 and 3\n"
+        "\n"
+        "Response A:\n"
+        "The sum is 5.\n"
+        "\n"
+        "Response B:\n"
+        "It is 6.\n"
+        "\n"
+        "Reply in exactly this form:\n"
+        "Rationale: <one or two sentences>\n"
+        "Verdict: <A, B or tie>"
+    )
+    orca = pairwise_messages([{"role": "system", "content": "Be terse."}, prompt[0]], "5", "6", reference="5")
+    assert "System message the assistants were given:\nBe terse.\n" in orca[0]["content"]
+    assert "A reference answer (a good response may differ from it):\n5\n" in orca[0]["content"]
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("Rationale: A adds correctly.\nVerdict: A", Verdict("A", "A adds correctly.")),
+    ("**Rationale:** Both fine.\n**Verdict:** tie", Verdict("tie", "Both fine.")),
+    ("Rationale: B is right.\nVerdict: [[B]]", Verdict("B", "B is right.")),
+    ("B is correct, A is not.\n\nVerdict: Response B.", Verdict("B", "B is correct, A is not.")),
+    ("Verdict: a", Verdict("A", "")),
+    ("Verdict: A\nOn reflection B is right.\nVerdict: B", Verdict("B", "Verdict: A\nOn reflection B is right.")),
+    ("Response A is better.", 'no "Verdict: A|B|tie" line'),
+    ("Rationale: hard to say.\nVerdict: A or B", "verdict names none of A, B, tie: 'Verdict: A or B'"),
+    ("Verdict: C", "verdict names none of A, B, tie: 'Verdict: C'"),
+    ("Verdict: B\nVerdict: both", "verdict names none of A, B, tie: 'Verdict: both'"),
+    ("Rationale: fine\nRating: 8", 'no "Verdict: A|B|tie" line'),
+    ("", 'no "Verdict: A|B|tie" line'),
+])
+def test_pairwise_judge_replies_parse(reply, expected):
+    assert parse_verdict(reply) == expected
+
+
+def compared(first, second, forward, backward):
+    return Comparison(first, second, forward and Verdict(forward, ""), backward and Verdict(backward, ""))
+
+
+@pytest.mark.parametrize("forward, backward, winner", [
+    ("A", "B", 0),  # first preferred in both orders
+    ("B", "A", 1),  # second preferred in both orders
+    ("A", "A", None),  # always the response shown first: position bias is a tie, not a win
+    ("B", "B", None),
+    ("tie", "B", None),
+    ("A", None, None),  # one order unreadable: not judged
+])
+def test_a_win_counts_only_when_both_orders_agree(forward, backward, winner):
+    assert compared(0, 1, forward, backward).winner == winner
+
+
+@pytest.mark.parametrize("comparisons, usable, pick, expected", [
+    # 0 beats 1 and 2, 1 beats 2: 0 is chosen; lowest: 2 (no wins)
+    ([(0, 1, "A", "B"), (0, 2, "A", "B"), (1, 2, "A", "B")], 3, "lowest", PairChoice(0, 2)),
+    # only 2 beats anyone; position-biased verdicts elsewhere are ties
+    ([(0, 1, "A", "A"), (0, 2, "B", "A"), (1, 2, "A", "A")], 3, "lowest", PairChoice(2, 0)),
+    ([(0, 1, "A", "A"), (0, 2, "tie", "tie"), (1, 2, "B", "B")], 3, "lowest",
+     "no response beat another in both orders"),
+    ([(0, 1, None, "B"), (0, 2, "A", None)], 3, "lowest", "no pair judged in both orders"),
+    ([], 1, "random", "fewer than two usable responses"),
+])
+def test_pair_choice_by_wins(comparisons, usable, pick, expected):
+    texts = ["answer 0", "answer 1", "answer 2"]
+    assert choose_by_wins([compared(*c) for c in comparisons], texts, usable, random.Random(0), pick) == expected
+
+
+def test_pairwise_rejected_is_one_chosen_beat_and_texts_must_differ():
+    beats = [compared(0, 1, "A", "B"), compared(0, 2, "B", "A"), compared(0, 3, "A", "B"), compared(1, 2, "A", "B")]
+    assert pairwise_wins(beats, 4) == [2, 1, 1, 0]
+    picks = {choose_by_wins(beats, list("abcd"), 4, random.Random(seed)).rejected for seed in range(30)}
+    assert picks == {1, 3}  # never 2: chosen lost to it
+    same = [compared(0, 1, "A", "B")]
+    assert choose_by_wins(same, ["Same text.", "same text"], 2, random.Random(0)) == "chosen and rejected say the same"
+
+
+class PairwiseScript(SampledScript):
+    """SampledScript's responders with a pairwise judge: it prefers the higher `[s=N]`, says tie
+    for equal ones, always answers A on the Close task (a position-biased judge) and writes an
+    unreadable verdict whenever the `[s=?]` reply is shown first."""
+
+    @staticmethod
+    def answer(prompt: str, seed: int, temperature: float) -> Completion:
+        if not prompt.startswith("You are comparing"):
+            return SampledScript.answer(prompt, seed, temperature)
+        a = prompt.split("Response A:\n", 1)[1].split("\n\nResponse B:", 1)[0]
+        b = prompt.split("Response B:\n", 1)[1].split("\n\nReply in exactly", 1)[0]
+        if "[s=?]" in a:
+            return Completion("Rationale: hard to say.\nVerdict: A or B", "stop", 80, 9)
+        if a.startswith("Close"):
+            return Completion("Rationale: the first reads better.\nVerdict: A", "stop", 80, 9)
+        score_a, score_b = (float(re.search(r"\[s=([\d.?]+)\]", text).group(1).replace("?", "0")) for text in (a, b))
+        better = "A" if score_a > score_b else "B" if score_b > score_a else "tie"
+        return Completion(f"Rationale: {score_a:g} against {score_b:g}.\nVerdict: {better}", "stop", 80, 9)
+
+
+PAIRWISE_SETTINGS = SETTINGS.model_copy(update={"judging": "pairwise", "rejected_pick": "lowest"})
+
+
+def run_pairwise(tmp_path):
+    teacher = Teacher(PairwiseScript(), TeacherConfig(cache_dir=str(tmp_path / "cache")))
+    with TaskSink(tmp_path / "pairs.jsonl", PreferencePair) as sink:
+        run_preferences(SEEDS, PAIRWISE_SETTINGS, RunContext(teacher, sink, num=10, seed=7))
+    return teacher
+
+
+def test_pairwise_judging_pairs_rejects_and_replay(tmp_path):
+    teacher = run_pairwise(tmp_path)
+    # 16 responses; Good, Tie and Close have 4 usable replies each: 6 comparisons x 2 orders
+    assert teacher.stats.requests_sent == 16 + 3 * 12
+    [pair] = list(read_records(tmp_path / "pairs.jsonl", PreferencePair))
+    assert pair.task_id == "good"
+    # candidates: warm 0 [s=9], hot 0 [s=6], warm 1 [s=3], hot 1 [s=?]; 0 beats 1 and 2, 1 beats 2
+    assert pair.chosen == [{"role": "assistant", "content": "Good answer warm 0 [s=9]"}]
+    assert pair.rejected == [{"role": "assistant", "content": "Good answer warm 1 [s=3]"}]  # lowest: fewest wins
+    assert pair.score_chosen is None and pair.score_rejected is None
+    lineage = json.loads((tmp_path / "pairs.jsonl").read_text())["lineage"]
+    assert lineage["judging"] == "pairwise" and lineage["operation"] == "preferences:pairwise"
+    assert lineage["template"] == "preference_pairwise.jinja" and len(lineage["template_sha256"]) == 64
+    assert (lineage["teacher_backend"], lineage["teacher_model"]) == ("scripted", "prefs")
+    assert lineage["decisive"] == {"a": 0, "b": 2, "verdicts": ["A", "B"], "winner": 0,
+                                   "rationales": ["9 against 3.", "3 against 9."]}
+    assert [c["wins"] for c in lineage["candidates"]] == [2, 1, 0, 0]
+    assert [(c["a"], c["b"], c["verdicts"], c["winner"]) for c in lineage["comparisons"]] == [
+        (0, 1, ["A", "B"], 0), (0, 2, ["A", "B"], 0), (0, 3, ["A", None], None),
+        (1, 2, ["A", "B"], 1), (1, 3, ["A", None], None), (2, 3, ["A", None], None)]
+    assert lineage["usage"]["completion_tokens"] == 4 * 6 + 12 * 9  # the responses and every verdict
+
+    rejects = [json.loads(line) for line in rejects_path(tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert all(r["stage"] == "preferences" for r in rejects)
+    assert Counter(r["reason"] for r in rejects) == Counter({
+        "verdict unparseable": 3,  # [s=?] shown as A
+        "no response beat another in both orders": 2,  # Tie: all ties; Close: the judge always says A
+        "teacher error": 1, "reply hit the length limit": 1, "empty response": 1,
+        "fewer than two usable responses": 1,
+    })
+    unreadable = [r for r in rejects if r["reason"] == "verdict unparseable"]
+    assert [r["detail"] for r in unreadable] == [
+        f"task good, instance 0, response 3 (A) vs {other} (B): verdict names none of A, B, tie: 'Verdict: A or B'"
+        for other in (0, 1, 2)]
+    assert unreadable[0]["raw"] == "Rationale: hard to say.\nVerdict: A or B"
+    close = [r for r in rejects if r["detail"].startswith("task close")]
+    assert close[0]["detail"] == (
+        "task close, instance 0: verdicts [0-1: A/A, 0-2: A/A, 0-3: A/A, 1-2: A/A, 1-3: A/A, 2-3: A/A]")
+
+    before = [(tmp_path / name).read_text() for name in ("pairs.jsonl", "pairs.rejects.jsonl")]
+    again = run_pairwise(tmp_path)
+    assert again.stats.requests_sent == 1  # the failed response only: everything else is cached
+    assert [(tmp_path / name).read_text() for name in ("pairs.jsonl", "pairs.rejects.jsonl")] == before
+
+    from datagen.config_file import load_config
+    from datagen.export import run_export
+
+    run_export(load_config(), tmp_path / "pairs.jsonl", "preferences", tmp_path / "prefs")
+    card = (tmp_path / "prefs" / "README.md").read_text()
+    assert "1 pairs were judged pairwise (wins in both orders, no 1-10 score; `judging: pairwise`)." in card
+    assert "not rated (chosen by responder" not in card
+
+
+# ---------------------------------------------------------------- responders' own teachers: summary, --estimate
+
+
+def test_responders_with_their_own_backend_count_in_the_summary_and_the_estimate(tmp_path):
+    from datagen.config_file import load_config
+    from datagen.estimate import format_estimate, run_estimate
+    from datagen.generate import format_summary, run_generate
+    from datagen.io import write_jsonl_atomic
+    from datagen.teachers.teacher import PriceTable
+
+    seeds = tmp_path / "seeds.jsonl"
+    write_jsonl_atomic(seeds, SEEDS)
+    hot_prices = PriceTable(input_per_million=1.0, output_per_million=2.0)
+    hot = Responder(name="hot", sampling={"temperature": 1.2}, teacher=TeacherConfig(model="hot", prices=hot_prices))
+    config = load_config()
+    config.teacher = TeacherConfig(cache_dir=str(tmp_path / "cache"),
+                                   prices=PriceTable(input_per_million=10.0, output_per_million=20.0))
+    config.generate = config.generate.model_copy(update={
+        "method": "preferences", "seeds": str(seeds), "out": str(tmp_path / "pairs.jsonl"), "num": 10, "seed": 7,
+        "preferences": SETTINGS.model_copy(update={"responders": [Responder(name="warm"), hot]})})
+    opened = []
+
+    def open_responder(name, responder_config):
+        opened.append((name, responder_config.model, responder_config.cache_dir))
+        return Teacher(SampledScript(), responder_config)
+
+    # --estimate, a pilot of one pair (task good: 2 warm + 2 hot replies, 4 ratings), projected to 10
+    estimate = run_estimate(config, pilot=1, teacher_factory=lambda: Teacher(SampledScript(), config.teacher),
+                            other_teacher_factory=open_responder)
+    assert opened == [("hot", "hot", str(tmp_path / "cache"))]  # caching where the run's teacher caches
+    assert estimate["pilot_requests"] == 8 and estimate["requests"] == 80
+    assert estimate["responders"]["hot"]["requests"] == 20 and estimate["teacher"]["requests"] == 60
+    # replies: 10 prompt + 6 completion tokens; ratings 50 + 8 ("[s=?]"'s unreadable one: 50 + 5)
+    assert estimate["prompt_tokens"] == 10 * (4 * 10 + 4 * 50)
+    assert estimate["completion_tokens"] == 10 * (4 * 6 + 3 * 8 + 5)
+    hot_cost, judge_cost = (200 * 1 + 120 * 2) / 1e6, (10 * (2 * 10 + 4 * 50) * 10 + 10 * (2 * 6 + 29) * 20) / 1e6
+    assert estimate["cost"] == pytest.approx(hot_cost + judge_cost)
+    text = format_estimate(estimate)
+    assert "requests: 80\n" in text
+    assert "  of which responder hot (scripted:prefs): 20 requests, 200 prompt + 120 completion tokens, cost" in text
+
+    summary = run_generate(config, "test", lambda: Teacher(SampledScript(), config.teacher), open_responder)
+    # the judge and warm: 8 replies + 13 ratings, 6 of them cached by the pilot; hot: 8 replies, 2 cached
+    assert (summary["requests_sent"], summary["cache_hits"]) == (21 - 6, 6)
+    hot_counts = summary["responders"]["hot"]
+    assert (hot_counts["backend"], hot_counts["model"]) == ("scripted", "prefs")
+    assert (hot_counts["requests_sent"], hot_counts["cache_hits"], hot_counts["failures"]) == (6, 2, 0)
+    assert (hot_counts["prompt_tokens"], hot_counts["completion_tokens"]) == (60, 36)
+    assert hot_counts["cost"] == pytest.approx((60 * 1 + 36 * 2) / 1e6)
+    total = summary["all_teachers"]
+    assert total["requests_sent"] == 15 + 6 and total["cache_hits"] == 8 and total["unpriced"] == []
+    assert total["cost"] == pytest.approx(summary["cost"] + hot_counts["cost"])
+    assert "responder hot scripted:prefs: 6 requests, 2 cache hits, 0 failures; tokens 60 prompt + 36 completion" \
+        in format_summary(summary)
+    assert "all teachers: 21 requests, 8 cache hits" in format_summary(summary)

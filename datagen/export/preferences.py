@@ -119,8 +119,12 @@ def preference_card(source: Path, splits: dict[str, list], split_source: str, ge
                     [[name, len(pairs), len({p.task_id for p in pairs})] for name, pairs in splits.items()])
     unrated = len(everything) - len([p for p in everything if p.score_chosen is not None])
     lines += ["", "## Score distribution (teacher ratings, 1-10)", ""]
-    if unrated:
-        lines += [f"{unrated} pairs are not rated (chosen by responder, `chosen_responder`).", ""]
+    pairwise = sum(1 for p in everything if p.lineage is not None and getattr(p.lineage, "judging", "") == "pairwise")
+    if unrated - pairwise:
+        lines += [f"{unrated - pairwise} pairs are not rated (chosen by responder, `chosen_responder`).", ""]
+    if pairwise:
+        lines += [f"{pairwise} pairs were judged pairwise (wins in both orders, no 1-10 score; "
+                  "`judging: pairwise`).", ""]
     lines += _table(["score", "chosen", "rejected"], [list(row) for row in score_distribution(everything)])
     if margins:
         lines += ["", f"Score margin chosen - rejected: min {min(margins):g}, median {statistics.median(margins):g}, "

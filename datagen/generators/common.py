@@ -33,7 +33,7 @@ from datagen.rouge import RougeLIndex
 from datagen.teachers.base import Completion, Message
 
 if TYPE_CHECKING:
-    from datagen.teachers.teacher import Teacher
+    from datagen.teachers.teacher import Teacher, TeacherConfig
 
 
 def instances_toward_target(instances: Sequence[Instance]) -> int:
@@ -228,6 +228,9 @@ class RunContext:
     batches_done: int = 0  # batches a killed run flushed (resume)
     progress: Callable[[int], None] = lambda _n: None  # called with the tasks a batch added
     on_batch_done: Callable[[int], None] = lambda _n: None  # called with the batch count after each flush
+    # opens a further teacher by name (preferences' responders with a backend of their own), so
+    # the run summary and --estimate count its requests; None: `make_teacher`, not counted
+    open_teacher: Callable[[str, TeacherConfig], Teacher] | None = None
 
 
 Run = Callable[[Sequence[Task], Any, RunContext], None]

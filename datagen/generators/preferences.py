@@ -23,11 +23,21 @@ distinct inputs (`orca.instances_to_answer`):
    reply, rejected a usable reply of another one (the Orca-DPO-pairs recipe: the teacher's
    answer over the student's; `choose_by_responder`). Scores are then null. This is also what
    runs on a CPU with the embedded 135M model, which cannot follow any rating format.
+   With `judging: pairwise`, nothing is rated alone: the teacher compares every two usable
+   replies of a prompt (`templates/preference_pairwise.jinja`, the same four aspects,
+   `Verdict: A|B|tie`; `parse_verdict`) twice, once in each order. A reply wins a comparison
+   only when both orders prefer it; a tie, an unreadable verdict ("verdict unparseable") or
+   two verdicts that disagree (a judge favouring the first position) is no win, so position
+   bias becomes ties, not wins. K replies cost K(K-1) judge requests (12 for K = 4).
 4. *Pair* (`choose_pair`): chosen = the best-rated response (the first of equals);
    rejected = one rated at least `margin` below it (`rejected_pick`: "random", seeded per
    prompt, as UltraFeedback-binarized; or "lowest"). Fewer than two ratings, all ratings
    equal, none far enough below, or a rejected text equal to the chosen one: the prompt
-   is a reject with that reason (constants in `datagen.rejects`).
+   is a reject with that reason (constants in `datagen.rejects`). Pairwise (`choose_by_wins`):
+   chosen = the reply with most wins (the first of equals), rejected = one it beat in both
+   orders (`rejected_pick` "lowest": the one with fewest wins); scores are null, the wins and
+   every comparison's two verdicts are in lineage. Fewer than two usable replies, no
+   comparison readable in both orders, or no win at all: a reject with that reason.
 
 Each pair is one JSONL line in TRL's conversational preference shape:
 
@@ -40,7 +50,12 @@ Each pair is one JSONL line in TRL's conversational preference shape:
      "lineage": {"generator": "preferences", "template": "preference_rating.jinja",
                  "template_sha256": "…", "teacher_backend"/"teacher_model": the judge,
                  "sampling": the judge's, "responders": {"chosen": {...}, "rejected": {...}},
-                 "candidates": [{"responder", "sample", "score"}, …], …}}
+                 "judging": "rating", "candidates": [{"responder", "sample", "score"}, …], …}}
+
+Pairwise lineage has `"judging": "pairwise"`, the pairwise template and its sha,
+`candidates` with `wins` instead of `score`, `comparisons` (each `{"a", "b", "verdicts":
+[with a shown first, with b shown first], "rationales", "winner"}`) and `decisive`, the
+comparison of chosen with rejected.
 
 Resume is replay, as for Orca: ids are `stable_id("pref", task id, instance index)`, a
 rerun skips prompts already in OUT, answers everything else from the request cache (same
@@ -49,10 +64,11 @@ seeds, so the same requests), and writes no reject already in OUT's rejects file
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Literal
@@ -69,20 +85,27 @@ from datagen.rejects import (
     ALL_RATINGS_EQUAL,
     EMPTY_RESPONSE,
     FEWER_THAN_TWO_RATED,
+    FEWER_THAN_TWO_USABLE,
     LENGTH_LIMIT,
     NO_CHOSEN_REPLY,
     NO_OTHER_REPLY,
+    NO_PAIR_JUDGED,
+    NO_PAIRWISE_WIN,
     NO_RATING_MARGIN,
     RATING_UNPARSEABLE,
     SAME_TEXT,
     STAGE_PREFERENCES,
     TEACHER_ERROR,
+    VERDICT_UNPARSEABLE,
 )
 from datagen.teachers.base import Completion, Message
 from datagen.teachers.teacher import Teacher, TeacherConfig, make_teacher
 
 RATING = "preference_rating.jinja"
+PAIRWISE = "preference_pairwise.jinja"
 MIN_SCORE, MAX_SCORE = 1.0, 10.0
+# how chosen and rejected are decided: lineage's `judging`
+JUDGING_RATING, JUDGING_PAIRWISE, JUDGING_RESPONDER = "rating", "pairwise", "responder"
 
 
 class Responder(Strict):
@@ -113,13 +136,17 @@ class PreferencesConfig(Strict):
     # show the judge the task's own output as a reference answer (UltraFeedback shows none)
     show_reference: bool = False
     judge_sampling: SamplingParams = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=160)
-    # no ratings: this responder's reply is chosen over another responder's (see the module doc)
+    # rating: each reply rated 1-10 alone; pairwise: every two replies compared in both orders
+    judging: Literal["rating", "pairwise"] = JUDGING_RATING
+    # no judging: this responder's reply is chosen over another responder's (see the module doc)
     chosen_responder: str | None = None
 
     @model_validator(mode="after")
     def _chosen_responder_named(self) -> PreferencesConfig:
         names = [r.name for r in self.responders]
         if self.chosen_responder is not None:
+            if self.judging == JUDGING_PAIRWISE:
+                raise ValueError("chosen_responder judges nothing, so judging: pairwise has no effect; drop one")
             if self.chosen_responder not in names:
                 raise ValueError(f"chosen_responder {self.chosen_responder!r} is not a responder "
                                  f"(responders: {', '.join(names)})")
@@ -253,6 +280,119 @@ def choose_by_responder(responders: Sequence[str], usable: Sequence[bool], texts
     return PairChoice(mine[0], others[0] if pick == "lowest" else rng.choice(others))
 
 
+# -- pairwise judging: two replies side by side, in both orders ---------------------------------
+
+
+def pairwise_messages(prompt: Sequence[Message], response_a: str, response_b: str,
+                      reference: str | None = None) -> list[Message]:
+    """What the judge is sent to compare `response_a` (shown first, as A) with `response_b`."""
+    system = next((m["content"] for m in prompt if m["role"] == "system"), None)
+    request = "\n\n".join(m["content"] for m in prompt if m["role"] == "user")
+    text = load_template(PAIRWISE).render(system=system, request=request, response_a=response_a.strip(),
+                                          response_b=response_b.strip(), reference=(reference or "").strip())
+    return [{"role": "user", "content": text}]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    better: Literal["A", "B", "tie"]
+    rationale: str
+
+
+_VERDICT_LINE = re.compile(
+    r"^[ \t>#*_]*verdict[ \t*_]*[:：][ \t*_\[]*(?:response[ \t]+)?(a|b|tie)[ \t*_\].]*$",
+    flags=re.IGNORECASE | re.MULTILINE,
+)
+_ANY_VERDICT_LINE = re.compile(r"^[ \t>#*_]*verdict[ \t*_]*[:：]", flags=re.IGNORECASE | re.MULTILINE)
+
+
+def parse_verdict(text: str) -> Verdict | str:
+    """Which response a pairwise judge reply prefers ("A", "B" or "tie") and its rationale, or
+    why none can be read.
+
+    The verdict is the last line starting `Verdict:` (markdown marks, `[[A]]`, `Response A`
+    and a final full stop allowed) and must name exactly one of A, B, tie; a later `Verdict:`
+    line that names none (`Verdict: A or B`) makes the reply unreadable rather than falling
+    back to an earlier one. The rationale is read as `parse_rating` reads it.
+    """
+    lines = list(_ANY_VERDICT_LINE.finditer(text))
+    if not lines:
+        return 'no "Verdict: A|B|tie" line'
+    last = _VERDICT_LINE.match(text, lines[-1].start())
+    if last is None:
+        shown = text[lines[-1].start():].splitlines()[0].strip()
+        return f"verdict names none of A, B, tie: {shown!r}"
+    word = last.group(1).lower()
+    before = text[: last.start()]
+    label = list(_RATIONALE.finditer(before))
+    rationale = before[label[-1].end():] if label else before
+    return Verdict("tie" if word == "tie" else word.upper(), rationale.strip())  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Responses `first` and `second` of one prompt judged twice: `forward` with `first` shown
+    as A, `backward` with `second` shown as A (None: that verdict was unreadable)."""
+
+    first: int
+    second: int
+    forward: Verdict | None
+    backward: Verdict | None
+
+    @property
+    def judged(self) -> bool:
+        return self.forward is not None and self.backward is not None
+
+    @property
+    def winner(self) -> int | None:
+        """The response both orders prefer; None for a tie, a disagreement (position bias) or
+        an unreadable verdict."""
+        if not self.judged:
+            return None
+        orders = (self.forward.better, self.backward.better)  # type: ignore[union-attr]
+        if orders == ("A", "B"):
+            return self.first
+        if orders == ("B", "A"):
+            return self.second
+        return None
+
+    @property
+    def loser(self) -> int | None:
+        winner = self.winner
+        return None if winner is None else self.second if winner == self.first else self.first
+
+
+def pairwise_wins(comparisons: Sequence[Comparison], count: int) -> list[int]:
+    """How many comparisons each of `count` responses won in both orders."""
+    wins = [0] * count
+    for comparison in comparisons:
+        if comparison.winner is not None:
+            wins[comparison.winner] += 1
+    return wins
+
+
+def choose_by_wins(comparisons: Sequence[Comparison], texts: Sequence[str], usable: int, rng: random.Random,
+                   pick: str = "random") -> PairChoice | str:
+    """Indexes of chosen (most wins, first of equals) and rejected (one chosen beat in both
+    orders, saying something else: seeded pick, or with `pick="lowest"` the one with fewest
+    wins), or the reject reason."""
+    if usable < 2:
+        return FEWER_THAN_TWO_USABLE
+    if not any(c.judged for c in comparisons):
+        return NO_PAIR_JUDGED
+    wins = pairwise_wins(comparisons, len(texts))
+    if not any(wins):
+        return NO_PAIRWISE_WIN
+    best = max(range(len(texts)), key=lambda i: (wins[i], -i))
+    beaten = sorted({c.loser for c in comparisons if c.winner == best})  # type: ignore[type-var]
+    beaten = [i for i in beaten if normalised_text(texts[i]) != normalised_text(texts[best])]
+    if not beaten:
+        return SAME_TEXT
+    if pick == "lowest":
+        return PairChoice(best, min(beaten, key=lambda i: (wins[i], i)))
+    return PairChoice(best, rng.choice(beaten))
+
+
 # -- the loop ---------------------------------------------------------------------------------
 
 
@@ -273,6 +413,8 @@ class _Job:
     instance: Instance
     prompt: list[Message]
     candidates: list[_Candidate] = field(default_factory=list)
+    comparisons: list[Comparison] = field(default_factory=list)  # pairwise judging
+    verdict_replies: list[Completion] = field(default_factory=list)  # the judge's, for usage
 
     @property
     def pair_id(self) -> str:
@@ -294,9 +436,12 @@ def responder_plan(responders: Sequence[Responder], k: int) -> list[tuple[int, i
     return plan
 
 
-def _open_responders(stack: ExitStack, settings: PreferencesConfig, teacher: Teacher) -> list[Teacher]:
+def _open_responders(stack: ExitStack, settings: PreferencesConfig, teacher: Teacher,
+                     open_teacher: Callable[[str, TeacherConfig], Teacher] | None = None) -> list[Teacher]:
     """A Teacher per responder; those without a backend of their own share the run's, and
-    the others cache where the run's teacher caches unless they say otherwise."""
+    the others (opened by `open_teacher(name, config)`, by default `make_teacher`) cache where
+    the run's teacher caches unless they say otherwise."""
+    open_teacher = open_teacher or (lambda _name, config: make_teacher(config))
     opened = []
     for responder in settings.responders:
         if responder.teacher is None:
@@ -305,14 +450,14 @@ def _open_responders(stack: ExitStack, settings: PreferencesConfig, teacher: Tea
         config = responder.teacher
         if config.cache_dir is None and teacher.config.cache_dir is not None:
             config = config.model_copy(update={"cache_dir": teacher.config.cache_dir})
-        opened.append(stack.enter_context(make_teacher(config)))
+        opened.append(stack.enter_context(open_teacher(responder.name, config)))
     return opened
 
 
 def run_preferences(seeds: Sequence[Task], settings: PreferencesConfig, run: RunContext) -> None:
     """Make preference pairs for the instances of `seeds` (in order) until OUT holds `num`."""
     judge, sink, seed = run.teacher, run.sink, run.seed
-    template = load_template(RATING)
+    template = load_template(PAIRWISE if settings.judging == JUDGING_PAIRWISE else RATING)
     judge_params = settings.judge_sampling.model_copy(update={"seed": seed})
     reject = ReplayedRejects(sink, STAGE_PREFERENCES)
     done = {pair.id for pair in sink.existing}
@@ -325,7 +470,7 @@ def run_preferences(seeds: Sequence[Task], settings: PreferencesConfig, run: Run
     pending = iter(job for job in jobs_all if job.pair_id not in done)
     plan = responder_plan(settings.responders, settings.responses_per_prompt)
     with ExitStack() as stack:
-        teachers = _open_responders(stack, settings, judge)
+        teachers = _open_responders(stack, settings, judge, run.open_teacher)
         batch = run.batches_done
         while have < run.num:
             jobs = []
@@ -338,7 +483,9 @@ def run_preferences(seeds: Sequence[Task], settings: PreferencesConfig, run: Run
             sink.at(batch)
             _respond(jobs, settings, teachers, plan, seed)
             asks = _usable(jobs, settings, reject)
-            if settings.chosen_responder is None:
+            if settings.chosen_responder is None and settings.judging == JUDGING_PAIRWISE:
+                _compare(jobs, settings, judge, judge_params, reject)
+            elif settings.chosen_responder is None:
                 _rate(asks, judge, judge_params, reject)
             pairs = [pair for job in jobs if (pair := _pair(job, settings, seed, judge, judge_params, template,
                                                               teachers, reject)) is not None]
@@ -367,7 +514,9 @@ def _respond(jobs: list[_Job], settings: PreferencesConfig, teachers: list[Teach
 
 def _usable(jobs: list[_Job], settings: PreferencesConfig,
             reject: ReplayedRejects) -> list[tuple[str, _Candidate, list]]:
-    """Mark the usable replies, reject the others; return the rating requests of the usable."""
+    """Mark the usable replies, reject the others; return the rating requests of the usable
+    (none when replies are not rated one by one)."""
+    rating = settings.chosen_responder is None and settings.judging == JUDGING_RATING
     asks: list[tuple[str, _Candidate, list[Message]]] = []
     for job in jobs:
         reference = job.instance.output if settings.show_reference else None
@@ -382,7 +531,8 @@ def _usable(jobs: list[_Job], settings: PreferencesConfig,
                 reject(EMPTY_RESPONSE, detail=where)
             else:
                 candidate.usable = True
-                asks.append((where, candidate, rating_messages(job.prompt, reply.text, reference)))
+                if rating:
+                    asks.append((where, candidate, rating_messages(job.prompt, reply.text, reference)))
     return asks
 
 
@@ -399,16 +549,68 @@ def _rate(asks: list[tuple[str, _Candidate, list]], judge: Teacher, params: Samp
             reject(RATING_UNPARSEABLE, detail=f"{where}: {parsed}", raw=verdict.text or None)
 
 
+_OPERATIONS = {JUDGING_RATING: "preferences:rate", JUDGING_PAIRWISE: "preferences:pairwise",
+               JUDGING_RESPONDER: "preferences:responder"}
+
+
+def _compare(jobs: list[_Job], settings: PreferencesConfig, judge: Teacher, params: SamplingParams,
+             reject: ReplayedRejects) -> None:
+    """Judge every two usable replies of each prompt in both orders, in one judge call; reject
+    the unreadable verdicts."""
+    asks: list[tuple[_Job, int, int]] = []
+    conversations: list[list[Message]] = []
+    for job in jobs:
+        reference = job.instance.output if settings.show_reference else None
+        usable = [number for number, candidate in enumerate(job.candidates) if candidate.usable]
+        for first, second in itertools.combinations(usable, 2):
+            a, b = job.candidates[first].reply.text, job.candidates[second].reply.text
+            asks.append((job, first, second))
+            conversations += [pairwise_messages(job.prompt, a, b, reference),
+                              pairwise_messages(job.prompt, b, a, reference)]
+    replies = judge.complete(conversations, params) if conversations else []
+    for number, (job, first, second) in enumerate(asks):
+        verdicts: list[Verdict | None] = []
+        for reply, (shown_a, shown_b) in ((replies[2 * number][0], (first, second)),
+                                          (replies[2 * number + 1][0], (second, first))):
+            job.verdict_replies.append(reply)
+            parsed = parse_verdict(reply.text) if reply.ok else f"judge error: {reply.error}"
+            if isinstance(parsed, str):
+                reject(VERDICT_UNPARSEABLE, detail=f"{job.where}, response {shown_a} (A) vs {shown_b} (B): {parsed}",
+                       raw=reply.text or None)
+                verdicts.append(None)
+            else:
+                verdicts.append(parsed)
+        job.comparisons.append(Comparison(first, second, verdicts[0], verdicts[1]))
+
+
+def _comparison_record(comparison: Comparison) -> dict:
+    """A comparison in lineage: who was A in each order, both verdicts and rationales, the winner."""
+    return {"a": comparison.first, "b": comparison.second,
+            "verdicts": [v.better if v else None for v in (comparison.forward, comparison.backward)],
+            "rationales": [v.rationale if v else None for v in (comparison.forward, comparison.backward)],
+            "winner": comparison.winner}
+
+
 def _pair(job: _Job, settings: PreferencesConfig, seed: int, judge: Teacher, judge_params: SamplingParams,
           template, teachers: list[Teacher], reject: ReplayedRejects) -> PreferencePair | None:
     scores = [c.rating.score if c.rating else None for c in job.candidates]
     texts = [c.reply.text for c in job.candidates]
     rng = random.Random(f"pref:{seed}:{job.task.id}:{job.index}")
-    if settings.chosen_responder is not None:
+    judging = JUDGING_RESPONDER if settings.chosen_responder is not None else settings.judging
+    if judging == JUDGING_RESPONDER:
         choice = choose_by_responder([c.responder for c in job.candidates], [c.usable for c in job.candidates],
                                      texts, settings.chosen_responder, rng, settings.rejected_pick)
         if isinstance(choice, str):
             reject(choice, detail=job.where)
+            return None
+    elif judging == JUDGING_PAIRWISE:
+        choice = choose_by_wins(job.comparisons, texts, sum(c.usable for c in job.candidates), rng,
+                                settings.rejected_pick)
+        if isinstance(choice, str):
+            shown = ", ".join(f"{c.first}-{c.second}: " + "/".join(v.better if v else "?"
+                                                                   for v in (c.forward, c.backward))
+                              for c in job.comparisons)
+            reject(choice, detail=f"{job.where}: verdicts [{shown}]" if shown else job.where)
             return None
     else:
         choice = choose_pair(scores, texts, settings.margin, rng, settings.rejected_pick)
@@ -418,7 +620,7 @@ def _pair(job: _Job, settings: PreferencesConfig, seed: int, judge: Teacher, jud
             return None
     chosen, rejected = job.candidates[choice.chosen], job.candidates[choice.rejected]
     names = [r.name for r in settings.responders]
-    rated = settings.chosen_responder is None
+    judged = judging != JUDGING_RESPONDER
 
     def about(candidate: _Candidate) -> dict:
         which = names.index(candidate.responder)
@@ -427,7 +629,19 @@ def _pair(job: _Job, settings: PreferencesConfig, seed: int, judge: Teacher, jud
                 "sample": candidate.sample,
                 "sampling": settings.responders[which].sampling.model_dump(exclude={"n"}) | {"seed": seed}}
 
-    completions = [c.reply for c in job.candidates] + [c.judge_reply for c in job.candidates if c.judge_reply]
+    completions = ([c.reply for c in job.candidates] + [c.judge_reply for c in job.candidates if c.judge_reply]
+                   + job.verdict_replies)
+    if judging == JUDGING_PAIRWISE:
+        wins = pairwise_wins(job.comparisons, len(job.candidates))
+        decisive = next(c for c in job.comparisons if {c.first, c.second} == {choice.chosen, choice.rejected})
+        judged_by = {"comparisons": [_comparison_record(c) for c in job.comparisons],
+                     "decisive": _comparison_record(decisive),
+                     "candidates": [{"responder": c.responder, "sample": c.sample, "wins": wins[n]}
+                                    for n, c in enumerate(job.candidates)]}
+    else:
+        judged_by = {"margin": settings.margin,
+                     "candidates": [{"responder": c.responder, "sample": c.sample,
+                                     "score": c.rating.score if c.rating else None} for c in job.candidates]}
     return PreferencePair(
         id=job.pair_id,
         task_id=job.task.id,
@@ -440,12 +654,10 @@ def _pair(job: _Job, settings: PreferencesConfig, seed: int, judge: Teacher, jud
         rationale_chosen=chosen.rating.rationale if chosen.rating else "",
         rationale_rejected=rejected.rating.rationale if rejected.rating else "",
         lineage=lineage(
-            generator="preferences", operation="preferences:rate" if rated else "preferences:responder",
-            teacher_name=(judge.backend.name, judge.backend.model) if rated else ("", ""),
-            templates=[template] if rated else [], sampling=judge_params, seed=seed, completions=completions,
-            parent_ids=[job.task.id], margin=settings.margin, rejected_pick=settings.rejected_pick,
-            responders={"chosen": about(chosen), "rejected": about(rejected)},
-            candidates=[{"responder": c.responder, "sample": c.sample,
-                         "score": c.rating.score if c.rating else None} for c in job.candidates],
+            generator="preferences", operation=_OPERATIONS[judging],
+            teacher_name=(judge.backend.name, judge.backend.model) if judged else ("", ""),
+            templates=[template] if judged else [], sampling=judge_params, seed=seed, completions=completions,
+            parent_ids=[job.task.id], judging=judging, rejected_pick=settings.rejected_pick,
+            responders={"chosen": about(chosen), "rejected": about(rejected)}, **judged_by,
         ),
     )
