@@ -261,3 +261,30 @@ def test_bad_input_and_unshardable_passes_get_one_error_line(tmp_path: Path) -> 
         result = run_cli("filter", str(source), "--out", str(tmp_path / "c.jsonl"), "--skip-invalid", *extra, *engine)
         assert result.returncode == 2, result.stderr
         assert single_error_line(result).startswith(message)
+
+
+def test_slurm_submits_one_chain_of_array_jobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No Slurm here: a stand-in `sbatch` records each script it is handed and answers a job id."""
+    record = tmp_path / "submitted"
+    record.mkdir()
+    sbatch = tmp_path / "bin" / "sbatch"
+    sbatch.parent.mkdir()
+    sbatch.write_text(f'#!/bin/sh\nn=$(ls {record} | grep -c slurm)\ncp "$(eval echo \\${{$#}})" {record}/$n.slurm\n'
+                      f'echo "$@" > {record}/$n.args\necho "Submitted batch job $((100 + n))"\n')
+    sbatch.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{sbatch.parent}:{os.environ['PATH']}")
+    source = planted(tmp_path)
+    out = tmp_path / "kept.jsonl"
+    plan = ScaleFilterPlan(source, out, tmp_path / "rejects.jsonl", tmp_path / "work",
+                           settings(tmp_path, ["heuristics", "exact-dedup", "near-dedup", "manual"]), tasks=4)
+    result = run_scaled_filter(plan, "slurm", EngineOptions(partition="cpu", workers=2))
+    scripts = sorted(record.glob("*.slurm"), key=lambda path: int(path.stem))
+    stages = [(path.read_text(), (record / f"{path.stem}.args").read_text()) for path in scripts
+              if "launch_pickled_pipeline" in path.read_text()]
+    names = [script.split("--job-name=datagen-filter-")[1].split()[0] for script, _ in stages]
+    assert names == ["check", "lines", "records0", "join0", "read", "group", "signatures", "buckets", "decide",
+                     "write", "collect", "records2", "collect"]
+    assert "--dependency" not in stages[0][1]
+    assert all("--dependency=afterok:" in args for _, args in stages[1:])  # one chain, each after the one before
+    assert len(result["submitted"]) == len(names)
+    assert not out.exists()
