@@ -86,6 +86,7 @@ from datagen.scale_dedup import (
 
 PER_RECORD = ("heuristics", "decontaminate", "judge", "manual")  # a task's fate depends on it alone
 DEDUP = (STAGE_EXACT, STAGE_NEAR)  # run by scale_dedup's stages
+WHOLE_SET = ("novelty",)  # each task against every task kept before it: refused
 RECORDS, DEDUP_SEGMENT = "records", "dedup"
 
 
@@ -149,9 +150,10 @@ def segments_of(passes: list[str]) -> list[tuple[str, list[str]]]:
         elif name in DEDUP:
             kind = DEDUP_SEGMENT
         else:
-            raise ConfigError(f"--engine: the {name} pass compares each task with the whole set kept before it and "
-                              f"cannot run sharded; run it with --engine local (e.g. `datagen filter KEPT --passes "
-                              f"{name}` on this run's output)")
+            why = ("compares each task with the whole set kept before it" if name in WHOLE_SET
+                   else "is not one this engine knows how to shard")
+            raise ConfigError(f"--engine: the {name} pass {why} and cannot run sharded; run it with --engine local "
+                              f"(e.g. `datagen filter KEPT --passes {name}` on this run's output)")
         last = segments[-1] if segments else None
         if last and last[0] == kind and (kind == RECORDS or (last[1] == [STAGE_EXACT] and name == STAGE_NEAR)):
             last[1].append(name)
