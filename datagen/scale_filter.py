@@ -42,7 +42,7 @@ import os
 import shutil
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +99,7 @@ class ScaleFilterPlan:
     out: Path
     rejects: Path
     work: Path
-    config: Any  # the loaded Config (its filter and teacher sections are used)
+    config: InitVar[Any]  # the loaded Config: its filter and teacher sections are kept
     tasks: int = 2
     command: str = ""
     chunk: int = 1000  # tasks a per-record stage hands its passes at once
@@ -107,15 +107,14 @@ class ScaleFilterPlan:
     teacher: Any = field(default=None, init=False)
     skip_invalid: bool = field(default=False, init=False)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, config) -> None:
         self.source, self.out, self.rejects, self.work = map(Path, (self.source, self.out, self.rejects, self.work))
         if self.tasks < 1:
             raise ConfigError(f"--tasks: must be at least 1, got {self.tasks}")
-        # the config classes are built at import time and cannot be pickled: workers rebuild them
-        self.filter_settings = self.config.filter.model_dump(mode="json")
-        self.teacher = self.config.teacher
-        self.skip_invalid = self.config.filter.skip_invalid
-        self.config = None
+        # FilterConfig is built at import time and cannot be pickled: workers rebuild it from data
+        self.filter_settings = config.filter.model_dump(mode="json")
+        self.teacher = config.teacher
+        self.skip_invalid = config.filter.skip_invalid
 
     def settings(self):
         return FilterConfig.model_validate(self.filter_settings)
