@@ -268,6 +268,15 @@ def filter_command(
     base_url: BaseUrlOpt = None,
     api_key_env: ApiKeyEnvOpt = None,
     cache_dir: CacheDirOpt = None,
+    engine: Annotated[str, typer.Option(
+        "--engine", help="local (one process) | datatrove (its processes on this machine) | ray | slurm: "
+                         "the passes sharded, streaming the input.")] = "local",
+    tasks: Annotated[Optional[int], typer.Option("--tasks", help="--engine: input shards (default: CPUs).")] = None,
+    workers: Annotated[int, typer.Option("--workers", help="--engine: tasks at once (default: all).")] = -1,
+    work_dir: Annotated[Optional[Path], typer.Option("--work-dir", help="--engine: stage files (default OUT.work)."
+                                                     )] = None,
+    partition: Annotated[Optional[str], typer.Option("--partition", help="--engine slurm: partition.")] = None,
+    slurm_time: Annotated[str, typer.Option("--time", help="--engine slurm: time limit per task.")] = "24:00:00",
 ) -> None:
     """Run filter passes over a task JSONL; every rejected task is kept with its reason."""
     overrides = teacher_overrides(backend=backend, model=model, base_url=base_url,
@@ -279,7 +288,23 @@ def filter_command(
         "filter.manual.overrides": ("--overrides", str(overrides_file) if overrides_file else None),
         "filter.skip_invalid": ("--skip-invalid", True if skip_invalid else None),
     })
-    _filter(source, out, rejects, overrides, config)
+    if engine == "local":
+        if tasks is not None:
+            raise ConfigError("--tasks needs --engine datatrove, ray or slurm")
+        return _filter(source, out, rejects, overrides, config)
+    from datagen.config_file import load_config
+    from datagen.io import rejects_path
+
+    try:
+        from datagen.scale_dedup import EngineOptions
+        from datagen.scale_filter import filter_command as scaled_filter
+    except ImportError as error:  # the `ray` extra is optional
+        raise ConfigError(f"--engine {engine}: needs datatrove and ray[data] (pip install 'datagen[ray]'): {error}"
+                          ) from error
+
+    options = EngineOptions(workers=workers, partition=partition, time=slurm_time)
+    typer.echo(scaled_filter(load_config(config, overrides), source, out, rejects or rejects_path(out), engine,
+                             tasks, options, work_dir, "datagen " + " ".join(sys.argv[1:])), err=True)
 
 
 @app.command()

@@ -111,12 +111,14 @@ class ScaleDedupPlan:
     skip_invalid: bool = False
     command: str = ""
     bands: tuple[int, int] = field(default=(0, 0))  # (b, r), from the config
+    passes: tuple[str, ...] = (STAGE_EXACT, STAGE_NEAR)  # either or both (`datagen filter --engine`)
 
     def __post_init__(self) -> None:
         self.source, self.out, self.rejects, self.work = map(Path, (self.source, self.out, self.rejects, self.work))
         if self.tasks < 1:
             raise ConfigError(f"--tasks: must be at least 1, got {self.tasks}")
         self.bands = lsh_bands(self.config.threshold, self.config.num_perm, self.config.weights)
+        self.passes = tuple(self.passes)
 
     def dir(self, stage: str) -> Path:
         return self.work / stage
@@ -259,14 +261,45 @@ def _best_of_groups(group: np.ndarray, rank: np.ndarray) -> np.ndarray:
     return best_of_group[group]
 
 
-def group_all(plan: ScaleDedupPlan, world_size: int) -> None:
-    config, out = plan.config, plan.dir("group")
-    metas = [_load_json(plan.dir("read") / f"{rank:05d}.json") for rank in range(world_size)]
-    first_line = np.cumsum([0] + [meta["lines"] for meta in metas])  # line number before each shard
+def first_lines(source: Path, metas: list[dict]) -> np.ndarray:
+    """The line number before each shard (from the shards' `lines` counts); stops at a non-UTF-8 line."""
+    first_line = np.cumsum([0] + [meta["lines"] for meta in metas])
     fatal = [(int(first_line[rank]) + index + 1, problem) for rank, meta in enumerate(metas)
              for index, problem in meta["fatal"]]
     if fatal:
-        raise InputError(f"{plan.source}:{min(fatal)[0]}: {NOT_UTF8}")
+        raise InputError(f"{source}:{min(fatal)[0]}: {NOT_UTF8}")
+    return first_line
+
+
+def invalid_lines(source: Path, metas: list[dict], first_line: np.ndarray, line: np.ndarray, ident: np.ndarray,
+                  whole: np.ndarray, id_of, skip_invalid: bool) -> tuple[list[tuple[int, str]], np.ndarray, np.ndarray]:
+    """(line, problem) of every line that is not a task or repeats an earlier line's id, in
+    `read_tasks_lenient`'s words and line order; the rows that repeat an id; each row's first row
+    with its id. Stops the run at the first (InputError) unless `skip_invalid`.
+
+    `line`, `ident` and `whole` (blake2b of the id and of the task) hold one row per valid
+    task in input order; `id_of(row)` gives a row's id (only asked for repeated ones).
+    """
+    invalid = [(int(first_line[rank]) + at + 1, problem) for rank, meta in enumerate(metas)
+               for at, problem in meta["errors"]]
+    first_of_id = _best_of_groups(_groups(ident), -line[:, None].astype(np.float64))
+    repeated = np.flatnonzero(first_of_id != np.arange(len(line)))
+    for row in repeated.tolist():
+        earlier = first_of_id[row]
+        how = "(the same task repeated)" if (whole[row] == whole[earlier]).all() else "with a different task"
+        invalid.append((int(line[row]), f'id "{id_of(row)}" already used by line {line[earlier]} {how}'))
+    invalid.sort()
+    if invalid and not skip_invalid:
+        where, problem = invalid[0]
+        more = f" (and {len(invalid) - 1} more bad lines)" if len(invalid) > 1 else ""
+        raise InputError(f"{source}:{where}: {problem}{more}; fix it or pass --skip-invalid")
+    return invalid, repeated, first_of_id
+
+
+def group_all(plan: ScaleDedupPlan, world_size: int) -> None:
+    config, out = plan.config, plan.dir("group")
+    metas = [_load_json(plan.dir("read") / f"{rank:05d}.json") for rank in range(world_size)]
+    first_line = first_lines(plan.source, metas)  # line number before each shard
     shards = [_load_npz(plan.dir("read") / f"{rank:05d}.npz") for rank in range(world_size)]
     shard = np.concatenate([np.full(len(s["index"]), rank, dtype=np.int64) for rank, s in enumerate(shards)])
     index = np.concatenate([s["index"] for s in shards])
@@ -276,20 +309,8 @@ def group_all(plan: ScaleDedupPlan, world_size: int) -> None:
     ids = [task_id for meta in metas for task_id in meta["ids"]]
 
     # invalid lines, then ids an earlier line already used: read_tasks_lenient's words
-    invalid = [(int(first_line[rank]) + at + 1, problem) for rank, meta in enumerate(metas)
-               for at, problem in meta["errors"]]
-    first_of_id = _best_of_groups(_groups(cat["ident"]), -line[:, None].astype(np.float64))
-    repeated = np.flatnonzero(first_of_id != np.arange(len(line)))
-    for row in repeated.tolist():
-        earlier = first_of_id[row]
-        how = "(the same task repeated)" if (cat["whole"][row] == cat["whole"][earlier]).all() else \
-            "with a different task"
-        invalid.append((int(line[row]), f'id "{ids[row]}" already used by line {line[earlier]} {how}'))
-    invalid.sort()
-    if invalid and not plan.skip_invalid:
-        where, problem = invalid[0]
-        more = f" (and {len(invalid) - 1} more bad lines)" if len(invalid) > 1 else ""
-        raise InputError(f"{plan.source}:{where}: {problem}{more}; fix it or pass --skip-invalid")
+    invalid, repeated, first_of_id = invalid_lines(plan.source, metas, first_line, line, cat["ident"], cat["whole"],
+                                                   ids.__getitem__, plan.skip_invalid)
     rejects: list[dict[int, list]] = [{} for _ in range(world_size)]  # shard -> index -> reject fields
     for rank, meta in enumerate(metas):
         for at, problem in meta["errors"]:
@@ -303,12 +324,12 @@ def group_all(plan: ScaleDedupPlan, world_size: int) -> None:
 
     # exact dedup over the valid tasks
     rows = np.flatnonzero(valid)
-    keeper = rows[_best_of_groups(_groups(cat["exact"][rows]), rank_full[rows])]
+    keeper = rows[_best_of_groups(_groups(cat["exact"][rows]), rank_full[rows])] if STAGE_EXACT in plan.passes else rows
     exact_removed = rows[keeper != rows]
     exact_keeper = keeper[keeper != rows]
     # near: the exact survivors with tokens, grouped into nodes numbered by first appearance
     survivors = np.setdiff1d(rows, exact_removed)
-    texts = survivors[(cat["node"][survivors] != 0).any(axis=1)]
+    texts = survivors[(cat["node"][survivors] != 0).any(axis=1)] if STAGE_NEAR in plan.passes else survivors[:0]
     if len(texts):
         _, first, inverse = np.unique(cat["node"][texts], axis=0, return_index=True, return_inverse=True)
         inverse = inverse.reshape(-1)
@@ -552,17 +573,18 @@ def collect(plan: ScaleDedupPlan, shards: int, engine: str) -> dict[str, Any]:
     _concatenate(parts["kept"], plan.out)
     _concatenate(parts[STAGE_READ] + parts[STAGE_EXACT] + parts[STAGE_NEAR], plan.rejects)
     valid, near_in = summary["valid"], summary["near_in"]
+    passes = [
+        {"pass": STAGE_EXACT, "in": valid, "out": near_in, "rejected": valid - near_in,
+         "reasons": dict(exact.most_common())},
+        {"pass": STAGE_NEAR, "in": near_in, "out": near_in - report.removed, "rejected": report.removed,
+         "reasons": dict(near.most_common()), "report": report.summary()},
+    ]
     stats: dict[str, Any] = {
         "input": str(plan.source), "in": summary["in"], "invalid_lines": summary["invalid_lines"],
-        "passes": [
-            {"pass": STAGE_EXACT, "in": valid, "out": near_in, "rejected": valid - near_in,
-             "reasons": dict(exact.most_common())},
-            {"pass": STAGE_NEAR, "in": near_in, "out": near_in - report.removed, "rejected": report.removed,
-             "reasons": dict(near.most_common()), "report": report.summary()},
-        ],
+        "passes": [entry for entry in passes if entry["pass"] in plan.passes],
         "kept": near_in - report.removed, "rejected": summary["invalid_lines"] + valid - near_in + report.removed,
         "wall_seconds": round(time.time() - _load_json(plan.work / "run.json")["started"], 3), "command": plan.command,
-        "config": {"passes": [STAGE_EXACT, STAGE_NEAR], "skip_invalid": plan.skip_invalid,
+        "config": {"passes": list(plan.passes), "skip_invalid": plan.skip_invalid,
                    "dedup": plan.config.model_dump(mode="json")},
         "engine": {"name": engine, "tasks": shards, "work": str(plan.work)},
     }
@@ -628,11 +650,19 @@ class EngineOptions:
 
 def build_executors(plan: ScaleDedupPlan, engine: str, options: EngineOptions) -> list:
     """One datatrove executor per stage (Slurm ones chained with `depends`), in stage order."""
+    return executors_for([(DedupStage(plan, stage, plan.tasks, engine), tasks)
+                          for stage, tasks in stage_tasks(plan).items()], plan.work, engine, options)
+
+
+def executors_for(steps: list[tuple[PipelineStep, int]], work: Path, engine: str, options: EngineOptions,
+                  job_prefix: str = "datagen-dedup", after=None) -> list:
+    """One executor per (step, tasks), in order; logs under work/logs/STAGE (a step's `stage`).
+    Slurm: each job waits for the one before (the first for `after`, an executor, when given)."""
     _check_engine(engine, options)
     executors = []
-    for stage, tasks in stage_tasks(plan).items():
-        common = {"pipeline": [DedupStage(plan, stage, plan.tasks, engine)], "tasks": tasks,
-                  "logging_dir": str(plan.work / "logs" / stage)}
+    for step, tasks in steps:
+        stage = step.stage
+        common = {"pipeline": [step], "tasks": tasks, "logging_dir": str(work / "logs" / stage)}
         workers = min(options.workers, tasks) if options.workers > 0 and tasks > 1 else -1
         if engine == "datatrove":
             from datatrove.executor import LocalPipelineExecutor
@@ -650,24 +680,28 @@ def build_executors(plan: ScaleDedupPlan, engine: str, options: EngineOptions) -
             executors.append(SlurmPipelineExecutor(
                 **common, workers=workers, time=options.time, partition=options.partition,
                 cpus_per_task=options.cpus_per_task, mem_per_cpu_gb=options.mem_per_cpu_gb,
-                job_name=f"datagen-dedup-{stage}", venv_path=venv, depends=executors[-1] if executors else None,
-                slurm_logs_folder=str(plan.work / "slurm_logs" / stage)))
+                job_name=f"{job_prefix}-{stage}", venv_path=venv, depends=executors[-1] if executors else after,
+                slurm_logs_folder=str(work / "slurm_logs" / stage)))
     return executors
 
 
-def _check_work_folder(plan: ScaleDedupPlan) -> None:
-    """A work folder belongs to one input and one config: a rerun resumes it, a changed one starts over."""
+def check_work_folder(plan, settings: dict | None = None) -> None:
+    """A work folder belongs to one input and one config: a rerun resumes it, a changed one starts over.
+
+    `plan`: anything with source, work, tasks and skip_invalid; `settings`: what else must match
+    (default: the plan's dedup config)."""
     stat = plan.source.stat() if plan.source.is_file() else None
     if stat is None:
         raise InputError(f"{plan.source}: no such file" if not plan.source.exists() else
                          f"{plan.source}: is a directory, expected a JSONL file")
     identity = {"source": str(plan.source.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                "tasks": plan.tasks, "skip_invalid": plan.skip_invalid, "dedup": plan.config.model_dump(mode="json")}
+                "tasks": plan.tasks, "skip_invalid": plan.skip_invalid,
+                **(settings if settings is not None else {"dedup": plan.config.model_dump(mode="json")})}
     marker = plan.work / "run.json"
     if marker.exists() and {**_load_json(marker), "started": None} != {**identity, "started": None}:
         shutil.rmtree(plan.work)  # left by a run on another input or config: nothing in it applies
     elif plan.work.exists() and not marker.exists() and any(plan.work.iterdir()):
-        raise ConfigError(f"{plan.work}: not empty and not a dedup work folder; pass another --work-dir")
+        raise ConfigError(f"{plan.work}: not empty and not a work folder of this command; pass another --work-dir")
     if not marker.exists():
         _save_json(marker, {**identity, "started": time.time()})
 
@@ -680,7 +714,7 @@ def run_scaled_dedup(plan: ScaleDedupPlan, engine: str, options: EngineOptions |
     """
     options = options or EngineOptions()
     _check_engine(engine, options)
-    _check_work_folder(plan)
+    check_work_folder(plan)
     executors = build_executors(plan, engine, options)
     if engine == "slurm":
         if shutil.which("sbatch") is None:
@@ -688,23 +722,8 @@ def run_scaled_dedup(plan: ScaleDedupPlan, engine: str, options: EngineOptions |
         executors[-1].run()  # launches the chain through `depends`
         return {"submitted": [executor.job_id for executor in executors], "work": str(plan.work)}
     if engine == "ray":
-        import ray
-
-        if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS", "local"), log_to_driver=False)
-    timings = {}
-    for executor in executors:
-        stage, clock = executor.pipeline[0].stage, time.monotonic()
-        _quietly(plan, executor.run)
-        timings[stage] = round(time.monotonic() - clock, 3)
-        failed = executor.get_incomplete_ranks(range(executor.world_size))
-        if failed:
-            stage = executor.pipeline[0].stage
-            raise DatagenError(f"dedup stage {stage}: tasks {failed} failed; logs in {plan.work / 'logs' / stage}")
-        if (error := plan.dir("group") / "error.txt").exists():
-            message = error.read_text(encoding="utf-8")
-            shutil.rmtree(plan.work)  # the input must change before a rerun can succeed
-            raise InputError(message)
+        start_ray()
+    timings = run_executors(plan.work, executors, "dedup", [plan.dir("group") / "error.txt"])
     stats = _load_json(stats_path(plan.out))
     stats["engine"]["stage_seconds"] = timings
     atomic_write_json(stats_path(plan.out), stats)
@@ -712,12 +731,40 @@ def run_scaled_dedup(plan: ScaleDedupPlan, engine: str, options: EngineOptions |
     return stats
 
 
-def _quietly(plan: ScaleDedupPlan, run) -> None:
+def start_ray() -> None:
+    """Join RAY_ADDRESS's cluster, or start a local Ray, unless this process already did."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), log_to_driver=False)
+
+
+def run_executors(work: Path, executors: list, what: str, error_files: list[Path]) -> dict[str, float]:
+    """Run the executors in order; seconds per stage. A failed task stops the run (DatagenError);
+    so does an input error a stage wrote to one of `error_files` (InputError, work folder removed:
+    the input must change before a rerun can succeed)."""
+    timings = {}
+    for executor in executors:
+        stage, clock = executor.pipeline[0].stage, time.monotonic()
+        _quietly(work, executor.run)
+        timings[stage] = round(time.monotonic() - clock, 3)
+        failed = executor.get_incomplete_ranks(range(executor.world_size))
+        if failed:
+            raise DatagenError(f"{what} stage {stage}: tasks {failed} failed; logs in {work / 'logs' / stage}")
+        for error in error_files:
+            if error.exists():
+                message = error.read_text(encoding="utf-8")
+                shutil.rmtree(work)
+                raise InputError(message)
+    return timings
+
+
+def _quietly(work: Path, run) -> None:
     """Run an executor with datatrove's console log (loguru on stderr) going to work/logs/console.log."""
     from loguru import logger
 
-    (plan.work / "logs").mkdir(parents=True, exist_ok=True)
-    with (plan.work / "logs" / "console.log").open("a", encoding="utf-8") as log, contextlib.redirect_stderr(log):
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    with (work / "logs" / "console.log").open("a", encoding="utf-8") as log, contextlib.redirect_stderr(log):
         logger.remove()
         logger.add(sys.stderr, level="INFO")
         try:

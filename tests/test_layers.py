@@ -33,7 +33,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("datagen.filters", "datagen.generators", "datagen.finetune", "datagen.finetune.data",
      "datagen.finetune.distributed", "datagen.engines"),
     # stage runners, each owning its config section
-    ("datagen.generate", "datagen.estimate", "datagen.filtering", "datagen.scale_dedup", "datagen.export",
+    ("datagen.generate", "datagen.estimate", "datagen.filtering", "datagen.scale_dedup", "datagen.scale_filter",
+     "datagen.export",
      "datagen.finetune.sft", "datagen.finetune.evaluate", "datagen.finetune.dpo", "datagen.view"),
     # the whole-file config and the chained stages
     ("datagen.config_file", "datagen.distill"),
