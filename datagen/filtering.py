@@ -73,7 +73,7 @@ FilterConfig = with_sections(
 )
 
 
-class _Teacher:
+class LazyTeacher:
     """The run's teacher, made on first use (only the judge needs one) and closed at the end."""
 
     def __init__(self, config) -> None:
@@ -101,7 +101,7 @@ def run_filter(config, source: Path, kept_path: Path, rejects_path: Path, comman
                for where, problem, raw in invalid]
     stats: dict[str, Any] = {"input": str(source), "in": len(tasks) + len(invalid), "invalid_lines": len(invalid),
                              "passes": []}
-    teacher = _Teacher(config.teacher)
+    teacher = LazyTeacher(config.teacher)
     try:
         for name in settings.passes:
             entry = PASSES[name]

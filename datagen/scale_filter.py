@@ -51,7 +51,7 @@ from datatrove.pipeline.base import PipelineStep
 from pydantic import ValidationError
 
 from datagen.errors import ConfigError, InputError
-from datagen.filtering import PASSES, FilterConfig, _Teacher
+from datagen.filtering import PASSES, FilterConfig, LazyTeacher
 from datagen.filters.base import PassContext
 from datagen.filters.decontaminate import EvalIndex, decontaminate_pass
 from datagen.filters.manual import read_overrides
@@ -233,7 +233,7 @@ def check_lines(plan: ScaleFilterPlan, world_size: int) -> None:
 # -- stage 3: per-record passes ----------------------------------------------------------------------
 
 
-def _pass_functions(plan: ScaleFilterPlan, passes: list[str], teacher: _Teacher) -> dict:
+def _pass_functions(plan: ScaleFilterPlan, passes: list[str], teacher: LazyTeacher) -> dict:
     """name -> tasks -> (kept, rejections): the registered passes, with what is costly to build
     (the decontamination index) built once."""
     settings, functions = plan.settings(), {}
@@ -256,7 +256,7 @@ def run_records(plan: ScaleFilterPlan, segment: int, rank: int, world_size: int)
     out.mkdir(parents=True, exist_ok=True)
     bad = _load_json(plan.dir("check") / f"{rank:05d}.bad.json") if segment == 0 else {}
     marks = read_overrides(plan.settings().manual.overrides) if "manual" in passes else {}
-    teacher = _Teacher(plan.teacher)
+    teacher = LazyTeacher(plan.teacher)
     counts = {name: {"in": 0, "reasons": Counter()} for name in passes}
     marked_seen: set[str] = set()
     parts = {part: (out / f"{rank:05d}.{part}.jsonl").open("w", encoding="utf-8")
