@@ -29,6 +29,7 @@ from datagen.generate import run_generate  # noqa: E402
 from datagen.io import read_records, rejects_path  # noqa: E402
 from datagen.records import Instance, Task  # noqa: E402
 from datagen.teachers.base import Completion  # noqa: E402
+from datagen.teachers.cache import RequestCache  # noqa: E402
 from datagen.teachers.openai_api import Endpoints  # noqa: E402
 from datagen.teachers.teacher import PriceTable, Teacher, TeacherConfig, make_teacher  # noqa: E402
 from tests import test_evol_instruct  # noqa: E402
@@ -165,6 +166,49 @@ def test_killed_run_resumes_without_repeating_finished_shards(tmp_path, local_ra
     again = set(answered(log)) & set(first)
     finished_inputs = {i.input for task in finished for i in task.instances}
     assert not any(f"Input:\\n{text}\\n" in prompt for prompt in again for text in finished_inputs)
+    local = config_for(tmp_path, "local", "orca", 30, **ORCA)
+    run_local(local, orca_reply)
+    assert outputs(config)[0] == outputs(local)[0]
+
+
+class Killed(Exception):
+    """The driver dying mid-run (a KeyboardInterrupt would stop pytest itself)."""
+
+
+def test_replies_that_reached_the_driver_are_cached_before_the_loop_asks(tmp_path, local_ray):
+    # the loop is killed at its second batch, after the pipeline streamed back all 60 planned
+    # replies (30 tasks x 2 instances) of which the loop had consumed 16: a rerun sends none again
+    config = config_for(tmp_path, "ray", "orca", 30, {"kind": "ray", "replicas": 2, "batch_size": 4}, **ORCA)
+    log = tmp_path / "answered.log"
+    cache_file = Path(config.teacher.cache_dir) / "requests.sqlite"
+
+    def killed_at_second_batch():
+        teacher = ray_teacher(config.teacher, config.engine, ScriptedReplicas(orca_reply, log), name="scripted")
+        complete, calls = teacher.complete, []
+
+        def complete_then_die(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                deadline = time.monotonic() + 20
+                while len(RequestCache(cache_file)) < 60 and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                raise Killed
+            return complete(*args, **kwargs)
+
+        teacher.complete = complete_then_die
+        return teacher
+
+    with pytest.raises(Killed):
+        run_generate(config, "test", killed_at_second_batch)
+    first = answered(log)
+    assert len(first) == 60 and len(list(read_records(config.generate.out, Task))) == 7  # t3 failed
+    log.unlink()
+
+    summary = run_ray(config, ScriptedReplicas(orca_reply, log))
+    assert not set(answered(log)) & set(first)
+    # keys are the configured teacher's: the loop finds every planned reply but those of the 7
+    # tasks flushed before the kill (skipped by id)
+    assert summary["cache_hits"] == 60 - 7 * 2
     local = config_for(tmp_path, "local", "orca", 30, **ORCA)
     run_local(local, orca_reply)
     assert outputs(config)[0] == outputs(local)[0]
