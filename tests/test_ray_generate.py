@@ -85,8 +85,16 @@ def orca_seeds() -> list[Task]:
                  instances=[Instance(input=f"x{n}-{k}", output="") for k in range(2)]) for n in range(40)]
 
 
+def evol_seeds() -> list[Task]:
+    """Every fault of test_evol_instruct, then a second "ok": two survivors a round (the
+    first and the last item), so a small --num stops mid-round."""
+    return [Task(id=f"seed-{fault}-{k}", instruction=f"[{fault}] Name some rivers ({k}).",
+                 instances=[Instance(input="Europe" if fault == "ok" else "", output="The Rhine.")])
+            for fault, k in [(fault, 0) for fault in test_evol_instruct.FAULTS] + [("ok", 1)]]
+
+
 def config_for(tmp_path: Path, name: str, method: str, num: int, engine: dict | None = None, **section):
-    tasks = orca_seeds() if method == "orca" else test_evol_instruct.fault_seeds()
+    tasks = orca_seeds() if method == "orca" else evol_seeds()
     seeds = write_tasks(tmp_path / "seeds.jsonl", tasks)
     data = {"teacher": {"cache_dir": str(tmp_path / f"cache-{name}")},
             "generate": {"method": method, "seeds": str(seeds), "out": str(tmp_path / f"{name}.jsonl"), "num": num,
@@ -139,16 +147,52 @@ def test_orca_on_ray_writes_the_same_rows_as_local(tmp_path, local_ray, replicas
     assert len(answered(log)) == len(set(answered(log))) == summary["requests_sent"]
 
 
-def test_evol_round_on_ray_writes_the_same_rows_as_local(tmp_path, local_ray):
-    local = config_for(tmp_path, "local", "evol-instruct", 100, rounds=2)
-    run_local(local, test_evol_instruct.faulty_reply)
-    on_ray = config_for(tmp_path, "ray", "evol-instruct", 100, {"kind": "ray", "replicas": 2, "batch_size": 2},
-                        rounds=2)
-    summary = run_ray(on_ray, ScriptedReplicas(test_evol_instruct.faulty_reply, tmp_path / "answered.log"))
+EVOL = {"rounds": 2, "items_per_batch": 2}
+EVOL_RAY = {"kind": "ray", "replicas": 2, "batch_size": 3}  # a look-ahead window of 6 items: 3 batches
 
-    local_tasks = list(read_records(local.generate.out, Task))
-    assert Path(on_ray.generate.out).read_bytes() == Path(local.generate.out).read_bytes() and local_tasks
-    assert summary["engine"]["pipelines"] == 6  # rewrite, judge, answer: one pipeline each per round
+
+def test_evol_on_ray_writes_the_same_rows_and_rejects_as_local(tmp_path, local_ray):
+    # num 3 stops in round 2's first batch: the rejects (batch numbers included) and the stop
+    # must be local's, with at most one window (2 batches) answered past it
+    local = config_for(tmp_path, "local", "evol-instruct", 3, **EVOL)
+    run_local(local, test_evol_instruct.faulty_reply)
+    on_ray = config_for(tmp_path, "ray", "evol-instruct", 3, {**EVOL_RAY, "batch_size": 5}, **EVOL)  # window 10
+    log = tmp_path / "answered.log"
+    summary = run_ray(on_ray, ScriptedReplicas(test_evol_instruct.faulty_reply, log))
+
+    assert len(list(read_records(local.generate.out, Task))) == 3
+    assert outputs(on_ray) == outputs(local)
+    # round 1's 10 rewrites (the failed one, not cached, again in its batch), then round 2's
+    # one window (10 items) where local asked only its first batch (2)
+    rewrites = [prompt for prompt in answered(log) if prompt.startswith("You are a prompt")]
+    assert len(rewrites) == 10 + 1 + 10 and summary["engine"]["pipelines"] == 3 + 1 + 3
+
+
+faulty_reply = test_evol_instruct.faulty_reply  # a function, not the module, travels to the actors
+
+
+def killing_evol_reply(prompt: str) -> Completion:
+    """faulty_reply, but the replica dies when asked to answer the second "ok" instruction
+    (the last stage of round 1's second look-ahead window)."""
+    if "[ok] Name some rivers (1)" in prompt and not prompt.startswith(("You are a prompt", "Here are two")):
+        raise RuntimeError("replica killed")
+    return faulty_reply(prompt)
+
+
+def test_evol_killed_on_ray_resumes_like_local(tmp_path, local_ray):
+    on_ray = config_for(tmp_path, "ray", "evol-instruct", 2, EVOL_RAY, **EVOL)
+    with pytest.raises(TeacherError, match="replica killed"):
+        run_ray(on_ray, ScriptedReplicas(killing_evol_reply, tmp_path / "killed.log"))
+    assert len(list(read_records(on_ray.generate.out, Task))) == 1  # the first window's batches were flushed
+    log = tmp_path / "answered.log"
+    summary = run_ray(on_ray, ScriptedReplicas(test_evol_instruct.faulty_reply, log))
+    local = config_for(tmp_path, "local", "evol-instruct", 2, **EVOL)
+    run_local(local, test_evol_instruct.faulty_reply)
+    assert outputs(on_ray) == outputs(local)
+    # the rerun asked again only what failed: the HTTP 500s (not cached) and the killed answer
+    again = set(answered(log)) & set(answered(tmp_path / "killed.log"))
+    assert summary["cache_hits"] > 0 and again
+    assert all("[error]" in prompt or "[ok] Name some rivers (1)" in prompt for prompt in again)
 
 
 def test_killed_run_resumes_without_repeating_finished_shards(tmp_path, local_ray):
