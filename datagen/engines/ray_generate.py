@@ -17,8 +17,9 @@ Two ways requests reach the cluster:
   reply to the request cache the moment it reaches the driver, before the loop asks for it,
   so a killed run pays again only for replies still inside the pipeline, and repeats no
   flushed batch (its tasks are skipped by id).
-- *per call* (one Evol-Instruct round over a fixed pool): each `Teacher.complete` call (the
-  rewrites, the verdicts, the answers of a whole round) becomes one pipeline.
+- *per call* (Evol-Instruct, which answers a window of its batches ahead into the cache):
+  each `Teacher.complete` call (the rewrites, the verdicts, the answers of a window) becomes
+  one pipeline.
 
 The pipeline's route follows `teacher.backend` (`datagen.engines.config.ray_route`):
 `vllm` -> `ray.data.llm.build_processor(vLLMEngineProcessorConfig(concurrency=replicas,
