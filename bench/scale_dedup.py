@@ -11,7 +11,8 @@ with 1-3 near-duplicate variants), written as one JSONL file. Rows, each on the 
 - single process: `run_filter` with exact-dedup + near-dedup, what `datagen dedup` runs today
   (the baseline);
 - datatrove local, 1 task / 2 tasks (2 workers): `run_scaled_dedup(..., "datatrove")`;
-- with --ray: datatrove on a local Ray (`ray.init(address="local", num_cpus=2)`), 2 tasks.
+- with --ray: datatrove on a local Ray (`ray.init(address="local", num_cpus=N)`): 1 task on
+  1 CPU, 2 tasks on 2 CPUs (1 vs 2 workers).
 
 Each row runs in a forked child (bench/dedup.py's `in_child`): wall seconds, records/s, and the
 peak RSS growth of that child, which for the datatrove rows is the driver plus every stage
@@ -45,13 +46,14 @@ def single(source: Path, out: Path) -> None:
 
 
 def scaled(source: Path, out: Path, engine: str, tasks: int, workers: int) -> None:
+    """On Ray, `workers` is the local Ray's CPUs (the most tasks that run at once)."""
     from datagen.scale_dedup import EngineOptions, ScaleDedupPlan, run_scaled_dedup
 
     if engine == "ray":
         import ray
 
         os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
     plan = ScaleDedupPlan(source, out, out.with_suffix(".rejects.jsonl"), out.with_suffix(".work"), DedupConfig(),
                           tasks=tasks)
     try:
@@ -88,9 +90,10 @@ def main() -> None:
         rows = [("datatrove local, 1 task", "datatrove", 1, 1),
                 ("datatrove local, 2 tasks, 2 workers", "datatrove", 2, 2)]
         if args.ray:
-            rows.append(("datatrove Ray, 2 tasks, 2 CPUs", "ray", 2, 2))
+            rows += [("datatrove Ray, 1 task, 1 CPU", "ray", 1, 1),
+                     ("datatrove Ray, 2 tasks, 2 CPUs", "ray", 2, 2)]
         for label, engine, shards, workers in rows:
-            out = work / f"{engine}{shards}.jsonl"
+            out = work / f"{engine}{shards}-{workers}.jsonl"
             _, seconds, peak = in_child(lambda engine=engine, shards=shards, workers=workers, out=out:
                                         scaled(source, out, engine, shards, workers))
             print(f"  {label:<34} {seconds:>8.2f} {args.n / seconds:>10.0f} {mib(peak):>9} "

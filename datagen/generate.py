@@ -34,7 +34,7 @@ GENERATORS: dict[str, GenerationMethod] = {
                                       self_instruct.SelfInstructConfig),
     "alpaca": GenerationMethod(alpaca.run_alpaca, "alpaca", alpaca.AlpacaConfig),
     "evol-instruct": GenerationMethod(evol_instruct.run_evol_instruct, "evol_instruct",
-                                      evol_instruct.EvolInstructConfig, ray_settings=evol_instruct.whole_rounds),
+                                      evol_instruct.EvolInstructConfig, looks_ahead=True),
     "orca": GenerationMethod(orca.run_orca, "orca", orca.OrcaConfig, plan=orca.planned_requests),
     "preferences": GenerationMethod(preferences.run_preferences, "preferences", preferences.PreferencesConfig,
                                     preferences.PreferencePair),
@@ -80,9 +80,9 @@ def make_run_teacher(config) -> Teacher:
     if engine.kind == "local":
         return make_teacher(config.teacher)
     method = GENERATORS[config.generate.method]
-    if method.plan is None and method.ray_settings is None:
+    if method.plan is None and not method.looks_ahead:
         raise ConfigError(
-            f"engine.kind: ray runs {', '.join(n for n, m in GENERATORS.items() if m.plan or m.ray_settings)}; "
+            f"engine.kind: ray runs {', '.join(n for n, m in GENERATORS.items() if m.plan or m.looks_ahead)}; "
             f"{config.generate.method} runs on engine: local only (to spread it over several servers, list them in "
             "teacher.base_url)"
         )
@@ -128,12 +128,11 @@ def run_generate(config, command_line: str, teacher_factory: Callable[[], Teache
         method = GENERATORS[settings.method]
         section = getattr(settings, method.section)
         on_ray = config.engine.kind == "ray"
-        if on_ray and method.ray_settings:
-            section = method.ray_settings(section, seeds)
         context = RunContext(
             teacher, sink, num=settings.num, seed=settings.seed, instances_per_task=settings.instances_per_task,
             batches_done=_batches_done(output, settings.method), progress=bar.advance, on_batch_done=mark_done,
             open_teacher=open_teacher,
+            lookahead=config.engine.replicas * config.engine.batch_size if on_ray else 0,
         )
         if on_ray and method.plan:
             teacher.plan(method.plan(seeds, section, context))

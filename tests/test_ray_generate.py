@@ -29,6 +29,7 @@ from datagen.generate import run_generate  # noqa: E402
 from datagen.io import read_records, rejects_path  # noqa: E402
 from datagen.records import Instance, Task  # noqa: E402
 from datagen.teachers.base import Completion  # noqa: E402
+from datagen.teachers.cache import RequestCache  # noqa: E402
 from datagen.teachers.openai_api import Endpoints  # noqa: E402
 from datagen.teachers.teacher import PriceTable, Teacher, TeacherConfig, make_teacher  # noqa: E402
 from tests import test_evol_instruct  # noqa: E402
@@ -84,8 +85,16 @@ def orca_seeds() -> list[Task]:
                  instances=[Instance(input=f"x{n}-{k}", output="") for k in range(2)]) for n in range(40)]
 
 
+def evol_seeds() -> list[Task]:
+    """Every fault of test_evol_instruct, then a second "ok": two survivors a round (the
+    first and the last item), so a small --num stops mid-round."""
+    return [Task(id=f"seed-{fault}-{k}", instruction=f"[{fault}] Name some rivers ({k}).",
+                 instances=[Instance(input="Europe" if fault == "ok" else "", output="The Rhine.")])
+            for fault, k in [(fault, 0) for fault in test_evol_instruct.FAULTS] + [("ok", 1)]]
+
+
 def config_for(tmp_path: Path, name: str, method: str, num: int, engine: dict | None = None, **section):
-    tasks = orca_seeds() if method == "orca" else test_evol_instruct.fault_seeds()
+    tasks = orca_seeds() if method == "orca" else evol_seeds()
     seeds = write_tasks(tmp_path / "seeds.jsonl", tasks)
     data = {"teacher": {"cache_dir": str(tmp_path / f"cache-{name}")},
             "generate": {"method": method, "seeds": str(seeds), "out": str(tmp_path / f"{name}.jsonl"), "num": num,
@@ -138,16 +147,52 @@ def test_orca_on_ray_writes_the_same_rows_as_local(tmp_path, local_ray, replicas
     assert len(answered(log)) == len(set(answered(log))) == summary["requests_sent"]
 
 
-def test_evol_round_on_ray_writes_the_same_rows_as_local(tmp_path, local_ray):
-    local = config_for(tmp_path, "local", "evol-instruct", 100, rounds=2)
-    run_local(local, test_evol_instruct.faulty_reply)
-    on_ray = config_for(tmp_path, "ray", "evol-instruct", 100, {"kind": "ray", "replicas": 2, "batch_size": 2},
-                        rounds=2)
-    summary = run_ray(on_ray, ScriptedReplicas(test_evol_instruct.faulty_reply, tmp_path / "answered.log"))
+EVOL = {"rounds": 2, "items_per_batch": 2}
+EVOL_RAY = {"kind": "ray", "replicas": 2, "batch_size": 3}  # a look-ahead window of 6 items: 3 batches
 
-    local_tasks = list(read_records(local.generate.out, Task))
-    assert Path(on_ray.generate.out).read_bytes() == Path(local.generate.out).read_bytes() and local_tasks
-    assert summary["engine"]["pipelines"] == 6  # rewrite, judge, answer: one pipeline each per round
+
+def test_evol_on_ray_writes_the_same_rows_and_rejects_as_local(tmp_path, local_ray):
+    # num 3 stops in round 2's first batch: the rejects (batch numbers included) and the stop
+    # must be local's, with at most one window (2 batches) answered past it
+    local = config_for(tmp_path, "local", "evol-instruct", 3, **EVOL)
+    run_local(local, test_evol_instruct.faulty_reply)
+    on_ray = config_for(tmp_path, "ray", "evol-instruct", 3, {**EVOL_RAY, "batch_size": 5}, **EVOL)  # window 10
+    log = tmp_path / "answered.log"
+    summary = run_ray(on_ray, ScriptedReplicas(test_evol_instruct.faulty_reply, log))
+
+    assert len(list(read_records(local.generate.out, Task))) == 3
+    assert outputs(on_ray) == outputs(local)
+    # round 1's 10 rewrites (the failed one, not cached, again in its batch), then round 2's
+    # one window (10 items) where local asked only its first batch (2)
+    rewrites = [prompt for prompt in answered(log) if prompt.startswith("You are a prompt")]
+    assert len(rewrites) == 10 + 1 + 10 and summary["engine"]["pipelines"] == 3 + 1 + 3
+
+
+faulty_reply = test_evol_instruct.faulty_reply  # a function, not the module, travels to the actors
+
+
+def killing_evol_reply(prompt: str) -> Completion:
+    """faulty_reply, but the replica dies when asked to answer the second "ok" instruction
+    (the last stage of round 1's second look-ahead window)."""
+    if "[ok] Name some rivers (1)" in prompt and not prompt.startswith(("You are a prompt", "Here are two")):
+        raise RuntimeError("replica killed")
+    return faulty_reply(prompt)
+
+
+def test_evol_killed_on_ray_resumes_like_local(tmp_path, local_ray):
+    on_ray = config_for(tmp_path, "ray", "evol-instruct", 2, EVOL_RAY, **EVOL)
+    with pytest.raises(TeacherError, match="replica killed"):
+        run_ray(on_ray, ScriptedReplicas(killing_evol_reply, tmp_path / "killed.log"))
+    assert len(list(read_records(on_ray.generate.out, Task))) == 1  # the first window's batches were flushed
+    log = tmp_path / "answered.log"
+    summary = run_ray(on_ray, ScriptedReplicas(test_evol_instruct.faulty_reply, log))
+    local = config_for(tmp_path, "local", "evol-instruct", 2, **EVOL)
+    run_local(local, test_evol_instruct.faulty_reply)
+    assert outputs(on_ray) == outputs(local)
+    # the rerun asked again only what failed: the HTTP 500s (not cached) and the killed answer
+    again = set(answered(log)) & set(answered(tmp_path / "killed.log"))
+    assert summary["cache_hits"] > 0 and again
+    assert all("[error]" in prompt or "[ok] Name some rivers (1)" in prompt for prompt in again)
 
 
 def test_killed_run_resumes_without_repeating_finished_shards(tmp_path, local_ray):
@@ -165,6 +210,49 @@ def test_killed_run_resumes_without_repeating_finished_shards(tmp_path, local_ra
     again = set(answered(log)) & set(first)
     finished_inputs = {i.input for task in finished for i in task.instances}
     assert not any(f"Input:\\n{text}\\n" in prompt for prompt in again for text in finished_inputs)
+    local = config_for(tmp_path, "local", "orca", 30, **ORCA)
+    run_local(local, orca_reply)
+    assert outputs(config)[0] == outputs(local)[0]
+
+
+class Killed(Exception):
+    """The driver dying mid-run (a KeyboardInterrupt would stop pytest itself)."""
+
+
+def test_replies_that_reached_the_driver_are_cached_before_the_loop_asks(tmp_path, local_ray):
+    # the loop is killed at its second batch, after the pipeline streamed back all 60 planned
+    # replies (30 tasks x 2 instances) of which the loop had consumed 16: a rerun sends none again
+    config = config_for(tmp_path, "ray", "orca", 30, {"kind": "ray", "replicas": 2, "batch_size": 4}, **ORCA)
+    log = tmp_path / "answered.log"
+    cache_file = Path(config.teacher.cache_dir) / "requests.sqlite"
+
+    def killed_at_second_batch():
+        teacher = ray_teacher(config.teacher, config.engine, ScriptedReplicas(orca_reply, log), name="scripted")
+        complete, calls = teacher.complete, []
+
+        def complete_then_die(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                deadline = time.monotonic() + 20
+                while len(RequestCache(cache_file)) < 60 and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                raise Killed
+            return complete(*args, **kwargs)
+
+        teacher.complete = complete_then_die
+        return teacher
+
+    with pytest.raises(Killed):
+        run_generate(config, "test", killed_at_second_batch)
+    first = answered(log)
+    assert len(first) == 60 and len(list(read_records(config.generate.out, Task))) == 7  # t3 failed
+    log.unlink()
+
+    summary = run_ray(config, ScriptedReplicas(orca_reply, log))
+    assert not set(answered(log)) & set(first)
+    # keys are the configured teacher's: the loop finds every planned reply but those of the 7
+    # tasks flushed before the kill (skipped by id)
+    assert summary["cache_hits"] == 60 - 7 * 2
     local = config_for(tmp_path, "local", "orca", 30, **ORCA)
     run_local(local, orca_reply)
     assert outputs(config)[0] == outputs(local)[0]

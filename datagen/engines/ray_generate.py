@@ -13,10 +13,13 @@ Two ways requests reach the cluster:
   (`GenerationMethod.plan`, the same plan its loop walks). The ones not in the request
   cache go into one streaming pipeline, `engine.batch_size` rows a shard, served by
   `engine.replicas` replicas; the loop consumes the replies in order as they stream back and
-  flushes each of its batches to OUT. A killed run repeats no flushed batch (its tasks are
-  skipped by id) and no reply that reached the cache.
-- *per call* (one Evol-Instruct round over a fixed pool): each `Teacher.complete` call (the
-  rewrites, the verdicts, the answers of a whole round) becomes one pipeline.
+  flushes each of its batches to OUT. A thread reads the stream as it comes and writes each
+  reply to the request cache the moment it reaches the driver, before the loop asks for it,
+  so a killed run pays again only for replies still inside the pipeline, and repeats no
+  flushed batch (its tasks are skipped by id).
+- *per call* (Evol-Instruct, which answers a window of its batches ahead into the cache):
+  each `Teacher.complete` call (the rewrites, the verdicts, the answers of a window) becomes
+  one pipeline.
 
 The pipeline's route follows `teacher.backend` (`datagen.engines.config.ray_route`):
 `vllm` -> `ray.data.llm.build_processor(vLLMEngineProcessorConfig(concurrency=replicas,
@@ -33,16 +36,19 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import re
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from datagen.config import SamplingParams
 from datagen.engines.config import ROUTE_ACTORS, ROUTE_HTTP, ROUTE_VLLM, EngineConfig, ray_route
 from datagen.errors import ConfigError, TeacherError
 from datagen.teachers.base import Backend, BackendCounters, Completion, Message, Request, ResultCallback
-from datagen.teachers.cache import request_key
+from datagen.teachers.cache import RequestCache, request_key
 from datagen.teachers.teacher import Teacher, TeacherConfig, _single_sample, make_backend
 
 BackendFactory = Callable[[TeacherConfig], Backend]
@@ -240,7 +246,8 @@ class RayBackend:
 
     `name` and `model` are the configured teacher's, so cache keys do not change. Requests
     announced with `plan` are answered from one streaming pipeline started on the first
-    `generate`; any other request goes out in a pipeline of its own call.
+    `generate`, read by a thread that caches each reply as it arrives (in `cache_path`,
+    when set); any other request goes out in a pipeline of its own call.
     """
 
     def __init__(self, teacher: TeacherConfig, engine: EngineConfig, backend_factory: BackendFactory | None = None,
@@ -253,14 +260,19 @@ class RayBackend:
         self.counters = BackendCounters()
         # an injected backend can only run inside actors
         self.route = ROUTE_ACTORS if backend_factory else ray_route(teacher.backend, teacher.base_url)
+        self.cache_path: Path | None = None  # where arriving planned replies are cached (RayTeacher sets it)
         self._planned: Counter[str] = Counter()  # requests announced and not yet served
         self._rows: list[dict[str, Any]] = []
-        self._stream: Iterator[dict[str, Any]] | None = None
+        self._reader: _StreamReader | None = None
         self._ahead: dict[str, Completion] = {}  # replies streamed back before the loop asked for them
         self.pipelines = 0
 
     def key(self, request: Request) -> str:
         return request_key(self.name, self.model, request)
+
+    def pending(self, key: str) -> bool:
+        """Whether `key` is planned and not yet handed to the loop."""
+        return self._planned[key] > 0
 
     def plan(self, requests: Iterable[Request], skip: Callable[[str], bool] = lambda _key: False) -> int:
         """Announce requests the run will send, in the order it will send them; those
@@ -287,16 +299,14 @@ class RayBackend:
                 on_result(index, self._take(key))
 
     def _take(self, key: str) -> Completion:
-        if self._stream is None:
+        if self._reader is None:
             self.pipelines += 1
-            self._stream = stream_replies(
-                self._rows, self.route, self.teacher_config, self.engine, self.backend_factory)
+            stream = stream_replies(self._rows, self.route, self.teacher_config, self.engine, self.backend_factory)
+            self._reader = _StreamReader(stream, self.cache_path)
             self._rows = []
         while key not in self._ahead:
-            row = next(self._stream, None)
-            if row is None:
-                raise RuntimeError(f"the Ray pipeline ended without answering planned request {key[:12]}")
-            self._ahead[str(row["key"])] = row_completion(row)
+            arrived_key, completion = self._reader.next()
+            self._ahead[arrived_key] = completion
         self._planned[key] -= 1
         if self._planned[key] == 0:
             del self._planned[key]
@@ -304,9 +314,61 @@ class RayBackend:
         return self._ahead[key]
 
     def close(self) -> None:
-        if self._stream is not None:
-            self._stream.close()  # stops the pipeline when the loop finished early (num reached)
-            self._stream = None
+        if self._reader is not None:
+            self._reader.close()  # stops the pipeline when the loop finished early (num reached)
+            self._reader = None
+
+
+class _StreamReader:
+    """Reads a stream of result rows in a thread, caching each reply as it arrives.
+
+    The loop may be busy (parsing, writing OUT) while shards stream back; without this the
+    replies would wait in Ray's buffers, uncached, and a kill would pay for them again.
+    `next()` hands them to the loop in stream order and re-raises the stream's failure.
+    """
+
+    _END = object()
+
+    def __init__(self, stream: Iterator[dict[str, Any]], cache_path: Path | None):
+        self._stream, self._cache_path = stream, cache_path
+        self._arrived: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, name="datagen-ray-replies", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        # SQLite connections belong to one thread: this one has its own (WAL allows both)
+        cache = RequestCache(self._cache_path) if self._cache_path else None
+        try:
+            for row in self._stream:
+                completion = row_completion(row)
+                if cache is not None:
+                    cache.put(str(row["key"]), completion)
+                self._arrived.put((str(row["key"]), completion))
+                if self._stop.is_set():
+                    break
+            self._arrived.put(self._END)
+        except BaseException as error:  # noqa: BLE001 - handed to the loop's thread, which raises it
+            self._arrived.put(error)
+        finally:
+            self._stream.close()
+            if cache is not None:
+                cache.close()
+
+    def next(self) -> tuple[str, Completion]:
+        item = self._arrived.get()
+        if item is self._END:
+            self._arrived.put(item)
+            raise RuntimeError("the Ray pipeline ended without answering a planned request")
+        if isinstance(item, BaseException):
+            self._arrived.put(item)
+            raise item
+        return item
+
+    def close(self, wait_s: float = 30.0) -> None:
+        """Stop reading after the reply in flight (it is cached too) and wait for the thread."""
+        self._stop.set()
+        self._thread.join(wait_s)
 
 
 def ray_teacher(teacher: TeacherConfig, engine: EngineConfig, backend_factory: BackendFactory | None = None,
@@ -331,6 +393,24 @@ def ray_teacher(teacher: TeacherConfig, engine: EngineConfig, backend_factory: B
     return RayTeacher(RayBackend(teacher, engine, backend_factory, name), teacher, shutdown=started)
 
 
+class _PlannedFirst:
+    """The request cache as the run's `Teacher` sees it: a planned reply the stream reader
+    cached on arrival is not a hit until the loop has taken it from the stream, so it is
+    counted once, as sent (tokens, cost), like any reply this run paid for."""
+
+    def __init__(self, cache: RequestCache, backend: RayBackend):
+        self.cache, self.backend = cache, backend
+
+    def get(self, key: str) -> Completion | None:
+        return None if self.backend.pending(key) else self.cache.get(key)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.cache, name)
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+
 class RayTeacher(Teacher):
     """`Teacher` over `RayBackend`; `plan` announces requests, leaving out cached ones."""
 
@@ -339,6 +419,9 @@ class RayTeacher(Teacher):
     def __init__(self, backend: RayBackend, config: TeacherConfig, shutdown: bool = False):
         super().__init__(backend, config)
         self._shutdown = shutdown
+        if self.cache is not None:
+            backend.cache_path = self.cache.path
+            self.cache = _PlannedFirst(self.cache, backend)  # type: ignore[assignment]
 
     def plan(self, conversations: Iterable[tuple[Sequence[Message], SamplingParams]]) -> int:
         """Announce `(messages, params)` pairs in the order the loop will ask for them."""

@@ -226,6 +226,9 @@ class RunContext:
     seed: int = 0
     instances_per_task: int = 1  # methods that answer existing instances ignore it
     batches_done: int = 0  # batches a killed run flushed (resume)
+    # engine: ray: how many items a method with `looks_ahead` answers ahead of its batches, one
+    # teacher call per stage (one pipeline each), so the batches then read the request cache
+    lookahead: int = 0
     progress: Callable[[int], None] = lambda _n: None  # called with the tasks a batch added
     on_batch_done: Callable[[int], None] = lambda _n: None  # called with the batch count after each flush
     # opens a further teacher by name (preferences' responders with a backend of their own), so
@@ -243,8 +246,8 @@ class GenerationMethod:
 
     For `engine: ray` (a method with neither runs only on `engine: local`: it is iterative):
     `plan(seeds, settings, context)` yields every (messages, sampling) request `run` will send,
-    in its order, so a pipeline can answer them ahead of the loop; `ray_settings(settings,
-    seeds)` gives the settings to run with on Ray (e.g. a whole round in one teacher call).
+    in its order, so a pipeline can answer them ahead of the loop; `looks_ahead`: `run` answers
+    `context.lookahead` items at a time ahead of its batches (e.g. a window of one round).
     """
 
     run: Run
@@ -252,7 +255,7 @@ class GenerationMethod:
     settings: type[BaseModel]
     record: type[BaseModel] = Task  # the record OUT holds, read back on resume
     plan: Callable[[Sequence[Task], Any, RunContext], Iterable[tuple[list[Message], SamplingParams]]] | None = None
-    ray_settings: Callable[[Any, Sequence[Task]], Any] | None = None
+    looks_ahead: bool = False
 
 
 class ReplayedRejects:

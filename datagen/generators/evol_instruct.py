@@ -54,6 +54,13 @@ answered from the request cache, and `TaskSink.accept` skips tasks already on di
 `batches_done` (batches flushed by the earlier run) is used only to avoid writing those
 batches' rejects a second time.
 
+On `engine: ray` (`RunContext.lookahead` > 0) the loop first answers a window of whole
+batches (at least `lookahead` pool items) stage by stage, one teacher call (one Ray
+pipeline) per stage, into the request cache, and then runs those batches exactly as above
+from the cache: the same tasks, the same rejects with the same batch numbers, the same stop
+at `num` (at most one window is answered past it) and the same resume. Without the cache
+(`teacher.cache: off`) it does not look ahead: each batch's stages are pipelines of their own.
+
     datagen generate --method evol-instruct --seeds raw.jsonl --num 100 --out evol.jsonl
 """
 
@@ -329,11 +336,9 @@ class _Evolution:
     answer: Completion | None = None
 
 
-def whole_rounds(settings: EvolInstructConfig, seeds: Sequence[Task]) -> EvolInstructConfig:
-    """The settings for engine: ray: the whole pool in one batch, so each stage of a round
-    (rewrite, judge, answer) is one teacher call and one Ray pipeline. Every item's requests
-    are the same in any batching, so the tasks are the same; OUT is flushed once a round."""
-    return settings.model_copy(update={"items_per_batch": max(1, len(seeds))})
+def _window(lookahead: int, items_per_batch: int) -> int:
+    """Pool items answered ahead at once on engine: ray: whole batches, at least `lookahead`."""
+    return max(1, -(-lookahead // items_per_batch)) * items_per_batch
 
 
 def _have(sink: TaskSink) -> int:
@@ -355,9 +360,16 @@ def run_evol_instruct(seeds: Sequence[Task], settings: EvolInstructConfig, run: 
     backend = (teacher.backend.name, teacher.backend.model)
     pool = list(seeds)
     batch = 0
+    # engine: ray answers a window of whole batches ahead, stage by stage (a pipeline each),
+    # into the request cache; the batches below then run exactly as on engine: local
+    look_ahead = run.lookahead > 0 and teacher.cache is not None
     for round_number in range(1, settings.rounds + 1):
         next_pool = list(pool)
+        answered_to = 0
         for start in range(0, len(pool), settings.items_per_batch):
+            if look_ahead and start >= answered_to:
+                answered_to = start + _window(run.lookahead, settings.items_per_batch)
+                _evolve_batch(pool[start:answered_to], round_number, teacher, settings, seed, backend, _discard)
             replayed = batch < run.batches_done
             sink.at(batch, round_number)
             reject = _discard if replayed else sink.reject
