@@ -288,23 +288,34 @@ def filter_command(
         "filter.manual.overrides": ("--overrides", str(overrides_file) if overrides_file else None),
         "filter.skip_invalid": ("--skip-invalid", True if skip_invalid else None),
     })
+    _filter_on_engine("scale_filter.filter_command", engine, tasks, source, out, rejects, overrides, config,
+                      dict(workers=workers, partition=partition, time=slurm_time), work_dir)
+
+
+def _filter_on_engine(entry: str, engine: str, tasks: Optional[int], source: Path, out: Path,
+                      rejects: Optional[Path], overrides: dict, config: Optional[Path], engine_options: dict,
+                      work_dir: Optional[Path]) -> None:
+    """`filter`/`dedup`: one process (`--engine local`), or sharded on datatrove by
+    `datagen.<entry>` (`scale_filter.filter_command` or `scale_dedup.dedup_command`)."""
     if engine == "local":
         if tasks is not None:
             raise ConfigError("--tasks needs --engine datatrove, ray or slurm")
         return _filter(source, out, rejects, overrides, config)
+    import importlib
+
     from datagen.config_file import load_config
     from datagen.io import rejects_path
 
     try:
         from datagen.scale_dedup import EngineOptions
-        from datagen.scale_filter import filter_command as scaled_filter
+
+        module, function = entry.split(".")
+        command = getattr(importlib.import_module(f"datagen.{module}"), function)
     except ImportError as error:  # the `ray` extra is optional
         raise ConfigError(f"--engine {engine}: needs datatrove and ray[data] (pip install 'datagen[ray]'): {error}"
                           ) from error
-
-    options = EngineOptions(workers=workers, partition=partition, time=slurm_time)
-    typer.echo(scaled_filter(load_config(config, overrides), source, out, rejects or rejects_path(out), engine,
-                             tasks, options, work_dir, "datagen " + " ".join(sys.argv[1:])), err=True)
+    typer.echo(command(load_config(config, overrides), source, out, rejects or rejects_path(out), engine, tasks,
+                       EngineOptions(**engine_options), work_dir, "datagen " + " ".join(sys.argv[1:])), err=True)
 
 
 @app.command()
@@ -328,22 +339,8 @@ def dedup(
         "filter.passes": ("--passes", ["exact-dedup", "near-dedup"]),
         "filter.skip_invalid": ("--skip-invalid", True if skip_invalid else None),
     }
-    if engine == "local":
-        if tasks is not None:
-            raise ConfigError("--tasks needs --engine datatrove, ray or slurm")
-        return _filter(source, out, rejects, overrides, config)
-    from datagen.config_file import load_config
-    from datagen.io import rejects_path
-
-    try:
-        from datagen.scale_dedup import EngineOptions, dedup_command
-    except ImportError as error:  # the `ray` extra is optional
-        raise ConfigError(f"--engine {engine}: needs datatrove and ray[data] (pip install 'datagen[ray]'): {error}"
-                          ) from error
-
-    options = EngineOptions(workers=workers, partition=partition, time=slurm_time)
-    typer.echo(dedup_command(load_config(config, overrides), source, out, rejects or rejects_path(out), engine,
-                             tasks, options, work_dir, "datagen " + " ".join(sys.argv[1:])), err=True)
+    _filter_on_engine("scale_dedup.dedup_command", engine, tasks, source, out, rejects, overrides, config,
+                      dict(workers=workers, partition=partition, time=slurm_time), work_dir)
 
 
 @app.command("export")

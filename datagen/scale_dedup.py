@@ -197,27 +197,44 @@ def _rank_width(config: DedupConfig) -> int:
 # -- stage 1: read ------------------------------------------------------------------------------
 
 
+@dataclass
+class ShardTasks:
+    """The tasks of one byte-range shard, parsed as `read_tasks_lenient` parses lines: iterate
+    for (byte offset, line index in the shard, task); afterwards `lines` is the shard's line
+    count, `errors` its (index, problem) for lines that are not tasks, `fatal` its lines that
+    are not UTF-8 (which stop a run whatever skip_invalid says)."""
+
+    path: Path
+    rank: int
+    world_size: int
+    lines: int = 0
+    errors: list[tuple[int, str]] = field(default_factory=list)
+    fatal: list[tuple[int, str]] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[tuple[int, int, Task]]:
+        for offset, index, raw in shard_lines(self.path, self.rank, self.world_size):
+            self.lines = index + 1
+            line = _decode(raw, offset)
+            if line is None:
+                self.fatal.append((index, NOT_UTF8))
+                continue
+            if not line.strip():
+                continue
+            try:
+                task = Task.model_validate_json(line)
+            except ValidationError as error:
+                first = error.errors()[0]
+                self.errors.append((index, "invalid JSON" if first["type"] == "json_invalid"
+                                    else describe_validation_error(error)))
+                continue
+            yield offset, index, task
+
+
 def read_shard(plan: ScaleDedupPlan, rank: int, world_size: int) -> None:
     config, width = plan.config, _rank_width(plan.config)
     offsets, indexes, exact, node, ident, whole, ranks, starts, hashes, ids = ([] for _ in range(10))
-    errors: list[tuple[int, str]] = []  # (index in shard, problem)
-    fatal: list[tuple[int, str]] = []
-    lines = 0
-    for offset, index, raw in shard_lines(plan.source, rank, world_size):
-        lines = index + 1
-        line = _decode(raw, offset)
-        if line is None:
-            fatal.append((index, NOT_UTF8))
-            continue
-        if not line.strip():
-            continue
-        try:
-            task = Task.model_validate_json(line)
-        except ValidationError as error:
-            first = error.errors()[0]
-            problem = "invalid JSON" if first["type"] == "json_invalid" else describe_validation_error(error)
-            errors.append((index, problem))
-            continue
+    shard = ShardTasks(plan.source, rank, world_size)
+    for offset, index, task in shard:
         text = text_of(task, config.fields)
         tokens = rouge_tokens(text)
         offsets.append(offset)
@@ -238,7 +255,8 @@ def read_shard(plan: ScaleDedupPlan, rank: int, world_size: int) -> None:
               ident=np.array(ident, dtype="<u8").reshape(-1, 2), whole=np.array(whole, dtype="<u8").reshape(-1, 2),
               rank=np.array(ranks, dtype=np.float64).reshape(len(ranks), width),
               starts=np.array(starts, dtype=np.int64), hashes=np.array(hashes, dtype=np.uint64))
-    _save_json(out / f"{rank:05d}.json", {"lines": lines, "ids": ids, "errors": errors, "fatal": fatal})
+    _save_json(out / f"{rank:05d}.json", {"lines": shard.lines, "ids": ids, "errors": shard.errors,
+                                          "fatal": shard.fatal})
 
 
 # -- stage 2: group -----------------------------------------------------------------------------

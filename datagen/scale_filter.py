@@ -48,23 +48,22 @@ from typing import Any
 
 import numpy as np
 from datatrove.pipeline.base import PipelineStep
-from pydantic import ValidationError
 
 from datagen.errors import ConfigError, InputError
 from datagen.filtering import PASSES, FilterConfig, LazyTeacher
 from datagen.filters.base import PassContext
 from datagen.filters.decontaminate import EvalIndex, decontaminate_pass
 from datagen.filters.manual import read_overrides
-from datagen.io import atomic_write_json, atomic_write_text, describe_validation_error, stats_path
+from datagen.io import atomic_write_json, atomic_write_text, stats_path
 from datagen.records import Reject, Task
 from datagen.rejects import INVALID_LINE, STAGE_READ
 from datagen.scale_dedup import (
-    NOT_UTF8,
     STAGE_EXACT,
     STAGE_NEAR,
     DedupStage,
     EngineOptions,
     ScaleDedupPlan,
+    ShardTasks,
     _check_engine,
     _concatenate,
     _decode,
@@ -167,24 +166,8 @@ def segments_of(passes: list[str]) -> list[tuple[str, list[str]]]:
 def check_shard(plan: ScaleFilterPlan, rank: int, world_size: int) -> None:
     """Which lines of the shard are tasks; the id and task hashes the `lines` stage compares."""
     indexes, offsets, ident, whole = [], [], [], []
-    errors: list[tuple[int, str]] = []
-    fatal: list[tuple[int, str]] = []
-    lines = 0
-    for offset, index, raw in shard_lines(plan.source, rank, world_size):
-        lines = index + 1
-        line = _decode(raw, offset)
-        if line is None:
-            fatal.append((index, NOT_UTF8))
-            continue
-        if not line.strip():
-            continue
-        try:
-            task = Task.model_validate_json(line)
-        except ValidationError as error:
-            first = error.errors()[0]
-            errors.append((index, "invalid JSON" if first["type"] == "json_invalid"
-                           else describe_validation_error(error)))
-            continue
+    shard = ShardTasks(plan.source, rank, world_size)
+    for offset, index, task in shard:
         indexes.append(index)
         offsets.append(offset)
         ident.append(_key(task.id))
@@ -193,7 +176,7 @@ def check_shard(plan: ScaleFilterPlan, rank: int, world_size: int) -> None:
     _save_npz(out / f"{rank:05d}.npz", index=np.array(indexes, dtype=np.int64),
               offset=np.array(offsets, dtype=np.int64), ident=np.array(ident, dtype="<u8").reshape(-1, 2),
               whole=np.array(whole, dtype="<u8").reshape(-1, 2))
-    _save_json(out / f"{rank:05d}.json", {"lines": lines, "errors": errors, "fatal": fatal})
+    _save_json(out / f"{rank:05d}.json", {"lines": shard.lines, "errors": shard.errors, "fatal": shard.fatal})
 
 
 def check_lines(plan: ScaleFilterPlan, world_size: int) -> None:
