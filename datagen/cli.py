@@ -227,6 +227,12 @@ KeptOpt = Annotated[Path, typer.Option("--out", "-o", help="Where the kept tasks
 RejectsOpt = Annotated[
     Optional[Path], typer.Option("--rejects", help="Where rejected tasks go (default: OUT.rejects.jsonl).")
 ]
+# `filter`/`dedup --engine`: how the sharded run is laid out
+ShardsOpt = Annotated[Optional[int], typer.Option("--tasks", help="--engine: input shards (default: CPUs).")]
+WorkersOpt = Annotated[int, typer.Option("--workers", help="--engine: tasks at once (default: all).")]
+WorkDirOpt = Annotated[Optional[Path], typer.Option("--work-dir", help="--engine: stage files (default OUT.work).")]
+PartitionOpt = Annotated[Optional[str], typer.Option("--partition", help="--engine slurm: partition.")]
+SlurmTimeOpt = Annotated[str, typer.Option("--time", help="--engine slurm: time limit per task.")]
 SkipInvalidOpt = Annotated[
     bool, typer.Option("--skip-invalid", help="Count malformed lines as rejects instead of stopping.")
 ]
@@ -271,12 +277,11 @@ def filter_command(
     engine: Annotated[str, typer.Option(
         "--engine", help="local (one process) | datatrove (its processes on this machine) | ray | slurm: "
                          "the passes sharded, streaming the input.")] = "local",
-    tasks: Annotated[Optional[int], typer.Option("--tasks", help="--engine: input shards (default: CPUs).")] = None,
-    workers: Annotated[int, typer.Option("--workers", help="--engine: tasks at once (default: all).")] = -1,
-    work_dir: Annotated[Optional[Path], typer.Option("--work-dir", help="--engine: stage files (default OUT.work)."
-                                                     )] = None,
-    partition: Annotated[Optional[str], typer.Option("--partition", help="--engine slurm: partition.")] = None,
-    slurm_time: Annotated[str, typer.Option("--time", help="--engine slurm: time limit per task.")] = "24:00:00",
+    tasks: ShardsOpt = None,
+    workers: WorkersOpt = -1,
+    work_dir: WorkDirOpt = None,
+    partition: PartitionOpt = None,
+    slurm_time: SlurmTimeOpt = "24:00:00",
 ) -> None:
     """Run filter passes over a task JSONL; every rejected task is kept with its reason."""
     overrides = teacher_overrides(backend=backend, model=model, base_url=base_url,
@@ -327,12 +332,11 @@ def dedup(
     config: ConfigOpt = None,
     engine: Annotated[str, typer.Option(
         "--engine", help="local (one process) | datatrove (its processes on this machine) | ray | slurm.")] = "local",
-    tasks: Annotated[Optional[int], typer.Option("--tasks", help="--engine: input shards (default: CPUs).")] = None,
-    workers: Annotated[int, typer.Option("--workers", help="--engine: tasks at once (default: all).")] = -1,
-    work_dir: Annotated[Optional[Path], typer.Option("--work-dir", help="--engine: stage files (default OUT.work)."
-                                                     )] = None,
-    partition: Annotated[Optional[str], typer.Option("--partition", help="--engine slurm: partition.")] = None,
-    slurm_time: Annotated[str, typer.Option("--time", help="--engine slurm: time limit per task.")] = "24:00:00",
+    tasks: ShardsOpt = None,
+    workers: WorkersOpt = -1,
+    work_dir: WorkDirOpt = None,
+    partition: PartitionOpt = None,
+    slurm_time: SlurmTimeOpt = "24:00:00",
 ) -> None:
     """Shortcut for `filter --passes exact-dedup,near-dedup`; --engine runs it sharded on datatrove."""
     overrides = {
