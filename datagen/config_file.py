@@ -22,6 +22,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pydantic import model_validator
+
 from datagen.config import Strict, read_yaml, validate_config
 from datagen.distill import DistillConfig
 from datagen.engines.config import EngineConfig
@@ -44,6 +46,14 @@ class Config(Strict):
     dpo: DPOConfig = DPOConfig()
     eval: EvalConfig = EvalConfig()
     distill: DistillConfig = DistillConfig()
+
+    @model_validator(mode="after")
+    def _one_generic_system(self) -> Config:
+        # training on task JSONL with prompt erasure must use the system message the export would
+        for stage in (self.finetune, self.eval):
+            if stage.generic_system is None:
+                stage.generic_system = self.generate.orca.generic_system
+        return self
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, tuple[str, Any]] | None = None) -> Config:

@@ -109,14 +109,18 @@ def stage_settings(config, stage: str) -> dict[str, Any]:
     if stage == "export":
         return {"export": dump["export"], "formats": dump["distill"]["formats"],
                 "orca": {k: dump["generate"]["orca"][k] for k in ("prompt_erasure", "generic_system")}}
+    # generic_system acts on task JSONL only; distill trains and evaluates on the export, which
+    # applied the export's (`orca` above)
     if stage == "finetune":
-        return {"finetune": {k: v for k, v in dump["finetune"].items() if k not in ("save_every", "keep_checkpoints")}}
+        return {"finetune": {k: v for k, v in dump["finetune"].items()
+                             if k not in ("save_every", "keep_checkpoints", "generic_system")}}
     if stage == "preferences":
         return {"teacher": teacher, "preferences": dump["generate"]["preferences"], "pairs": dump["distill"]["pairs"],
                 "seed": dump["generate"]["seed"], "export": dump["export"]}
     if stage == "dpo":
         return {"dpo": {k: v for k, v in dump["dpo"].items() if k not in ("save_every", "keep_checkpoints", "base")}}
-    return {"eval": dump["eval"], "teacher": teacher if config.eval.judge else None}
+    return {"eval": {k: v for k, v in dump["eval"].items() if k != "generic_system"},
+            "teacher": teacher if config.eval.judge else None}
 
 
 def fingerprints(config) -> dict[str, str]:

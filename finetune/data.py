@@ -81,8 +81,10 @@ class EncodedSet:
 # ----------------------------------------------------------------------------- reading
 
 
-def load_conversations(path: str | Path, *, prompt_erasure: bool = False) -> list[Conversation]:
-    """Every conversation in `path` (see the module docstring for the formats)."""
+def load_conversations(path: str | Path, *, prompt_erasure: bool = False,
+                       generic_system: str | None = None) -> list[Conversation]:
+    """Every conversation in `path` (see the module docstring for the formats); with
+    `prompt_erasure`, Orca tasks get `generic_system` (default: datagen.chat.GENERIC_SYSTEM)."""
     path = Path(path)
     if path.is_dir():
         path = path / "train.jsonl"
@@ -94,7 +96,7 @@ def load_conversations(path: str | Path, *, prompt_erasure: bool = False) -> lis
         rows = [(f"{path}:{number}", row) for number, row in read_jsonl(path)]
     conversations: list[Conversation] = []
     for where, row in rows:
-        conversations.extend(_conversations_from_row(where, row, prompt_erasure))
+        conversations.extend(_conversations_from_row(where, row, prompt_erasure, generic_system))
     if not conversations:
         raise InputError(f"{path}: no examples in file (is the split empty?)")
     return conversations
@@ -110,7 +112,8 @@ def _json_array_rows(path: Path, text: str) -> list[tuple[str, dict]]:
     return [(f"{path}[{index}]", row) for index, row in enumerate(value)]
 
 
-def _conversations_from_row(where: str, row: dict[str, Any], prompt_erasure: bool = False) -> list[Conversation]:
+def _conversations_from_row(where: str, row: dict[str, Any], prompt_erasure: bool = False,
+                            generic_system: str | None = None) -> list[Conversation]:
     from datagen.chat import user_turn
 
     if "messages" in row:
@@ -122,7 +125,7 @@ def _conversations_from_row(where: str, row: dict[str, Any], prompt_erasure: boo
         pair = _pair(where, _text(where, row, "prompt"), _text(where, row, "completion"))
         return [Conversation(((("system", system),) if system else ()) + pair.messages, where)]
     if "instances" in row:
-        return _task_conversations(where, row, prompt_erasure)
+        return _task_conversations(where, row, prompt_erasure, generic_system)
     if "instruction" in row and "output" in row:
         given = row.get("input") or ""
         if not isinstance(given, str):
@@ -134,10 +137,11 @@ def _conversations_from_row(where: str, row: dict[str, Any], prompt_erasure: boo
     )
 
 
-def _task_conversations(where: str, row: dict[str, Any], prompt_erasure: bool = False) -> list[Conversation]:
+def _task_conversations(where: str, row: dict[str, Any], prompt_erasure: bool = False,
+                        generic_system: str | None = None) -> list[Conversation]:
     from pydantic import ValidationError
 
-    from datagen.chat import instance_messages
+    from datagen.chat import GENERIC_SYSTEM, instance_messages
     from datagen.io import describe_validation_error
     from datagen.records import Task
 
@@ -146,7 +150,8 @@ def _task_conversations(where: str, row: dict[str, Any], prompt_erasure: bool = 
     except ValidationError as error:
         raise InputError(f"{where}: {describe_validation_error(error)}") from None
     return [
-        Conversation(_checked_messages(where, instance_messages(task, instance, prompt_erasure=prompt_erasure)),
+        Conversation(_checked_messages(where, instance_messages(task, instance, prompt_erasure=prompt_erasure,
+                                                                generic_system=generic_system or GENERIC_SYSTEM)),
                      f"{where}#{index}")
         for index, instance in enumerate(task.instances)
     ]

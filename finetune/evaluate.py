@@ -45,6 +45,7 @@ class EvalConfig(Strict):
     samples_in_report: int = Field(3, ge=0)
     # held-out task JSONL: Orca tasks with the generic system message, as finetune.prompt_erasure
     prompt_erasure: bool = False
+    generic_system: str | None = Field(None, min_length=1)  # as finetune.generic_system
 
 
 def held_out_path(data: str | Path) -> Path:
@@ -155,7 +156,8 @@ def evaluate(
     from datagen.finetune.data import load_conversations
 
     source = held_out_path(data)
-    conversations = load_conversations(source, prompt_erasure=config.prompt_erasure)
+    conversations = load_conversations(source, prompt_erasure=config.prompt_erasure,
+                                       generic_system=config.generic_system)
     if config.max_examples:
         conversations = conversations[: config.max_examples]
     tuned_model = resolve_student(tuned)

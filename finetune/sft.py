@@ -106,6 +106,8 @@ class FinetuneConfig(Strict):
     # Orca 2 prompt erasure when training on task JSONL: Orca tasks get the generic system
     # message (datagen.chat.GENERIC_SYSTEM) instead of their own (exports apply it themselves)
     prompt_erasure: bool = False
+    # None: generate.orca.generic_system of the same config file (the export's), else the default
+    generic_system: str | None = Field(None, min_length=1)
     seed: int = 0
     # runtime
     device: str = "auto"
@@ -513,9 +515,9 @@ def fingerprint(config: FinetuneConfig, data_ids: Sequence[Sequence[int]], base_
     The number of ranks shapes the global batch; ddp and fsdp train the same numbers but save
     the optimiser state in different layouts, so one does not resume the other."""
     digest = hashlib.sha256()
-    # prompt_erasure shapes the data, which is hashed below; leaving it (and distributed,
-    # and a world size of 1) out keeps checkpoints made before those options existed resumable
-    ignored = {"save_every", "keep_checkpoints", "merge", "device", "prompt_erasure", "distributed"}
+    # prompt_erasure and generic_system shape the data, which is hashed below; leaving them (and
+    # distributed, and a world size of 1) out keeps checkpoints made before those options existed resumable
+    ignored = {"save_every", "keep_checkpoints", "merge", "device", "prompt_erasure", "generic_system", "distributed"}
     digest.update(config.model_dump_json(exclude=ignored).encode())
     digest.update(base_path.encode())
     if world_size > 1:
@@ -664,7 +666,8 @@ def _train(config: FinetuneConfig, data: str | Path, out_dir: Path, show_progres
         require_qlora_support(device)
     precision = precision_for(config, device)
     base_path = resolve_model(config.base)
-    conversations = load_conversations(data, prompt_erasure=config.prompt_erasure)
+    conversations = load_conversations(data, prompt_erasure=config.prompt_erasure,
+                                       generic_system=config.generic_system)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model_limit = _context_length(base_path)

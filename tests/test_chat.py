@@ -98,6 +98,30 @@ def test_finetune_on_an_orca_task_file_honours_prompt_erasure(tmp_path):
     assert FinetuneConfig().prompt_erasure is False
 
 
+def test_finetune_and_eval_on_task_files_use_the_exports_generic_system(tmp_path):
+    """A custom generate.orca.generic_system reaches training and evaluation on task JSONL,
+    as it reaches the export; finetune.generic_system / eval.generic_system override it."""
+    from datagen.finetune.evaluate import EvalConfig
+    from datagen.finetune.sft import FinetuneConfig
+
+    source = tmp_path / "orca.jsonl"
+    write_jsonl_atomic(source, [ORCA])
+    config = tmp_path / "config.yaml"
+    config.write_text("generate:\n  orca:\n    prompt_erasure: true\n    generic_system: Be useful.\n"
+                      "finetune:\n  prompt_erasure: true\neval:\n  prompt_erasure: true\n"
+                      "  generic_system: Be brief.\n")
+    loaded = load_config(config)
+    assert (loaded.finetune.generic_system, loaded.eval.generic_system) == ("Be useful.", "Be brief.")
+    [tuned] = load_conversations(source, prompt_erasure=True, generic_system=loaded.finetune.generic_system)
+    assert tuned.messages[0] == ("system", "Be useful.")
+    export = tmp_path / "export"
+    run_export(loaded, source, "messages", export)
+    [exported] = load_conversations(export / "train.jsonl")
+    assert exported.messages == tuned.messages
+    assert load_config(None).finetune.generic_system == GENERIC_SYSTEM
+    assert FinetuneConfig().generic_system is None and EvalConfig().generic_system is None
+
+
 def test_prompt_completion_rows_keep_their_system_message(tmp_path):
     path = tmp_path / "pc.jsonl"
     path.write_text('{"prompt": "Say hi.", "completion": "Hi!", "system": "Be brief."}\n'
