@@ -37,7 +37,7 @@ GENERATORS: dict[str, GenerationMethod] = {
                                       evol_instruct.EvolInstructConfig, looks_ahead=True),
     "orca": GenerationMethod(orca.run_orca, "orca", orca.OrcaConfig, plan=orca.planned_requests),
     "preferences": GenerationMethod(preferences.run_preferences, "preferences", preferences.PreferencesConfig,
-                                    preferences.PreferencePair),
+                                    preferences.PreferencePair, looks_ahead=True),
 }
 
 Method = Literal[tuple(GENERATORS)]  # type: ignore[valid-type]

@@ -621,3 +621,36 @@ def test_responders_with_their_own_backend_count_in_the_summary_and_the_estimate
     assert "responder hot scripted:prefs: 6 requests, 2 cache hits, 0 failures; tokens 60 prompt + 36 completion" \
         in format_summary(summary)
     assert "all teachers: 21 requests, 8 cache hits" in format_summary(summary)
+
+
+# ---------------------------------------------------------------- engine: ray
+
+
+def test_preferences_on_ray_look_ahead_and_write_what_local_writes(tmp_path):
+    """On engine: ray the loop answers a window of batches ahead, one pipeline per stage, then
+    runs local's batches from the cache: pairs and rejects byte for byte local's."""
+    import os
+    import sys
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray = pytest.importorskip("ray")
+    from datagen.engines.config import EngineConfig
+    from datagen.engines.ray_generate import ray_teacher
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    run(tmp_path / "local", SampledScript())
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        config = TeacherConfig(model="prefs", cache_dir=str(tmp_path / "ray" / "cache"))
+        engine = EngineConfig(kind="ray", replicas=2, batch_size=2)  # a window of 4 prompts: both batches
+        with ray_teacher(config, engine, lambda _config: SampledScript(), name="scripted") as teacher:
+            with TaskSink(tmp_path / "ray" / "pairs.jsonl", PreferencePair) as sink:
+                run_preferences(SEEDS, SETTINGS, RunContext(teacher, sink, num=10, seed=7, lookahead=4))
+            pipelines, sent = teacher.backend.pipelines, teacher.stats.requests_sent
+    finally:
+        ray.shutdown()
+    for name in ("pairs.jsonl", "pairs.rejects.jsonl"):
+        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+    # ahead: each responder's replies, then the ratings (3 pipelines); the batches then read
+    # the cache, but for the failed reply (failures are not cached), asked again in its batch
+    assert pipelines == 3 + 1 and sent == 29 + 1

@@ -291,7 +291,7 @@ def test_engine_section_is_validated_with_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"yaml: engine: Value error, replicas is for kind: ray"):
         config_for(tmp_path, "x", "orca", 1, {"replicas": 2})
     with pytest.raises(ConfigError,
-                       match=r"engine.kind: ray runs evol-instruct, orca; self-instruct runs on engine: local only"):
+                       match=r"engine.kind: ray runs evol-instruct, orca, preferences; self-instruct runs on engine: local only"):
         run_generate(config_for(tmp_path, "x", "self-instruct", 1, {"kind": "ray"}), "test")
     assert ray_route("openai", "http://127.0.0.1:8000/v1") == ROUTE_HTTP
     assert ray_route("openai", ["http://a/v1", "http://b/v1"]) == ROUTE_ACTORS

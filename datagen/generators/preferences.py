@@ -60,6 +60,13 @@ comparison of chosen with rejected.
 Resume is replay, as for Orca: ids are `stable_id("pref", task id, instance index)`, a
 rerun skips prompts already in OUT, answers everything else from the request cache (same
 seeds, so the same requests), and writes no reject already in OUT's rejects file.
+
+On `engine: ray` (`RunContext.lookahead` > 0) the loop first answers a window of whole
+batches (at least `lookahead` prompts, no more than `--num` still needs) stage by stage —
+responses, then ratings or comparisons, each one teacher call, so one Ray pipeline — into
+the request caches, then runs its batches exactly as on `engine: local`, from the caches.
+Responders with a backend of their own answer in this process. Without a cache on every
+teacher involved it does not look ahead (it would pay twice).
 """
 
 from __future__ import annotations
@@ -71,7 +78,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -467,26 +474,26 @@ def run_preferences(seeds: Sequence[Task], settings: PreferencesConfig, run: Run
         for task in seeds
         for index, instance in enumerate(instances_to_answer(task, settings.max_instances_per_task))
     ]
-    pending = iter(job for job in jobs_all if job.pair_id not in done)
+    pending = [job for job in jobs_all if job.pair_id not in done]
     plan = responder_plan(settings.responders, settings.responses_per_prompt)
     with ExitStack() as stack:
         teachers = _open_responders(stack, settings, judge, run.open_teacher)
-        batch = run.batches_done
+        # engine: ray answers a window of whole batches ahead, stage by stage (a pipeline each),
+        # into the request caches; the batches below then run exactly as on engine: local
+        look_ahead = run.lookahead > 0 and all(t.cache is not None for t in [judge, *teachers])
+        window = max(1, -(-run.lookahead // settings.items_per_batch)) * settings.items_per_batch
+        batch, taken, answered_to = run.batches_done, 0, 0
         while have < run.num:
-            jobs = []
-            for job in pending:
-                jobs.append(job)
-                if len(jobs) >= min(settings.items_per_batch, run.num - have):
-                    break
+            jobs = pending[taken : taken + min(settings.items_per_batch, run.num - have)]
             if not jobs:
                 break
+            if look_ahead and taken >= answered_to:
+                answered_to = taken + min(window, run.num - have)
+                ahead = [_Job(j.task, j.index, j.instance, j.prompt) for j in pending[taken:answered_to]]
+                _judge_batch(ahead, settings, teachers, plan, seed, judge, judge_params, _ignore)
+            taken += len(jobs)
             sink.at(batch)
-            _respond(jobs, settings, teachers, plan, seed)
-            asks = _usable(jobs, settings, reject)
-            if settings.chosen_responder is None and settings.judging == JUDGING_PAIRWISE:
-                _compare(jobs, settings, judge, judge_params, reject)
-            elif settings.chosen_responder is None:
-                _rate(asks, judge, judge_params, reject)
+            _judge_batch(jobs, settings, teachers, plan, seed, judge, judge_params, reject)
             pairs = [pair for job in jobs if (pair := _pair(job, settings, seed, judge, judge_params, template,
                                                               teachers, reject)) is not None]
             fresh = sink.accept(pairs)
@@ -496,6 +503,22 @@ def run_preferences(seeds: Sequence[Task], settings: PreferencesConfig, run: Run
             run.on_batch_done(batch)
             run.progress(len(fresh))
     sink.flush()
+
+
+def _judge_batch(jobs: list[_Job], settings: PreferencesConfig, teachers: list[Teacher],
+                 plan: list[tuple[int, int]], seed: int, judge: Teacher, judge_params: SamplingParams,
+                 reject: Callable[..., None]) -> None:
+    """Responses, then ratings or comparisons (unless a responder is chosen), for `jobs`."""
+    _respond(jobs, settings, teachers, plan, seed)
+    asks = _usable(jobs, settings, reject)
+    if settings.chosen_responder is None and settings.judging == JUDGING_PAIRWISE:
+        _compare(jobs, settings, judge, judge_params, reject)
+    elif settings.chosen_responder is None:
+        _rate(asks, judge, judge_params, reject)
+
+
+def _ignore(_reason: str, **_fields: Any) -> None:
+    """Stands in for the rejects while answering ahead: the batch itself writes them."""
 
 
 def _respond(jobs: list[_Job], settings: PreferencesConfig, teachers: list[Teacher],
@@ -513,7 +536,7 @@ def _respond(jobs: list[_Job], settings: PreferencesConfig, teachers: list[Teach
 
 
 def _usable(jobs: list[_Job], settings: PreferencesConfig,
-            reject: ReplayedRejects) -> list[tuple[str, _Candidate, list]]:
+            reject: Callable[..., None]) -> list[tuple[str, _Candidate, list]]:
     """Mark the usable replies, reject the others; return the rating requests of the usable
     (none when replies are not rated one by one)."""
     rating = settings.chosen_responder is None and settings.judging == JUDGING_RATING
@@ -537,7 +560,7 @@ def _usable(jobs: list[_Job], settings: PreferencesConfig,
 
 
 def _rate(asks: list[tuple[str, _Candidate, list]], judge: Teacher, params: SamplingParams,
-          reject: ReplayedRejects) -> None:
+          reject: Callable[..., None]) -> None:
     """Rate every usable reply in one judge call; reject the unreadable ratings."""
     verdicts = judge.complete([messages for _w, _c, messages in asks], params)
     for (where, candidate, _messages), [verdict] in zip(asks, verdicts):
@@ -554,7 +577,7 @@ _OPERATIONS = {JUDGING_RATING: "preferences:rate", JUDGING_PAIRWISE: "preference
 
 
 def _compare(jobs: list[_Job], settings: PreferencesConfig, judge: Teacher, params: SamplingParams,
-             reject: ReplayedRejects) -> None:
+             reject: Callable[..., None]) -> None:
     """Judge every two usable replies of each prompt in both orders, in one judge call; reject
     the unreadable verdicts."""
     asks: list[tuple[_Job, int, int]] = []
