@@ -754,7 +754,8 @@ def start_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), log_to_driver=False)
+        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False, logging_level="WARNING",
+                 log_to_driver=False)
 
 
 def run_executors(work: Path, executors: list, what: str, error_files: list[Path]) -> dict[str, float]:
