@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from datagen.config import Strict, with_sections
+from datagen.engines.open_teacher import open_teacher
 from datagen.errors import ConfigError
 from datagen.generators import alpaca, evol_instruct, orca, preferences, self_instruct
 from datagen.generators.common import GenerationMethod, RunContext, TaskSink, instances_toward_target
@@ -75,20 +76,16 @@ def _batches_done(output: Path, method: str) -> int:
 
 
 def make_run_teacher(config) -> Teacher:
-    """The run's teacher: in this process (`engine: local`) or over Ray (`engine: ray`)."""
-    engine = config.engine
-    if engine.kind == "local":
-        return make_teacher(config.teacher)
+    """The run's teacher: in this process (`engine: local`) or over Ray (`engine: ray`, for
+    the methods that can use it)."""
     method = GENERATORS[config.generate.method]
-    if method.plan is None and not method.looks_ahead:
+    if config.engine.kind == "ray" and method.plan is None and not method.looks_ahead:
         raise ConfigError(
             f"engine.kind: ray runs {', '.join(n for n, m in GENERATORS.items() if m.plan or m.looks_ahead)}; "
             f"{config.generate.method} runs on engine: local only (to spread it over several servers, list them in "
             "teacher.base_url)"
         )
-    from datagen.engines.ray_generate import ray_teacher
-
-    return ray_teacher(config.teacher, engine)
+    return open_teacher(config.teacher, config.engine)
 
 
 def run_generate(config, command_line: str, teacher_factory: Callable[[], Teacher] | None = None,

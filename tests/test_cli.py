@@ -252,12 +252,11 @@ def test_missing_api_key_is_said_before_generating(tmp_path, monkeypatch):
 # the Evol-Instruct tests so it runs in a second.
 SCRIPTED_GENERATE = """
 import sys
-import datagen.generate
+import datagen.teachers.teacher
 from datagen.cli import main
-from datagen.teachers.teacher import Teacher
 from tests.test_evol_instruct import FaultyBackend
 
-datagen.generate.make_teacher = lambda config: Teacher(FaultyBackend(), config)
+datagen.teachers.teacher.make_backend = lambda config: FaultyBackend()
 main(sys.argv[1:])
 """
 

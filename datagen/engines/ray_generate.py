@@ -247,7 +247,9 @@ class RayBackend:
     `name` and `model` are the configured teacher's, so cache keys do not change. Requests
     announced with `plan` are answered from one streaming pipeline started on the first
     `generate`, read by a thread that caches each reply as it arrives (in `cache_path`,
-    when set); any other request goes out in a pipeline of its own call.
+    when set); any other request goes out in a pipeline of its own call. Ray is joined (or
+    started) by `connect`, at the latest before the first pipeline, and shut down on
+    `close` when this backend started it.
     """
 
     def __init__(self, teacher: TeacherConfig, engine: EngineConfig, backend_factory: BackendFactory | None = None,
@@ -266,6 +268,23 @@ class RayBackend:
         self._reader: _StreamReader | None = None
         self._ahead: dict[str, Completion] = {}  # replies streamed back before the loop asked for them
         self.pipelines = 0
+        self._connected = False
+        self._started_ray = False
+
+    def connect(self) -> None:
+        """Join `engine.address` (or start Ray on this machine) unless Ray is up already."""
+        if self._connected:
+            return
+        ray = import_ray()
+        if not ray.is_initialized():
+            try:
+                ray.init(address=self.engine.address or "local", include_dashboard=False, logging_level="WARNING",
+                         log_to_driver=False)
+            except ConnectionError as error:
+                raise TeacherError(
+                    f"engine.address: cannot reach the Ray cluster at {self.engine.address}: {error}") from None
+            self._started_ray = True
+        self._connected = True
 
     def key(self, request: Request) -> str:
         return request_key(self.name, self.model, request)
@@ -290,6 +309,7 @@ class RayBackend:
         keys = [self.key(request) for request in requests]
         unplanned = [index for index, key in enumerate(keys) if self._planned[key] <= 0]
         if unplanned:
+            self.connect()
             self.pipelines += 1
             rows = [request_row(seq, keys[index], requests[index]) for seq, index in enumerate(unplanned)]
             for row in stream_replies(rows, self.route, self.teacher_config, self.engine, self.backend_factory):
@@ -300,6 +320,7 @@ class RayBackend:
 
     def _take(self, key: str) -> Completion:
         if self._reader is None:
+            self.connect()
             self.pipelines += 1
             stream = stream_replies(self._rows, self.route, self.teacher_config, self.engine, self.backend_factory)
             self._reader = _StreamReader(stream, self.cache_path)
@@ -317,6 +338,11 @@ class RayBackend:
         if self._reader is not None:
             self._reader.close()  # stops the pipeline when the loop finished early (num reached)
             self._reader = None
+        if self._started_ray:
+            import ray
+
+            ray.shutdown()
+            self._started_ray = self._connected = False
 
 
 class _StreamReader:
@@ -372,25 +398,23 @@ class _StreamReader:
 
 
 def ray_teacher(teacher: TeacherConfig, engine: EngineConfig, backend_factory: BackendFactory | None = None,
-                name: str | None = None) -> RayTeacher:
+                name: str | None = None, connect_now: bool = True) -> RayTeacher:
     """A Teacher (cache and statistics in the driver) whose backend is `RayBackend`.
 
-    Connects to `engine.address` (or starts Ray on this machine) unless Ray is already up;
+    Connects to `engine.address` (or starts Ray on this machine) unless Ray is already up:
+    here (`connect_now`, so an unreachable cluster fails before any output is written), or
+    else at the first request not in the cache (a rerun answered from the cache never
+    starts Ray). A Ray started here is shut down when the teacher closes.
     `backend_factory` replaces the configured backend in the actor route (tests inject a
     scripted one, named `name` in cache keys).
     """
     if engine.tensor_parallel > 1 and teacher.backend != "vllm":
         raise ConfigError("engine.tensor_parallel: only teacher.backend: vllm splits a model across devices")
-    ray = import_ray()
-    started = False
-    if not ray.is_initialized():
-        try:
-            ray.init(address=engine.address or "local", include_dashboard=False, logging_level="WARNING",
-                     log_to_driver=False)
-        except ConnectionError as error:
-            raise TeacherError(f"engine.address: cannot reach the Ray cluster at {engine.address}: {error}") from None
-        started = True
-    return RayTeacher(RayBackend(teacher, engine, backend_factory, name), teacher, shutdown=started)
+    import_ray()  # a missing install is one line now, not at the first request
+    backend = RayBackend(teacher, engine, backend_factory, name)
+    if connect_now:
+        backend.connect()
+    return RayTeacher(backend, teacher)
 
 
 class _PlannedFirst:
@@ -416,9 +440,8 @@ class RayTeacher(Teacher):
 
     backend: RayBackend
 
-    def __init__(self, backend: RayBackend, config: TeacherConfig, shutdown: bool = False):
+    def __init__(self, backend: RayBackend, config: TeacherConfig):
         super().__init__(backend, config)
-        self._shutdown = shutdown
         if self.cache is not None:
             backend.cache_path = self.cache.path
             self.cache = _PlannedFirst(self.cache, backend)  # type: ignore[assignment]
@@ -432,11 +455,4 @@ class RayTeacher(Teacher):
     @staticmethod
     def requests(messages: Sequence[Message], params: SamplingParams) -> list[Request]:
         return [Request.build(messages, _single_sample(params, sample), sample) for sample in range(params.n)]
-
-    def close(self) -> None:
-        super().close()
-        if self._shutdown:
-            import ray
-
-            ray.shutdown()
 

@@ -271,11 +271,11 @@ def write_natural_instructions(
     with ExitStack() as stack:
         teachers = []
 
-        def teacher():
+        def teacher():  # on the configured engine; Ray starts at the first reply not in the cache
             if not teachers:
-                from datagen.teachers.teacher import make_teacher
+                from datagen.engines.open_teacher import open_teacher
 
-                teachers.append(stack.enter_context(make_teacher(config.teacher)))
+                teachers.append(stack.enter_context(open_teacher(config.teacher, config.engine, connect_now=False)))
             return teachers[0]
 
         categories, sources = _categories(settings, tasks, teacher)
@@ -308,7 +308,8 @@ def write_natural_instructions(
         elif wanting:
             why_none.update({t.id: "no rejected output to show, and teacher negatives are off" for t in wanting})
         if teachers:
-            summary["negative_teacher"] = {"teacher": teachers[0].name, **teachers[0].stats.as_dict()}
+            summary["negative_teacher"] = {"teacher": teachers[0].name, **teachers[0].stats.as_dict(),
+                                           **_engine_fields(config.engine, teachers[0])}
     without = [t for t in tasks if not files[t.id]["Negative Examples"]]
     summary["categories"] = dict(Counter(categories[t.id] for t in tasks).most_common())
     summary["category_sources"] = dict(Counter(sources.values()).most_common())
@@ -366,3 +367,13 @@ def _categories(settings: ExportConfig, tasks: Sequence[Task], teacher) -> tuple
         categories.update(picked)
         sources.update({task_id: SOURCE_TEACHER for task_id in picked})
     return categories, sources
+
+
+def _engine_fields(engine, teacher) -> dict[str, Any]:
+    """Where the teacher ran, for the summary: nothing on `engine: local` (the summary stays as
+    it was), the route, replicas and pipelines started (one per teacher call with requests not
+    in the cache) on `engine: ray`."""
+    if engine.kind != "ray":
+        return {}
+    return {"engine": {"kind": engine.kind, "route": teacher.backend.route, "replicas": engine.replicas,
+                       "pipelines": teacher.backend.pipelines}}
