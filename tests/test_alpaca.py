@@ -28,6 +28,7 @@ from datagen.io import read_records, read_tasks, rejects_path
 from datagen.records import Instance, Task
 from datagen.teachers.base import Completion, Request
 from datagen.teachers.cache import RequestCache, request_key
+from tests.helpers import WORDS, alpaca_reply
 
 SEEDS = [
     Task(id="seed_a", instruction="Give three tips for staying\n healthy:",
@@ -556,35 +557,6 @@ def test_end_to_end_on_the_embedded_model_with_resume(tmp_path):
 
 
 # -- batches answered ahead (batches_ahead): the same run, fewer teacher calls --------------------
-
-WORDS = ("river bakery ledger comet violin harbor pepper glacier tunnel orchard lantern compass meadow "
-         "quarry falcon pillow satchel thistle beacon canyon walnut saddle cobalt ferry marble nectar "
-         "oyster parcel quiver ribbon summit timber umbrella velvet wagon yarrow zephyr anchor bramble").split()
-VERBS = ("Describe", "Explain", "Summarize", "List", "Compare", "Rewrite", "Classify", "Suggest")
-
-
-def alpaca_reply(prompt: str, salt: str = "") -> Completion:
-    """A deterministic Alpaca reply for `prompt` (and `salt`, e.g. the sampling seed): five
-    items, mostly valid and varied, some blacklisted, malformed, sharing an input, or cut off."""
-    rng = random.Random(f"{prompt}|{salt}")
-    pieces = []
-    for number in range(4, 9):
-        words = rng.sample(WORDS, 4)
-        instruction = f"{rng.choice(VERBS)} the {words[0]} {words[1]} near a {words[2]} {words[3]}."
-        if rng.random() < 0.1:
-            instruction = f"Play some music about a {words[0]}."
-        text = rng.choice(["<noinput>", f"A {words[1]} by the {words[3]}.", "The shared input of many tasks."])
-        output = "" if rng.random() < 0.05 else f"It is about the {words[2]}."
-        fields = [f"{number}. Instruction: {instruction}", f"{number}. Input:\n{text}", f"{number}. Output:\n{output}"]
-        if rng.random() < 0.1:
-            fields.pop(1)  # malformed
-        pieces.append("\n".join(fields) + "\n")
-    text = "###\n".join(pieces)
-    finish = "stop"
-    if rng.random() < 0.2:
-        text, finish = text[: len(text) - 15], "length"
-    return Completion(" " + text.split(". Instruction: ", 1)[1], finish, 600, len(text.split()))
-
 
 class SeededScript:
     """A Backend answering with `alpaca_reply(prompt, sampling seed)`; records each call's

@@ -109,6 +109,7 @@ def test_several_jobs_with_their_own_sampling_go_out_in_one_backend_call(tmp_pat
     assert teacher.stats.requests_sent == 4
     # the same keys as `complete`: each job comes back from the cache, nothing sent again
     again = [teacher.complete(b, SamplingParams(seed=2, n=2)), teacher.complete(*jobs[0])]
-    assert [texts(r) for r in again] == [texts(for_b), texts(for_a)] and all(c.cached for r in again for s in r for c in s)
+    assert [texts(r) for r in again] == [texts(for_b), texts(for_a)]
+    assert all(c.cached for replies in again for samples in replies for c in samples)
     assert len(calls) == 1 and teacher.stats.cache_hits == 4
     teacher.close()
