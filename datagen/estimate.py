@@ -68,6 +68,16 @@ class TallyingTeacher:
                 self.completion_tokens += reply.completion_tokens
         return replies
 
+    def complete_many(self, jobs, progress: Callable[[int], None] | None = None):
+        # a window answered ahead: its time counts; its replies are tallied when the loop
+        # takes them from the cache through `complete`
+        sent_before = self.teacher.stats.requests_sent
+        started = time.monotonic()
+        replies = self.teacher.complete_many(jobs, progress)
+        if self.teacher.stats.requests_sent > sent_before:
+            self.seconds_sending += time.monotonic() - started
+        return replies
+
     def __enter__(self) -> TallyingTeacher:
         return self
 

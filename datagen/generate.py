@@ -33,7 +33,7 @@ from datagen.teachers.teacher import Teacher, TeacherConfig, make_teacher, run_s
 GENERATORS: dict[str, GenerationMethod] = {
     "self-instruct": GenerationMethod(self_instruct.run_self_instruct, "self_instruct",
                                       self_instruct.SelfInstructConfig),
-    "alpaca": GenerationMethod(alpaca.run_alpaca, "alpaca", alpaca.AlpacaConfig),
+    "alpaca": GenerationMethod(alpaca.run_alpaca, "alpaca", alpaca.AlpacaConfig, looks_ahead=True),
     "evol-instruct": GenerationMethod(evol_instruct.run_evol_instruct, "evol_instruct",
                                       evol_instruct.EvolInstructConfig, looks_ahead=True),
     "orca": GenerationMethod(orca.run_orca, "orca", orca.OrcaConfig, plan=orca.planned_requests),

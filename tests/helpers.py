@@ -7,6 +7,7 @@ runner for the real `datagen` entry point. Fixtures stay in conftest.py.
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -65,6 +66,37 @@ class ScriptedBackend:
 
     def close(self) -> None:
         pass
+
+
+# -- a scripted Alpaca teacher (tests/test_alpaca.py, tests/test_ray_generate.py) ---------------
+
+WORDS = ("river bakery ledger comet violin harbor pepper glacier tunnel orchard lantern compass meadow "
+         "quarry falcon pillow satchel thistle beacon canyon walnut saddle cobalt ferry marble nectar "
+         "oyster parcel quiver ribbon summit timber umbrella velvet wagon yarrow zephyr anchor bramble").split()
+VERBS = ("Describe", "Explain", "Summarize", "List", "Compare", "Rewrite", "Classify", "Suggest")
+
+
+def alpaca_reply(prompt: str, salt: str = "") -> Completion:
+    """A deterministic Alpaca reply for `prompt` (and `salt`, e.g. the sampling seed): five
+    items, mostly valid and varied, some blacklisted, malformed, sharing an input, or cut off."""
+    rng = random.Random(f"{prompt}|{salt}")
+    pieces = []
+    for number in range(4, 9):
+        words = rng.sample(WORDS, 4)
+        instruction = f"{rng.choice(VERBS)} the {words[0]} {words[1]} near a {words[2]} {words[3]}."
+        if rng.random() < 0.1:
+            instruction = f"Play some music about a {words[0]}."
+        text = rng.choice(["<noinput>", f"A {words[1]} by the {words[3]}.", "The shared input of many tasks."])
+        output = "" if rng.random() < 0.05 else f"It is about the {words[2]}."
+        fields = [f"{number}. Instruction: {instruction}", f"{number}. Input:\n{text}", f"{number}. Output:\n{output}"]
+        if rng.random() < 0.1:
+            fields.pop(1)  # malformed
+        pieces.append("\n".join(fields) + "\n")
+    text = "###\n".join(pieces)
+    finish = "stop"
+    if rng.random() < 0.2:
+        text, finish = text[: len(text) - 15], "length"
+    return Completion(" " + text.split(". Instruction: ", 1)[1], finish, 600, len(text.split()))
 
 
 # -- the command line ------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from datagen.io import read_records, read_tasks, rejects_path
 from datagen.records import Instance, Task
 from datagen.teachers.base import Completion, Request
 from datagen.teachers.cache import RequestCache, request_key
+from tests.helpers import WORDS, alpaca_reply
 
 SEEDS = [
     Task(id="seed_a", instruction="Give three tips for staying\n healthy:",
@@ -482,6 +483,7 @@ def test_end_to_end_on_the_embedded_model_with_resume(tmp_path):
         prompts_per_batch=2,
         max_stalled_batches=2,
         sampling=SamplingParams(temperature=1.0, top_p=1.0, max_tokens=200, stop=("\n20", "20.")),
+        batches_ahead=1,  # the kill below comes after batch 0's replies: no window ahead
     )
     teacher_config = TeacherConfig(backend="local", cache_dir=str(tmp_path / "cache"), batch_size=4)
     out = tmp_path / "raw.jsonl"
@@ -552,3 +554,105 @@ def test_end_to_end_on_the_embedded_model_with_resume(tmp_path):
         f"alpaca end-to-end: {time.monotonic() - started:.0f} s, {len(tasks)} task(s), {len(rejects)} rejects, "
         f"reasons {sorted({r['reason'] for r in rejects})}, stalled={stalled}"
     )
+
+
+# -- batches answered ahead (batches_ahead): the same run, fewer teacher calls --------------------
+
+class SeededScript:
+    """A Backend answering with `alpaca_reply(prompt, sampling seed)`; records each call's
+    request keys. With `die_at` (call number, 1-based) it answers half of that call, then raises."""
+
+    name, model = "scripted", "script"
+
+    def __init__(self, die_at: int | None = None):
+        from datagen.teachers.base import BackendCounters
+
+        self.counters, self.die_at = BackendCounters(), die_at
+        self.calls: list[list[str]] = []
+        self.answered: list[str] = []
+
+    def generate(self, requests, on_result) -> None:
+        self.calls.append([request_key(self.name, self.model, r) for r in requests])
+        for index, request in enumerate(requests):
+            if len(self.calls) == self.die_at and index == len(requests) // 2:
+                raise RuntimeError("teacher killed")
+            on_result(index, alpaca_reply(request.messages[-1][1], str(request.params.seed)))
+            self.answered.append(self.calls[-1][index])
+
+    def sent(self) -> list[str]:
+        return [key for call in self.calls for key in call]
+
+    def close(self) -> None:
+        pass
+
+
+def alpaca_run(tmp_path: Path, name: str, backend: SeededScript, batches_ahead: int, num: int = 40):
+    """`datagen generate --method alpaca` into tmp_path/name.jsonl with its own cache; the summary."""
+    from datagen.config_file import Config
+    from datagen.generate import run_generate
+    from datagen.io import write_jsonl_atomic
+    from datagen.teachers.teacher import Teacher
+
+    seeds = tmp_path / "seeds.jsonl"
+    if not seeds.exists():
+        write_jsonl_atomic(seeds, [*LOOP_SEEDS, *(Task(id=f"seed_{w}", instruction=f"Name a {w} you like.",
+                                                       instances=[Instance(output=f"The {w}.")]) for w in WORDS[:4])])
+    config = Config.model_validate({
+        "teacher": {"cache_dir": str(tmp_path / f"cache-{name}")},
+        "generate": {"method": "alpaca", "seeds": str(seeds), "out": str(tmp_path / f"{name}.jsonl"), "num": num,
+                     "seed": 3, "alpaca": {"prompts_per_batch": 2, "batches_ahead": batches_ahead}},
+    })
+    return run_generate(config, "test", lambda: Teacher(backend, config.teacher))
+
+
+def written(tmp_path: Path, name: str) -> tuple[bytes, bytes]:
+    out = tmp_path / f"{name}.jsonl"
+    return out.read_bytes(), rejects_path(out).read_bytes()
+
+
+RECORD_FIELDS = ("tasks_total", "tasks_produced", "parse_failures", "rejects_by_reason")
+
+
+def test_batches_answered_ahead_give_the_same_run_in_fewer_teacher_calls(tmp_path):
+    one, ahead = SeededScript(), SeededScript()
+    by_one = alpaca_run(tmp_path, "one", one, batches_ahead=1)
+    by_three = alpaca_run(tmp_path, "three", ahead, batches_ahead=3)
+
+    assert written(tmp_path, "three") == written(tmp_path, "one")
+    assert {k: by_three[k] for k in RECORD_FIELDS} == {k: by_one[k] for k in RECORD_FIELDS}
+    batches = len(one.calls)  # one call a batch, 2 requests each
+    assert batches >= 5 and {len(call) for call in one.calls} == {2}
+    assert len(ahead.calls) == -(-batches // 3) and {len(call) for call in ahead.calls} == {6}
+    # every request of the one-at-a-time run went out once, in the windows; the rest is at
+    # most the last window's unneeded batches
+    assert set(one.sent()) <= set(ahead.sent()) and len(ahead.sent()) - len(one.sent()) <= 2 * 2
+    assert len(set(ahead.sent())) == len(ahead.sent())
+
+
+def test_a_run_killed_inside_a_window_resumes_to_the_same_run_without_asking_twice(tmp_path):
+    whole = SeededScript()
+    alpaca_run(tmp_path, "whole", whole, batches_ahead=3)
+    assert len(whole.calls) >= 3
+
+    killed = SeededScript(die_at=2)  # half of the second window reaches the cache, then the kill
+    with pytest.raises(RuntimeError, match="teacher killed"):
+        alpaca_run(tmp_path, "killed", killed, batches_ahead=3)
+    assert len(read_tasks(tmp_path / "killed.jsonl")) > 0  # the first window's batches were flushed
+    rerun = SeededScript()
+    alpaca_run(tmp_path, "killed", rerun, batches_ahead=3)
+
+    assert written(tmp_path, "killed") == written(tmp_path, "whole")
+    assert len(killed.answered) < len(killed.sent())
+    assert sorted(killed.answered + rerun.sent()) == sorted(whole.sent())
+
+
+def test_no_window_without_a_cache_that_reads_and_writes(tmp_path):
+    from datagen.generators.alpaca import batches_window
+    from datagen.teachers import TeacherConfig
+    from datagen.teachers.teacher import Teacher
+
+    settings = AlpacaConfig(prompts_per_batch=5, batches_ahead=3)
+    for cache, lookahead, window in [("use", 0, 3), ("use", 32, 7), ("off", 32, 1), ("only", 0, 1)]:
+        teacher = Teacher(SeededScript(), TeacherConfig(cache=cache, cache_dir=str(tmp_path)))
+        assert batches_window(settings, RunContext(teacher, None, num=1, lookahead=lookahead)) == window
+        teacher.close()

@@ -33,7 +33,7 @@ from datagen.teachers.cache import RequestCache  # noqa: E402
 from datagen.teachers.openai_api import Endpoints  # noqa: E402
 from datagen.teachers.teacher import PriceTable, Teacher, TeacherConfig, make_teacher  # noqa: E402
 from tests import test_evol_instruct  # noqa: E402
-from tests.helpers import ScriptedBackend, write_tasks  # noqa: E402
+from tests.helpers import ScriptedBackend, alpaca_reply, write_tasks  # noqa: E402
 
 # Ray workers get these modules' functions by value (they need not import tests/)
 for _module in (sys.modules[__name__], test_evol_instruct, sys.modules["tests.helpers"]):
@@ -258,6 +258,22 @@ def test_replies_that_reached_the_driver_are_cached_before_the_loop_asks(tmp_pat
     assert outputs(config)[0] == outputs(local)[0]
 
 
+def test_alpaca_on_ray_writes_the_same_rows_and_rejects_as_local(tmp_path, local_ray):
+    # 2 prompts a batch; 2 replicas x batch_size 4: a window of 4 batches, one pipeline each
+    section = {"prompts_per_batch": 2, "batches_ahead": 1}
+    local = config_for(tmp_path, "local", "alpaca", 30, **section)
+    local_summary = run_local(local, alpaca_reply)
+    on_ray = config_for(tmp_path, "ray", "alpaca", 30, {"kind": "ray", "replicas": 2, "batch_size": 4}, **section)
+    log = tmp_path / "answered.log"
+    summary = run_ray(on_ray, ScriptedReplicas(alpaca_reply, log))
+
+    assert len(list(read_records(local.generate.out, Task))) == 30
+    assert outputs(on_ray) == outputs(local)
+    batches = local_summary["requests_sent"] // 2
+    assert batches >= 3 and summary["engine"]["pipelines"] == -(-batches // 4)
+    assert len(answered(log)) == summary["requests_sent"] == summary["engine"]["pipelines"] * 4 * 2
+
+
 def test_two_node_cluster_writes_the_same_rows(tmp_path):
     from ray.cluster_utils import Cluster
 
@@ -290,8 +306,8 @@ def test_engine_section_is_validated_with_one_line(tmp_path):
         config_for(tmp_path, "x", "orca", 1, {"kind": "ray", "replicas": 0})
     with pytest.raises(ConfigError, match=r"yaml: engine: Value error, replicas is for kind: ray"):
         config_for(tmp_path, "x", "orca", 1, {"replicas": 2})
-    with pytest.raises(ConfigError,
-                       match=r"engine.kind: ray runs evol-instruct, orca, preferences; self-instruct runs on engine: local only"):
+    with pytest.raises(ConfigError, match=r"engine.kind: ray runs alpaca, evol-instruct, orca, preferences; "
+                                          r"self-instruct runs on engine: local only"):
         run_generate(config_for(tmp_path, "x", "self-instruct", 1, {"kind": "ray"}), "test")
     assert ray_route("openai", "http://127.0.0.1:8000/v1") == ROUTE_HTTP
     assert ray_route("openai", ["http://a/v1", "http://b/v1"]) == ROUTE_ACTORS

@@ -85,3 +85,31 @@ def test_crash_mid_batch_then_resume_sends_only_what_was_missing(tmp_path):
     with pytest.raises(TeacherError, match="not in the cache"):
         replay.complete([[{"role": "user", "content": "never asked"}]])
     resumed.close()
+
+
+def test_several_jobs_with_their_own_sampling_go_out_in_one_backend_call(tmp_path):
+    from tests.helpers import ScriptedBackend
+
+    backend = ScriptedBackend(lambda prompt: f"re: {prompt}")
+    calls: list[list[Request]] = []
+    generate = backend.generate
+    backend.generate = lambda requests, on_result: (calls.append(list(requests)), generate(requests, on_result))
+    teacher = Teacher(backend, TeacherConfig(cache_dir=str(tmp_path)))
+    a = [[{"role": "user", "content": f"a{i}"}] for i in range(2)]
+    b = [[{"role": "user", "content": "b0"}]]
+    jobs = [(a, SamplingParams(seed=1)), (b, SamplingParams(seed=2, n=2))]
+    [for_a, for_b] = teacher.complete_many(jobs)
+
+    assert len(calls) == 1 and [(r.messages[-1][1], r.params.seed) for r in calls[0]] == [
+        ("a0", 1), ("a1", 1), ("b0", 2), ("b0", 3)]  # each request with its own params
+    def texts(replies):
+        return [[c.text for c in samples] for samples in replies]
+
+    assert texts(for_a) == [["re: a0"], ["re: a1"]] and texts(for_b) == [["re: b0", "re: b0"]]
+    assert teacher.stats.requests_sent == 4
+    # the same keys as `complete`: each job comes back from the cache, nothing sent again
+    again = [teacher.complete(b, SamplingParams(seed=2, n=2)), teacher.complete(*jobs[0])]
+    assert [texts(r) for r in again] == [texts(for_b), texts(for_a)]
+    assert all(c.cached for replies in again for samples in replies for c in samples)
+    assert len(calls) == 1 and teacher.stats.cache_hits == 4
+    teacher.close()

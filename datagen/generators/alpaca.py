@@ -68,6 +68,19 @@ Where we differ from the reference, on purpose:
   decisions; the ROUGE-L pool is the seeds plus the tasks on disk plus a batch-local pool,
   which gives the reference's decisions while nothing half-done leaks into a resume.
 
+Keeping the engine busy: a batch's prompts and sampling seed depend only on (seed, batch),
+never on the pool, so with the request cache on (`teacher.cache: use`) the loop answers a
+window of `batches_ahead` whole batches (default 4: 20 requests at once, inside the
+default `max_concurrency` of 32, and at most 3 batches answered past the end of the run)
+in ONE teacher call (`Teacher.complete_many`: one vLLM batch, one HTTP burst, one Ray
+pipeline), each reply cached as it arrives, and then runs those batches exactly as above,
+from the cache: the same tasks, rejects, batch numbers and resume as `batches_ahead: 1`.
+What a window answers past the batch where the run stops stays in the cache (for a rerun
+with a larger `num`). With `cache: off` there is no window (its replies would be paid for
+twice); with `cache: only` neither (a replay asks for nothing more than the run needs). On
+`engine: ray` the window is at least `RunContext.lookahead` requests (replicas x
+batch_size), so each pipeline is full.
+
     datagen generate --method alpaca --num 100 --out alpaca.jsonl
 """
 
@@ -125,6 +138,8 @@ __all__ = [
     "GenerationStalled",
     "ParsedReply",
     "alpaca_messages",
+    "batch_prompts",
+    "batches_window",
     "item_reject_reason",
     "parse_alpaca_reply",
     "reference_stop",
@@ -162,6 +177,12 @@ class AlpacaConfig(Strict):
     # an item whose non-empty input more than this many other tasks of the run already carry
     # is rejected (weak teachers paste one input into every task); not in the reference
     max_other_tasks_per_input: int = Field(2, ge=0)
+    # answer this many whole batches in one teacher call (into the request cache) before
+    # running them one by one from there, so the engine gets prompts_per_batch x batches_ahead
+    # requests at once; 1 = one batch at a time. Only with `teacher.cache: use` (else 1). The
+    # last window may answer up to batches_ahead - 1 batches the run does not need (they stay
+    # cached, for a rerun with a larger num)
+    batches_ahead: int = Field(4, ge=1)
 
     @model_validator(mode="after")
     def _check_counts(self) -> AlpacaConfig:
@@ -294,6 +315,8 @@ def run_alpaca(seeds: Sequence[Task], settings: AlpacaConfig, run: RunContext) -
     `run.instances_per_task` is ignored: an Alpaca task
     comes with exactly one instance. Batches start at `batches_done`, each with its own
     `random.Random(f"alpaca:{seed}:{batch}")`; `on_batch_done(batches)` follows each flush.
+    With the request cache on, a window of `batches_window(...)` batches is answered in one
+    teacher call before the first of them runs (see `batches_window`).
     """
     teacher, sink, num, seed = run.teacher, run.sink, run.num, run.seed
     showable = [task for task in seeds if task.instances]
@@ -306,20 +329,22 @@ def run_alpaca(seeds: Sequence[Task], settings: AlpacaConfig, run: RunContext) -
     template = load_template(GENERATE)
     batch = run.batches_done
     stalled = 0
+    window = batches_window(settings, run)
+    answered_to = batch
     while count < num:
         if stalled >= settings.max_stalled_batches:
             raise GenerationStalled(
                 f"alpaca: {stalled} batches in a row produced no task; "
                 f"see the rejects file for why ({count} of {num} tasks so far)"
             )
+        if window > 1 and batch >= answered_to:
+            # the prompts of later batches do not depend on this one's outcome: answer the
+            # window in one call into the cache; the batches below then read it back
+            answered_to = batch + window
+            teacher.complete_many([batch_prompts(showable, settings, seed, b)[1:] for b in range(batch, answered_to)])
         sink.at(batch)
-        rng = random.Random(f"alpaca:{seed}:{batch}")
-        shown = [
-            sample_prompt_tasks(showable, (), rng, settings.seeds_per_prompt, 0)
-            for _ in range(settings.prompts_per_batch)
-        ]
-        params = settings.sampling.model_copy(update={"seed": seed * 1_000_003 + batch})
-        replies = teacher.complete([alpaca_messages(s, settings.tasks_per_prompt) for s in shown], params)
+        shown, conversations, params = batch_prompts(showable, settings, seed, batch)
+        replies = teacher.complete(conversations, params)
         pool.new_batch()
         batch_inputs = InputTally()
         candidates: list[Task] = []
@@ -341,6 +366,33 @@ def run_alpaca(seeds: Sequence[Task], settings: AlpacaConfig, run: RunContext) -
         stalled = 0 if fresh else stalled + 1
         run.on_batch_done(batch)
         run.progress(len(fresh))
+
+
+def batch_prompts(
+    showable: Sequence[Task], settings: AlpacaConfig, seed: int, batch: int
+) -> tuple[list[list[Task]], list[list[Message]], SamplingParams]:
+    """Batch `batch`'s prompts: the seeds each shows, the conversations and their sampling.
+
+    A function of (seed, batch) only, never of the pool, so any batch can be asked for ahead.
+    """
+    rng = random.Random(f"alpaca:{seed}:{batch}")
+    shown = [
+        sample_prompt_tasks(showable, (), rng, settings.seeds_per_prompt, 0)
+        for _ in range(settings.prompts_per_batch)
+    ]
+    params = settings.sampling.model_copy(update={"seed": seed * 1_000_003 + batch})
+    return shown, [alpaca_messages(s, settings.tasks_per_prompt) for s in shown], params
+
+
+def batches_window(settings: AlpacaConfig, run: RunContext) -> int:
+    """How many batches one teacher call answers ahead: `batches_ahead`, on engine: ray at
+    least `run.lookahead` requests' worth (replicas x batch_size, to fill the pipeline).
+
+    1 unless the request cache reads and writes (`teacher.cache: use`): with `off` each
+    window reply would be paid for twice, and `only` replays no more than the run asks.
+    """
+    window = max(settings.batches_ahead, -(-run.lookahead // settings.prompts_per_batch))
+    return window if window > 1 and run.teacher.config.cache == "use" else 1
 
 
 def _bare_task(item: AlpacaItem) -> Task:

@@ -1,8 +1,10 @@
 """The Teacher: a backend plus `n` samples per prompt, the request cache and run statistics.
 
-Generators only ever call `Teacher.complete(conversations, params)`; it answers from
-the cache what it can, sends the rest to the backend in one batch, stores each reply
-the moment it arrives, and counts requests, hits, retries, tokens, cost and failures.
+Generators call `Teacher.complete(conversations, params)`; it answers from the cache what
+it can, sends the rest to the backend in one batch, stores each reply the moment it
+arrives, and counts requests, hits, retries, tokens, cost and failures.
+`Teacher.complete_many([(conversations, params), ...])` does the same for several jobs
+with different sampling in one backend call (a method answering batches ahead).
 
     from datagen.teachers import TeacherConfig, make_teacher
     with make_teacher(TeacherConfig(backend="local")) as teacher:
@@ -36,6 +38,9 @@ BACKENDS: dict[str, Callable[[TeacherConfig], Backend]] = {
 }
 
 BackendName = Literal[tuple(BACKENDS)]  # type: ignore[valid-type]
+
+# one `complete` call's arguments: the conversations and their sampling (None: the teacher's)
+Job = tuple[Sequence[Sequence[Message]], SamplingParams | None]
 
 
 class PriceTable(Strict):
@@ -144,9 +149,26 @@ class Teacher:
         Failed requests come back with finish_reason "error" and are counted, not raised.
         `progress(k)` is called as k more requests finish (cache hits included).
         """
-        params = params or self.config.sampling
+        [replies] = self.complete_many([(conversations, params)], progress)
+        return replies
+
+    def complete_many(
+        self,
+        jobs: Sequence[Job],
+        progress: Callable[[int], None] | None = None,
+    ) -> list[list[list[Completion]]]:
+        """`complete` for several (conversations, params) jobs in ONE backend call.
+
+        Jobs with different sampling (e.g. one seed per batch) go out together: one vLLM
+        `engine.chat` batch, one concurrent HTTP burst, one Ray pipeline, since every
+        request carries its own params. Returns each job's `complete` result, in order; the
+        cache keys and counting are those of `complete` (each request is answered from the
+        cache or sent, cached the moment it arrives).
+        """
+        jobs = [(conversations, params or self.config.sampling) for conversations, params in jobs]
         requests = [
             Request.build(messages, _single_sample(params, sample), sample)
+            for conversations, params in jobs
             for messages in conversations
             for sample in range(params.n)
         ]
@@ -185,10 +207,15 @@ class Teacher:
         for index in missing:
             if results[index] is None:  # a backend bug, not a user error
                 raise RuntimeError(f"backend {self.backend.name} returned no result for request {index}")
-        return [
-            [results[i * params.n + s] for s in range(params.n)]  # type: ignore[misc]
-            for i in range(len(conversations))
-        ]
+        answered: list[list[list[Completion]]] = []
+        start = 0
+        for conversations, params in jobs:
+            answered.append([
+                [results[start + i * params.n + s] for s in range(params.n)]  # type: ignore[misc]
+                for i in range(len(conversations))
+            ])
+            start += len(conversations) * params.n
+        return answered
 
     def _count(self, completion: Completion) -> None:
         self.stats.requests_sent += 1
