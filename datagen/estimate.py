@@ -61,6 +61,8 @@ class TallyingTeacher:
         replies = self.teacher.complete(conversations, params, progress)
         if self.teacher.stats.requests_sent > sent_before:
             self.seconds_sending += time.monotonic() - started
+        if self.teacher.in_look_ahead:  # tallied when the loop takes them from the cache
+            return replies
         for samples in replies:
             for reply in samples:
                 self.requests += 1

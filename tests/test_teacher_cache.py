@@ -113,3 +113,28 @@ def test_several_jobs_with_their_own_sampling_go_out_in_one_backend_call(tmp_pat
     assert all(c.cached for replies in again for samples in replies for c in samples)
     assert len(calls) == 1 and teacher.stats.cache_hits == 4
     teacher.close()
+
+
+def test_replies_answered_ahead_count_once_as_sent_and_never_as_cache_hits(tmp_path):
+    """A look-ahead window's replies are paid for once (sent); the loop taking them back is
+    no cache hit. What an earlier run cached stays a hit, counted when the loop takes it."""
+    from tests.helpers import ScriptedBackend
+
+    def ask(text):
+        return [[{"role": "user", "content": text}]]
+
+    config = TeacherConfig(cache_dir=str(tmp_path))
+    with Teacher(ScriptedBackend(lambda prompt: f"re: {prompt}"), config) as earlier:
+        earlier.complete(ask("old"))
+    teacher = Teacher(ScriptedBackend(lambda prompt: f"re: {prompt}"), config)
+    with teacher.answering_ahead():
+        assert teacher.in_look_ahead
+        teacher.complete_many([(ask("new"), None), (ask("old"), None)])
+    assert not teacher.in_look_ahead
+    assert (teacher.stats.requests_sent, teacher.stats.cache_hits) == (1, 0)
+    teacher.complete(ask("new"))
+    teacher.complete(ask("old"))
+    assert (teacher.stats.requests_sent, teacher.stats.cache_hits) == (1, 1)
+    teacher.complete(ask("new"))  # asked again by the loop itself: now a real hit
+    assert teacher.stats.cache_hits == 2
+    teacher.close()

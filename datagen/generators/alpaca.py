@@ -341,7 +341,9 @@ def run_alpaca(seeds: Sequence[Task], settings: AlpacaConfig, run: RunContext) -
             # the prompts of later batches do not depend on this one's outcome: answer the
             # window in one call into the cache; the batches below then read it back
             answered_to = batch + window
-            teacher.complete_many([batch_prompts(showable, settings, seed, b)[1:] for b in range(batch, answered_to)])
+            with teacher.answering_ahead():
+                teacher.complete_many([batch_prompts(showable, settings, seed, b)[1:]
+                                       for b in range(batch, answered_to)])
         sink.at(batch)
         shown, conversations, params = batch_prompts(showable, settings, seed, batch)
         replies = teacher.complete(conversations, params)

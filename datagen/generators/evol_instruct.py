@@ -369,7 +369,8 @@ def run_evol_instruct(seeds: Sequence[Task], settings: EvolInstructConfig, run: 
         for start in range(0, len(pool), settings.items_per_batch):
             if look_ahead and start >= answered_to:
                 answered_to = start + _window(run.lookahead, settings.items_per_batch)
-                _evolve_batch(pool[start:answered_to], round_number, teacher, settings, seed, backend, _discard)
+                with teacher.answering_ahead():
+                    _evolve_batch(pool[start:answered_to], round_number, teacher, settings, seed, backend, _discard)
             replayed = batch < run.batches_done
             sink.at(batch, round_number)
             reject = _discard if replayed else sink.reject

@@ -490,7 +490,10 @@ def run_preferences(seeds: Sequence[Task], settings: PreferencesConfig, run: Run
             if look_ahead and taken >= answered_to:
                 answered_to = taken + min(window, run.num - have)
                 ahead = [_Job(j.task, j.index, j.instance, j.prompt) for j in pending[taken:answered_to]]
-                _judge_batch(ahead, settings, teachers, plan, seed, judge, judge_params, _ignore)
+                with ExitStack() as answering:
+                    for each in {id(t): t for t in [judge, *teachers]}.values():
+                        answering.enter_context(each.answering_ahead())
+                    _judge_batch(ahead, settings, teachers, plan, seed, judge, judge_params, _ignore)
             taken += len(jobs)
             sink.at(batch)
             _judge_batch(jobs, settings, teachers, plan, seed, judge, judge_params, reject)

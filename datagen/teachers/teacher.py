@@ -14,7 +14,8 @@ with different sampling in one backend call (a method answering batches ahead).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -133,6 +134,8 @@ class Teacher:
         if config.cache != "off":
             cache_dir = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
             self.cache = RequestCache(cache_dir / "requests.sqlite")
+        self._answering_ahead = False
+        self._sent_ahead: set[str] = set()  # keys this run answered ahead, not yet taken by the loop
 
     @property
     def name(self) -> str:
@@ -151,6 +154,22 @@ class Teacher:
         """
         [replies] = self.complete_many([(conversations, params)], progress)
         return replies
+
+    @contextmanager
+    def answering_ahead(self) -> Iterator[None]:
+        """Calls inside fill the cache for the loop's later calls (a look-ahead window): what
+        they send counts as sent, what they find cached is not counted (the loop's call that
+        takes it is), and the loop taking a reply they sent is no cache hit (this run paid)."""
+        self._answering_ahead = True
+        try:
+            yield
+        finally:
+            self._answering_ahead = False
+
+    @property
+    def in_look_ahead(self) -> bool:
+        """Inside `answering_ahead`: the replies are for later calls, not the loop's own."""
+        return self._answering_ahead
 
     def complete_many(
         self,
@@ -179,7 +198,10 @@ class Teacher:
             hit = self.cache.get(key) if self.cache else None
             if hit is not None:
                 results[index] = hit
-                self.stats.cache_hits += 1
+                if key in self._sent_ahead:
+                    self._sent_ahead.discard(key)
+                elif not self._answering_ahead:
+                    self.stats.cache_hits += 1
             else:
                 missing.append(index)
         if progress and len(missing) < len(requests):
@@ -196,6 +218,8 @@ class Teacher:
             self._count(completion)
             if self.cache is not None:
                 self.cache.put(keys[index], completion)
+                if self._answering_ahead and completion.ok:
+                    self._sent_ahead.add(keys[index])
             if progress:
                 progress(1)
 
