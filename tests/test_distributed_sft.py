@@ -50,11 +50,48 @@ def setup(tmp_path_factory, embedded_model_path):
     return folder, data, log_of(reference)
 
 
-def launch(setup, out, *extra, **settings) -> subprocess.CompletedProcess:
+def launch(setup, out, *extra, env: dict[str, str] | None = None, **settings) -> subprocess.CompletedProcess:
     folder, data, _reference = setup
     config = config_file(out.parent / f"{out.name}.yaml", base=str(folder / "tiny"), **{**SETTINGS, **settings})
     return run_cli("finetune", str(data), "--out", str(out), "--config", config, "--nproc", "2", *extra,
-                   env={"DATAGEN_PROGRESS_INTERVAL": "0"})
+                   env={"DATAGEN_PROGRESS_INTERVAL": "0", **(env or {})})
+
+
+# Put on PYTHONPATH as sitecustomize.py, it logs each safetensors file a process opens, with
+# its torchrun RANK, to $DATAGEN_TEST_READS (transformers reads weights through safe_open).
+READ_LOGGER = """
+import os
+import safetensors
+
+_safe_open = safetensors.safe_open
+
+
+def _logged_safe_open(filename, *args, **kwargs):
+    with open(os.environ["DATAGEN_TEST_READS"], "a") as log:
+        log.write(os.environ.get("RANK", "-") + "\\t" + os.fspath(filename) + "\\n")
+    return _safe_open(filename, *args, **kwargs)
+
+
+safetensors.safe_open = _logged_safe_open
+"""
+
+
+def logging_safetensors_reads(folder) -> tuple[dict[str, str], object]:
+    """(environment that logs every safetensors open per rank, the log's path)."""
+    (folder / "hook").mkdir()
+    (folder / "hook" / "sitecustomize.py").write_text(READ_LOGGER)
+    log = folder / "reads.tsv"
+    path = os.pathsep.join(p for p in (str(folder / "hook"), os.environ.get("PYTHONPATH")) if p)
+    return {"PYTHONPATH": path, "DATAGEN_TEST_READS": str(log)}, log
+
+
+def weight_reads_by_rank(log, model_folder) -> dict[str, list[str]]:
+    reads: dict[str, list[str]] = {}
+    for line in log.read_text().splitlines() if log.exists() else []:
+        rank, filename = line.split("\t", 1)
+        if os.path.realpath(filename).startswith(os.path.realpath(model_folder) + os.sep):
+            reads.setdefault(rank, []).append(filename)
+    return reads
 
 
 # ---------------------------------------------------------------- batches and launching (no processes)
@@ -137,9 +174,13 @@ def test_two_ranks_train_what_one_process_with_accumulation_trains(setup, tmp_pa
               tmp_path / "one", show_progress=False)
         reference = log_of(tmp_path / "one")
     out = tmp_path / strategy
-    result = launch(setup, out, "--distributed", strategy, merge=True, packing=packing,
+    env, reads = logging_safetensors_reads(tmp_path)
+    result = launch(setup, out, "--distributed", strategy, merge=True, packing=packing, env=env,
                     **({"max_length": 128} if packing else {}))
     assert result.returncode == 0, result.stderr[-3000:]
+    # ddp: every rank reads the student; fsdp: rank 0 alone, the others get their shards from it
+    read_by = weight_reads_by_rank(reads, folder / "tiny")
+    assert sorted(read_by) == (["0"] if strategy == "fsdp" else ["0", "1"]), read_by
     assert f"2 ranks ({strategy}, gloo), global batch 8 {'rows' if packing else 'sequences'}" in result.stderr
     assert "tok/s/rank" in result.stderr
     log = log_of(out)
