@@ -149,7 +149,7 @@ def wrap(module, model, strategy: str, context: DistContext, from_main: bool = F
 
     from_main (fsdp): only rank 0's module holds weights; the others were built on the meta
     device. After sharding, every rank's shards, and its buffers, are filled from rank 0's
-    (`load_from_main`), so each rank holds only its shard, never the whole model."""
+    (`load_from_main`), so no rank but 0 ever reads or holds the whole model."""
     if not context.distributed:
         return module
     if strategy == "fsdp":
