@@ -1,7 +1,8 @@
 """SFT under torchrun on CPU (gloo): 2 ranks with DDP and with FSDP2 train exactly what one
-process with gradient accumulation over the same global batch trains; the saved adapter
-loads and merges; kill -9 of one rank, then a rerun resumes from the last checkpoint and
-ends on the same losses; bad settings are one error line.
+process with gradient accumulation over the same global batch trains (under FSDP with
+only rank 0 reading the student's weights); the saved adapter loads and merges; kill -9
+of one rank, then a rerun resumes from the last checkpoint and ends on the same losses;
+bad settings are one error line.
 
 The student is a tiny Llama built from a config (2 layers of width 16, the embedded
 tokenizer), so each torchrun launch costs its start-up (~15 s here), not training.
