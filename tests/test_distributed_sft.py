@@ -128,6 +128,22 @@ def test_the_number_of_ranks_is_part_of_a_checkpoints_fingerprint():
     assert fingerprint(FinetuneConfig(distributed="fsdp"), ids, "base", 2) != fingerprint(config, ids, "base", 2)
 
 
+def test_a_check_run_by_rank_0_alone_gives_every_rank_its_result_or_its_error():
+    from datagen.finetune.distributed import DistContext
+    from datagen.finetune.sft import _decided_by_main
+
+    def refuse():
+        raise ConfigError("finetune.packing: refused")
+
+    one = DistContext()  # rank 0 of one: what rank 0 decides is what every rank gets
+    assert _decided_by_main(one, True, lambda: "a note") == "a note"
+    with pytest.raises(ConfigError, match="^finetune.packing: refused$"):
+        _decided_by_main(one, True, refuse)
+    ran = []
+    assert _decided_by_main(DistContext(rank=1, world_size=1), False, lambda: ran.append(1) or "own") == "own"
+    assert ran == [1]
+
+
 @pytest.mark.parametrize(("args", "expected"), [
     (["--distributed", "foo"], "error: --distributed: input should be 'ddp' or 'fsdp'"),
     (["--nproc", "0"], "error: --nproc: must be at least 1 (got 0)"),
