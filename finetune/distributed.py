@@ -87,6 +87,16 @@ class DistContext:
         dist.all_gather_object(found, value)
         return found
 
+    def from_main(self, value: T) -> T:
+        """Rank 0's `value` (any picklable object) on every rank."""
+        if not self.distributed:
+            return value
+        import torch.distributed as dist
+
+        box: list[Any] = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def close(self) -> None:
         if self.distributed:
             import torch.distributed as dist
@@ -133,9 +143,13 @@ def rank_share(chunk: Sequence[T], rank: int, world_size: int) -> list[T]:
     return list(chunk[rank::world_size])
 
 
-def wrap(module, model, strategy: str, context: DistContext):
+def wrap(module, model, strategy: str, context: DistContext, from_main: bool = False):
     """`module` (whose forward runs all of `model`'s training work) as a run calls it:
-    plain, DDP-wrapped or FSDP2-sharded (each decoder block, then the whole)."""
+    plain, DDP-wrapped or FSDP2-sharded (each decoder block, then the whole).
+
+    from_main (fsdp): only rank 0's module holds weights; the others were built on the meta
+    device. After sharding, every rank's shards, and its buffers, are filled from rank 0's
+    (`load_from_main`), so no rank but 0 ever reads or holds the whole model."""
     if not context.distributed:
         return module
     if strategy == "fsdp":
@@ -151,14 +165,41 @@ def wrap(module, model, strategy: str, context: DistContext):
 
         # the mesh's device is where the shards live: this rank's GPU, or the CPU under gloo
         mesh = init_device_mesh("cuda" if context.device.startswith("cuda") else "cpu", (context.world_size,))
+        # rank 0's whole state, taken before sharding swaps its parameters for shards
+        whole = module.state_dict() if from_main and context.is_main else {}
         for block in decoder_blocks(model):
             fully_shard(block, mesh=mesh)
         fully_shard(module, mesh=mesh)
+        if from_main:
+            load_from_main(module, whole, context)
         return module
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [context.local_rank] if context.device.startswith("cuda") else None
     return DistributedDataParallel(module, device_ids=device_ids)
+
+
+def load_from_main(sharded, whole: dict[str, Any], context: DistContext) -> None:
+    """Rank 0's `whole` state dict (taken before sharding; `{}` on the other ranks) into
+    every rank's FSDP2 shards of `sharded`, and rank 0's buffers into every rank's
+    (collective). Ranks built on the meta device get real, uninitialised memory first.
+
+    Buffers are not sharded, and non-persistent ones (rotary `inv_freq`) are in no state
+    dict, so a meta-built rank would otherwise keep them uninitialised: they are broadcast
+    one by one, in the module's own (identical) order."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if not context.is_main:
+        sharded.to_empty(device=torch.device(context.device))
+    for _name, buffer in sharded.named_buffers():
+        staging = buffer if buffer.is_contiguous() else buffer.contiguous()
+        dist.broadcast(staging, src=0)
+        if staging is not buffer:
+            buffer.copy_(staging)
+    set_model_state_dict(sharded, whole,
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True))
 
 
 def decoder_blocks(model) -> list:

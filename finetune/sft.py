@@ -220,17 +220,25 @@ def quantization_config(compute_dtype: str = "bfloat16", sharded: bool = False):
     )
 
 
-def load_student(config: FinetuneConfig, base_path: str, device: str, precision: Precision | None = None):
+def load_student(config: FinetuneConfig, base_path: str, device: str, precision: Precision | None = None,
+                 *, empty: bool = False):
     """The base model wrapped in a fresh LoRA adapter, ready to train on `device`.
 
     The frozen base is in the compute dtype; peft keeps the adapter weights in float32.
+    empty (LoRA only): the same modules, names and dtypes on the meta device, with no
+    weights read and no memory taken; FSDP ranks other than 0 build this and receive their
+    shards, adapter and buffers from rank 0 (`distributed.wrap(..., from_main=True)`).
     """
+    import contextlib
+
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     precision = precision or precision_for(config, device)
     if config.method == "qlora":
+        if empty:
+            raise ValueError("load_student: empty (meta) students are for LoRA; QLoRA quantises real weights")
         model = AutoModelForCausalLM.from_pretrained(
             base_path, quantization_config=quantization_config(precision.dtype, config.distributed == "fsdp"),
             device_map={"": device},
@@ -241,7 +249,12 @@ def load_student(config: FinetuneConfig, base_path: str, device: str, precision:
             gradient_checkpointing_kwargs=CHECKPOINTING_KWARGS,
         )
     else:
-        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, precision.dtype)).to(device)
+        if empty:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_path),
+                                                         dtype=getattr(torch, precision.dtype))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, precision.dtype)).to(device)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING_KWARGS)
             model.enable_input_require_grads()
@@ -253,7 +266,8 @@ def load_student(config: FinetuneConfig, base_path: str, device: str, precision:
         target_modules=config.target_modules,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    with torch.device("meta") if empty else contextlib.nullcontext():
+        return get_peft_model(model, lora)
 
 
 def make_optimizer(config: FinetuneConfig, parameters: list):
@@ -694,14 +708,19 @@ def _train(config: FinetuneConfig, data: str | Path, out_dir: Path, show_progres
         raise ConfigError("finetune.distributed: fsdp with float16 compute is not supported; use bfloat16 or ddp")
 
     torch.manual_seed(config.seed)  # the same fresh adapter on every rank
-    # FSDP + LoRA: the whole student stays in host memory until fully_shard moves each
-    # block's shard to this rank's GPU, so no GPU ever holds all of it (QLoRA quantises on
-    # the GPU, so it loads there: 4-bit, a quarter of bf16)
-    load_device = "cpu" if sharded and config.method == "lora" else device
-    model = load_student(config, base_path, load_device, precision)
+    # FSDP + LoRA: only rank 0 reads the student, into host memory; the other ranks build it
+    # on the meta device (no memory) and, once sharded, receive their shards, the fresh
+    # adapter and the buffers from rank 0 (`wrap(..., from_main=True)`). No GPU ever holds
+    # all of it, and host memory holds it once, not once per rank. Rank 0 alone runs the
+    # start-up checks, which need real weights. (QLoRA quantises on the GPU, so every rank
+    # loads there: 4-bit, a quarter of bf16.)
+    from_main = sharded and config.method == "lora"
+    empty = from_main and not main
+    load_device = "cpu" if from_main else device
+    model = load_student(config, base_path, load_device, precision, empty=empty)
     model.train()
     if config.packing:
-        check_packing(model, examples, pad_id, load_device)
+        _decided_by_main(context, from_main, lambda: check_packing(model, examples, pad_id, load_device))
     if context.distributed:
         torch.manual_seed(config.seed + context.rank)  # each rank its own dropout masks
 
@@ -712,7 +731,8 @@ def _train(config: FinetuneConfig, data: str | Path, out_dir: Path, show_progres
     last = latest_checkpoint(checkpoints)
     if last is not None:
         resume_state = read_checkpoint(last, run_fingerprint)
-        restore_adapter(last, model)
+        if not empty:  # an empty rank gets the restored adapter from rank 0 with its shards
+            restore_adapter(last, model)
         step = resumed_from = resume_state["step"]
         print_(f"resuming from {last} (step {step} of {total_steps})")
     if encoded.dropped_overlong:
@@ -729,11 +749,12 @@ def _train(config: FinetuneConfig, data: str | Path, out_dir: Path, show_progres
     fast_loss, loss_note = None, None
     if step < total_steps:
         _epoch, first = micro_batches(plan_epoch, step * per_step, 1)[0]
-        loss_note = check_fast_loss(model, _to_device(collate(examples, first, pad_id), load_device))
+        first_batch = _to_device(collate(examples, first, pad_id), load_device)
+        loss_note = _decided_by_main(context, from_main, lambda: check_fast_loss(model, first_batch))
         fast_loss = loss_note is None
         if loss_note:
             print_(f"loss: {loss_note}; using the model's own forward ({LOSS_PATH_FULL})")
-    wrapped = wrap(loss_module(model, fast_loss is not False), model, config.distributed, context)
+    wrapped = wrap(loss_module(model, fast_loss is not False), model, config.distributed, context, from_main=from_main)
     trainable = [p for p in model.parameters() if p.requires_grad]  # after sharding: its DTensors
     optimizer = make_optimizer(config, trainable)
     scaler = make_grad_scaler(precision, device)
@@ -835,6 +856,23 @@ def _train(config: FinetuneConfig, data: str | Path, out_dir: Path, show_progres
     if main:
         atomic_write_json(out_dir / "summary.json", summary)
     return summary
+
+
+def _decided_by_main(context, only_main: bool, decide: Callable[[], Any]) -> Any:
+    """decide()'s result; with `only_main`, rank 0 (the one holding real weights) alone runs
+    it and every rank gets its result, or raises its ConfigError."""
+    if not only_main:
+        return decide()
+    outcome: tuple[str, Any] | None = None
+    if context.is_main:
+        try:
+            outcome = ("result", decide())
+        except ConfigError as error:
+            outcome = ("error", str(error))
+    kind, value = context.from_main(outcome)
+    if kind == "error":
+        raise ConfigError(value)
+    return value
 
 
 def _adapter_state(full: dict[str, Any] | None) -> dict[str, Any] | None:

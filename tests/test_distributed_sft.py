@@ -1,7 +1,8 @@
 """SFT under torchrun on CPU (gloo): 2 ranks with DDP and with FSDP2 train exactly what one
-process with gradient accumulation over the same global batch trains; the saved adapter
-loads and merges; kill -9 of one rank, then a rerun resumes from the last checkpoint and
-ends on the same losses; bad settings are one error line.
+process with gradient accumulation over the same global batch trains (under FSDP with
+only rank 0 reading the student's weights); the saved adapter loads and merges; kill -9
+of one rank, then a rerun resumes from the last checkpoint and ends on the same losses;
+bad settings are one error line.
 
 The student is a tiny Llama built from a config (2 layers of width 16, the embedded
 tokenizer), so each torchrun launch costs its start-up (~15 s here), not training.
@@ -50,11 +51,48 @@ def setup(tmp_path_factory, embedded_model_path):
     return folder, data, log_of(reference)
 
 
-def launch(setup, out, *extra, **settings) -> subprocess.CompletedProcess:
+def launch(setup, out, *extra, env: dict[str, str] | None = None, **settings) -> subprocess.CompletedProcess:
     folder, data, _reference = setup
     config = config_file(out.parent / f"{out.name}.yaml", base=str(folder / "tiny"), **{**SETTINGS, **settings})
     return run_cli("finetune", str(data), "--out", str(out), "--config", config, "--nproc", "2", *extra,
-                   env={"DATAGEN_PROGRESS_INTERVAL": "0"})
+                   env={"DATAGEN_PROGRESS_INTERVAL": "0", **(env or {})})
+
+
+# Put on PYTHONPATH as sitecustomize.py, it logs each safetensors file a process opens, with
+# its torchrun RANK, to $DATAGEN_TEST_READS (transformers reads weights through safe_open).
+READ_LOGGER = """
+import os
+import safetensors
+
+_safe_open = safetensors.safe_open
+
+
+def _logged_safe_open(filename, *args, **kwargs):
+    with open(os.environ["DATAGEN_TEST_READS"], "a") as log:
+        log.write(os.environ.get("RANK", "-") + "\\t" + os.fspath(filename) + "\\n")
+    return _safe_open(filename, *args, **kwargs)
+
+
+safetensors.safe_open = _logged_safe_open
+"""
+
+
+def logging_safetensors_reads(folder) -> tuple[dict[str, str], object]:
+    """(environment that logs every safetensors open per rank, the log's path)."""
+    (folder / "hook").mkdir()
+    (folder / "hook" / "sitecustomize.py").write_text(READ_LOGGER)
+    log = folder / "reads.tsv"
+    path = os.pathsep.join(p for p in (str(folder / "hook"), os.environ.get("PYTHONPATH")) if p)
+    return {"PYTHONPATH": path, "DATAGEN_TEST_READS": str(log)}, log
+
+
+def weight_reads_by_rank(log, model_folder) -> dict[str, list[str]]:
+    reads: dict[str, list[str]] = {}
+    for line in log.read_text().splitlines() if log.exists() else []:
+        rank, filename = line.split("\t", 1)
+        if os.path.realpath(filename).startswith(os.path.realpath(model_folder) + os.sep):
+            reads.setdefault(rank, []).append(filename)
+    return reads
 
 
 # ---------------------------------------------------------------- batches and launching (no processes)
@@ -88,6 +126,22 @@ def test_the_number_of_ranks_is_part_of_a_checkpoints_fingerprint():
     assert fingerprint(config, ids, "base", world_size=2) != fingerprint(config, ids, "base")
     # ddp and fsdp save the optimiser state in different layouts: neither resumes the other
     assert fingerprint(FinetuneConfig(distributed="fsdp"), ids, "base", 2) != fingerprint(config, ids, "base", 2)
+
+
+def test_a_check_run_by_rank_0_alone_gives_every_rank_its_result_or_its_error():
+    from datagen.finetune.distributed import DistContext
+    from datagen.finetune.sft import _decided_by_main
+
+    def refuse():
+        raise ConfigError("finetune.packing: refused")
+
+    one = DistContext()  # rank 0 of one: what rank 0 decides is what every rank gets
+    assert _decided_by_main(one, True, lambda: "a note") == "a note"
+    with pytest.raises(ConfigError, match="^finetune.packing: refused$"):
+        _decided_by_main(one, True, refuse)
+    ran = []
+    assert _decided_by_main(DistContext(rank=1, world_size=1), False, lambda: ran.append(1) or "own") == "own"
+    assert ran == [1]
 
 
 @pytest.mark.parametrize(("args", "expected"), [
@@ -137,9 +191,13 @@ def test_two_ranks_train_what_one_process_with_accumulation_trains(setup, tmp_pa
               tmp_path / "one", show_progress=False)
         reference = log_of(tmp_path / "one")
     out = tmp_path / strategy
-    result = launch(setup, out, "--distributed", strategy, merge=True, packing=packing,
+    env, reads = logging_safetensors_reads(tmp_path)
+    result = launch(setup, out, "--distributed", strategy, merge=True, packing=packing, env=env,
                     **({"max_length": 128} if packing else {}))
     assert result.returncode == 0, result.stderr[-3000:]
+    # ddp: every rank reads the student; fsdp: rank 0 alone, the others get their shards from it
+    read_by = weight_reads_by_rank(reads, folder / "tiny")
+    assert sorted(read_by) == (["0"] if strategy == "fsdp" else ["0", "1"]), read_by
     assert f"2 ranks ({strategy}, gloo), global batch 8 {'rows' if packing else 'sequences'}" in result.stderr
     assert "tok/s/rank" in result.stderr
     log = log_of(out)
