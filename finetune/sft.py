@@ -717,10 +717,14 @@ def _train(config: FinetuneConfig, data: str | Path, out_dir: Path, show_progres
     from_main = sharded and config.method == "lora"
     empty = from_main and not main
     load_device = "cpu" if from_main else device
-    model = load_student(config, base_path, load_device, precision, empty=empty)
+    # what rank 0 alone runs goes through `_on_main`, so a failure there reaches every rank
+    # instead of leaving them waiting in the next collective
+    model = _on_main(context, from_main, lambda: load_student(config, base_path, load_device, precision))
+    if empty:
+        model = load_student(config, base_path, load_device, precision, empty=True)
     model.train()
     if config.packing:
-        _decided_by_main(context, from_main, lambda: check_packing(model, examples, pad_id, load_device))
+        _on_main(context, from_main, lambda: check_packing(model, examples, pad_id, load_device), share=True)
     if context.distributed:
         torch.manual_seed(config.seed + context.rank)  # each rank its own dropout masks
 
@@ -731,8 +735,8 @@ def _train(config: FinetuneConfig, data: str | Path, out_dir: Path, show_progres
     last = latest_checkpoint(checkpoints)
     if last is not None:
         resume_state = read_checkpoint(last, run_fingerprint)
-        if not empty:  # an empty rank gets the restored adapter from rank 0 with its shards
-            restore_adapter(last, model)
+        # an empty rank gets the restored adapter from rank 0 with its shards
+        _on_main(context, from_main, lambda: restore_adapter(last, model))
         step = resumed_from = resume_state["step"]
         print_(f"resuming from {last} (step {step} of {total_steps})")
     if encoded.dropped_overlong:
@@ -750,7 +754,7 @@ def _train(config: FinetuneConfig, data: str | Path, out_dir: Path, show_progres
     if step < total_steps:
         _epoch, first = micro_batches(plan_epoch, step * per_step, 1)[0]
         first_batch = _to_device(collate(examples, first, pad_id), load_device)
-        loss_note = _decided_by_main(context, from_main, lambda: check_fast_loss(model, first_batch))
+        loss_note = _on_main(context, from_main, lambda: check_fast_loss(model, first_batch), share=True)
         fast_loss = loss_note is None
         if loss_note:
             print_(f"loss: {loss_note}; using the model's own forward ({LOSS_PATH_FULL})")
@@ -858,21 +862,29 @@ def _train(config: FinetuneConfig, data: str | Path, out_dir: Path, show_progres
     return summary
 
 
-def _decided_by_main(context, only_main: bool, decide: Callable[[], Any]) -> Any:
-    """decide()'s result; with `only_main`, rank 0 (the one holding real weights) alone runs
-    it and every rank gets its result, or raises its ConfigError."""
+def _on_main(context, only_main: bool, action: Callable[[], Any], share: bool = False) -> Any:
+    """action()'s result, run on every rank; with `only_main`, on rank 0 (the one holding real
+    weights) alone, and the other ranks learn how it ended, so none waits in a collective for
+    a rank that failed: rank 0's ConfigError is raised on every rank, any other failure as a
+    DatagenError naming it (rank 0 raises its own). With `share` the others get rank 0's
+    (picklable) result, else None."""
     if not only_main:
-        return decide()
-    outcome: tuple[str, Any] | None = None
-    if context.is_main:
-        try:
-            outcome = ("result", decide())
-        except ConfigError as error:
-            outcome = ("error", str(error))
-    kind, value = context.from_main(outcome)
-    if kind == "error":
-        raise ConfigError(value)
-    return value
+        return action()
+    if not context.is_main:
+        outcome = context.from_main(None)
+        if outcome[0] == "config":
+            raise ConfigError(outcome[1])
+        if outcome[0] == "error":
+            raise DatagenError(f"rank 0 failed: {outcome[1]}")
+        return outcome[1]
+    try:
+        result = action()
+    except Exception as error:
+        context.from_main(("config" if isinstance(error, ConfigError) else "error",
+                           str(error) if isinstance(error, ConfigError) else f"{type(error).__name__}: {error}"))
+        raise
+    context.from_main(("result", result if share else None))
+    return result
 
 
 def _adapter_state(full: dict[str, Any] | None) -> dict[str, Any] | None:

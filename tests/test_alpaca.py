@@ -646,6 +646,20 @@ def test_a_run_killed_inside_a_window_resumes_to_the_same_run_without_asking_twi
     assert sorted(killed.answered + rerun.sent()) == sorted(whole.sent())
 
 
+def test_an_extended_run_sends_the_same_groups_of_requests_as_an_uninterrupted_one(tmp_path):
+    # a batched engine's reply depends on its batch: windows must not shift with where a run starts
+    whole = SeededScript()
+    alpaca_run(tmp_path, "whole", whole, batches_ahead=3)
+    short, longer = SeededScript(), SeededScript()
+    alpaca_run(tmp_path, "grown", short, batches_ahead=3, num=6)
+    alpaca_run(tmp_path, "grown", longer, batches_ahead=3)  # (its tasks differ: num 6 cut a batch short)
+    grouped = [set(call) for call in whole.calls]
+    assert all(set(call) in grouped for call in short.calls)
+    # the extended run re-asks nothing; its first window is the rest of the group it stopped in
+    assert not set(longer.sent()) & set(short.sent())
+    assert longer.calls and all(set(call) in grouped for call in longer.calls)
+
+
 def test_no_window_without_a_cache_that_reads_and_writes(tmp_path):
     from datagen.generators.alpaca import batches_window
     from datagen.teachers import TeacherConfig

@@ -128,19 +128,56 @@ def test_the_number_of_ranks_is_part_of_a_checkpoints_fingerprint():
     assert fingerprint(FinetuneConfig(distributed="fsdp"), ids, "base", 2) != fingerprint(config, ids, "base", 2)
 
 
-def test_a_check_run_by_rank_0_alone_gives_every_rank_its_result_or_its_error():
+def _on_main_worker(rank: int, store: str, report: str) -> None:
+    """One of two gloo ranks: rank 0 alone runs three actions (a result to share, a refused
+    config, a crash); each rank writes what it got or raised."""
+    import torch.distributed as dist
+
     from datagen.finetune.distributed import DistContext
-    from datagen.finetune.sft import _decided_by_main
+    from datagen.finetune.sft import _on_main
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    context = DistContext(rank=rank, world_size=2, backend="gloo")
 
     def refuse():
         raise ConfigError("finetune.packing: refused")
 
-    one = DistContext()  # rank 0 of one: what rank 0 decides is what every rank gets
-    assert _decided_by_main(one, True, lambda: "a note") == "a note"
-    with pytest.raises(ConfigError, match="^finetune.packing: refused$"):
-        _decided_by_main(one, True, refuse)
-    ran = []
-    assert _decided_by_main(DistContext(rank=1, world_size=1), False, lambda: ran.append(1) or "own") == "own"
+    def crash():
+        raise OSError("adapter_model.safetensors: truncated")
+
+    got = [_on_main(context, True, lambda: f"note from rank {rank}", share=True),
+           _on_main(context, True, lambda: f"kept by rank {rank}")]
+    for action in (refuse, crash):
+        try:
+            _on_main(context, True, action)
+            got.append(None)
+        except Exception as error:  # noqa: BLE001 - what each rank raised is the point
+            got.append(f"{type(error).__name__}: {error}")
+    dist.destroy_process_group()
+    with open(f"{report}.{rank}", "w") as out:
+        json.dump(got, out)
+
+
+def test_what_rank_0_alone_runs_reaches_every_rank_result_or_failure(tmp_path):
+    """No rank waits in a collective for a rank 0 that failed: its ConfigError is every
+    rank's, any other failure becomes one error line on the others."""
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(_on_main_worker, args=(str(tmp_path / "store"), str(tmp_path / "got")),
+                                 nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=max(1, deadline - time.monotonic())):
+        assert time.monotonic() < deadline, "a rank hangs"
+    got = [json.loads((tmp_path / f"got.{rank}").read_text()) for rank in (0, 1)]
+    assert got[0] == ["note from rank 0", "kept by rank 0", "ConfigError: finetune.packing: refused",
+                      "OSError: adapter_model.safetensors: truncated"]
+    assert got[1] == ["note from rank 0", None, "ConfigError: finetune.packing: refused",
+                      "DatagenError: rank 0 failed: OSError: adapter_model.safetensors: truncated"]
+    ran = []  # without only_main every rank runs the action itself
+    from datagen.finetune.distributed import DistContext
+    from datagen.finetune.sft import _on_main
+
+    assert _on_main(DistContext(rank=1, world_size=1), False, lambda: ran.append(1) or "own") == "own"
     assert ran == [1]
 
 

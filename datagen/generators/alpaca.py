@@ -74,7 +74,12 @@ window of `batches_ahead` whole batches (default 4: 20 requests at once, inside 
 default `max_concurrency` of 32, and at most 3 batches answered past the end of the run)
 in ONE teacher call (`Teacher.complete_many`: one vLLM batch, one HTTP burst, one Ray
 pipeline), each reply cached as it arrives, and then runs those batches exactly as above,
-from the cache: the same tasks, rejects, batch numbers and resume as `batches_ahead: 1`.
+from the cache: the same tasks, rejects, batch numbers and resume as `batches_ahead: 1`
+with a teacher whose reply depends on the request alone (an API at a fixed seed); a batched
+engine (vLLM, the local backend) answers a request a little differently in another batch, so
+there the window changes the text, not the method. Windows start at multiples of the window
+(batches 0-3, 4-7, ...), so a resumed or extended run sends the same groups as an
+uninterrupted one.
 What a window answers past the batch where the run stops stays in the cache (for a rerun
 with a larger `num`). With `cache: off` there is no window (its replies would be paid for
 twice); with `cache: only` neither (a replay asks for nothing more than the run needs). On
@@ -339,11 +344,14 @@ def run_alpaca(seeds: Sequence[Task], settings: AlpacaConfig, run: RunContext) -
             )
         if window > 1 and batch >= answered_to:
             # the prompts of later batches do not depend on this one's outcome: answer the
-            # window in one call into the cache; the batches below then read it back
-            answered_to = batch + window
+            # window in one call into the cache; the batches below then read it back. Windows
+            # start at multiples of `window`, so a resumed or extended run groups its requests
+            # as an uninterrupted one (a batched engine's reply depends on its batch)
+            start = batch - batch % window
+            answered_to = start + window
             with teacher.answering_ahead():
                 teacher.complete_many([batch_prompts(showable, settings, seed, b)[1:]
-                                       for b in range(batch, answered_to)])
+                                       for b in range(start, answered_to)])
         sink.at(batch)
         shown, conversations, params = batch_prompts(showable, settings, seed, batch)
         replies = teacher.complete(conversations, params)

@@ -198,9 +198,11 @@ class Teacher:
             hit = self.cache.get(key) if self.cache else None
             if hit is not None:
                 results[index] = hit
-                if key in self._sent_ahead:
+                if self._answering_ahead:
+                    pass  # counted when the loop takes it
+                elif key in self._sent_ahead:
                     self._sent_ahead.discard(key)
-                elif not self._answering_ahead:
+                else:
                     self.stats.cache_hits += 1
             else:
                 missing.append(index)
