@@ -401,7 +401,7 @@ def batches_window(settings: AlpacaConfig, run: RunContext) -> int:
     1 unless the request cache reads and writes (`teacher.cache: use`): with `off` each
     window reply would be paid for twice, and `only` replays no more than the run asks.
     """
-    window = max(settings.batches_ahead, -(-run.lookahead // settings.prompts_per_batch))
+    window = max(settings.batches_ahead, run.lookahead_batches(settings.prompts_per_batch))
     return window if window > 1 and run.teacher.config.cache == "use" else 1
 
 

@@ -235,6 +235,10 @@ class RunContext:
     # the run summary and --estimate count its requests; None: `make_teacher`, not counted
     open_teacher: Callable[[str, TeacherConfig], Teacher] | None = None
 
+    def lookahead_batches(self, per_batch: int) -> int:
+        """How many whole batches of `per_batch` items cover `lookahead` items (at least one)."""
+        return max(1, -(-self.lookahead // per_batch))
+
 
 Run = Callable[[Sequence[Task], Any, RunContext], None]
 

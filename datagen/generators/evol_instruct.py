@@ -336,11 +336,6 @@ class _Evolution:
     answer: Completion | None = None
 
 
-def _window(lookahead: int, items_per_batch: int) -> int:
-    """Pool items answered ahead at once on engine: ray: whole batches, at least `lookahead`."""
-    return max(1, -(-lookahead // items_per_batch)) * items_per_batch
-
-
 def _have(sink: TaskSink) -> int:
     return len(sink.existing) + sink.produced
 
@@ -368,7 +363,7 @@ def run_evol_instruct(seeds: Sequence[Task], settings: EvolInstructConfig, run: 
         answered_to = 0
         for start in range(0, len(pool), settings.items_per_batch):
             if look_ahead and start >= answered_to:
-                answered_to = start + _window(run.lookahead, settings.items_per_batch)
+                answered_to = start + run.lookahead_batches(settings.items_per_batch) * settings.items_per_batch
                 with teacher.answering_ahead():
                     _evolve_batch(pool[start:answered_to], round_number, teacher, settings, seed, backend, _discard)
             replayed = batch < run.batches_done

@@ -481,7 +481,7 @@ def run_preferences(seeds: Sequence[Task], settings: PreferencesConfig, run: Run
         # engine: ray answers a window of whole batches ahead, stage by stage (a pipeline each),
         # into the request caches; the batches below then run exactly as on engine: local
         look_ahead = run.lookahead > 0 and all(t.cache is not None for t in [judge, *teachers])
-        window = max(1, -(-run.lookahead // settings.items_per_batch)) * settings.items_per_batch
+        window = run.lookahead_batches(settings.items_per_batch) * settings.items_per_batch
         batch, taken, answered_to = run.batches_done, 0, 0
         while have < run.num:
             jobs = pending[taken : taken + min(settings.items_per_batch, run.num - have)]
