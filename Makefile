@@ -32,13 +32,15 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/datagen distill examples/distill_self_instruct.yaml
 
-# Lint first (ruff, configured in pyproject.toml), then the whole suite, slow tests included.
+# Lint first (ruff, configured in pyproject.toml), then the whole suite, slow tests included;
+# the twenty slowest tests close every log, so a CI run shows where its time goes.
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=20
 
+# No real model, server, torchrun or Ray: tests/conftest.py fails an unmarked test that starts one.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow" --durations=10
 
 clean:
 	rm -rf $(VENV) build *.egg-info

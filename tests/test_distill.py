@@ -67,7 +67,10 @@ def test_bad_config_names_the_key(tmp_path):
 
 
 @pytest.mark.slow
-def test_distill_end_to_end_then_resume_skips_finished_stages(tmp_path):
+def test_distill_end_to_end_then_resume_skips_finished_stages(tmp_path, recorded, monkeypatch):
+    """The whole chain: the teacher's replies are the embedded model's, recorded (tests/recorded.py);
+    the student's LoRA steps, merge and eval run live."""
+    recorded("distill_end_to_end").install(monkeypatch)
     config = write_config(tmp_path)
     work = tmp_path / "work"
     first = run_cli("distill", str(config))
@@ -85,7 +88,9 @@ def test_distill_end_to_end_then_resume_skips_finished_stages(tmp_path):
     assert (work / "student" / "merged" / "config.json").exists()
     report = json.loads((work / "eval" / "report.json").read_text())
     assert report["examples"] == len(splits["test"])
-    assert report["base"]["loss"] > 0 and report["tuned"]["loss"] > 0
+    # the untuned embedded model against the merged student: two different models were scored
+    assert report["base"]["model"] == "smollm2-135m" and report["tuned"]["model"] == str(work / "student" / "merged")
+    assert report["tuned"]["loss"] != report["base"]["loss"]
     state = json.loads((work / "distill.json").read_text())
     assert all(state["stages"][s]["status"] == "done" for s in STAGES)
 

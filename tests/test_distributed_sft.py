@@ -194,6 +194,7 @@ def test_bad_distributed_settings_are_one_error_line(tmp_path, args, expected):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_rank_that_fails_is_one_error_line(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(2))
     missing = tmp_path / "no-such-student"

@@ -3,8 +3,9 @@ over the same global batch trains (losses, rewards, reward accuracy, margin step
 the final figures over all pairs gathered across ranks); kill -9 of one rank, then a rerun
 resumes from the last checkpoint and ends on those same numbers; bad settings are one line.
 
-The real run uses the embedded student (SmolLM2-135M) on 8 short arithmetic pairs: two
-torchrun launches (the killed one and its resume) plus one in-process reference run.
+The student is a tiny Llama built from a config (the embedded tokenizer): DDP equality needs the
+same arithmetic on both sides, not real weights, so each torchrun launch costs its start-up, not
+training. Two launches (the killed one and its resume) plus one in-process reference run.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ import pytest
 
 from tests.helpers import run_cli, single_error_line
 from tests.test_distributed_sft import kill_rank_after_checkpoint, log_of
-from tests.test_dpo import write_pairs
+from tests.test_dpo import tiny_model, write_pairs
 
 # dropout 0: the ranks draw other dropout masks than one process would. 8 pairs in
 # micro-batches of 2, 2 per step: 2 steps an epoch, so 6 steps cross two epoch boundaries.
-SETTINGS = dict(dropout=0.0, batch_size=2, learning_rate=1e-3, r=8, alpha=16, max_steps=6, save_every=2,
+SETTINGS = dict(dropout=0.0, batch_size=2, learning_rate=1e-2, r=8, alpha=16, max_steps=6, save_every=2,
                 warmup_ratio=0.0, beta=0.1, merge=False)
 FIGURES = ("loss", "reward_accuracy", "chosen_reward", "rejected_reward", "margin")
 
@@ -58,15 +59,18 @@ def test_bad_pairs_are_one_error_line_before_any_rank_starts(tmp_path):
 
 @pytest.mark.slow
 def test_two_ranks_train_what_one_process_trains_and_resume_after_kill_9(tmp_path, embedded_model_path):
+    from transformers import AutoTokenizer
+
     from datagen.finetune.dpo import DPOConfig, train_dpo
 
+    student = str(tmp_path / "tiny")
+    tiny_model(student, AutoTokenizer.from_pretrained(embedded_model_path))
     data = write_pairs(tmp_path / "pairs.jsonl", 8)
-    one = train_dpo(DPOConfig(base=embedded_model_path, grad_accum=2, **SETTINGS), data, tmp_path / "one",
-                    show_progress=False)
+    one = train_dpo(DPOConfig(base=student, grad_accum=2, **SETTINGS), data, tmp_path / "one", show_progress=False)
     expected = log_of(tmp_path / "one")
 
     out = tmp_path / "out"
-    config = config_file(tmp_path / "c.yaml", base=embedded_model_path, **SETTINGS)
+    config = config_file(tmp_path / "c.yaml", base=student, **SETTINGS)
     command = [sys.executable, "-m", "datagen.cli", "finetune", str(data), "--method", "dpo", "--out", str(out),
                "--config", config, "--nproc", "2"]
     stderr = kill_rank_after_checkpoint(command, out / "checkpoints" / "step-000002" / "state.pt")

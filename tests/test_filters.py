@@ -104,19 +104,41 @@ def test_judge_prompt_and_parse():
     assert parse_judgement("I think it is good.") is None
 
 
-@pytest.mark.slow
-def test_judge_pass_on_the_embedded_model(tmp_path):
-    from datagen.teachers import TeacherConfig, make_teacher
+def test_judge_keeps_at_the_threshold_and_rejects_below_it_with_the_mean_score():
+    from datagen.teachers import TeacherConfig
+    from datagen.teachers.teacher import Teacher
+    from tests.helpers import ScriptedBackend
+
+    scores = {"Paris is the capital of France.": "Score: 4.5\nRationale: Correct.",
+              "Bananas are yellow.": "Score: 1\nRationale: Off topic.",
+              "Berlin.": "Score: 4", "Rome.": "score=2"}
+    backend = ScriptedBackend(lambda prompt: scores[prompt.split("\nResponse: ")[1].split("\n\n")[0]])
+    tasks = [task("What is the capital of France?", ("", "Paris is the capital of France."), task_id="good"),
+             task("What is the capital of France?", ("", "Bananas are yellow."), task_id="bad"),
+             task("Name a capital city.", ("", "Berlin."), ("", "Rome."), task_id="mean")]
+    kept, rejected = judge_pass(tasks, Teacher(backend, TeacherConfig(cache="off")), JudgeConfig(threshold=3.0))
+    assert [(t.id, t.lineage.judge_score, t.lineage.judge_rationale) for t in kept] == [
+        ("good", 4.5, "Correct."), ("mean", 3.0, "")]  # (4 + 2) / 2: at the threshold is kept
+    assert [(r.task.id, r.reason, r.detail, r.task.lineage.judge_score) for r in rejected] == [
+        ("bad", "judge score below threshold", "1.00 < 3.0", 1.0)]
+    assert len(backend.seen) == 4 and backend.seen[0] == judge_messages(
+        "What is the capital of France?", "", "Paris is the capital of France.")[0]["content"]
+
+
+def test_judge_pass_on_the_embedded_model(recorded):
+    """The embedded 135M model as judge (its replies recorded, tests/recorded.py): it does not
+    keep to the rubric's form, and a reply without a score rejects the task with the reply."""
+    from datagen.teachers import TeacherConfig
 
     tasks = [task("What is the capital of France?", ("", "Paris is the capital of France."), task_id="good"),
              task("What is the capital of France?", ("", "Bananas are yellow."), task_id="bad")]
-    with make_teacher(TeacherConfig(cache_dir=str(tmp_path))) as teacher:
-        kept, rejected = judge_pass(tasks, teacher, JudgeConfig(threshold=0.0))
-    assert len(kept) + len(rejected) == 2
-    for judged in kept:
-        assert 0.0 <= judged.lineage.judge_score <= 5.0
-    for rejection in rejected:
-        assert rejection.reason == "judge reply unparseable" and rejection.detail
+    with recorded("judge_pass").teacher(TeacherConfig(cache="off")) as teacher:
+        kept, rejected = judge_pass(tasks, teacher, JudgeConfig(threshold=3.0))
+    assert kept == []
+    assert [(r.task.id, r.reason) for r in rejected] == [("good", "judge reply unparseable"),
+                                                          ("bad", "judge reply unparseable")]
+    assert rejected[0].detail == "The answer to the instruction is indeed the capital of France."
+    assert rejected[1].detail.startswith("The answer to the instruction is correct, but the response")
 
 
 def write_tasks(path, tasks):

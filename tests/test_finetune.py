@@ -511,15 +511,16 @@ def test_resume_after_sigkill_ends_where_an_unbroken_run_ends(trained, tmp_path)
     assert [e["loss"] for e in again] == pytest.approx([e["loss"] for e in unbroken], abs=1e-4)
 
 
-def test_checkpoints_of_other_settings_are_not_resumed(tmp_path):
+def test_checkpoints_of_other_settings_are_not_resumed(tokenizer, tmp_path):
     """Resuming somebody else's optimiser state would silently train the wrong thing."""
-    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(4))
-    train(FinetuneConfig(max_steps=1, batch_size=4, merge=False), data, tmp_path / "out", show_progress=False)
     from datagen.errors import DatagenError
 
+    tiny_model(tmp_path / "tiny", tokenizer)
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(4))
+    settings = dict(base=str(tmp_path / "tiny"), max_steps=1, batch_size=4, merge=False)
+    train(FinetuneConfig(**settings), data, tmp_path / "out", show_progress=False)
     with pytest.raises(DatagenError, match="checkpoints were made with other data or settings"):
-        train(FinetuneConfig(max_steps=1, batch_size=4, learning_rate=1e-5, merge=False), data, tmp_path / "out",
-              show_progress=False)
+        train(FinetuneConfig(**settings, learning_rate=1e-5), data, tmp_path / "out", show_progress=False)
 
 
 # ---------------------------------------------------------------- QLoRA
@@ -579,19 +580,42 @@ def test_judge_prompt_is_pinned():
 
 @pytest.mark.slow
 def test_eval_compares_base_and_tuned_on_held_out_data(trained, tmp_path):
-    from datagen.finetune.evaluate import EvalConfig, evaluate
+    from datagen.finetune.evaluate import EvalConfig, evaluate, judge_messages, parse_verdict
+    from datagen.rouge import rouge_l_f1
     from datagen.teachers import TeacherConfig
+    from datagen.teachers.base import Request
+    from datagen.teachers.cache import RequestCache, request_key
 
     folder, _data, _summary = trained
     held_out = write_jsonl(tmp_path / "test.jsonl", arithmetic_rows(4, seed=99))
-    report = evaluate(EvalConfig(max_new_tokens=24, judge=True), tmp_path, "smollm2-135m", str(folder / "out"),
-                      tmp_path / "eval", teacher_config=TeacherConfig(cache="off"))
+    config = EvalConfig(max_new_tokens=24, judge=True, samples_in_report=4)
+    report = evaluate(config, tmp_path, "smollm2-135m", str(folder / "out"), tmp_path / "eval",
+                      teacher_config=TeacherConfig(cache_dir=str(tmp_path / "judge")))
     assert report["data"] == str(held_out) and report["examples"] == 4
     assert report["tuned"]["loss"] < report["base"]["loss"]
-    assert 0.0 <= report["base"]["rouge_l"] <= 1.0 and 0.0 <= report["tuned"]["rouge_l"] <= 1.0
+    samples = report["samples"]
+    assert len(samples) == 4
+    for model in ("base", "tuned"):  # the mean ROUGE-L of the replies shown, computed here again
+        expected = sum(rouge_l_f1(s["reference"], s[model]) for s in samples) / 4
+        assert report[model]["rouge_l"] == round(expected, 4), model
+
+    # the win rate again from the real judge's own replies (cached): tuned is A, then B
+    cache = RequestCache(tmp_path / "judge" / "requests.sqlite")
+    params = config.judge_sampling.model_copy(update={"n": 1})
+    points, unreadable = [], 0
+    for sample in samples:
+        orders = (("A", (sample["tuned"], sample["base"])), ("B", (sample["base"], sample["tuned"])))
+        for tuned_label, answers in orders:
+            request = Request.build(judge_messages(sample["request"], *answers), params, 0)
+            verdict = parse_verdict(cache.get(request_key("local", "smollm2-135m", request)).text)
+            if verdict is None:
+                unreadable += 1
+            else:
+                points.append(0.5 if verdict == "tie" else float(verdict == tuned_label))
+    cache.close()
     judge = report["judge"]
-    assert judge["judgements"] + judge["unreadable"] == 8
-    assert judge["win_rate"] is None or 0.0 <= judge["win_rate"] <= 1.0
+    assert (judge["judgements"], judge["unreadable"]) == (len(points), unreadable)
+    assert judge["win_rate"] == (round(sum(points) / len(points), 4) if points else None)
     markdown = (tmp_path / "eval" / "report.md").read_text()
     assert "| loss on teacher replies (lower is better) |" in markdown and "## Sample 1" in markdown
     assert json.loads((tmp_path / "eval" / "report.json").read_text())["tuned"]["loss"] == report["tuned"]["loss"]

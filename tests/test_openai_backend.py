@@ -29,10 +29,15 @@ PLAN = {
 }
 
 
+# Far past what 12 tokens take on a loaded 2-core machine (a slow real reply must never be
+# retried and delivered twice), yet short enough that the two injected stalls cost little.
+TIMEOUT_S = 15.0
+
+
 def api_config(base_url, tmp_path, **changes):
     settings = dict(
         backend="openai", model="smollm2-135m", base_url=base_url, cache_dir=str(tmp_path),
-        timeout_s=3.0, max_retries=5, backoff_base_s=0.05, backoff_max_s=2.0, max_concurrency=4,
+        timeout_s=TIMEOUT_S, max_retries=5, backoff_base_s=0.05, backoff_max_s=2.0, max_concurrency=4,
         sampling=SamplingParams(temperature=0.0, max_tokens=12),
         prices=PriceTable(input_per_million=1.0, output_per_million=2.0),
     )
@@ -44,7 +49,7 @@ def api_config(base_url, tmp_path, **changes):
 def test_every_request_completes_exactly_once_through_faults(vllm_server, tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     prompts = [[{"role": "user", "content": f"{marker} Name a fruit."}] for marker in PLAN]
-    with FaultProxy(vllm_server, PLAN, stall_seconds=5.0) as proxy:
+    with FaultProxy(vllm_server, PLAN, stall_seconds=TIMEOUT_S + 1) as proxy:
         with make_teacher(api_config(proxy.base_url, tmp_path)) as teacher:
             replies = teacher.complete(prompts)
             stats = teacher.stats

@@ -626,6 +626,7 @@ def test_responders_with_their_own_backend_count_in_the_summary_and_the_estimate
 # ---------------------------------------------------------------- engine: ray
 
 
+@pytest.mark.slow
 def test_preferences_on_ray_look_ahead_and_write_what_local_writes(tmp_path):
     """On engine: ray the loop answers a window of batches ahead, one pipeline per stage, then
     runs local's batches from the cache: pairs and rejects byte for byte local's."""

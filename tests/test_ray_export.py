@@ -22,6 +22,7 @@ import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # every test here starts Ray
 
 from datagen.config_file import load_config  # noqa: E402
 from datagen.engines.config import ROUTE_ACTORS  # noqa: E402

@@ -121,16 +121,24 @@ def outputs(config) -> tuple[bytes, bytes]:
     return out.read_bytes(), rejects_path(out).read_bytes()
 
 
-@pytest.fixture
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+@pytest.fixture(scope="module")
+def _ray_for_this_module():
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def local_ray(_ray_for_this_module):
+    """A local 2-CPU Ray, started by the first test that needs it and shared by the module's
+    tests (a start costs seconds); a test that needs another cluster shuts it down first."""
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
 
 
 ORCA = {"items_per_batch": 8, "check_labels": False}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_orca_on_ray_writes_the_same_rows_as_local(tmp_path, local_ray, replicas):
     local = config_for(tmp_path, "local", "orca", 25, **ORCA)
@@ -151,6 +159,7 @@ EVOL = {"rounds": 2, "items_per_batch": 2}
 EVOL_RAY = {"kind": "ray", "replicas": 2, "batch_size": 3}  # a look-ahead window of 6 items: 3 batches
 
 
+@pytest.mark.slow
 def test_evol_on_ray_writes_the_same_rows_and_rejects_as_local(tmp_path, local_ray):
     # num 3 stops in round 2's first batch: the rejects (batch numbers included) and the stop
     # must be local's, with at most one window (2 batches) answered past it
@@ -179,6 +188,7 @@ def killing_evol_reply(prompt: str) -> Completion:
     return faulty_reply(prompt)
 
 
+@pytest.mark.slow
 def test_evol_killed_on_ray_resumes_like_local(tmp_path, local_ray):
     on_ray = config_for(tmp_path, "ray", "evol-instruct", 2, EVOL_RAY, **EVOL)
     with pytest.raises(TeacherError, match="replica killed"):
@@ -195,6 +205,7 @@ def test_evol_killed_on_ray_resumes_like_local(tmp_path, local_ray):
     assert all("[error]" in prompt or "[ok] Name some rivers (1)" in prompt for prompt in again)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_without_repeating_finished_shards(tmp_path, local_ray):
     engine = {"kind": "ray", "replicas": 1, "batch_size": 4}
     config = config_for(tmp_path, "ray", "orca", 30, engine, **ORCA)
@@ -219,6 +230,7 @@ class Killed(Exception):
     """The driver dying mid-run (a KeyboardInterrupt would stop pytest itself)."""
 
 
+@pytest.mark.slow
 def test_replies_that_reached_the_driver_are_cached_before_the_loop_asks(tmp_path, local_ray):
     # the loop is killed at its second batch, after the pipeline streamed back all 60 planned
     # replies (30 tasks x 2 instances) of which the loop had consumed 16: a rerun sends none again
@@ -258,6 +270,7 @@ def test_replies_that_reached_the_driver_are_cached_before_the_loop_asks(tmp_pat
     assert outputs(config)[0] == outputs(local)[0]
 
 
+@pytest.mark.slow
 def test_alpaca_on_ray_writes_the_same_rows_and_rejects_as_local(tmp_path, local_ray):
     # 2 prompts a batch; 2 replicas x batch_size 4: a window of 4 batches, one pipeline each
     section = {"prompts_per_batch": 2, "batches_ahead": 1}
@@ -274,9 +287,11 @@ def test_alpaca_on_ray_writes_the_same_rows_and_rejects_as_local(tmp_path, local
     assert len(answered(log)) == summary["requests_sent"] == summary["engine"]["pipelines"] * 4 * 2
 
 
+@pytest.mark.slow
 def test_two_node_cluster_writes_the_same_rows(tmp_path):
     from ray.cluster_utils import Cluster
 
+    ray.shutdown()  # the module's local Ray (local_ray), if up, gives way to the cluster
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
     try:

@@ -149,6 +149,7 @@ def test_invalid_lines_are_rejected_or_stop_the_run_as_before(tmp_path: Path) ->
     assert "(and 1 more bad lines); fix it or pass --skip-invalid" in single_error_line(sharded)
 
 
+@pytest.mark.slow
 def test_ray_executor_matches_single_process(tmp_path: Path) -> None:
     ray = pytest.importorskip("ray")
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"

@@ -184,6 +184,7 @@ def test_other_orders_match_single_process(tmp_path: Path, passes: list[str]) ->
     same_stats(stats, reference)
 
 
+@pytest.mark.slow
 def test_ray_executor_matches_single_process(tmp_path: Path, judge_server: JudgeServer) -> None:
     ray = pytest.importorskip("ray")
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"

