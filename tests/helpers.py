@@ -1,6 +1,5 @@
-"""What many tests share: task factories, one scripted backend for injecting faults, and two
-runners for the real `datagen` entry point (in this process, or in a fresh one). Fixtures stay in
-conftest.py.
+"""What many tests share: task factories, one scripted backend for injecting faults, and a
+runner for the real `datagen` entry point in this process. Fixtures stay in conftest.py.
 
     from tests.helpers import ScriptedBackend, make_task, run_cli, write_tasks
 """
@@ -109,12 +108,13 @@ def alpaca_reply(prompt: str, salt: str = "") -> Completion:
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run `datagen ARGS` in this process through `datagen.cli.main`, the console script's entry
     point, with `env` added to the environment; its exit code, stdout and stderr come back as a
-    subprocess would give them. A fresh interpreter costs seconds of imports per call, so only
-    the tests about the installed script itself use `run_cli_subprocess`. What a command's own
-    child processes print (torchrun's ranks) is not captured here: use the subprocess runner."""
+    subprocess would give them (torchrun's ranks included: the launcher relays their lines). A
+    fresh interpreter costs seconds of imports per call; the tests about the installed script,
+    `--help`'s imports and killed runs start real processes themselves."""
     from datagen.cli import main
 
-    saved_environ, saved_argv = dict(os.environ), sys.argv
+    changed = {name: os.environ.get(name) for name in env or {}}
+    saved_argv = sys.argv
     stdout, stderr = io.StringIO(), io.StringIO()
     os.environ.update(env or {})
     sys.argv = ["datagen", *args]
@@ -131,22 +131,14 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
                 traceback.print_exc()
                 code = 1
     finally:
-        os.environ.clear()
-        os.environ.update(saved_environ)
+        # only what was added or changed: other threads (a server's log reader) may be reading
+        for name, value in changed.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         sys.argv = saved_argv
     return subprocess.CompletedProcess(["datagen", *args], code, stdout.getvalue(), stderr.getvalue())
-
-
-def run_cli_subprocess(*args: str, env: dict[str, str] | None = None,
-                       timeout: float = 900) -> subprocess.CompletedProcess:
-    """Run the real `datagen` entry point in a fresh interpreter (as a user would)."""
-    return subprocess.run(
-        [sys.executable, "-m", "datagen.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def single_error_line(result: subprocess.CompletedProcess) -> str:

@@ -92,11 +92,17 @@ class Recording:
         self.file.write_text("".join(rows[key] + "\n" for key in sorted(rows)), encoding="utf-8")
 
 
+def hung_marker(hang_when: Path) -> Path:
+    """The file a hanging `RecordedBackend` creates: the run is blocked in a request."""
+    return hang_when.with_name(hang_when.name + ".hung")
+
+
 class RecordedBackend:
     """The `local` backend as the recording saw it: the live model's replies, looked up by request key.
 
     `hang_when`: once that file has content, the next request never comes back (a teacher that
-    hangs), so a test can SIGKILL the run at a known point instead of after a guessed sleep."""
+    hangs) and `hung_marker(hang_when)` appears, so a test can SIGKILL the run at a known point
+    instead of after a guessed sleep."""
 
     name = "local"
 
@@ -117,6 +123,7 @@ class RecordedBackend:
 
     def generate(self, requests: Sequence[Request], on_result: ResultCallback) -> None:
         if self.hang_when is not None and self.hang_when.exists() and self.hang_when.stat().st_size:
+            hung_marker(self.hang_when).touch()  # what the test waits for before it kills
             threading.Event().wait()
         if self.live is not None:
             def keep(index: int, completion: Completion) -> None:
@@ -151,7 +158,9 @@ def main(argv: list[str]) -> None:
     if rest[:1] == ["--hang-when"]:
         hang_when, rest = Path(rest[1]), rest[2:]
     assert rest[:1] == ["--"], "usage: python -m tests.recorded NAME [--hang-when PATH] -- DATAGEN ARGS"
-    recording = Recording(name, name, recording_now(), fresh=False)
+    # the test that started this process, for the re-record hint
+    nodeid = os.environ.get("PYTEST_CURRENT_TEST", name).rsplit(" ", 1)[0]
+    recording = Recording(name, nodeid, recording_now(), fresh=False)
     BACKENDS["local"] = lambda config: recording.backend(config, hang_when)
     datagen(rest[1:])
 

@@ -607,7 +607,9 @@ def test_eval_compares_base_and_tuned_on_held_out_data(trained, tmp_path):
         orders = (("A", (sample["tuned"], sample["base"])), ("B", (sample["base"], sample["tuned"])))
         for tuned_label, answers in orders:
             request = Request.build(judge_messages(sample["request"], *answers), params, 0)
-            verdict = parse_verdict(cache.get(request_key("local", "smollm2-135m", request)).text)
+            reply = cache.get(request_key("local", "smollm2-135m", request))
+            assert reply is not None, f"the judge was not asked about sample {sample['request']!r} that way"
+            verdict = parse_verdict(reply.text)
             if verdict is None:
                 unreadable += 1
             else:

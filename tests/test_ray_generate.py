@@ -133,6 +133,9 @@ def local_ray(_ray_for_this_module):
     tests (a start costs seconds); a test that needs another cluster shuts it down first."""
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    if ray.is_initialized() and ray.available_resources().get("CPU", 0) < 2:
+        ray.shutdown()  # an actor a failed test left holding a CPU would starve the next test
 
 
 ORCA = {"items_per_batch": 8, "check_labels": False}

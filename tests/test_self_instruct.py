@@ -47,6 +47,9 @@ from datagen.teachers import TeacherConfig
 from datagen.teachers.base import Completion
 from datagen.teachers.cache import RequestCache
 from tests.helpers import ScriptedBackend, run_cli
+from tests.recorded import hung_marker
+
+REPOSITORY = Path(__file__).parent.parent  # `python -m tests.recorded` runs from here
 
 HEADER = (
     "Below is a numbered list of varied tasks that a person could ask a capable AI assistant to do. "
@@ -526,20 +529,25 @@ def test_end_to_end_on_the_embedded_model_killed_mid_run_then_resumed(tmp_path, 
     config = write_tiny_config(tmp_path, num=3, prompts=1, threshold=0.95)
     recording = recorded("self_instruct_end_to_end")
     output = tmp_path / "raw.jsonl"
-    # the teacher hangs on the first request after a batch is on disk: the kill lands mid-run, every time
+    # the teacher hangs on the first request after a task is on disk: the kill lands mid-run, every time
     command = [sys.executable, "-m", "tests.recorded", recording.name, "--hang-when", str(output),
                "--", "generate", "--config", str(config)]
     log = tmp_path / "killed.log"
     with log.open("w") as stderr:
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline and process.poll() is None and not read_tasks_or_none(output):
-        time.sleep(0.05)
-    assert process.poll() is None, f"the run ended before it could be killed: {log.read_text()[-3000:]}"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, cwd=REPOSITORY)
+    try:
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline and process.poll() is None and not hung_marker(output).exists():
+            time.sleep(0.05)
+        assert process.poll() is None, f"the run ended before it could be killed: {log.read_text()[-3000:]}"
+        assert hung_marker(output).exists(), "the run never reached the hanging request"
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
     before = read_tasks(output)
     assert 1 <= len(before) < 3
+    batches_done = json.loads((tmp_path / "raw.progress.json").read_text())["batches_done"]
+    assert batches_done >= 1
     cache = RequestCache(tmp_path / "cache" / "requests.sqlite")
     answered_before = len(cache)  # what the killed run was answered, its last batch's included
     rejects_file = tmp_path / "raw.rejects.jsonl"
@@ -567,18 +575,11 @@ def test_end_to_end_on_the_embedded_model_killed_mid_run_then_resumed(tmp_path, 
         assert len(task.lineage.most_similar) == 10
         assert max(task.lineage.most_similar.values()) <= 0.95
         assert task.lineage.usage.completion_tokens > 0
-    # the killed run's rejects stay, the rerun's follow them: none lost, none written twice
-    rejects = rejects_file.read_text().splitlines()
+    # the killed run's rejects stay, the rerun's follow them: none lost, no finished batch redone
+    rejects = [json.loads(line) for line in rejects_file.read_text().splitlines()]
     assert len(rejects) == rejected_before + sum(summary["rejects_by_reason"].values())
-
-
-def read_tasks_or_none(path: Path) -> list[Task] | None:
-    """The tasks flushed to `path` so far (None before the first whole line)."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return None
-    return read_tasks(path) if text.endswith("\n") and text.strip() else None
+    assert all(reject["batch"] < batches_done for reject in rejects[:rejected_before])
+    assert all(reject["batch"] >= batches_done for reject in rejects[rejected_before:])
 
 
 LATER_ROUNDS = 30
@@ -587,7 +588,6 @@ LATER_ROUNDS = 30
 def test_later_rounds_grow_a_task_that_passes_natural_instructions_strict(tmp_path, recorded):
     """The lever the export needs: 28 distinct inputs from the embedded 135M teacher (its replies
     recorded once, tests/recorded.py: the whole loop runs on them, nothing is generated here)."""
-    from tests.helpers import run_cli
 
     settings = SelfInstructConfig(
         more_prompts_per_task=3,

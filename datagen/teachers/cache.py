@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 from datagen.teachers.base import Completion, Request
@@ -80,14 +79,6 @@ class RequestCache:
                 completion.completion_tokens,
             ),
         )
-
-    def entries(self) -> Iterator[tuple[str, Completion]]:
-        """Every (key, completion) stored, in key order (a stable dump of the cache)."""
-        rows = self._db.execute(
-            "SELECT key, text, finish_reason, prompt_tokens, completion_tokens FROM completions ORDER BY key"
-        ).fetchall()
-        for key, text, finish_reason, prompt_tokens, completion_tokens in rows:
-            yield key, Completion(text, finish_reason, prompt_tokens, completion_tokens, cached=True)
 
     def __len__(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM completions").fetchone()[0]
