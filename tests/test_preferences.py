@@ -12,10 +12,12 @@ from collections import Counter
 
 import pytest
 
+from datagen.config import SamplingParams
 from datagen.errors import InputError
 from datagen.generate import GENERATORS
 from datagen.generators.common import RunContext, TaskSink
 from datagen.generators.preferences import (
+    ASPECTS,
     Comparison,
     PairChoice,
     PreferencePair,
@@ -27,12 +29,14 @@ from datagen.generators.preferences import (
     choose_pair,
     pairwise_messages,
     pairwise_wins,
+    parse_aspect_ratings,
     parse_rating,
     parse_verdict,
     prompt_messages,
     rating_messages,
     responder_plan,
     run_preferences,
+    ultrafeedback_messages,
 )
 from datagen.io import read_records, rejects_path
 from datagen.records import Instance, Task
@@ -49,7 +53,7 @@ def test_rating_prompt_is_pinned():
     [message] = rating_messages(prompt, " The sum is 5. ")
     assert message["role"] == "user"
     assert message["content"] == (
-        "You are rating an AI assistant's response to a user's request, as in UltraFeedback.\n"
+        "You are rating an AI assistant's response to a user's request.\n"
         "\n"
         "Judge the response as a whole on four aspects:\n"
         "- Helpfulness: does it do what was asked, with correct and useful content?\n"
@@ -97,7 +101,7 @@ def test_judge_replies_parse(reply, expected):
 
 
 @pytest.mark.parametrize("scores, pick, expected", [
-    ([9, 4, 6, 9], "lowest", PairChoice(0, 1)),  # first of equal bests; lowest below
+    ([9, 4, 6, 8], "lowest", PairChoice(0, 1)),
     ([5, 8, 7.5, 2], "lowest", PairChoice(1, 3)),
     ([5, None, 8, None], "lowest", PairChoice(2, 0)),
     ([7, 7, 7, 7], "lowest", "all responses rated the same"),
@@ -108,6 +112,18 @@ def test_judge_replies_parse(reply, expected):
 def test_pair_choice(scores, pick, expected):
     texts = [f"answer {i}" for i in range(len(scores))]
     assert choose_pair(scores, texts, 1.0, random.Random(0), pick) == expected
+
+
+def test_a_tie_for_best_is_drawn_by_the_seed_not_given_to_the_first_responder():
+    # responder 0 answers first, so "first of equals" gave it every tie
+    chosen = {choose_pair([9, 4, 6, 9], list("abcd"), 1.0, random.Random(seed), "lowest").chosen for seed in range(30)}
+    assert chosen == {0, 3}
+    assert choose_pair([9, 4, 6, 9], list("abcd"), 1.0, random.Random(5), "lowest") == \
+        choose_pair([9, 4, 6, 9], list("abcd"), 1.0, random.Random(5), "lowest")  # the same seed, the same pick
+    # 0 and 2 both beat 1 and 3 in both orders: two wins each
+    beats = [compared(0, 1, "A", "B"), compared(0, 3, "A", "B"), compared(2, 1, "A", "B"), compared(2, 3, "A", "B")]
+    chosen = {choose_by_wins(beats, list("abcd"), 4, random.Random(seed), "lowest").chosen for seed in range(30)}
+    assert chosen == {0, 2}
 
 
 def test_random_rejected_is_one_far_enough_below_and_texts_must_differ():
@@ -396,7 +412,7 @@ def test_pairwise_prompt_is_pinned():
     [message] = pairwise_messages(prompt, " The sum is 5. ", "It is 6.\n")
     assert message["role"] == "user"
     assert message["content"] == (
-        "You are comparing two AI assistants' responses to the same user request, as in UltraFeedback.\n"
+        "You are comparing two AI assistants' responses to the same user request.\n"
         "\n"
         "Judge each response as a whole on four aspects:\n"
         "- Helpfulness: does it do what was asked, with correct and useful content?\n"
@@ -564,6 +580,140 @@ def test_pairwise_judging_pairs_rejects_and_replay(tmp_path):
     card = (tmp_path / "prefs" / "README.md").read_text()
     assert "1 pairs were judged pairwise (wins in both orders, no 1-10 score; `judging: pairwise`)." in card
     assert "not rated (chosen by responder" not in card
+
+
+# ---------------------------------------------------------------- the judge's token budget
+
+
+class LongWinded(SampledScript):
+    """SampledScript whose judge writes a 200-word rationale before its `Rating:` line and,
+    like a real server, stops at the request's max_tokens (a word a token here)."""
+
+    def generate(self, requests, on_result):
+        def budgeted(index, completion):
+            request = requests[index]
+            if request.messages[-1][1].startswith("You are rating") and completion.text.startswith("Rationale:"):
+                words = ("Rationale: " + "because " * 200 + "\n" + completion.text.split("\n")[-1]).split(" ")
+                cut = len(words) > request.params.max_tokens
+                completion = Completion(" ".join(words[: request.params.max_tokens]), "length" if cut else "stop",
+                                        50, min(len(words), request.params.max_tokens))
+            on_result(index, completion)
+
+        super().generate(requests, budgeted)
+
+
+def test_the_default_judge_budget_leaves_room_for_the_rationale_before_the_rating(tmp_path):
+    teacher = Teacher(LongWinded(), TeacherConfig(cache_dir=str(tmp_path / "cache")))
+    with TaskSink(tmp_path / "pairs.jsonl", PreferencePair) as sink:
+        run_preferences(SEEDS[:1], SETTINGS, RunContext(teacher, sink, num=1, seed=7))
+    [pair] = list(read_records(tmp_path / "pairs.jsonl", PreferencePair))
+    assert pair.score_chosen == 9.0 and pair.lineage.sampling["max_tokens"] == 320
+
+    tight = SETTINGS.model_copy(update={"judge_sampling": SamplingParams(temperature=0.0, max_tokens=160)})
+    with TaskSink(tmp_path / "tight.jsonl", PreferencePair) as sink:
+        tight_teacher = Teacher(LongWinded(), TeacherConfig(cache_dir=str(tmp_path / "cache")))
+        run_preferences(SEEDS[:1], tight, RunContext(tight_teacher, sink, num=1, seed=7))
+    rejects = [json.loads(line) for line in rejects_path(tmp_path / "tight.jsonl").read_text().splitlines()]
+    assert [r["detail"] for r in rejects if r["reason"] == "rating unparseable"][0] == (
+        'task good, instance 0, response 0 (warm): no "Rating: N" line (the reply was cut off at max_tokens 160)')
+
+
+# ---------------------------------------------------------------- judging: ultrafeedback
+
+
+def test_ultrafeedback_prompt_is_pinned():
+    [message] = ultrafeedback_messages([{"role": "user", "content": "Add 2 and 3."}], [" 5 ", "It is 5."])
+    assert message == {"role": "user", "content": (
+        "You are rating 2 AI assistants' responses to the same user request.\n"
+        "\n"
+        "Rate every response on each of four aspects, from 1 (worst) to 5 (best):\n"
+        "- Helpfulness: is it correct, informative and useful for the request?\n"
+        "- Honesty: does it express uncertainty where it should instead of inventing an answer?\n"
+        "- Instruction following: does it meet every requirement of the request, including format and length?\n"
+        "- Truthfulness: is it free of factual errors, contradictions and made-up details?\n"
+        "\n"
+        "Rate each response on its own merits; the order in which they appear means nothing.\n"
+        "\n"
+        "Request:\n"
+        "Add 2 and 3.\n"
+        "\n"
+        "Response 1:\n"
+        "5\n"
+        "\n"
+        "Response 2:\n"
+        "It is 5.\n"
+        "\n"
+        "Reply with one line per response, in exactly this form:\n"
+        "Response 1: helpfulness <1-5>, honesty <1-5>, instruction following <1-5>, truthfulness <1-5>. "
+        "Rationale: <one sentence>\n"
+        "Response 2: helpfulness <1-5>, honesty <1-5>, instruction following <1-5>, truthfulness <1-5>. "
+        "Rationale: <one sentence>")}
+
+
+def test_ultrafeedback_replies_parse():
+    reply = ("Response 1: helpfulness 4, honesty 5, instruction following 3, truthfulness 4. Rationale: fine.\n"
+             "**Response 2:** Helpfulness: 2/5, Honesty: 3, Instruction-following: 1, Truthfulness: 2. rationale: no\n"
+             "Response 3: helpfulness 6, honesty 5, instruction following 3, truthfulness 4.\n"
+             "Response 4: helpfulness 4, honesty 5")
+    aspects = dict(zip(ASPECTS, (4, 5, 3, 4)))
+    assert parse_aspect_ratings(reply, 5) == [
+        Rating(4.0, "fine.", aspects), Rating(2.0, "no", dict(zip(ASPECTS, (2, 3, 1, 2)))),
+        "response 3: helpfulness 6 outside 1-5", "response 4: no instruction following, truthfulness",
+        'no "Response 5: helpfulness N, ..." line']
+
+
+class AspectScript(SampledScript):
+    """SampledScript's responders with an ultrafeedback judge: each `[s=N]` reply gets
+    helpfulness, instruction following and truthfulness round(N/2) and honesty one more
+    (capped at 5); the `[s=?]` reply gets no line."""
+
+    @staticmethod
+    def answer(prompt: str, seed: int, temperature: float) -> Completion:
+        if not re.match(r"You are rating \d+ AI assistants'", prompt):
+            return SampledScript.answer(prompt, seed, temperature)
+        shown = re.findall(r"\nResponse (\d+):\n(.*?)(?=\n\n)", prompt.split("\nReply with one line", 1)[0] + "\n",
+                           flags=re.S)
+        lines = []
+        for number, text in shown:
+            score = re.search(r"\[s=([\d.?]+)\]", text).group(1)
+            if score != "?":
+                v = max(1, min(5, round(float(score) / 2)))
+                lines.append(f"Response {number}: helpfulness {v}, honesty {min(5, v + 1)}, instruction following "
+                             f"{v}, truthfulness {v}. Rationale: looks like {score}.")
+        return Completion("\n".join(lines), "stop", 200, 40)
+
+
+def test_ultrafeedback_judging_rates_the_replies_of_a_prompt_together(tmp_path):
+    settings = SETTINGS.model_copy(update={"judging": "ultrafeedback", "rejected_pick": "lowest"})
+    teacher = Teacher(AspectScript(), TeacherConfig(cache_dir=str(tmp_path / "cache")))
+    with TaskSink(tmp_path / "pairs.jsonl", PreferencePair) as sink:
+        run_preferences(SEEDS, settings, RunContext(teacher, sink, num=10, seed=7))
+    # 16 replies; one judge request for each prompt with two usable replies or more (not Faults)
+    assert teacher.stats.requests_sent == 16 + 3
+    pairs = {p.task_id: p for p in read_records(tmp_path / "pairs.jsonl", PreferencePair)}
+    assert set(pairs) == {"good", "close"}
+    good = pairs["good"]
+    # warm 0 [s=9] -> 4,5,4,4; hot 0 [s=6] -> 3,4,3,3; warm 1 [s=3] -> 2,3,2,2; hot 1 [s=?] unreadable
+    assert good.chosen[0]["content"] == "Good answer warm 0 [s=9]" and good.rejected[0]["content"] == \
+        "Good answer warm 1 [s=3]"
+    assert (good.score_chosen, good.score_rejected, good.rationale_chosen) == (4.25, 2.25, "looks like 9.")
+    lineage = json.loads([line for line in (tmp_path / "pairs.jsonl").read_text().splitlines()
+                          if '"task_id":"good"' in line.replace(" ", "")][0])["lineage"]
+    assert (lineage["judging"], lineage["operation"]) == ("ultrafeedback", "preferences:ultrafeedback")
+    assert lineage["template"] == "preference_ultrafeedback.jinja" and lineage["sampling"]["max_tokens"] == 64 + 96 * 4
+    assert [c["score"] for c in lineage["candidates"]] == [4.25, 3.25, 2.25, None]
+    assert lineage["candidates"][0]["aspects"] == dict(zip(ASPECTS, (4, 5, 4, 4)))
+    assert lineage["usage"]["completion_tokens"] == 4 * 6 + 40  # the replies and one judge reply
+    # Close: three replies tie at 4.25 above a 3.25 one; the seeded draw picks among the three
+    assert pairs["close"].rejected[0]["content"] == "Close answer hot 0 [s=6.5]"
+    assert pairs["close"].chosen[0]["content"] in {"Close answer warm 0 [s=7]", "Close answer warm 1 [s=7]",
+                                                   "Close answer hot 1 [s=7]"}
+    rejects = [json.loads(line) for line in rejects_path(tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert Counter(r["reason"] for r in rejects) == Counter({
+        "rating unparseable": 1, "all responses rated the same": 1, "teacher error": 1,
+        "reply hit the length limit": 1, "empty response": 1, "fewer than two rated responses": 1})
+    [unreadable] = [r for r in rejects if r["reason"] == "rating unparseable"]
+    assert unreadable["detail"] == 'task good, instance 0, response 3 (hot): no "Response 4: helpfulness N, ..." line'
 
 
 # ---------------------------------------------------------------- responders' own teachers: summary, --estimate

@@ -125,6 +125,11 @@ def preference_card(source: Path, splits: dict[str, list], split_source: str, ge
     if pairwise:
         lines += [f"{pairwise} pairs were judged pairwise (wins in both orders, no 1-10 score; "
                   "`judging: pairwise`).", ""]
+    aspects = sum(1 for p in everything if p.lineage is not None
+                  and getattr(p.lineage, "judging", "") == "ultrafeedback")
+    if aspects:
+        lines += [f"{aspects} pairs were rated with `judging: ultrafeedback`: their score is the mean of four "
+                  "1-5 aspect ratings, counted below by its whole part.", ""]
     lines += _table(["score", "chosen", "rejected"], [list(row) for row in score_distribution(everything)])
     if margins:
         lines += ["", f"Score margin chosen - rejected: min {min(margins):g}, median {statistics.median(margins):g}, "

@@ -1,4 +1,4 @@
-"""AI-feedback preference pairs (UltraFeedback ratings, the Zephyr recipe): `--method preferences`.
+"""AI-feedback preference pairs (UltraFeedback, MT-Bench judging, the Zephyr recipe): `--method preferences`.
 
     datagen generate --method preferences --seeds kept.jsonl --num 200 --out pairs.jsonl
 
@@ -12,24 +12,34 @@ distinct inputs (`orca.instances_to_answer`):
    student) or, with no `teacher:`, the run's teacher, each with its own sampling (the
    default: the teacher at temperature 1.0). A responder's replies to one prompt are its
    samples 0, 1, … (`n`, seeds seed+i), each cached on its own.
-3. *Ratings*: the run's teacher rates every response on its own with an UltraFeedback-style
-   rubric (`templates/preference_rating.jinja`: helpfulness, honesty, instruction following,
-   truthfulness; one overall 1–10 score and a rationale). `parse_rating` reads the last
-   `Rating: N` line (`8/10`, `**Rating:** 8` too); anything else, or a score outside 1–10,
-   is a reject "rating unparseable" with the judge's raw text. Errors, empty replies and
-   replies cut off at max_tokens are rejected before rating (a truncated reply taught as
-   "chosen" would teach the student to stop mid-sentence).
+3. *Ratings* (`judging: rating`): the run's teacher rates every response alone, one overall
+   1–10 score and a rationale (`templates/preference_rating.jinja`, asking about helpfulness,
+   honesty, instruction following and truthfulness). That is UltraFeedback's single-reply
+   critique score, not its preference ratings. `parse_rating` reads the last `Rating: N` line
+   (`8/10`, `**Rating:** 8` too); anything else, or a score outside 1–10, is a reject "rating
+   unparseable" with the judge's raw text. Errors, empty replies and replies cut off at
+   max_tokens are rejected before rating (a truncated reply taught as "chosen" would teach the
+   student to stop mid-sentence).
+   With `judging: ultrafeedback`, UltraFeedback's own preference annotation: the teacher sees
+   all usable replies of a prompt together and rates each 1–5 on the four aspects
+   (`templates/preference_ultrafeedback.jinja`, one request per prompt; `parse_aspect_ratings`);
+   a reply's score is the mean of its four, as in UltraFeedback-binarized. A reply whose line
+   is missing or incomplete is a "rating unparseable" reject; the others still count.
    With `chosen_responder` set, nothing is rated: chosen is that responder's first usable
    reply, rejected a usable reply of another one (the Orca-DPO-pairs recipe: the teacher's
    answer over the student's; `choose_by_responder`). Scores are then null. This is also what
    runs on a CPU with the embedded 135M model, which cannot follow any rating format.
-   With `judging: pairwise`, nothing is rated alone: the teacher compares every two usable
-   replies of a prompt (`templates/preference_pairwise.jinja`, the same four aspects,
-   `Verdict: A|B|tie`; `parse_verdict`) twice, once in each order. A reply wins a comparison
+   With `judging: pairwise`, nothing is rated alone: MT-Bench's pairwise comparison (Zheng et
+   al. 2023), the teacher compares every two usable replies of a prompt
+   (`templates/preference_pairwise.jinja`, the same four aspects, `Verdict: A|B|tie`;
+   `parse_verdict`) twice, once in each order. A reply wins a comparison
    only when both orders prefer it; a tie, an unreadable verdict ("verdict unparseable") or
    two verdicts that disagree (a judge favouring the first position) is no win, so position
    bias becomes ties, not wins. K replies cost K(K-1) judge requests (12 for K = 4).
-4. *Pair* (`choose_pair`): chosen = the best-rated response (the first of equals);
+   The judge's token budget (`judge_sampling`, unset: `judge_budget`) leaves room for the
+   rationale the rubric asks for before the score line, which comes last.
+4. *Pair* (`choose_pair`): chosen = the best-rated response (equals: a seeded pick per
+   prompt, so a tie does not always favour responder 0);
    rejected = one rated at least `margin` below it (`rejected_pick`: "random", seeded per
    prompt, as UltraFeedback-binarized; or "lowest"). Fewer than two ratings, all ratings
    equal, none far enough below, or a rejected text equal to the chosen one: the prompt
@@ -38,6 +48,7 @@ distinct inputs (`orca.instances_to_answer`):
    orders (`rejected_pick` "lowest": the one with fewest wins); scores are null, the wins and
    every comparison's two verdicts are in lineage. Fewer than two usable replies, no
    comparison readable in both orders, or no win at all: a reject with that reason.
+   Equal wins are broken by the same seeded pick.
 
 Each pair is one JSONL line in TRL's conversational preference shape:
 
@@ -110,9 +121,20 @@ from datagen.teachers.teacher import Teacher, TeacherConfig, make_teacher
 
 RATING = "preference_rating.jinja"
 PAIRWISE = "preference_pairwise.jinja"
+ULTRAFEEDBACK = "preference_ultrafeedback.jinja"
 MIN_SCORE, MAX_SCORE = 1.0, 10.0
+ASPECTS = ("helpfulness", "honesty", "instruction following", "truthfulness")  # UltraFeedback's, 1-5 each
 # how chosen and rejected are decided: lineage's `judging`
 JUDGING_RATING, JUDGING_PAIRWISE, JUDGING_RESPONDER = "rating", "pairwise", "responder"
+JUDGING_ULTRAFEEDBACK = "ultrafeedback"
+TEMPLATES = {JUDGING_RATING: RATING, JUDGING_PAIRWISE: PAIRWISE, JUDGING_ULTRAFEEDBACK: ULTRAFEEDBACK}
+
+
+def judge_budget(judging: str, responses: int) -> int:
+    """Default max_tokens of a judge reply. The score line comes last, after a rationale of
+    one or two sentences (about 60-80 tokens, and judges overrun it), so the old 160 could
+    cut off the very line being asked for; ultrafeedback writes one line per response."""
+    return 64 + 96 * responses if judging == JUDGING_ULTRAFEEDBACK else 320
 
 
 class Responder(Strict):
@@ -142,9 +164,11 @@ class PreferencesConfig(Strict):
     items_per_batch: int = Field(16, ge=1)  # prompts per round of teacher calls (and per flush)
     # show the judge the task's own output as a reference answer (UltraFeedback shows none)
     show_reference: bool = False
-    judge_sampling: SamplingParams = SamplingParams(temperature=0.0, top_p=1.0, max_tokens=160)
-    # rating: each reply rated 1-10 alone; pairwise: every two replies compared in both orders
-    judging: Literal["rating", "pairwise"] = JUDGING_RATING
+    # unset: greedy, with max_tokens sized for the rubric (`judge_budget`)
+    judge_sampling: SamplingParams | None = None
+    # rating: each reply rated 1-10 alone; pairwise: every two replies compared in both orders;
+    # ultrafeedback: all replies rated together, 1-5 on each of four aspects
+    judging: Literal["rating", "pairwise", "ultrafeedback"] = JUDGING_RATING
     # no judging: this responder's reply is chosen over another responder's (see the module doc)
     chosen_responder: str | None = None
 
@@ -152,14 +176,21 @@ class PreferencesConfig(Strict):
     def _chosen_responder_named(self) -> PreferencesConfig:
         names = [r.name for r in self.responders]
         if self.chosen_responder is not None:
-            if self.judging == JUDGING_PAIRWISE:
-                raise ValueError("chosen_responder judges nothing, so judging: pairwise has no effect; drop one")
+            if self.judging != JUDGING_RATING:
+                raise ValueError(f"chosen_responder judges nothing, so judging: {self.judging} has no effect; "
+                                 "drop one")
             if self.chosen_responder not in names:
                 raise ValueError(f"chosen_responder {self.chosen_responder!r} is not a responder "
                                  f"(responders: {', '.join(names)})")
             if len(names) < 2:
                 raise ValueError("chosen_responder needs a second responder to give the rejected replies")
         return self
+
+    def judge_params(self, seed: int) -> SamplingParams:
+        """The judge's sampling: `judge_sampling`, or greedy with a budget sized for the rubric."""
+        params = self.judge_sampling or SamplingParams(
+            temperature=0.0, top_p=1.0, max_tokens=judge_budget(self.judging, self.responses_per_prompt))
+        return params.model_copy(update={"seed": seed})
 
     @field_validator("responders")
     @classmethod
@@ -212,6 +243,7 @@ def rating_messages(prompt: Sequence[Message], response: str, reference: str | N
 class Rating:
     score: float
     rationale: str
+    aspects: dict[str, float] | None = None  # judging: ultrafeedback, each aspect's 1-5
 
 
 _RATING_LINE = re.compile(
@@ -219,6 +251,7 @@ _RATING_LINE = re.compile(
     flags=re.IGNORECASE | re.MULTILINE,
 )
 _RATIONALE = re.compile(r"^[ \t>#*_]*rationale[ \t*_]*[:：][ \t*_]*", flags=re.IGNORECASE | re.MULTILINE)
+_RATIONALE_INLINE = re.compile(r"rationale[ \t*_]*[:：][ \t*_]*", flags=re.IGNORECASE)
 
 
 def parse_rating(text: str) -> Rating | str:
@@ -241,6 +274,60 @@ def parse_rating(text: str) -> Rating | str:
     return Rating(score, rationale.strip())
 
 
+def ultrafeedback_messages(prompt: Sequence[Message], responses: Sequence[str],
+                           reference: str | None = None) -> list[Message]:
+    """What the judge is sent to rate all of `responses` to `prompt` together (numbered from 1)."""
+    system = next((m["content"] for m in prompt if m["role"] == "system"), None)
+    request = "\n\n".join(m["content"] for m in prompt if m["role"] == "user")
+    text = load_template(ULTRAFEEDBACK).render(system=system, request=request,
+                                               responses=[r.strip() for r in responses],
+                                               reference=(reference or "").strip())
+    return [{"role": "user", "content": text}]
+
+
+_RESPONSE_LINE = re.compile(r"^[ \t>#*_-]*response[ \t*_]*(\d+)[ \t*_]*[:：.)](.*)$",
+                            flags=re.IGNORECASE | re.MULTILINE)
+_ASPECT = {aspect: re.compile(aspect.replace(" ", r"[ \t_-]*")
+                              + r"[ \t*_]*[:=]?[ \t*_]*(\d+(?:\.\d+)?)(?:[ \t]*/[ \t]*5)?",
+                              flags=re.IGNORECASE) for aspect in ASPECTS}
+
+
+def parse_aspect_ratings(text: str, count: int) -> list[Rating | str]:
+    """Each of `count` responses' four aspect ratings from an ultrafeedback judge reply, or
+    why none can be read for it.
+
+    Response i's ratings are on the last line starting `Response i:` (markdown marks allowed);
+    it must name all four aspects with a number in 1..5. The score is their mean; the
+    rationale is the text after `Rationale:` on that line.
+    """
+    lines: dict[int, str] = {}
+    for match in _RESPONSE_LINE.finditer(text):
+        lines[int(match.group(1))] = match.group(2)
+    results: list[Rating | str] = []
+    for number in range(1, count + 1):
+        line = lines.get(number)
+        if line is None:
+            results.append(f'no "Response {number}: helpfulness N, ..." line')
+            continue
+        ratings, body = {}, _RATIONALE_INLINE.split(line, maxsplit=1)[0]
+        for aspect, pattern in _ASPECT.items():
+            found = pattern.search(body)
+            if found is not None:
+                ratings[aspect] = float(found.group(1))
+        missing = [aspect for aspect in ASPECTS if aspect not in ratings]
+        outside = [f"{aspect} {value:g}" for aspect, value in ratings.items() if not 1 <= value <= 5]
+        if missing or outside:
+            why = f"no {', '.join(missing)}" if missing else f"{', '.join(outside)} outside 1-5"
+            results.append(f"response {number}: {why}")
+            continue
+        label = list(_RATIONALE_INLINE.finditer(line))
+        rationale = line[label[-1].end():].strip() if label else ""
+        results.append(Rating(sum(ratings.values()) / len(ratings), rationale,
+                              {aspect: int(value) if value.is_integer() else value
+                               for aspect, value in ratings.items()}))
+    return results
+
+
 @dataclass(frozen=True)
 class PairChoice:
     chosen: int
@@ -251,12 +338,12 @@ def choose_pair(
     scores: Sequence[float | None], texts: Sequence[str], margin: float, rng: random.Random,
     pick: str = "random",
 ) -> PairChoice | str:
-    """Indexes of chosen (best score, first of equals) and rejected (a score at least `margin`
-    below, by `pick`), or the reject reason when the ratings make no pair."""
+    """Indexes of chosen (best score; equals: `rng` picks) and rejected (a score at least
+    `margin` below, by `pick`), or the reject reason when the ratings make no pair."""
     rated = [i for i, score in enumerate(scores) if score is not None]
     if len(rated) < 2:
         return FEWER_THAN_TWO_RATED
-    best = max(rated, key=lambda i: (scores[i], -i))
+    best = _pick_best(rated, lambda i: scores[i], rng)
     if all(scores[i] == scores[best] for i in rated):
         return ALL_RATINGS_EQUAL
     below = [i for i in rated if scores[best] - scores[i] >= margin]
@@ -268,6 +355,14 @@ def choose_pair(
     if pick == "lowest":
         return PairChoice(best, min(below, key=lambda i: (scores[i], i)))
     return PairChoice(best, rng.choice(below))
+
+
+def _pick_best(indexes: Sequence[int], value: Callable[[int], float], rng: random.Random) -> int:
+    """The index with the highest value; a tie is drawn with `rng` (seeded per prompt by the
+    run's seed). `rng` is only drawn from on a tie, so untied choices keep their sequence."""
+    top = max(value(i) for i in indexes)
+    tied = [i for i in indexes if value(i) == top]
+    return tied[0] if len(tied) == 1 else rng.choice(tied)
 
 
 def choose_by_responder(responders: Sequence[str], usable: Sequence[bool], texts: Sequence[str], chosen_name: str,
@@ -380,7 +475,7 @@ def pairwise_wins(comparisons: Sequence[Comparison], count: int) -> list[int]:
 
 def choose_by_wins(comparisons: Sequence[Comparison], texts: Sequence[str], usable: int, rng: random.Random,
                    pick: str = "random") -> PairChoice | str:
-    """Indexes of chosen (most wins, first of equals) and rejected (one chosen beat in both
+    """Indexes of chosen (most wins; equals: `rng` picks) and rejected (one chosen beat in both
     orders, saying something else: seeded pick, or with `pick="lowest"` the one with fewest
     wins), or the reject reason."""
     if usable < 2:
@@ -390,7 +485,7 @@ def choose_by_wins(comparisons: Sequence[Comparison], texts: Sequence[str], usab
     wins = pairwise_wins(comparisons, len(texts))
     if not any(wins):
         return NO_PAIRWISE_WIN
-    best = max(range(len(texts)), key=lambda i: (wins[i], -i))
+    best = _pick_best(range(len(texts)), lambda i: wins[i], rng)
     beaten = sorted({c.loser for c in comparisons if c.winner == best})  # type: ignore[type-var]
     beaten = [i for i in beaten if normalised_text(texts[i]) != normalised_text(texts[best])]
     if not beaten:
@@ -421,7 +516,7 @@ class _Job:
     prompt: list[Message]
     candidates: list[_Candidate] = field(default_factory=list)
     comparisons: list[Comparison] = field(default_factory=list)  # pairwise judging
-    verdict_replies: list[Completion] = field(default_factory=list)  # the judge's, for usage
+    verdict_replies: list[Completion] = field(default_factory=list)  # pairwise or ultrafeedback judge's, for usage
 
     @property
     def pair_id(self) -> str:
@@ -464,8 +559,8 @@ def _open_responders(stack: ExitStack, settings: PreferencesConfig, teacher: Tea
 def run_preferences(seeds: Sequence[Task], settings: PreferencesConfig, run: RunContext) -> None:
     """Make preference pairs for the instances of `seeds` (in order) until OUT holds `num`."""
     judge, sink, seed = run.teacher, run.sink, run.seed
-    template = load_template(PAIRWISE if settings.judging == JUDGING_PAIRWISE else RATING)
-    judge_params = settings.judge_sampling.model_copy(update={"seed": seed})
+    template = load_template(TEMPLATES[settings.judging])
+    judge_params = settings.judge_params(seed)
     reject = ReplayedRejects(sink, STAGE_PREFERENCES)
     done = {pair.id for pair in sink.existing}
     have = len(sink.existing)
@@ -514,9 +609,13 @@ def _judge_batch(jobs: list[_Job], settings: PreferencesConfig, teachers: list[T
     """Responses, then ratings or comparisons (unless a responder is chosen), for `jobs`."""
     _respond(jobs, settings, teachers, plan, seed)
     asks = _usable(jobs, settings, reject)
-    if settings.chosen_responder is None and settings.judging == JUDGING_PAIRWISE:
+    if settings.chosen_responder is not None:
+        return
+    if settings.judging == JUDGING_PAIRWISE:
         _compare(jobs, settings, judge, judge_params, reject)
-    elif settings.chosen_responder is None:
+    elif settings.judging == JUDGING_ULTRAFEEDBACK:
+        _rate_together(jobs, settings, judge, judge_params, reject)
+    else:
         _rate(asks, judge, judge_params, reject)
 
 
@@ -572,11 +671,38 @@ def _rate(asks: list[tuple[str, _Candidate, list]], judge: Teacher, params: Samp
         if isinstance(parsed, Rating):
             candidate.rating = parsed
         else:
-            reject(RATING_UNPARSEABLE, detail=f"{where}: {parsed}", raw=verdict.text or None)
+            reject(RATING_UNPARSEABLE, detail=f"{where}: {parsed}{_cut_off(verdict, params)}", raw=verdict.text or None)
+
+
+def _cut_off(reply: Completion, params: SamplingParams) -> str:
+    """A note for an unreadable judge reply that ran out of tokens (the score line comes last)."""
+    return f" (the reply was cut off at max_tokens {params.max_tokens})" if reply.finish_reason == "length" else ""
+
+
+def _rate_together(jobs: list[_Job], settings: PreferencesConfig, judge: Teacher, params: SamplingParams,
+                   reject: Callable[..., None]) -> None:
+    """UltraFeedback's annotation: each prompt's usable replies rated together on the four
+    aspects, one judge request per prompt with at least two (fewer make no pair), one call."""
+    asks = [(job, [n for n, c in enumerate(job.candidates) if c.usable]) for job in jobs]
+    asks = [(job, usable) for job, usable in asks if len(usable) >= 2]
+    reference = (lambda job: job.instance.output) if settings.show_reference else (lambda _job: None)
+    replies = judge.complete([ultrafeedback_messages(job.prompt, [job.candidates[n].reply.text for n in usable],
+                                                     reference(job)) for job, usable in asks], params) if asks else []
+    for (job, usable), [reply] in zip(asks, replies):
+        job.verdict_replies.append(reply)
+        parsed = (parse_aspect_ratings(reply.text, len(usable)) if reply.ok
+                  else [f"judge error: {reply.error}"] * len(usable))
+        for number, rating in zip(usable, parsed):
+            candidate = job.candidates[number]
+            if isinstance(rating, Rating):
+                candidate.rating = rating
+            else:
+                reject(RATING_UNPARSEABLE, detail=f"{job.where}, response {number} ({candidate.responder}): "
+                                                  f"{rating}{_cut_off(reply, params)}", raw=reply.text or None)
 
 
 _OPERATIONS = {JUDGING_RATING: "preferences:rate", JUDGING_PAIRWISE: "preferences:pairwise",
-               JUDGING_RESPONDER: "preferences:responder"}
+               JUDGING_ULTRAFEEDBACK: "preferences:ultrafeedback", JUDGING_RESPONDER: "preferences:responder"}
 
 
 def _compare(jobs: list[_Job], settings: PreferencesConfig, judge: Teacher, params: SamplingParams,
@@ -667,7 +793,9 @@ def _pair(job: _Job, settings: PreferencesConfig, seed: int, judge: Teacher, jud
     else:
         judged_by = {"margin": settings.margin,
                      "candidates": [{"responder": c.responder, "sample": c.sample,
-                                     "score": c.rating.score if c.rating else None} for c in job.candidates]}
+                                     "score": c.rating.score if c.rating else None}
+                                    | ({"aspects": c.rating.aspects} if c.rating and c.rating.aspects else {})
+                                    for c in job.candidates]}
     return PreferencePair(
         id=job.pair_id,
         task_id=job.task.id,
