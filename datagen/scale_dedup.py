@@ -629,8 +629,8 @@ class DedupStage(PipelineStep):
             elif self.stage == "group":
                 try:
                     group_all(self.plan, self.shards)
-                except InputError as error:  # the driver reports it; retrying the task would not help
-                    atomic_write_text(self.plan.dir("group") / "error.txt", str(error))
+                except InputError as error:
+                    report_input_error(self.plan.dir("group") / "error.txt", error, self.engine)
             elif self.stage == "signatures":
                 sign_shard(self.plan, rank, world_size)
             elif self.stage == "buckets":
@@ -642,6 +642,16 @@ class DedupStage(PipelineStep):
             elif self.stage == "collect":
                 collect(self.plan, self.shards, self.engine)
         yield from ()
+
+
+def report_input_error(path: Path, error: InputError, engine: str) -> None:
+    """An input error a stage found: written to `path`, where the driver (datatrove, ray) reads
+    it after the stage and stops the run with it; retrying the task would not help. On Slurm no
+    driver waits, so the task fails too: its job log ends with this line, and the jobs after
+    it (afterok, kill-on-invalid-dep) are cancelled instead of failing later on missing files."""
+    atomic_write_text(path, str(error))
+    if engine == "slurm":
+        raise error
 
 
 STAGES = ("read", "group", "signatures", "buckets", "decide", "write", "collect")
@@ -699,7 +709,9 @@ def executors_for(steps: list[tuple[PipelineStep, int]], work: Path, engine: str
                 **common, workers=workers, time=options.time, partition=options.partition,
                 cpus_per_task=options.cpus_per_task, mem_per_cpu_gb=options.mem_per_cpu_gb,
                 job_name=f"{job_prefix}-{stage}", venv_path=venv, depends=executors[-1] if executors else after,
-                slurm_logs_folder=str(work / "slurm_logs" / stage)))
+                slurm_logs_folder=str(work / "slurm_logs" / stage),
+                # a failed job cancels the chain after it, rather than leaving it pending forever
+                sbatch_args={"kill-on-invalid-dep": "yes"}))
     return executors
 
 
@@ -811,5 +823,6 @@ def dedup_command(settings, source: Path, out: Path, rejects: Path, engine: str,
     result = run_scaled_dedup(plan, engine, options)
     if engine == "slurm":
         return (f"submitted Slurm jobs {', '.join(map(str, result['submitted']))} ({', '.join(STAGES)}); "
-                f"the last one writes {out}; logs in {plan.work}")
+                f"the last one writes {out}; logs in {plan.work} (a failed job's log ends with the cause, and "
+                f"the jobs after it are cancelled)")
     return format_stats(result)

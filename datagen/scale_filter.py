@@ -54,7 +54,7 @@ from datagen.filtering import PASSES, FilterConfig, LazyTeacher
 from datagen.filters.base import PassContext
 from datagen.filters.decontaminate import EvalIndex, decontaminate_pass
 from datagen.filters.manual import read_overrides
-from datagen.io import atomic_write_json, atomic_write_text, stats_path
+from datagen.io import atomic_write_json, stats_path
 from datagen.records import Reject, Task
 from datagen.rejects import INVALID_LINE, STAGE_READ
 from datagen.scale_dedup import (
@@ -77,6 +77,7 @@ from datagen.scale_dedup import (
     executors_for,
     first_lines,
     invalid_lines,
+    report_input_error,
     run_executors,
     shard_lines,
     stage_tasks,
@@ -179,7 +180,7 @@ def check_shard(plan: ScaleFilterPlan, rank: int, world_size: int) -> None:
     _save_json(out / f"{rank:05d}.json", {"lines": shard.lines, "errors": shard.errors, "fatal": shard.fatal})
 
 
-def check_lines(plan: ScaleFilterPlan, world_size: int) -> None:
+def check_lines(plan: ScaleFilterPlan, world_size: int, engine: str = "datatrove") -> None:
     """Invalid lines and repeated ids over all shards: stop (error.txt) or one `read` reject each."""
     out = plan.dir("check")
     metas = [_load_json(out / f"{rank:05d}.json") for rank in range(world_size)]
@@ -197,8 +198,8 @@ def check_lines(plan: ScaleFilterPlan, world_size: int) -> None:
         invalid, repeated, _ = invalid_lines(plan.source, metas, first_line, line,
                                              np.concatenate([s["ident"] for s in shards]),
                                              np.concatenate([s["whole"] for s in shards]), id_of, plan.skip_invalid)
-    except InputError as error:  # the driver reports it; retrying the task would not help
-        atomic_write_text(out / "error.txt", str(error))
+    except InputError as error:
+        report_input_error(out / "error.txt", error, engine)
         return
     problems = dict(invalid)
     bad: list[dict[str, str]] = [{} for _ in range(world_size)]  # shard -> index in shard -> detail
@@ -380,7 +381,7 @@ class FilterStage(PipelineStep):
             if self.stage == "check":
                 check_shard(self.plan, rank, world_size)
             elif self.stage == "lines":
-                check_lines(self.plan, self.shards)
+                check_lines(self.plan, self.shards, self.engine)
             elif self.stage.startswith("records"):
                 run_records(self.plan, self.segment, rank, world_size)
             elif self.stage.startswith("join"):
@@ -477,6 +478,6 @@ def filter_command(config, source: Path, out: Path, rejects: Path, engine: str, 
     result = run_scaled_filter(plan, engine, options)
     if engine == "slurm":
         return (f"submitted Slurm jobs {', '.join(map(str, result['submitted']))}; the last one writes {out}; "
-                f"logs in {plan.work}")
+                f"logs in {plan.work} (a failed job's log ends with the cause, and the jobs after it are cancelled)")
     return format_stats(result)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from datagen.config_file import load_config
+from datagen.errors import InputError
 from datagen.filtering import run_filter
 from datagen.filters.dedup import DedupConfig
 from datagen.records import Instance, Task
@@ -165,15 +166,7 @@ def test_ray_executor_matches_single_process(tmp_path: Path) -> None:
 
 
 def test_slurm_submits_a_chain_of_array_jobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No Slurm here: a stand-in `sbatch` records each script it is handed and answers a job id."""
-    record = tmp_path / "submitted"
-    record.mkdir()
-    sbatch = tmp_path / "bin" / "sbatch"
-    sbatch.parent.mkdir()
-    sbatch.write_text(f'#!/bin/sh\nn=$(ls {record} | grep -c slurm)\ncp "$(eval echo \\${{$#}})" {record}/$n.slurm\n'
-                      f'echo "$@" > {record}/$n.args\necho "Submitted batch job $((100 + n))"\n')
-    sbatch.chmod(sbatch.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setenv("PATH", f"{sbatch.parent}:{os.environ['PATH']}")
+    record = stand_in_sbatch(tmp_path, monkeypatch)
     source = write_corpus(tmp_path / "in.jsonl", corpus(40))
     plan = ScaleDedupPlan(source, tmp_path / "kept.jsonl", tmp_path / "rejects.jsonl", tmp_path / "work",
                           DedupConfig(), tasks=8)
@@ -194,6 +187,66 @@ def test_slurm_submits_a_chain_of_array_jobs(tmp_path: Path, monkeypatch: pytest
     assert all("--dependency=afterok:" in a for a in stage_args[1:])  # each waits for the one before
     assert result["submitted"] == ["100", "102", "104", "106", "108", "110", "112"]
     assert (tmp_path / "work" / "logs" / "read" / "executor.pik").exists()
+
+
+def stand_in_sbatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No Slurm here: an `sbatch` on PATH that records each script it is handed (N.slurm, its
+    arguments in N.args) and answers job id 100 + N, and the `scontrol` a job calls. Returns
+    the folder `sbatch` records in."""
+    record = tmp_path / "submitted"
+    record.mkdir()
+    sbatch = tmp_path / "bin" / "sbatch"
+    sbatch.parent.mkdir()
+    sbatch.write_text(f'#!/bin/sh\nn=$(ls {record} | grep -c slurm)\ncp "$(eval echo \\${{$#}})" {record}/$n.slurm\n'
+                      f'echo "$@" > {record}/$n.args\necho "Submitted batch job $((100 + n))"\n')
+    sbatch.chmod(sbatch.stat().st_mode | stat.S_IEXEC)
+    scontrol = sbatch.parent / "scontrol"  # `scontrol show hostnames` in a job: this machine
+    scontrol.write_text("#!/bin/sh\necho localhost\n")
+    scontrol.chmod(sbatch.stat().st_mode)
+    monkeypatch.setenv("PATH", f"{sbatch.parent}:{os.environ['PATH']}")
+    return record
+
+
+def run_submitted_jobs(record: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, BaseException] | None:
+    """Run the recorded array jobs in submission order (each waits for the one before) as Slurm
+    would, here in-process: each array task loads the pickled executor and runs it with its
+    SLURM_ARRAY_TASK_ID, as `launch_pickled_pipeline` does. The first job with a failing task
+    ends the chain (afterok). Returns (its stage, the error), or None when every job succeeded."""
+    import dill
+
+    monkeypatch.setenv("SLURM_NODELIST", "localhost")  # what Slurm sets in every job
+    for script in sorted(record.glob("*.slurm"), key=lambda path: int(path.stem)):
+        text = script.read_text()
+        if "launch_pickled_pipeline" not in text:
+            continue  # datatrove's merge_stats job
+        pickled = Path(text.split("launch_pickled_pipeline ")[1].split()[0])
+        with pickled.open("rb") as file:
+            executor = dill.load(file)
+        try:
+            for task in range(len(json.loads((pickled.parent / "ranks_to_run.json").read_text()))):
+                monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(task))
+                executor.run()
+        except Exception as error:  # noqa: BLE001 - what makes the job fail
+            return executor.pipeline[0].stage, error
+    return None
+
+
+def test_slurm_fails_the_chain_at_the_job_that_finds_an_input_error(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    record = stand_in_sbatch(tmp_path, monkeypatch)
+    source = write_corpus(tmp_path / "in.jsonl", corpus(60), bad_lines=True)
+    plan = ScaleDedupPlan(source, tmp_path / "kept.jsonl", tmp_path / "rejects.jsonl", tmp_path / "work",
+                          DedupConfig(), tasks=3)
+    run_scaled_dedup(plan, "slurm", EngineOptions(partition="cpu"))
+    # the jobs waiting on a failed one are cancelled, not left pending forever
+    assert all("#SBATCH --kill-on-invalid-dep=yes" in path.read_text() for path in record.glob("*.slurm"))
+    stage, error = run_submitted_jobs(record, monkeypatch)
+    # the group job fails with the single-process run's line; it used to end "completed" and the
+    # next job failed on a missing file, the cause left in work/group/error.txt
+    assert stage == "group" and isinstance(error, InputError)
+    single = run_cli("dedup", str(source), "--out", str(tmp_path / "a.jsonl"))
+    assert single_error_line(single) == f"error: {error}"
+    assert not (tmp_path / "kept.jsonl").exists()
 
 
 def test_bad_flags_get_one_error_line(tmp_path: Path) -> None:

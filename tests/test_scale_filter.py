@@ -19,12 +19,13 @@ from pathlib import Path
 import pytest
 
 from datagen.config_file import load_config
+from datagen.errors import InputError
 from datagen.filtering import run_filter
 from datagen.records import Instance, Task
 from datagen.scale_dedup import EngineOptions
 from datagen.scale_filter import ScaleFilterPlan, run_scaled_filter
 from tests.helpers import run_cli, single_error_line
-from tests.test_scale_dedup import corpus
+from tests.test_scale_dedup import corpus, run_submitted_jobs, stand_in_sbatch
 
 ALL_PASSES = ["heuristics", "decontaminate", "exact-dedup", "near-dedup", "judge", "manual"]
 
@@ -265,15 +266,7 @@ def test_bad_input_and_unshardable_passes_get_one_error_line(tmp_path: Path) -> 
 
 
 def test_slurm_submits_one_chain_of_array_jobs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No Slurm here: a stand-in `sbatch` records each script it is handed and answers a job id."""
-    record = tmp_path / "submitted"
-    record.mkdir()
-    sbatch = tmp_path / "bin" / "sbatch"
-    sbatch.parent.mkdir()
-    sbatch.write_text(f'#!/bin/sh\nn=$(ls {record} | grep -c slurm)\ncp "$(eval echo \\${{$#}})" {record}/$n.slurm\n'
-                      f'echo "$@" > {record}/$n.args\necho "Submitted batch job $((100 + n))"\n')
-    sbatch.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{sbatch.parent}:{os.environ['PATH']}")
+    record = stand_in_sbatch(tmp_path, monkeypatch)
     source = planted(tmp_path)
     out = tmp_path / "kept.jsonl"
     plan = ScaleFilterPlan(source, out, tmp_path / "rejects.jsonl", tmp_path / "work",
@@ -289,3 +282,17 @@ def test_slurm_submits_one_chain_of_array_jobs(tmp_path: Path, monkeypatch: pyte
     assert all("--dependency=afterok:" in args for _, args in stages[1:])  # one chain, each after the one before
     assert len(result["submitted"]) == len(names)
     assert not out.exists()
+
+
+
+def test_slurm_fails_the_chain_at_the_job_that_finds_an_input_error(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    record = stand_in_sbatch(tmp_path, monkeypatch)
+    source = planted(tmp_path, bad_lines=True)
+    plan = ScaleFilterPlan(source, tmp_path / "kept.jsonl", tmp_path / "rejects.jsonl", tmp_path / "work",
+                           settings(tmp_path, ["heuristics", "exact-dedup"]), tasks=2)
+    run_scaled_filter(plan, "slurm", EngineOptions(partition="cpu"))
+    stage, error = run_submitted_jobs(record, monkeypatch)
+    assert stage == "lines" and isinstance(error, InputError)  # not "completed", the cause left in work/
+    single = run_cli("filter", str(source), "--out", str(tmp_path / "a.jsonl"), "--passes", "heuristics,exact-dedup")
+    assert single_error_line(single) == f"error: {error}"
