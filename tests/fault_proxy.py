@@ -5,6 +5,7 @@ chat request whose user message contains a planned marker, answers the first
 attempts with faults before letting one through:
 
     "429"      429 with Retry-After: 1
+    "quota"    429 with OpenAI's insufficient_quota body (a spent quota, not a rate limit)
     "500"      500 with a JSON error body
     "stall"    no answer for `stall_seconds` (past the client's timeout), then hang up
     "truncate" the real answer's headers but only half its body, then hang up
@@ -112,6 +113,11 @@ class FaultProxy:
                 error = json.dumps({"error": {"message": f"injected {fault}", "type": "fault"}}).encode()
                 if fault == "429":
                     self._send(429, error, {"Retry-After": "1"})
+                    return
+                if fault == "quota":
+                    self._send(429, json.dumps({"error": {
+                        "message": "You exceeded your current quota, please check your plan and billing details.",
+                        "type": "insufficient_quota", "code": "insufficient_quota"}}).encode())
                     return
                 if fault == "500":
                     self._send(500, error)

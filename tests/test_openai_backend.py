@@ -13,6 +13,7 @@ import time
 import pytest
 
 from datagen.config import SamplingParams
+from datagen.errors import TeacherError
 from datagen.teachers import PriceTable, TeacherConfig, make_teacher
 from datagen.teachers.openai_api import RateLimiter, backoff_seconds, retry_after_seconds
 from tests.fault_proxy import FaultProxy
@@ -68,6 +69,16 @@ def test_every_request_completes_exactly_once_through_faults(vllm_server, tmp_pa
             assert again.stats.requests_sent == 0 and again.stats.cache_hits == len(PLAN)
         assert [r.text for [r] in replay] == [r.text for [r] in replies]
         assert dict(proxy.delivered) == {marker: 1 for marker in PLAN}
+
+
+@pytest.mark.slow
+def test_a_spent_quota_stops_the_run_with_one_line_instead_of_being_retried(vllm_server, tmp_path):
+    # both are 429s; a rate limit is waited out, a spent quota never refills
+    plan = {"[spent]": ["quota"] * 10}
+    with FaultProxy(vllm_server, plan) as proxy, make_teacher(api_config(proxy.base_url, tmp_path)) as teacher:
+        with pytest.raises(TeacherError, match=r"out of quota \(429 insufficient_quota\); check its plan"):
+            teacher.complete([[{"role": "user", "content": "[spent] Name a fruit."}]])
+        assert proxy.attempts["[spent]"] == 1 and teacher.stats.retries == 0
 
 
 @pytest.mark.slow

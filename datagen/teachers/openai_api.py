@@ -231,6 +231,12 @@ class OpenAIBackend:
                     f"{self.base_urls[failed_on or 0]} refused the API key in {self.config.api_key_env}"
                 ) from None
             except Exception as error:  # noqa: BLE001 - sorted into retryable or not below
+                if isinstance(error, openai.RateLimitError) and _error_code(error) == "insufficient_quota":
+                    # no wait refills a quota: every later request would fail the same way
+                    raise TeacherError(
+                        f"{self.base_urls[failed_on or 0]}: the account behind {self.config.api_key_env} is out "
+                        f"of quota (429 insufficient_quota); check its plan and billing, then rerun (the cache "
+                        f"keeps what was answered)") from None
                 reason, wait = _classify(error, openai)
                 if reason is None or attempt >= self.config.max_retries:
                     if self._tokens_budget:
@@ -287,6 +293,17 @@ def _to_completion(response) -> Completion:
         prompt_tokens=usage.prompt_tokens if usage else 0,
         completion_tokens=usage.completion_tokens if usage else 0,
     )
+
+
+def _error_code(error) -> str | None:
+    """The `code` (or `type`) of an API error body: OpenAI tells a spent quota from a rate
+    limit only there (both are 429)."""
+    body = getattr(error, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict):
+            return inner.get("code") or inner.get("type")
+    return getattr(error, "code", None)
 
 
 def _classify(error: Exception, openai) -> tuple[str | None, float | None]:
