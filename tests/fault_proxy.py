@@ -12,7 +12,8 @@ attempts with faults before letting one through:
     "garbage"  200 with a body that is not JSON
 
 It counts, per marker, how many real answers it delivered, so a test can check that
-every request completed exactly once.
+every request completed exactly once, and notes when each POST arrived (`arrivals`), so a
+test can measure the rate a client sends at.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class FaultProxy:
         self.attempts: Counter[str] = Counter()
         self.delivered: Counter[str] = Counter()
         self.faults_sent: dict[str, list[str]] = defaultdict(list)
+        self.arrivals: list[float] = []  # time.monotonic() of each POST, as it arrived
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
@@ -107,6 +109,8 @@ class FaultProxy:
                 self._send(status, body)
 
             def do_POST(self) -> None:
+                with proxy._lock:
+                    proxy.arrivals.append(time.monotonic())
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 marker = proxy._marker(body)
                 fault = proxy._next_fault(marker)

@@ -15,7 +15,8 @@ import pytest
 from datagen.config import SamplingParams
 from datagen.errors import TeacherError
 from datagen.teachers import PriceTable, TeacherConfig, make_teacher
-from datagen.teachers.openai_api import RateLimiter, backoff_seconds, retry_after_seconds
+from datagen.teachers.openai_api import backoff_seconds, retry_after_seconds
+from datagen.teachers.rate_budget import SharedBucket, bucket_path
 from tests.fault_proxy import FaultProxy
 
 PLAN = {
@@ -120,13 +121,45 @@ def test_retry_after_parsing_and_backoff_bounds():
         assert ceiling / 2 <= delay <= ceiling
 
 
-def test_rate_limiter_holds_back_past_the_budget():
-    async def take(limiter, count):
-        for _ in range(count):
-            await limiter.acquire(1)
+def take_in_process(path, per_minute, count):
+    asyncio.run(_take(SharedBucket(path, per_minute), count))
 
-    limiter = RateLimiter(per_minute=600)  # 10 a second, starts with a full minute's budget
-    limiter.tokens = 0
+
+async def _take(bucket, count):
+    for _ in range(count):
+        await bucket.acquire(1)
+
+
+def test_rate_budget_holds_back_past_the_budget_and_lets_big_takes_through_in_debt(tmp_path):
+    bucket = SharedBucket(tmp_path / "b.json", per_minute=600)  # 10 a second, a second's worth in the bucket
     started = time.monotonic()
-    asyncio.run(take(limiter, 5))
-    assert time.monotonic() - started >= 0.45  # a lower bound: slowness cannot break it
+    asyncio.run(_take(bucket, 15))
+    assert time.monotonic() - started >= 0.45  # lower bounds only: slowness cannot break them
+    started = time.monotonic()
+    asyncio.run(bucket.acquire(25))  # bigger than the bucket: waits for a full one, then owes 15
+    asyncio.run(bucket.acquire(1))  # waits for the debt to be repaid
+    assert time.monotonic() - started >= 1.5
+
+
+def test_processes_share_one_rate_budget(tmp_path):
+    """Four processes (as datatrove's shards) taking 15 each at 1200 a minute: together they
+    wait as one budget does, (60 - 20 in the bucket) / 20 a second = 2 s; each with its own
+    budget they would not wait at all."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=take_in_process, args=(tmp_path / "b.json", 1200, 15)) for _ in range(4)]
+    started = time.monotonic()
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert [worker.exitcode for worker in workers] == [0] * 4
+    assert time.monotonic() - started >= 1.9
+
+
+def test_one_account_one_bucket(tmp_path):
+    one = bucket_path(tmp_path, ["http://a/v1", "http://b/v1"], "KEY", "requests")
+    assert one == bucket_path(tmp_path, ["http://b/v1", "http://a/v1"], "KEY", "requests")
+    assert one != bucket_path(tmp_path, ["http://a/v1", "http://b/v1"], "OTHER_KEY", "requests")
+    assert one != bucket_path(tmp_path, ["http://a/v1", "http://b/v1"], "KEY", "tokens")

@@ -296,3 +296,36 @@ def test_slurm_fails_the_chain_at_the_job_that_finds_an_input_error(tmp_path: Pa
     assert stage == "lines" and isinstance(error, InputError)  # not "completed", the cause left in work/
     single = run_cli("filter", str(source), "--out", str(tmp_path / "a.jsonl"), "--passes", "heuristics,exact-dedup")
     assert single_error_line(single) == f"error: {error}"
+
+
+@pytest.mark.slow
+def test_shards_share_the_configured_rate(tmp_path: Path, vllm_server: str) -> None:
+    """4 datatrove shards judging through the fault proxy in front of the real server: the
+    proxy sees the configured 120 a minute, for the run as a whole (each shard with its own
+    budget would send 4 times that)."""
+    from tests.fault_proxy import FaultProxy
+
+    tasks = [Task(id=f"t{n}", instruction=f"Name {size} fruit that is {colour}.",
+                  instances=[Instance(output="A plum.")])
+             for n, (size, colour) in enumerate((size, colour) for size in ("a small", "a large")
+                                                for colour in ("red", "green", "yellow", "purple", "orange", "blue",
+                                                               "brown", "pink"))]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(task.to_json() + "\n" for task in tasks))
+    with FaultProxy(vllm_server, {}) as proxy:
+        config = load_config(None, {"filter.passes": ("--passes", ["judge"]),
+                                    "teacher.backend": ("--backend", "openai"),
+                                    "teacher.base_url": ("--base-url", proxy.base_url),
+                                    "teacher.model": ("--model", "smollm2-135m"),
+                                    "teacher.cache_dir": ("--cache-dir", str(tmp_path / "cache"))})
+        config.teacher.requests_per_minute = 120  # 2 a second, 2 in the bucket
+        plan = ScaleFilterPlan(source, tmp_path / "kept.jsonl", tmp_path / "rejects.jsonl", tmp_path / "work", config,
+                               tasks=4, chunk=4)
+        run_scaled_filter(plan, "datatrove", EngineOptions(workers=4, mem_per_cpu_gb=0.25))
+        arrivals = sorted(proxy.arrivals)
+    assert len(arrivals) == len(tasks)
+    # in every window from one arrival to a later one: at most the bucket + the rate's refill
+    # (+1 for the clock's edges); a bound slowness cannot break
+    worst = max(j - i + 1 - (2 + 2 * (arrivals[j] - arrivals[i]))
+                for i in range(len(arrivals)) for j in range(i, len(arrivals)))
+    assert worst <= 1, f"sent {worst:.1f} past the budget; arrivals {[round(t - arrivals[0], 2) for t in arrivals]}"

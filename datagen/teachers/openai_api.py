@@ -3,7 +3,9 @@
 Works with vLLM's server, OpenAI itself, or anything else that speaks
 `/v1/chat/completions`. What it adds over a bare `asyncio.gather`:
 
-- bounded concurrency (`max_concurrency`, over all servers) and request/token-per-minute budgets;
+- bounded concurrency (`max_concurrency`, over all servers) and request/token-per-minute budgets
+  that are the account's, shared by every process of the run on this machine
+  (`datagen.teachers.rate_budget`), taken in the concurrency slot just before each send;
 - several base URLs serving the same model (replicas; `vllm serve --data-parallel-size N`
   behind one URL needs none of this): each request goes to the server with the fewest
   requests in flight, and a request that failed on one server is retried on another;
@@ -27,49 +29,19 @@ import random
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from datagen.errors import TeacherError
 from datagen.teachers.base import BackendCounters, Completion, Request, ResultCallback
+from datagen.teachers.rate_budget import SharedBucket, bucket_path
 
 if TYPE_CHECKING:  # a type hint only: the teacher module imports this one
     from datagen.teachers.teacher import TeacherConfig
 
 OPENAI_URL = "https://api.openai.com/v1"
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
-
-
-class RateLimiter:
-    """A token bucket refilled at `per_minute` units a minute (starts full).
-
-    Safe without a lock: asyncio runs one task at a time and nothing awaits between
-    the check and the take.
-    """
-
-    def __init__(self, per_minute: float):
-        self.capacity = per_minute
-        self.rate = per_minute / 60.0
-        self.tokens = per_minute
-        self.updated = time.monotonic()
-
-    def _refill(self) -> None:
-        now = time.monotonic()
-        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-
-    async def acquire(self, amount: float) -> None:
-        amount = min(amount, self.capacity)
-        while True:
-            self._refill()
-            if self.tokens >= amount:
-                self.tokens -= amount
-                return
-            await asyncio.sleep((amount - self.tokens) / self.rate)
-
-    def settle(self, estimated: float, actual: float) -> None:
-        """Correct an estimate once the real usage is known (may leave a debt)."""
-        self.tokens += estimated - actual
 
 
 def retry_after_seconds(headers) -> float | None:
@@ -126,12 +98,8 @@ class OpenAIBackend:
         # the same for every server (raises for a remote one when the variable is unset)
         self._api_key = [api_key_for(config, url) for url in self.base_urls][0]
         self._rng = random.Random(0)
-        self._requests_budget = (
-            RateLimiter(config.requests_per_minute) if config.requests_per_minute else None
-        )
-        self._tokens_budget = (
-            RateLimiter(config.tokens_per_minute) if config.tokens_per_minute else None
-        )
+        self._requests_budget = self._bucket("requests", config.requests_per_minute)
+        self._tokens_budget = self._bucket("tokens", config.tokens_per_minute)
         self._checked = False
 
     # -- public --------------------------------------------------------------------------
@@ -150,6 +118,14 @@ class OpenAIBackend:
         pass
 
     # -- internals -----------------------------------------------------------------------
+
+    def _bucket(self, unit: str, per_minute: float | None) -> SharedBucket | None:
+        if not per_minute:
+            return None
+        from datagen.teachers.teacher import default_cache_dir
+
+        folder = Path(self.config.cache_dir).expanduser() if self.config.cache_dir else default_cache_dir()
+        return SharedBucket(bucket_path(folder, self.base_urls, self.config.api_key_env, unit), per_minute)
 
     def _client(self, base_url: str):
         import httpx
@@ -208,23 +184,26 @@ class OpenAIBackend:
         attempt = 0
         failed_on: int | None = None
         while True:
-            if self._requests_budget:
-                await self._requests_budget.acquire(1)
-            if self._tokens_budget:
-                await self._tokens_budget.acquire(estimate)
             try:
-                async with slots, endpoints.use(avoid=failed_on) as (endpoint, client):
-                    failed_on = endpoint
-                    response = await client.chat.completions.create(
-                        model=self.model,
-                        messages=request.chat(),
-                        temperature=params.temperature,
-                        top_p=params.top_p,
-                        max_tokens=params.max_tokens,
-                        stop=list(params.stop) or None,
-                        seed=params.seed,
-                        n=1,
-                    )
+                async with slots:
+                    # the budget is taken in the slot, just before the send: taken while waiting
+                    # for a slot, a slow spell piles tokens up and the sends then burst past the rate
+                    if self._requests_budget:
+                        await self._requests_budget.acquire(1)
+                    if self._tokens_budget:
+                        await self._tokens_budget.acquire(estimate)
+                    async with endpoints.use(avoid=failed_on) as (endpoint, client):
+                        failed_on = endpoint
+                        response = await client.chat.completions.create(
+                            model=self.model,
+                            messages=request.chat(),
+                            temperature=params.temperature,
+                            top_p=params.top_p,
+                            max_tokens=params.max_tokens,
+                            stop=list(params.stop) or None,
+                            seed=params.seed,
+                            n=1,
+                        )
                 completion = _to_completion(response)
             except openai.AuthenticationError:
                 raise TeacherError(
