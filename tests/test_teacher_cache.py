@@ -138,3 +138,19 @@ def test_replies_answered_ahead_count_once_as_sent_and_never_as_cache_hits(tmp_p
     teacher.complete(ask("new"))  # asked again by the loop itself: now a real hit
     assert teacher.stats.cache_hits == 2
     teacher.close()
+
+
+@pytest.mark.parametrize("cache", ["use", "off"])
+def test_a_request_asked_twice_in_one_call_is_sent_once(tmp_path, cache):
+    from tests.helpers import ScriptedBackend
+
+    backend = ScriptedBackend(lambda prompt: f"reply to {prompt}")
+    teacher = Teacher(backend, TeacherConfig(cache=cache, cache_dir=str(tmp_path)))
+    other = [{"role": "user", "content": "Say bye."}]
+    replies = teacher.complete([HELLO, other, HELLO], SamplingParams(temperature=0.0, seed=3))
+    assert backend.seen == ["Say hello.", "Say bye."]
+    assert [r.text for [r] in replies] == ["reply to Say hello.", "reply to Say bye.", "reply to Say hello."]
+    assert (teacher.stats.requests_sent, teacher.stats.cache_hits) == (2, 1)
+    # two samples of one conversation are two requests (sample index, seed + i), not copies
+    teacher.complete([other], SamplingParams(temperature=0.7, seed=3, n=2))
+    assert backend.seen[2:] == ["Say bye.", "Say bye."]

@@ -182,7 +182,8 @@ class Teacher:
         `engine.chat` batch, one concurrent HTTP burst, one Ray pipeline, since every
         request carries its own params. Returns each job's `complete` result, in order; the
         cache keys and counting are those of `complete` (each request is answered from the
-        cache or sent, cached the moment it arrives).
+        cache or sent, cached the moment it arrives). A request asked twice in one call (the
+        same key: messages, sampling, seed, sample) is sent once; the copy counts as a cache hit.
         """
         jobs = [(conversations, params or self.config.sampling) for conversations, params in jobs]
         requests = [
@@ -206,6 +207,11 @@ class Teacher:
                     self.stats.cache_hits += 1
             else:
                 missing.append(index)
+        first_of: dict[str, int] = {}
+        copies = [index for index in missing if first_of.setdefault(keys[index], index) != index]
+        if copies:
+            missing = [index for index in missing if first_of[keys[index]] == index]
+            self.stats.cache_hits += len(copies)
         if progress and len(missing) < len(requests):
             progress(len(requests) - len(missing))
         if missing and self.config.cache == "only":
@@ -233,6 +239,8 @@ class Teacher:
         for index in missing:
             if results[index] is None:  # a backend bug, not a user error
                 raise RuntimeError(f"backend {self.backend.name} returned no result for request {index}")
+        for index in copies:
+            results[index] = results[first_of[keys[index]]]
         answered: list[list[list[Completion]]] = []
         start = 0
         for conversations, params in jobs:
