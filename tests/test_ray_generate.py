@@ -9,6 +9,7 @@ answers is appended to a log file, so a test can count requests across processes
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -348,6 +349,82 @@ def test_http_route_answers_every_request_once(tmp_path, local_ray, vllm_server)
     assert again["requests_sent"] == 0
 
 
+class ErrorBodies:
+    """An OpenAI-compatible /chat/completions on 127.0.0.1 that answers a request whose
+    message holds a marker with that status and the error body a real server sends for it
+    (vLLM's 400 context too long, a 403, FastAPI's 404, vLLM's older 500 shape), and any
+    other request with a reply; it records every message it is asked."""
+
+    ERRORS = {
+        "[too-long]": (400, {"error": {"message": "This model's maximum context length is 2048 tokens.",
+                                       "type": "BadRequestError", "param": None, "code": 400}}),
+        "[forbidden]": (403, {"error": {"message": "Project does not have access to model",
+                                        "type": "invalid_request_error", "code": "model_not_found"}}),
+        "[missing]": (404, {"detail": "Not Found"}),
+        "[crash]": (500, {"object": "error", "message": "EngineCore encountered an issue",
+                          "type": "InternalServerError", "code": 500}),
+    }
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from threading import Thread
+
+        self.asked: list[str] = []
+        bodies = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                message = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["messages"][-1]["content"]
+                bodies.asked.append(message)
+                status, body = next((error for marker, error in bodies.ERRORS.items() if marker in message), (200, {
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Fine."},
+                                 "finish_reason": "stop"}], "usage": {"prompt_tokens": 9, "completion_tokens": 2}}))
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self.server.server_port}/v1"
+        Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.slow
+def test_http_route_error_bodies_fail_their_request_not_the_run(tmp_path, local_ray, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    server = ErrorBodies()
+    prompts = [[{"role": "user", "content": f"{marker} Name a river."}] for marker in [*ErrorBodies.ERRORS, "[ok]"]]
+    config = TeacherConfig(backend="openai", base_url=server.base_url, model="smollm2-135m", max_retries=0,
+                           cache_dir=str(tmp_path / "cache"), sampling={"temperature": 0.0, "max_tokens": 8})
+    engine = EngineConfig(kind="ray", replicas=1, batch_size=8)
+    try:
+        with ray_teacher(config, engine) as teacher:
+            *refused, [answer] = teacher.complete(prompts)
+            failures = teacher.stats.failures
+        with ray_teacher(config, engine) as teacher:
+            teacher.complete(prompts)  # a rerun: the failed requests are asked again, the answer is cached
+    finally:
+        server.close()
+    assert answer.ok and answer.text == "Fine." and answer.completion_tokens == 2
+    assert [reply.finish_reason for [reply] in refused] == ["error"] * 4 and failures == 4
+    assert [reply.error for [reply] in refused] == [
+        "HTTP error reply: BadRequestError (400): This model's maximum context length is 2048 tokens.",
+        "HTTP error reply: invalid_request_error (model_not_found): Project does not have access to model",
+        "HTTP error reply: Not Found",
+        "HTTP error reply: InternalServerError (500): EngineCore encountered an issue"]
+    first, again = server.asked[:5], server.asked[5:]
+    assert sorted(again) == sorted(message for message in first if "[ok]" not in message)
+
+
 @pytest.mark.gpu
 def test_vllm_engine_route_on_gpu(tmp_path, request, embedded_model_path):
     torch = pytest.importorskip("torch")
@@ -420,3 +497,17 @@ def test_estimate_projects_from_a_pilot_that_the_real_run_reuses(tmp_path):
     summary = run_generate(config, "test", lambda: Teacher(real, config.teacher))
     assert summary["cache_hits"] == 12 and not set(real.seen) & set(pilot.seen)
     assert summary["tasks_produced"] == 30
+
+
+def test_http_route_stops_the_run_on_a_refused_key_or_a_spent_quota():
+    from datagen.engines.ray_generate import http_reply, request_row
+    from datagen.teachers.base import Request
+
+    row = request_row(0, "k", Request.build([{"role": "user", "content": "Hi."}], TeacherConfig().sampling))
+    for code in ("invalid_api_key", "insufficient_quota"):
+        body = {"error": {"message": "nope", "type": "invalid_request_error", "code": code}}
+        refused = f"the server refused the run's requests: invalid_request_error \\({code}\\)"
+        with pytest.raises(TeacherError, match=refused):
+            http_reply({**row, "http_response": body})
+    other = http_reply({**row, "http_response": {"error": {"message": "too long", "code": 400}}})
+    assert other["finish_reason"] == "error" and other["error"] == "HTTP error reply: (400): too long"

@@ -28,6 +28,12 @@ engine_kwargs={"tensor_parallel_size": ...}))`; `openai` with one base URL ->
 actor pool whose actors each build one teacher backend (`local` loads its model once per
 actor). Ray is imported only here, and only when a run uses it.
 
+On every route a request that fails (the engine refuses a prompt past max_model_len, the
+server answers 400/403/404/500) comes back as that request's error completion, as with
+`engine: local`: its task is rejected with the reason, nothing is cached for it, and the run
+goes on. What Ray still raises (429/408/502/503/504 past max_retries, a body that is not JSON, a dead
+replica) stops the run with one line.
+
     with ray_teacher(config.teacher, config.engine) as teacher: ...
 """
 
@@ -41,6 +47,7 @@ import re
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -67,33 +74,49 @@ def import_ray():
 
 # -- rows: what travels through the pipeline ---------------------------------------------------
 
+# Ray's LLM stages merge what they write into the row (dict.update): in Ray 2.60 the vLLM
+# stage writes `params` (vLLM's SamplingParams repr), `prompt`, `request_id`, `generated_text`,
+# `num_input_tokens`, `__inference_error__` ..., the chat template, tokenize and detokenize
+# stages `prompt`, `tokenized_prompt`, `generated_text`, the HTTP stage `http_response`. Every
+# column a request row carries through them is therefore prefixed, so no stage overwrites it.
+SEQ, KEY, MESSAGES, PARAMS, SAMPLE = "datagen_seq", "datagen_key", "datagen_messages", "datagen_params", \
+    "datagen_sample_index"
+# set by Ray's vLLM stage (with should_continue_on_error) on a row whose request failed; such a
+# row skips the postprocess and comes out as the whole row
+INFERENCE_ERROR = "__inference_error__"
+ERROR_CHARS = 500  # an error reason is cut to this, as the openai backend does
+
 
 def request_row(seq: int, key: str, request: Request) -> dict[str, Any]:
     """A request as a pipeline row (plain columns, so every route can read it)."""
     return {
-        "seq": seq,
-        "key": key,
-        "messages": json.dumps(request.chat(), ensure_ascii=False),
-        "params": request.params.model_dump_json(),
-        "sample_index": request.sample_index,
+        SEQ: seq,
+        KEY: key,
+        MESSAGES: json.dumps(request.chat(), ensure_ascii=False),
+        PARAMS: request.params.model_dump_json(),
+        SAMPLE: request.sample_index,
     }
 
 
 def row_request(row: dict[str, Any]) -> Request:
-    params = SamplingParams.model_validate_json(row["params"])
-    return Request.build(json.loads(row["messages"]), params, int(row["sample_index"]))
+    params = SamplingParams.model_validate_json(row[PARAMS])
+    return Request.build(json.loads(row[MESSAGES]), params, int(row[SAMPLE]))
+
+
+RESULT_COLUMNS = ("seq", "key", "text", "finish_reason", "prompt_tokens", "completion_tokens", "error")
 
 
 def result_row(row: dict[str, Any], completion: Completion) -> dict[str, Any]:
-    return {
-        "seq": int(row["seq"]),
-        "key": str(row["key"]),
-        "text": completion.text,
-        "finish_reason": completion.finish_reason,
-        "prompt_tokens": int(completion.prompt_tokens),
-        "completion_tokens": int(completion.completion_tokens),
-        "error": completion.error or "",
-    }
+    """The reply to request row `row` as a result row (RESULT_COLUMNS, what streams back)."""
+    return dict(zip(RESULT_COLUMNS, (
+        int(row[SEQ]), str(row[KEY]), completion.text, completion.finish_reason, int(completion.prompt_tokens),
+        int(completion.completion_tokens), completion.error or "")))
+
+
+def error_row(row: dict[str, Any], reason: str) -> dict[str, Any]:
+    """A failed request as a result row: the driver's Teacher counts it, does not cache it, and
+    the method rejects its task with `reason`, as a failed request of `engine: local`."""
+    return result_row(row, Completion("", "error", error=reason[:ERROR_CHARS]))
 
 
 def row_completion(row: dict[str, Any]) -> Completion:
@@ -141,33 +164,111 @@ def _actor_pool(dataset, teacher: TeacherConfig, engine: EngineConfig, backend_f
     )
 
 
-def _vllm_processor(teacher: TeacherConfig, engine: EngineConfig):
-    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+# The vLLM and HTTP routes' preprocess/postprocess, module-level so a CPU test runs them
+# inside Ray's own stage code (tests/test_ray_vllm_stage.py).
+
+
+def vllm_request(row: dict[str, Any]) -> dict[str, Any]:
+    """Preprocess of the vLLM route: the columns Ray's stages read (chat template: `messages`;
+    vLLM engine: `sampling_params`), added to the row."""
+    params = json.loads(row[PARAMS])
+    return {"messages": json.loads(row[MESSAGES]), "sampling_params": {
+        "temperature": params["temperature"], "top_p": params["top_p"], "max_tokens": params["max_tokens"],
+        "stop": params["stop"] or None, "seed": params["seed"]}}
+
+
+def vllm_reply(row: dict[str, Any]) -> dict[str, Any]:
+    """Postprocess of the vLLM route: a result row from what the engine stage wrote."""
+    # the processor reports no finish reason: a reply that used its whole budget was cut off
+    generated, budget = int(row["num_generated_tokens"]), json.loads(row[PARAMS])["max_tokens"]
+    return result_row(row, Completion(str(row["generated_text"]), "length" if generated >= budget else "stop",
+                                      int(row["num_input_tokens"]), generated))
+
+
+def http_request(row: dict[str, Any], model: str) -> dict[str, Any]:
+    """Preprocess of the HTTP route: the `payload` Ray's HTTP stage POSTs to /chat/completions."""
+    params = json.loads(row[PARAMS])
+    return {"payload": {
+        "model": model, "messages": json.loads(row[MESSAGES]), "temperature": params["temperature"],
+        "top_p": params["top_p"], "max_tokens": params["max_tokens"], "stop": params["stop"] or None,
+        "seed": params["seed"], "n": 1}}
+
+
+def http_reply(row: dict[str, Any]) -> dict[str, Any]:
+    """Postprocess of the HTTP route: a result row from the response body. Ray's HTTP stage
+    hands back the JSON body of any status it does not retry (400 context too long, 403, 404,
+    500 ...) as `http_response`, with no status code: a body without `choices` is the server's
+    error, and becomes this request's error, not the run's."""
+    response = row["http_response"]
+    choices = response.get("choices") if isinstance(response, dict) else None
+    if not choices:
+        reason = http_error_reason(response)
+        if _error_code(response) in RUN_ENDING_CODES:
+            # a refused key or a spent quota fails every request alike: stop the run, as the
+            # openai backend does, instead of rejecting every task with the same reason
+            raise TeacherError(f"the server refused the run's requests: {reason}")
+        return error_row(row, f"HTTP error reply: {reason}")
+    choice, usage = choices[0], response.get("usage") or {}
+    return result_row(row, Completion((choice.get("message") or {}).get("content") or "",
+                                      choice.get("finish_reason") or "stop", int(usage.get("prompt_tokens") or 0),
+                                      int(usage.get("completion_tokens") or 0)))
+
+
+RUN_ENDING_CODES = {"invalid_api_key", "insufficient_quota"}  # OpenAI's codes for a bad key, a spent quota
+
+
+def _error_code(body: Any) -> str | None:
+    error = body.get("error", body) if isinstance(body, dict) else None
+    return str(error.get("code")) if isinstance(error, dict) and error.get("code") is not None else None
+
+
+def http_error_reason(body: Any) -> str:
+    """The reason in an error body: OpenAI's and vLLM's {"error": {"message", "type", "code"}},
+    vLLM's older {"object": "error", "message", ...}, FastAPI's {"detail"}; else the body itself."""
+    error = body.get("error", body) if isinstance(body, dict) else body
+    if isinstance(error, dict) and (error.get("message") or error.get("detail")):
+        kind = " ".join(f"({value})" if name == "code" else str(value) for name in ("type", "code")
+                        if (value := error.get(name)) not in (None, ""))
+        message = str(error.get("message") or error.get("detail"))
+        return f"{kind}: {message}" if kind else message
+    return error if isinstance(error, str) and error else json.dumps(body, ensure_ascii=False, default=str)
+
+
+def settled_reply(row: dict[str, Any]) -> dict[str, Any]:
+    """Every row out of a processor as a result row. A row Ray's vLLM stage failed skipped the
+    postprocess and still holds every column; in the same block, the other rows got those
+    columns too (as None): only RESULT_COLUMNS go on."""
+    if row.get(INFERENCE_ERROR):
+        return error_row(row, str(row[INFERENCE_ERROR]))
+    return {column: row[column] for column in RESULT_COLUMNS}
+
+
+def vllm_processor_config(teacher: TeacherConfig, engine: EngineConfig):
+    """The vLLM route's `vLLMEngineProcessorConfig` (building the processor starts Ray; this does not)."""
+    from ray.data.llm import vLLMEngineProcessorConfig
 
     from datagen.model_paths import resolve_model
 
     engine_kwargs = {"dtype": teacher.dtype, "seed": 0, **teacher.engine_args,
                      "tensor_parallel_size": engine.tensor_parallel}
     extra = {"placement_group_config": {"bundle_per_worker": engine.resources}} if engine.resources else {}
-    config = vLLMEngineProcessorConfig(
+    return vLLMEngineProcessorConfig(
         model_source=resolve_model(teacher.model), engine_kwargs=engine_kwargs, concurrency=engine.replicas,
-        batch_size=engine.batch_size, **extra,
+        batch_size=engine.batch_size,
+        # a request the engine refuses (a prompt past max_model_len ...) fails alone, as an
+        # error row, instead of failing the run (and every rerun) at the same request
+        should_continue_on_error=True,
+        # vLLM's export to Ray's Prometheus endpoint needs ray.serve in the engine actor, and
+        # without it (datagen[ray] installs ray[data] only) the engine fails to start; the run
+        # summary counts tokens itself
+        log_engine_metrics=False, **extra,
     )
 
-    def preprocess(row: dict[str, Any]) -> dict[str, Any]:
-        params = json.loads(row["params"])
-        return {**row, "messages": json.loads(row["messages"]), "sampling_params": {
-            "temperature": params["temperature"], "top_p": params["top_p"], "max_tokens": params["max_tokens"],
-            "stop": params["stop"] or None, "seed": params["seed"]}}
 
-    def postprocess(row: dict[str, Any]) -> dict[str, Any]:
-        # the processor reports no finish reason: a reply that used its whole budget was cut off
-        generated, budget = int(row["num_generated_tokens"]), json.loads(row["params"])["max_tokens"]
-        return {"seq": row["seq"], "key": row["key"], "text": row["generated_text"],
-                "finish_reason": "length" if generated >= budget else "stop",
-                "prompt_tokens": int(row["num_input_tokens"]), "completion_tokens": generated, "error": ""}
+def _vllm_processor(teacher: TeacherConfig, engine: EngineConfig):
+    from ray.data.llm import build_processor
 
-    return build_processor(config, preprocess=preprocess, postprocess=postprocess)
+    return build_processor(vllm_processor_config(teacher, engine), preprocess=vllm_request, postprocess=vllm_reply)
 
 
 def _http_processor(teacher: TeacherConfig, engine: EngineConfig):
@@ -182,24 +283,7 @@ def _http_processor(teacher: TeacherConfig, engine: EngineConfig):
         concurrency=engine.replicas, batch_size=engine.batch_size,
         max_retries=teacher.max_retries, base_retry_wait_time_in_s=max(teacher.backoff_base_s, 0.1),
     )
-    model = teacher.model
-
-    def preprocess(row: dict[str, Any]) -> dict[str, Any]:
-        params = json.loads(row["params"])
-        return {**row, "payload": {
-            "model": model, "messages": json.loads(row["messages"]), "temperature": params["temperature"],
-            "top_p": params["top_p"], "max_tokens": params["max_tokens"], "stop": params["stop"] or None,
-            "seed": params["seed"], "n": 1}}
-
-    def postprocess(row: dict[str, Any]) -> dict[str, Any]:
-        response = row["http_response"]
-        choice, usage = response["choices"][0], response.get("usage") or {}
-        return {"seq": row["seq"], "key": row["key"], "text": choice["message"]["content"] or "",
-                "finish_reason": choice.get("finish_reason") or "stop",
-                "prompt_tokens": int(usage.get("prompt_tokens") or 0),
-                "completion_tokens": int(usage.get("completion_tokens") or 0), "error": ""}
-
-    return build_processor(config, preprocess=preprocess, postprocess=postprocess)
+    return build_processor(config, preprocess=partial(http_request, model=teacher.model), postprocess=http_reply)
 
 
 def stream_replies(
@@ -214,9 +298,9 @@ def stream_replies(
     context.enable_progress_bars = False
     dataset = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / engine.batch_size)))
     if route == ROUTE_VLLM:
-        dataset = _vllm_processor(teacher, engine)(dataset)
+        dataset = _vllm_processor(teacher, engine)(dataset).map(settled_reply)
     elif route == ROUTE_HTTP:
-        dataset = _http_processor(teacher, engine)(dataset)
+        dataset = _http_processor(teacher, engine)(dataset).map(settled_reply)
     else:
         dataset = _actor_pool(dataset, teacher, engine, backend_factory or make_backend)
     try:
