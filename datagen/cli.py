@@ -194,6 +194,9 @@ def generate(
         "--estimate", help="Run a small pilot (cached for the real run) and print projected requests, tokens, "
         "wall time and cost for --num; OUT is not written.")] = False,
     pilot: Annotated[int, typer.Option("--pilot", help="Tasks the --estimate pilot makes.")] = 8,
+    max_cost: Annotated[Optional[float], typer.Option(
+        "--max-cost", help="Stop before a request that could take the run's spend (all its teachers, resumes "
+        "included) past this; needs teacher.prices.")] = None,
 ) -> None:
     """Generate new tasks from seed tasks with a published method."""
     from datagen.config_file import load_config
@@ -211,6 +214,7 @@ def generate(
         "generate.num": ("--num", num),
         "generate.instances_per_task": ("--instances-per-task", instances_per_task),
         "generate.seed": ("--seed", seed),
+        "teacher.max_cost": ("--max-cost", max_cost),
     })
     settings = load_config(config, overrides)
     if estimate:

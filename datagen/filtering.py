@@ -74,18 +74,35 @@ FilterConfig = with_sections(
 
 
 class LazyTeacher:
-    """The run's teacher, made on first use (only the judge needs one) and closed at the end."""
+    """The run's teacher, made on first use (only the judge needs one) and closed at the end.
+    With `teacher.max_cost` it reserves in the run's ledger at `spend` (`KEPT.spend.json`,
+    shared by the shards of a sharded run on one machine)."""
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, spend: Path | None = None) -> None:
         self.config = config
+        self.spend = spend
         self.teacher = None
 
     def __call__(self):
         if self.teacher is None:
+            from datagen.teachers.spending import SpendingLedger, capped
             from datagen.teachers.teacher import make_teacher
 
             self.teacher = make_teacher(self.config)
+            if self.config.max_cost and self.spend is not None:
+                self.teacher.ledger = capped(SpendingLedger(self.spend, self.config.max_cost), self.config,
+                                             self.teacher.backend.name, "the judge")
         return self.teacher
+
+
+def start_spending(config, kept: Path) -> Path:
+    """A filter run starts: its ledger's stale reservations dropped (once, by the driver)."""
+    from datagen.io import spend_path
+    from datagen.teachers.spending import SpendingLedger
+
+    if config.max_cost:
+        SpendingLedger(spend_path(kept), config.max_cost, fresh=True)
+    return spend_path(kept)
 
 
 def run_filter(config, source: Path, kept_path: Path, rejects_path: Path, command_line: str) -> dict[str, Any]:
@@ -101,7 +118,7 @@ def run_filter(config, source: Path, kept_path: Path, rejects_path: Path, comman
                for where, problem, raw in invalid]
     stats: dict[str, Any] = {"input": str(source), "in": len(tasks) + len(invalid), "invalid_lines": len(invalid),
                              "passes": []}
-    teacher = LazyTeacher(config.teacher)
+    teacher = LazyTeacher(config.teacher, start_spending(config.teacher, kept_path))
     try:
         for name in settings.passes:
             entry = PASSES[name]

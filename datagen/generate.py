@@ -22,9 +22,10 @@ from datagen.engines.open_teacher import open_teacher
 from datagen.errors import ConfigError
 from datagen.generators import alpaca, evol_instruct, orca, preferences, self_instruct
 from datagen.generators.common import GenerationMethod, RunContext, TaskSink, instances_toward_target
-from datagen.io import atomic_write_json, progress_path, read_tasks, rejects_path, summary_path
+from datagen.io import atomic_write_json, progress_path, read_tasks, rejects_path, spend_path, summary_path
 from datagen.progress import progress
 from datagen.records import Task
+from datagen.teachers.spending import SpendingCapReached, SpendingLedger, capped
 from datagen.teachers.teacher import Teacher, TeacherConfig, make_teacher, run_summary
 
 # The methods by name. Adding one: write generators/NAME.py with its settings model and
@@ -107,6 +108,7 @@ def run_generate(config, command_line: str, teacher_factory: Callable[[], Teache
     # the teacher first: a teacher that cannot be used (no API key, no server) fails
     # before OUT is created
     make = teacher_factory or (lambda: make_run_teacher(config))
+    ledger = _spending_ledger(config.teacher, output)
     with make() as teacher, TaskSink(output, record) as sink, progress(
         settings.method, total=settings.num, done=min(len(sink.existing), settings.num),
         detail=lambda: f"teacher: {teacher.stats.requests_sent} requests, {teacher.stats.cache_hits} cached",
@@ -116,9 +118,11 @@ def run_generate(config, command_line: str, teacher_factory: Callable[[], Teache
             atomic_write_json(progress_path(output), {"method": settings.method, "batches_done": batches})
 
         others: dict[str, Teacher] = {}
+        teacher.ledger = capped(ledger, config.teacher, teacher.backend.name, "the teacher")
 
         def open_teacher(name: str, teacher_config: TeacherConfig) -> Teacher:
             others[name] = (other_teacher_factory or (lambda _name, c: make_teacher(c)))(name, teacher_config)
+            others[name].ledger = capped(ledger, teacher_config, others[name].backend.name, f"responder {name}")
             return others[name]
 
         resumed_from = len(sink.existing)
@@ -131,9 +135,14 @@ def run_generate(config, command_line: str, teacher_factory: Callable[[], Teache
             open_teacher=open_teacher,
             lookahead=config.engine.replicas * config.engine.batch_size if on_ray else 0,
         )
-        if on_ray and method.plan:
-            teacher.plan(method.plan(seeds, section, context))
-        method.run(seeds, section, context)
+        stopped = None
+        try:
+            if on_ray and method.plan:
+                teacher.plan(method.plan(seeds, section, context))
+            method.run(seeds, section, context)
+        except SpendingCapReached as cap:
+            sink.flush()
+            stopped = cap
         summary = run_summary(
             teacher,
             time.monotonic() - started,
@@ -152,9 +161,18 @@ def run_generate(config, command_line: str, teacher_factory: Callable[[], Teache
                                                    if config.engine.kind == "ray" else {})},
             command=command_line,
             config=config.model_dump(mode="json"),
+            **({"spend": {"max_cost": ledger.limit, "spent": round(ledger.spent, 6),
+                          **({"stopped": str(stopped)} if stopped else {})}} if ledger else {}),
         )
     atomic_write_json(summary_path(output), summary)
+    if stopped is not None:
+        raise stopped
     return summary
+
+
+def _spending_ledger(teacher: TeacherConfig, output: Path) -> SpendingLedger | None:
+    """The run's spend over all its teachers and resumes, when `teacher.max_cost` caps it."""
+    return SpendingLedger(spend_path(output), teacher.max_cost, fresh=True) if teacher.max_cost else None
 
 
 def _instance_target(output: Path, settings: GenerateConfig) -> dict[str, Any]:

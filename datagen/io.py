@@ -302,6 +302,7 @@ REJECTS_SUFFIX = ".rejects.jsonl"
 SUMMARY_SUFFIX = ".summary.json"
 STATS_SUFFIX = ".stats.json"
 PROGRESS_SUFFIX = ".progress.json"
+SPEND_SUFFIX = ".spend.json"
 
 
 def _sidecar(output: str | Path, suffix: str) -> Path:
@@ -327,3 +328,8 @@ def stats_path(output: str | Path) -> Path:
 def progress_path(output: str | Path) -> Path:
     """How many batches a generation run finished: `raw.jsonl` -> `raw.progress.json`."""
     return _sidecar(output, PROGRESS_SUFFIX)
+
+
+def spend_path(output: str | Path) -> Path:
+    """What a run with a spending cap has spent, over resumes: `raw.jsonl` -> `raw.spend.json`."""
+    return _sidecar(output, SPEND_SUFFIX)

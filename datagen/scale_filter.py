@@ -423,6 +423,10 @@ def _preflight(plan: ScaleFilterPlan) -> None:
     """Settings errors (no eval file, no overrides file, a bad one) as the single-process run
     gives them, before any stage starts. The judge's teacher is made by the workers."""
     settings = plan.settings()
+    if "judge" in settings.passes and plan.teacher.max_cost:
+        # a shard stopped at the cap fails as a datatrove task, not with the cap's one line
+        raise ConfigError("teacher.max_cost: a sharded judge is not capped yet; run the judge with --engine local "
+                          "(capped) or drop max_cost")
     for name in settings.passes:
         entry = PASSES[name]
         if name in PER_RECORD and name != "judge":

@@ -14,10 +14,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 from pathlib import Path
 
 from datagen.teachers.base import Completion, Request
+
+
+def cache_folder(configured: str | None) -> Path:
+    """`teacher.cache_dir`, else $DATAGEN_CACHE_DIR, else ~/.cache/datagen."""
+    if configured:
+        return Path(configured).expanduser()
+    return Path(os.environ.get("DATAGEN_CACHE_DIR") or Path.home() / ".cache" / "datagen")
 
 
 def request_key(backend: str, model: str, request: Request) -> str:

@@ -29,12 +29,12 @@ import random
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from datagen.errors import TeacherError
 from datagen.teachers.base import BackendCounters, Completion, Request, ResultCallback
+from datagen.teachers.cache import cache_folder
 from datagen.teachers.rate_budget import SharedBucket, bucket_path
 
 if TYPE_CHECKING:  # a type hint only: the teacher module imports this one
@@ -122,9 +122,7 @@ class OpenAIBackend:
     def _bucket(self, unit: str, per_minute: float | None) -> SharedBucket | None:
         if not per_minute:
             return None
-        from datagen.teachers.teacher import default_cache_dir
-
-        folder = Path(self.config.cache_dir).expanduser() if self.config.cache_dir else default_cache_dir()
+        folder = cache_folder(self.config.cache_dir)
         return SharedBucket(bucket_path(folder, self.base_urls, self.config.api_key_env, unit), per_minute)
 
     def _client(self, base_url: str):

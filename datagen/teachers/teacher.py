@@ -13,11 +13,9 @@ with different sampling in one backend call (a method answering batches ahead).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
@@ -25,9 +23,10 @@ from pydantic import Field, field_validator
 from datagen.config import DEFAULT_MODEL, SamplingParams, Strict
 from datagen.errors import TeacherError
 from datagen.teachers.base import Backend, Completion, Message, Request
-from datagen.teachers.cache import RequestCache, request_key
+from datagen.teachers.cache import RequestCache, cache_folder, request_key
 from datagen.teachers.local import LocalBackend
 from datagen.teachers.openai_api import OpenAIBackend
+from datagen.teachers.spending import SpendingLedger, worst_cost
 from datagen.teachers.vllm_engine import VLLMBackend
 
 # The backends by name: `teacher.backend` and `--backend` accept exactly these. A backend
@@ -81,6 +80,9 @@ class TeacherConfig(Strict):
     backoff_base_s: float = Field(1.0, ge=0)
     backoff_max_s: float = Field(60.0, ge=0)
     prices: PriceTable | None = None
+    # stop before a request that could take the run's spend (all its teachers) past this
+    # (needs `prices`; see datagen.teachers.spending)
+    max_cost: float | None = Field(None, gt=0)
 
     # vllm (offline engine); e.g. {"tensor_parallel_size": 2, "max_model_len": 4096}
     engine_args: dict[str, Any] = Field(default_factory=dict)
@@ -99,10 +101,6 @@ class TeacherConfig(Strict):
         return value[0] if isinstance(value, list) and len(value) == 1 else value
 
 
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("DATAGEN_CACHE_DIR") or Path.home() / ".cache" / "datagen")
 
 
 @dataclass
@@ -132,10 +130,10 @@ class Teacher:
         self.stats = RunStats(cost=0.0 if config.prices else None)
         self.cache: RequestCache | None = None
         if config.cache != "off":
-            cache_dir = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
-            self.cache = RequestCache(cache_dir / "requests.sqlite")
+            self.cache = RequestCache(cache_folder(config.cache_dir) / "requests.sqlite")
         self._answering_ahead = False
         self._sent_ahead: set[str] = set()  # keys this run answered ahead, not yet taken by the loop
+        self.ledger: SpendingLedger | None = None  # the run's spending cap (`run_generate` sets it)
 
     @property
     def name(self) -> str:
@@ -214,6 +212,9 @@ class Teacher:
             self.stats.cache_hits += len(copies)
         if progress and len(missing) < len(requests):
             progress(len(requests) - len(missing))
+        reserved, over = self._reserve(requests, missing)
+        if over is not None:
+            missing = [index for index in missing if index in reserved]
         if missing and self.config.cache == "only":
             raise TeacherError(
                 f"{len(missing)} of {len(requests)} requests are not in the cache "
@@ -223,7 +224,9 @@ class Teacher:
         def on_result(position: int, completion: Completion) -> None:
             index = missing[position]
             results[index] = completion
-            self._count(completion)
+            cost = self._count(completion)
+            if index in reserved:
+                self.ledger.settle(reserved[index], cost)  # type: ignore[union-attr]
             if self.cache is not None:
                 self.cache.put(keys[index], completion)
                 if self._answering_ahead and completion.ok:
@@ -239,6 +242,8 @@ class Teacher:
         for index in missing:
             if results[index] is None:  # a backend bug, not a user error
                 raise RuntimeError(f"backend {self.backend.name} returned no result for request {index}")
+        if over is not None:  # what fitted is answered and cached; the run stops here
+            raise self.ledger.stop(over)  # type: ignore[union-attr]
         for index in copies:
             results[index] = results[first_of[keys[index]]]
         answered: list[list[list[Completion]]] = []
@@ -251,19 +256,34 @@ class Teacher:
             start += len(conversations) * params.n
         return answered
 
-    def _count(self, completion: Completion) -> None:
+    def _reserve(self, requests: Sequence[Request], missing: list[int]) -> tuple[dict[int, float], float | None]:
+        """Under a spending cap, reserve each request's worst cost, in order, until one does not
+        fit: (index -> reserved, that one's worst cost or None when all fit)."""
+        if self.ledger is None or self.config.prices is None:
+            return {}, None
+        reserved: dict[int, float] = {}
+        for index in missing:
+            cost = worst_cost(requests[index], self.config.prices)
+            if not self.ledger.reserve(cost):
+                return reserved, cost
+            reserved[index] = cost
+        return reserved, None
+
+    def _count(self, completion: Completion) -> float:
+        """Count a reply that was sent; its cost (0 unpriced or failed)."""
         self.stats.requests_sent += 1
         if not completion.ok:
             self.stats.failures += 1
             if len(self.stats.failure_examples) < 5 and completion.error:
                 self.stats.failure_examples.append(completion.error)
-            return
+            return 0.0
         self.stats.prompt_tokens += completion.prompt_tokens
         self.stats.completion_tokens += completion.completion_tokens
-        if self.config.prices:
-            self.stats.cost = (self.stats.cost or 0.0) + self.config.prices.cost(
-                completion.prompt_tokens, completion.completion_tokens
-            )
+        if not self.config.prices:
+            return 0.0
+        cost = self.config.prices.cost(completion.prompt_tokens, completion.completion_tokens)
+        self.stats.cost = (self.stats.cost or 0.0) + cost
+        return cost
 
     def close(self) -> None:
         self.backend.close()
