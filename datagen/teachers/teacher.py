@@ -75,7 +75,9 @@ class TeacherConfig(Strict):
     max_concurrency: int = Field(32, ge=1)
     requests_per_minute: float | None = Field(None, gt=0)
     tokens_per_minute: float | None = Field(None, gt=0)
-    timeout_s: float = Field(120.0, gt=0)
+    # the SDK's own default: a long generation (thousands of tokens from a slow model) must not
+    # time out, since a timed-out request is retried and the provider may bill both
+    timeout_s: float = Field(600.0, gt=0)
     max_retries: int = Field(6, ge=0)
     backoff_base_s: float = Field(1.0, ge=0)
     backoff_max_s: float = Field(60.0, ge=0)
