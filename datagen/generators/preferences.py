@@ -127,7 +127,6 @@ ASPECTS = ("helpfulness", "honesty", "instruction following", "truthfulness")  #
 # how chosen and rejected are decided: lineage's `judging`
 JUDGING_RATING, JUDGING_PAIRWISE, JUDGING_RESPONDER = "rating", "pairwise", "responder"
 JUDGING_ULTRAFEEDBACK = "ultrafeedback"
-TEMPLATES = {JUDGING_RATING: RATING, JUDGING_PAIRWISE: PAIRWISE, JUDGING_ULTRAFEEDBACK: ULTRAFEEDBACK}
 
 
 def judge_budget(judging: str, responses: int) -> int:
@@ -185,6 +184,11 @@ class PreferencesConfig(Strict):
             if len(names) < 2:
                 raise ValueError("chosen_responder needs a second responder to give the rejected replies")
         return self
+
+    @property
+    def judging_mode(self) -> Judging:
+        """The judging mode in force: `chosen_responder` judges nothing, else `judging`."""
+        return JUDGINGS[JUDGING_RESPONDER if self.chosen_responder is not None else self.judging]
 
     def judge_params(self, seed: int) -> SamplingParams:
         """The judge's sampling: `judge_sampling`, or greedy with a budget sized for the rubric."""
@@ -559,7 +563,8 @@ def _open_responders(stack: ExitStack, settings: PreferencesConfig, teacher: Tea
 def run_preferences(seeds: Sequence[Task], settings: PreferencesConfig, run: RunContext) -> None:
     """Make preference pairs for the instances of `seeds` (in order) until OUT holds `num`."""
     judge, sink, seed = run.teacher, run.sink, run.seed
-    template = load_template(TEMPLATES[settings.judging])
+    judging = settings.judging_mode
+    template = load_template(judging.template) if judging.template else None
     judge_params = settings.judge_params(seed)
     reject = ReplayedRejects(sink, STAGE_PREFERENCES)
     done = {pair.id for pair in sink.existing}
@@ -603,20 +608,16 @@ def run_preferences(seeds: Sequence[Task], settings: PreferencesConfig, run: Run
     sink.flush()
 
 
+Reject = Callable[..., None]
+
+
 def _judge_batch(jobs: list[_Job], settings: PreferencesConfig, teachers: list[Teacher],
                  plan: list[tuple[int, int]], seed: int, judge: Teacher, judge_params: SamplingParams,
-                 reject: Callable[..., None]) -> None:
-    """Responses, then ratings or comparisons (unless a responder is chosen), for `jobs`."""
+                 reject: Reject) -> None:
+    """Responses, then what the judging mode asks the judge, for `jobs`."""
     _respond(jobs, settings, teachers, plan, seed)
-    asks = _usable(jobs, settings, reject)
-    if settings.chosen_responder is not None:
-        return
-    if settings.judging == JUDGING_PAIRWISE:
-        _compare(jobs, settings, judge, judge_params, reject)
-    elif settings.judging == JUDGING_ULTRAFEEDBACK:
-        _rate_together(jobs, settings, judge, judge_params, reject)
-    else:
-        _rate(asks, judge, judge_params, reject)
+    _mark_usable(jobs, reject)
+    settings.judging_mode.ask(jobs, settings, judge, judge_params, reject)
 
 
 def _ignore(_reason: str, **_fields: Any) -> None:
@@ -637,41 +638,27 @@ def _respond(jobs: list[_Job], settings: PreferencesConfig, teachers: list[Teach
                           for which, sample in plan]
 
 
-def _usable(jobs: list[_Job], settings: PreferencesConfig,
-            reject: Callable[..., None]) -> list[tuple[str, _Candidate, list]]:
-    """Mark the usable replies, reject the others; return the rating requests of the usable
-    (none when replies are not rated one by one)."""
-    rating = settings.chosen_responder is None and settings.judging == JUDGING_RATING
-    asks: list[tuple[str, _Candidate, list[Message]]] = []
+def _where(job: _Job, number: int) -> str:
+    return f"{job.where}, response {number} ({job.candidates[number].responder})"
+
+
+def _mark_usable(jobs: list[_Job], reject: Reject) -> None:
+    """Mark the usable replies; reject the others (errors, cut off, empty) with the reason."""
     for job in jobs:
-        reference = job.instance.output if settings.show_reference else None
         for number, candidate in enumerate(job.candidates):
-            where = f"{job.where}, response {number} ({candidate.responder})"
             reply = candidate.reply
             if not reply.ok:
-                reject(TEACHER_ERROR, detail=f"{where}: {reply.error}")
+                reject(TEACHER_ERROR, detail=f"{_where(job, number)}: {reply.error}")
             elif reply.finish_reason == "length":
-                reject(LENGTH_LIMIT, detail=where, raw=reply.text)
+                reject(LENGTH_LIMIT, detail=_where(job, number), raw=reply.text)
             elif not reply.text.strip():
-                reject(EMPTY_RESPONSE, detail=where)
+                reject(EMPTY_RESPONSE, detail=_where(job, number))
             else:
                 candidate.usable = True
-                if rating:
-                    asks.append((where, candidate, rating_messages(job.prompt, reply.text, reference)))
-    return asks
 
 
-def _rate(asks: list[tuple[str, _Candidate, list]], judge: Teacher, params: SamplingParams,
-          reject: Callable[..., None]) -> None:
-    """Rate every usable reply in one judge call; reject the unreadable ratings."""
-    verdicts = judge.complete([messages for _w, _c, messages in asks], params)
-    for (where, candidate, _messages), [verdict] in zip(asks, verdicts):
-        candidate.judge_reply = verdict
-        parsed = parse_rating(verdict.text) if verdict.ok else f"judge error: {verdict.error}"
-        if isinstance(parsed, Rating):
-            candidate.rating = parsed
-        else:
-            reject(RATING_UNPARSEABLE, detail=f"{where}: {parsed}{_cut_off(verdict, params)}", raw=verdict.text or None)
+def _reference(job: _Job, settings: PreferencesConfig) -> str | None:
+    return job.instance.output if settings.show_reference else None
 
 
 def _cut_off(reply: Completion, params: SamplingParams) -> str:
@@ -679,40 +666,60 @@ def _cut_off(reply: Completion, params: SamplingParams) -> str:
     return f" (the reply was cut off at max_tokens {params.max_tokens})" if reply.finish_reason == "length" else ""
 
 
+# -- the judging modes: what each asks the judge, how it picks the pair, what lineage keeps -----
+
+
+def _ask_nothing(jobs: list[_Job], settings: PreferencesConfig, judge: Teacher, params: SamplingParams,
+                 reject: Reject) -> None:
+    """`chosen_responder`: nothing is judged."""
+
+
+def _rate_each(jobs: list[_Job], settings: PreferencesConfig, judge: Teacher, params: SamplingParams,
+               reject: Reject) -> None:
+    """Rate every usable reply alone, all in one judge call; reject the unreadable ratings."""
+    asks = [(job, number) for job in jobs for number, candidate in enumerate(job.candidates) if candidate.usable]
+    verdicts = judge.complete([rating_messages(job.prompt, job.candidates[number].reply.text,
+                                               _reference(job, settings)) for job, number in asks], params)
+    for (job, number), [verdict] in zip(asks, verdicts):
+        candidate = job.candidates[number]
+        candidate.judge_reply = verdict
+        parsed = parse_rating(verdict.text) if verdict.ok else f"judge error: {verdict.error}"
+        if isinstance(parsed, Rating):
+            candidate.rating = parsed
+        else:
+            reject(RATING_UNPARSEABLE, detail=f"{_where(job, number)}: {parsed}{_cut_off(verdict, params)}",
+                   raw=verdict.text or None)
+
+
 def _rate_together(jobs: list[_Job], settings: PreferencesConfig, judge: Teacher, params: SamplingParams,
-                   reject: Callable[..., None]) -> None:
+                   reject: Reject) -> None:
     """UltraFeedback's annotation: each prompt's usable replies rated together on the four
     aspects, one judge request per prompt with at least two (fewer make no pair), one call."""
     asks = [(job, [n for n, c in enumerate(job.candidates) if c.usable]) for job in jobs]
     asks = [(job, usable) for job, usable in asks if len(usable) >= 2]
-    reference = (lambda job: job.instance.output) if settings.show_reference else (lambda _job: None)
     replies = judge.complete([ultrafeedback_messages(job.prompt, [job.candidates[n].reply.text for n in usable],
-                                                     reference(job)) for job, usable in asks], params) if asks else []
+                                                     _reference(job, settings)) for job, usable in asks],
+                             params) if asks else []
     for (job, usable), [reply] in zip(asks, replies):
         job.verdict_replies.append(reply)
         parsed = (parse_aspect_ratings(reply.text, len(usable)) if reply.ok
                   else [f"judge error: {reply.error}"] * len(usable))
         for number, rating in zip(usable, parsed):
-            candidate = job.candidates[number]
             if isinstance(rating, Rating):
-                candidate.rating = rating
+                job.candidates[number].rating = rating
             else:
-                reject(RATING_UNPARSEABLE, detail=f"{job.where}, response {number} ({candidate.responder}): "
-                                                  f"{rating}{_cut_off(reply, params)}", raw=reply.text or None)
-
-
-_OPERATIONS = {JUDGING_RATING: "preferences:rate", JUDGING_PAIRWISE: "preferences:pairwise",
-               JUDGING_ULTRAFEEDBACK: "preferences:ultrafeedback", JUDGING_RESPONDER: "preferences:responder"}
+                reject(RATING_UNPARSEABLE, detail=f"{_where(job, number)}: {rating}{_cut_off(reply, params)}",
+                       raw=reply.text or None)
 
 
 def _compare(jobs: list[_Job], settings: PreferencesConfig, judge: Teacher, params: SamplingParams,
-             reject: Callable[..., None]) -> None:
+             reject: Reject) -> None:
     """Judge every two usable replies of each prompt in both orders, in one judge call; reject
     the unreadable verdicts."""
     asks: list[tuple[_Job, int, int]] = []
     conversations: list[list[Message]] = []
     for job in jobs:
-        reference = job.instance.output if settings.show_reference else None
+        reference = _reference(job, settings)
         usable = [number for number, candidate in enumerate(job.candidates) if candidate.usable]
         for first, second in itertools.combinations(usable, 2):
             a, b = job.candidates[first].reply.text, job.candidates[second].reply.text
@@ -735,6 +742,41 @@ def _compare(jobs: list[_Job], settings: PreferencesConfig, judge: Teacher, para
         job.comparisons.append(Comparison(first, second, verdicts[0], verdicts[1]))
 
 
+Choice = PairChoice | tuple[str, str]  # the pair, or (reject reason, detail)
+
+
+def _by_scores(job: _Job, settings: PreferencesConfig, rng: random.Random) -> Choice:
+    scores = [c.rating.score if c.rating else None for c in job.candidates]
+    choice = choose_pair(scores, [c.reply.text for c in job.candidates], settings.margin, rng, settings.rejected_pick)
+    if isinstance(choice, str):
+        return choice, f"{job.where}: ratings [{', '.join('-' if s is None else f'{s:g}' for s in scores)}]"
+    return choice
+
+
+def _by_wins(job: _Job, settings: PreferencesConfig, rng: random.Random) -> Choice:
+    choice = choose_by_wins(job.comparisons, [c.reply.text for c in job.candidates],
+                            sum(c.usable for c in job.candidates), rng, settings.rejected_pick)
+    if isinstance(choice, str):
+        shown = ", ".join(f"{c.first}-{c.second}: " + "/".join(v.better if v else "?" for v in (c.forward, c.backward))
+                          for c in job.comparisons)
+        return choice, f"{job.where}: verdicts [{shown}]" if shown else job.where
+    return choice
+
+
+def _by_responder(job: _Job, settings: PreferencesConfig, rng: random.Random) -> Choice:
+    choice = choose_by_responder([c.responder for c in job.candidates], [c.usable for c in job.candidates],
+                                 [c.reply.text for c in job.candidates], settings.chosen_responder or "", rng,
+                                 settings.rejected_pick)
+    return (choice, job.where) if isinstance(choice, str) else choice
+
+
+def _scores_record(job: _Job, choice: PairChoice, settings: PreferencesConfig) -> dict:
+    return {"margin": settings.margin,
+            "candidates": [{"responder": c.responder, "sample": c.sample, "score": c.rating.score if c.rating else None}
+                           | ({"aspects": c.rating.aspects} if c.rating and c.rating.aspects else {})
+                           for c in job.candidates]}
+
+
 def _comparison_record(comparison: Comparison) -> dict:
     """A comparison in lineage: who was A in each order, both verdicts and rationales, the winner."""
     return {"a": comparison.first, "b": comparison.second,
@@ -743,36 +785,47 @@ def _comparison_record(comparison: Comparison) -> dict:
             "winner": comparison.winner}
 
 
+def _wins_record(job: _Job, choice: PairChoice, settings: PreferencesConfig) -> dict:
+    wins = pairwise_wins(job.comparisons, len(job.candidates))
+    decisive = next(c for c in job.comparisons if {c.first, c.second} == {choice.chosen, choice.rejected})
+    return {"comparisons": [_comparison_record(c) for c in job.comparisons], "decisive": _comparison_record(decisive),
+            "candidates": [{"responder": c.responder, "sample": c.sample, "wins": wins[n]}
+                           for n, c in enumerate(job.candidates)]}
+
+
+@dataclass(frozen=True)
+class Judging:
+    """How chosen and rejected are decided (lineage's `judging`): what the judge is asked
+    (`ask`, one call for a batch of prompts), how a prompt's pair is picked (`choose`) and
+    what lineage keeps of it (`record`). `template` is None when nothing is judged."""
+
+    name: str
+    operation: str
+    template: str | None
+    ask: Callable[[list[_Job], PreferencesConfig, Teacher, SamplingParams, Reject], None]
+    choose: Callable[[_Job, PreferencesConfig, random.Random], Choice]
+    record: Callable[[_Job, PairChoice, PreferencesConfig], dict]
+
+
+JUDGINGS = {judging.name: judging for judging in (
+    Judging(JUDGING_RATING, "preferences:rate", RATING, _rate_each, _by_scores, _scores_record),
+    Judging(JUDGING_ULTRAFEEDBACK, "preferences:ultrafeedback", ULTRAFEEDBACK, _rate_together, _by_scores,
+            _scores_record),
+    Judging(JUDGING_PAIRWISE, "preferences:pairwise", PAIRWISE, _compare, _by_wins, _wins_record),
+    Judging(JUDGING_RESPONDER, "preferences:responder", None, _ask_nothing, _by_responder, _scores_record),
+)}
+
+
 def _pair(job: _Job, settings: PreferencesConfig, seed: int, judge: Teacher, judge_params: SamplingParams,
           template, teachers: list[Teacher], reject: ReplayedRejects) -> PreferencePair | None:
-    scores = [c.rating.score if c.rating else None for c in job.candidates]
-    texts = [c.reply.text for c in job.candidates]
-    rng = random.Random(f"pref:{seed}:{job.task.id}:{job.index}")
-    judging = JUDGING_RESPONDER if settings.chosen_responder is not None else settings.judging
-    if judging == JUDGING_RESPONDER:
-        choice = choose_by_responder([c.responder for c in job.candidates], [c.usable for c in job.candidates],
-                                     texts, settings.chosen_responder, rng, settings.rejected_pick)
-        if isinstance(choice, str):
-            reject(choice, detail=job.where)
-            return None
-    elif judging == JUDGING_PAIRWISE:
-        choice = choose_by_wins(job.comparisons, texts, sum(c.usable for c in job.candidates), rng,
-                                settings.rejected_pick)
-        if isinstance(choice, str):
-            shown = ", ".join(f"{c.first}-{c.second}: " + "/".join(v.better if v else "?"
-                                                                   for v in (c.forward, c.backward))
-                              for c in job.comparisons)
-            reject(choice, detail=f"{job.where}: verdicts [{shown}]" if shown else job.where)
-            return None
-    else:
-        choice = choose_pair(scores, texts, settings.margin, rng, settings.rejected_pick)
-        if isinstance(choice, str):
-            shown = ", ".join("-" if s is None else f"{s:g}" for s in scores)
-            reject(choice, detail=f"{job.where}: ratings [{shown}]")
-            return None
+    judging = settings.judging_mode
+    choice = judging.choose(job, settings, random.Random(f"pref:{seed}:{job.task.id}:{job.index}"))
+    if not isinstance(choice, PairChoice):
+        reason, detail = choice
+        reject(reason, detail=detail)
+        return None
     chosen, rejected = job.candidates[choice.chosen], job.candidates[choice.rejected]
     names = [r.name for r in settings.responders]
-    judged = judging != JUDGING_RESPONDER
 
     def about(candidate: _Candidate) -> dict:
         which = names.index(candidate.responder)
@@ -783,19 +836,6 @@ def _pair(job: _Job, settings: PreferencesConfig, seed: int, judge: Teacher, jud
 
     completions = ([c.reply for c in job.candidates] + [c.judge_reply for c in job.candidates if c.judge_reply]
                    + job.verdict_replies)
-    if judging == JUDGING_PAIRWISE:
-        wins = pairwise_wins(job.comparisons, len(job.candidates))
-        decisive = next(c for c in job.comparisons if {c.first, c.second} == {choice.chosen, choice.rejected})
-        judged_by = {"comparisons": [_comparison_record(c) for c in job.comparisons],
-                     "decisive": _comparison_record(decisive),
-                     "candidates": [{"responder": c.responder, "sample": c.sample, "wins": wins[n]}
-                                    for n, c in enumerate(job.candidates)]}
-    else:
-        judged_by = {"margin": settings.margin,
-                     "candidates": [{"responder": c.responder, "sample": c.sample,
-                                     "score": c.rating.score if c.rating else None}
-                                    | ({"aspects": c.rating.aspects} if c.rating and c.rating.aspects else {})
-                                    for c in job.candidates]}
     return PreferencePair(
         id=job.pair_id,
         task_id=job.task.id,
@@ -808,10 +848,11 @@ def _pair(job: _Job, settings: PreferencesConfig, seed: int, judge: Teacher, jud
         rationale_chosen=chosen.rating.rationale if chosen.rating else "",
         rationale_rejected=rejected.rating.rationale if rejected.rating else "",
         lineage=lineage(
-            generator="preferences", operation=_OPERATIONS[judging],
-            teacher_name=(judge.backend.name, judge.backend.model) if judged else ("", ""),
-            templates=[template] if judged else [], sampling=judge_params, seed=seed, completions=completions,
-            parent_ids=[job.task.id], judging=judging, rejected_pick=settings.rejected_pick,
-            responders={"chosen": about(chosen), "rejected": about(rejected)}, **judged_by,
+            generator="preferences", operation=judging.operation,
+            teacher_name=(judge.backend.name, judge.backend.model) if template else ("", ""),
+            templates=[template] if template else [], sampling=judge_params, seed=seed, completions=completions,
+            parent_ids=[job.task.id], judging=judging.name, rejected_pick=settings.rejected_pick,
+            responders={"chosen": about(chosen), "rejected": about(rejected)},
+            **judging.record(job, choice, settings),
         ),
     )
