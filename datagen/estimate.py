@@ -54,6 +54,14 @@ class TallyingTeacher:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.teacher, name)
 
+    @property
+    def ledger(self):
+        return self.teacher.ledger
+
+    @ledger.setter
+    def ledger(self, ledger) -> None:  # the spending cap is the wrapped teacher's to keep
+        self.teacher.ledger = ledger
+
     def complete(self, conversations: Sequence[Sequence[Message]], params: SamplingParams | None = None,
                  progress: Callable[[int], None] | None = None):
         sent_before = self.teacher.stats.requests_sent

@@ -75,8 +75,7 @@ FilterConfig = with_sections(
 
 class LazyTeacher:
     """The run's teacher, made on first use (only the judge needs one) and closed at the end.
-    With `teacher.max_cost` it reserves in the run's ledger at `spend` (`KEPT.spend.json`,
-    shared by the shards of a sharded run on one machine)."""
+    With `teacher.max_cost` it reserves in the run's ledger at `spend` (`KEPT.spend.json`)."""
 
     def __init__(self, config, spend: Path | None = None) -> None:
         self.config = config
@@ -85,13 +84,13 @@ class LazyTeacher:
 
     def __call__(self):
         if self.teacher is None:
-            from datagen.teachers.spending import SpendingLedger, capped
+            from datagen.teachers.spending import SpendingLedger, check_priced
             from datagen.teachers.teacher import make_teacher
 
             self.teacher = make_teacher(self.config)
             if self.config.max_cost and self.spend is not None:
-                self.teacher.ledger = capped(SpendingLedger(self.spend, self.config.max_cost), self.config,
-                                             self.teacher.backend.name, "the judge")
+                check_priced(self.config, self.teacher.backend.name, "the judge")
+                self.teacher.ledger = SpendingLedger(self.spend, self.config.max_cost)
         return self.teacher
 
 

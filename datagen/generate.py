@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +26,7 @@ from datagen.generators.common import GenerationMethod, RunContext, TaskSink, in
 from datagen.io import atomic_write_json, progress_path, read_tasks, rejects_path, spend_path, summary_path
 from datagen.progress import progress
 from datagen.records import Task
-from datagen.teachers.spending import SpendingCapReached, SpendingLedger, capped
+from datagen.teachers.spending import SpendingCapReached, SpendingLedger, check_priced
 from datagen.teachers.teacher import Teacher, TeacherConfig, make_teacher, run_summary
 
 # The methods by name. Adding one: write generators/NAME.py with its settings model and
@@ -108,21 +109,27 @@ def run_generate(config, command_line: str, teacher_factory: Callable[[], Teache
     # the teacher first: a teacher that cannot be used (no API key, no server) fails
     # before OUT is created
     make = teacher_factory or (lambda: make_run_teacher(config))
-    ledger = _spending_ledger(config.teacher, output)
-    with make() as teacher, TaskSink(output, record) as sink, progress(
-        settings.method, total=settings.num, done=min(len(sink.existing), settings.num),
-        detail=lambda: f"teacher: {teacher.stats.requests_sent} requests, {teacher.stats.cache_hits} cached",
-    ) as bar:
+    if config.teacher.max_cost and config.engine.kind == "ray" and GENERATORS[settings.method].plan:
+        raise ConfigError(f"teacher.max_cost: engine: ray streams all of {settings.method}'s requests ahead of the "
+                          "loop, past any cap; run it on engine: local to cap it")
+    with ExitStack() as stack:
+        teacher = stack.enter_context(make())
+        ledger = _spending_ledger(config.teacher, output, teacher)
+        sink = stack.enter_context(TaskSink(output, record))
+        bar = stack.enter_context(progress(
+            settings.method, total=settings.num, done=min(len(sink.existing), settings.num),
+            detail=lambda: f"teacher: {teacher.stats.requests_sent} requests, {teacher.stats.cache_hits} cached"))
 
         def mark_done(batches: int) -> None:
             atomic_write_json(progress_path(output), {"method": settings.method, "batches_done": batches})
 
         others: dict[str, Teacher] = {}
-        teacher.ledger = capped(ledger, config.teacher, teacher.backend.name, "the teacher")
 
         def open_teacher(name: str, teacher_config: TeacherConfig) -> Teacher:
             others[name] = (other_teacher_factory or (lambda _name, c: make_teacher(c)))(name, teacher_config)
-            others[name].ledger = capped(ledger, teacher_config, others[name].backend.name, f"responder {name}")
+            if ledger is not None:
+                check_priced(teacher_config, others[name].backend.name, f"responder {name}")
+                others[name].ledger = ledger
             return others[name]
 
         resumed_from = len(sink.existing)
@@ -170,9 +177,14 @@ def run_generate(config, command_line: str, teacher_factory: Callable[[], Teache
     return summary
 
 
-def _spending_ledger(teacher: TeacherConfig, output: Path) -> SpendingLedger | None:
-    """The run's spend over all its teachers and resumes, when `teacher.max_cost` caps it."""
-    return SpendingLedger(spend_path(output), teacher.max_cost, fresh=True) if teacher.max_cost else None
+def _spending_ledger(config: TeacherConfig, output: Path, teacher: Teacher) -> SpendingLedger | None:
+    """When `teacher.max_cost` caps the run: its ledger (spend over all its teachers and
+    resumes), given to the run's teacher; checked before anything is written."""
+    if not config.max_cost:
+        return None
+    check_priced(config, teacher.backend.name, "the teacher")
+    teacher.ledger = SpendingLedger(spend_path(output), config.max_cost, fresh=True)
+    return teacher.ledger
 
 
 def _instance_target(output: Path, settings: GenerateConfig) -> dict[str, Any]:

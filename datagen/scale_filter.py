@@ -180,7 +180,7 @@ def check_shard(plan: ScaleFilterPlan, rank: int, world_size: int) -> None:
     _save_json(out / f"{rank:05d}.json", {"lines": shard.lines, "errors": shard.errors, "fatal": shard.fatal})
 
 
-def check_lines(plan: ScaleFilterPlan, world_size: int, engine: str = "datatrove") -> None:
+def check_lines(plan: ScaleFilterPlan, world_size: int, engine: str) -> None:
     """Invalid lines and repeated ids over all shards: stop (error.txt) or one `read` reject each."""
     out = plan.dir("check")
     metas = [_load_json(out / f"{rank:05d}.json") for rank in range(world_size)]

@@ -94,8 +94,17 @@ def evol_seeds() -> list[Task]:
             for fault, k in [(fault, 0) for fault in test_evol_instruct.FAULTS] + [("ok", 1)]]
 
 
-def config_for(tmp_path: Path, name: str, method: str, num: int, engine: dict | None = None, **section):
-    tasks = orca_seeds() if method == "orca" else evol_seeds()
+def orca_seeds_with_repeats() -> list[Task]:
+    """`orca_seeds` with two tasks asked twice under other ids: t1 in its own batch, t2 many batches later."""
+    tasks = orca_seeds()
+    tasks.insert(3, tasks[1].model_copy(update={"id": "t1-again"}))
+    tasks.insert(30, tasks[2].model_copy(update={"id": "t2-again"}))
+    return tasks
+
+
+def config_for(tmp_path: Path, name: str, method: str, num: int, engine: dict | None = None,
+               tasks: list[Task] | None = None, **section):
+    tasks = tasks or (orca_seeds() if method == "orca" else evol_seeds())
     seeds = write_tasks(tmp_path / "seeds.jsonl", tasks)
     data = {"teacher": {"cache_dir": str(tmp_path / f"cache-{name}")},
             "generate": {"method": method, "seeds": str(seeds), "out": str(tmp_path / f"{name}.jsonl"), "num": num,
@@ -145,13 +154,18 @@ ORCA = {"items_per_batch": 8, "check_labels": False}
 @pytest.mark.slow
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_orca_on_ray_writes_the_same_rows_as_local(tmp_path, local_ray, replicas):
-    local = config_for(tmp_path, "local", "orca", 25, **ORCA)
-    run_local(local, orca_reply)
-    on_ray = config_for(tmp_path, "ray", "orca", 25, {"kind": "ray", "replicas": replicas, "batch_size": 4}, **ORCA)
+    local = config_for(tmp_path, "local", "orca", 25, tasks=orca_seeds_with_repeats(), **ORCA)
+    local_summary = run_local(local, orca_reply)
+    on_ray = config_for(tmp_path, "ray", "orca", 25, {"kind": "ray", "replicas": replicas, "batch_size": 4},
+                        tasks=orca_seeds_with_repeats(), **ORCA)
     log = tmp_path / "answered.log"
     summary = run_ray(on_ray, ScriptedReplicas(orca_reply, log))
 
     assert outputs(on_ray) == outputs(local)  # tasks and rejects, bit for bit (lineage included)
+    # a request asked again (the repeated tasks) is a cache hit on both engines, never sent twice
+    assert (summary["requests_sent"], summary["cache_hits"]) == (local_summary["requests_sent"],
+                                                                 local_summary["cache_hits"])
+    assert local_summary["cache_hits"] >= 2
     assert len(list(read_records(on_ray.generate.out, Task))) == 25
     # one pipeline streamed the plan (25 jobs); the failed tasks' stand-ins went out as the
     # loop asked for them; every request was answered once
@@ -499,15 +513,27 @@ def test_estimate_projects_from_a_pilot_that_the_real_run_reuses(tmp_path):
     assert summary["tasks_produced"] == 30
 
 
-def test_http_route_stops_the_run_on_a_refused_key_or_a_spent_quota():
+def test_http_route_stops_the_run_on_a_refused_key():
     from datagen.engines.ray_generate import http_reply, request_row
     from datagen.teachers.base import Request
 
     row = request_row(0, "k", Request.build([{"role": "user", "content": "Hi."}], TeacherConfig().sampling))
-    for code in ("invalid_api_key", "insufficient_quota"):
-        body = {"error": {"message": "nope", "type": "invalid_request_error", "code": code}}
-        refused = f"the server refused the run's requests: invalid_request_error \\({code}\\)"
-        with pytest.raises(TeacherError, match=refused):
-            http_reply({**row, "http_response": body})
+    body = {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error",
+                      "code": "invalid_api_key"}}
+    with pytest.raises(TeacherError, match=r"the server refused the run's requests: invalid_request_error "
+                                           r"\(invalid_api_key\): Incorrect API key provided"):
+        http_reply({**row, "http_response": body})
     other = http_reply({**row, "http_response": {"error": {"message": "too long", "code": 400}}})
     assert other["finish_reason"] == "error" and other["error"] == "HTTP error reply: (400): too long"
+
+
+def test_http_route_splits_the_request_rate_over_replicas_and_refuses_a_token_rate():
+    from datagen.engines.ray_generate import http_qps
+
+    engine = EngineConfig(kind="ray", replicas=4)
+    assert http_qps(TeacherConfig(backend="openai"), engine) is None
+    assert http_qps(TeacherConfig(backend="openai", requests_per_minute=600), engine) == 2  # 10 a second over 4
+    with pytest.raises(ConfigError, match="below Ray's 1 request a second per replica"):
+        http_qps(TeacherConfig(backend="openai", requests_per_minute=120), engine)
+    with pytest.raises(ConfigError, match="Ray's HTTP route paces requests only"):
+        http_qps(TeacherConfig(backend="openai", tokens_per_minute=10_000), engine)

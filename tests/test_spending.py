@@ -48,10 +48,11 @@ def test_a_call_sends_what_fits_under_the_cap_and_a_higher_cap_goes_on(tmp_path)
     assert again.ledger.spent == 12.0
 
 
-def test_a_killed_runs_reservations_do_not_count_against_the_next_run(tmp_path):
+def test_a_killed_runs_requests_in_flight_count_as_spent(tmp_path):
     ledger = SpendingLedger(tmp_path / "run.spend.json", 10, fresh=True)
     assert ledger.reserve(9) and not ledger.reserve(2)  # held by requests in flight when it died
-    assert SpendingLedger(tmp_path / "run.spend.json", 10, fresh=True).reserve(9)
+    resumed = SpendingLedger(tmp_path / "run.spend.json", 10, fresh=True)  # they may have been billed
+    assert resumed.spent == 9 and not resumed.reserve(2) and resumed.reserve(1)
 
 
 def preferences_config(tmp_path, max_cost):
@@ -102,3 +103,12 @@ def test_an_api_teacher_without_prices_cannot_be_capped(tmp_path):
     config.teacher = config.teacher.model_copy(update={"prices": None})
     with pytest.raises(ConfigError, match=r"teacher.max_cost: the teacher has no prices"):
         run_generate(config, "test", lambda: Teacher(backend, config.teacher))
+
+
+def test_the_estimate_pilots_teacher_keeps_the_cap(tmp_path):
+    from datagen.estimate import TallyingTeacher
+
+    inner = Teacher(ScriptedBackend(lambda prompt: "x"), TeacherConfig(cache_dir=str(tmp_path)))
+    tallying = TallyingTeacher(inner)
+    tallying.ledger = SpendingLedger(tmp_path / "pilot.spend.json", 1.0)
+    assert inner.ledger is tallying.ledger  # the wrapped teacher reserves, not the wrapper

@@ -140,17 +140,31 @@ def test_replies_answered_ahead_count_once_as_sent_and_never_as_cache_hits(tmp_p
     teacher.close()
 
 
-@pytest.mark.parametrize("cache", ["use", "off"])
-def test_a_request_asked_twice_in_one_call_is_sent_once(tmp_path, cache):
+def test_a_request_asked_twice_in_one_call_is_sent_once(tmp_path):
     from tests.helpers import ScriptedBackend
 
     backend = ScriptedBackend(lambda prompt: f"reply to {prompt}")
-    teacher = Teacher(backend, TeacherConfig(cache=cache, cache_dir=str(tmp_path)))
+    teacher = Teacher(backend, TeacherConfig(cache_dir=str(tmp_path)))
     other = [{"role": "user", "content": "Say bye."}]
     replies = teacher.complete([HELLO, other, HELLO], SamplingParams(temperature=0.0, seed=3))
     assert backend.seen == ["Say hello.", "Say bye."]
     assert [r.text for [r] in replies] == ["reply to Say hello.", "reply to Say bye.", "reply to Say hello."]
     assert (teacher.stats.requests_sent, teacher.stats.cache_hits) == (2, 1)
+    # with the cache off every request stands alone (an unseeded sample must stay independent)
+    uncached = Teacher(backend, TeacherConfig(cache="off"))
+    uncached.complete([HELLO, HELLO], SamplingParams(temperature=0.9))
+    assert backend.seen[2:] == ["Say hello.", "Say hello."] and uncached.stats.requests_sent == 2
     # two samples of one conversation are two requests (sample index, seed + i), not copies
     teacher.complete([other], SamplingParams(temperature=0.7, seed=3, n=2))
-    assert backend.seen[2:] == ["Say bye.", "Say bye."]
+    assert backend.seen[4:] == ["Say bye.", "Say bye."]
+
+
+def test_a_repeat_answered_ahead_counts_once_when_the_loop_takes_it(tmp_path):
+    from tests.helpers import ScriptedBackend
+
+    backend = ScriptedBackend(lambda prompt: "ok")
+    teacher = Teacher(backend, TeacherConfig(cache_dir=str(tmp_path)))
+    with teacher.answering_ahead():
+        teacher.complete([HELLO, HELLO])
+    teacher.complete([HELLO, HELLO])  # the loop's call, answered from the cache
+    assert (teacher.stats.requests_sent, teacher.stats.cache_hits) == (1, 1)  # as without the look-ahead

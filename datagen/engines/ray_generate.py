@@ -45,7 +45,6 @@ import os
 import queue
 import re
 import threading
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
@@ -204,8 +203,8 @@ def http_reply(row: dict[str, Any]) -> dict[str, Any]:
     if not choices:
         reason = http_error_reason(response)
         if _error_code(response) in RUN_ENDING_CODES:
-            # a refused key or a spent quota fails every request alike: stop the run, as the
-            # openai backend does, instead of rejecting every task with the same reason
+            # a refused key fails every request alike: stop the run, as the openai backend
+            # does, instead of rejecting every task with the same reason
             raise TeacherError(f"the server refused the run's requests: {reason}")
         return error_row(row, f"HTTP error reply: {reason}")
     choice, usage = choices[0], response.get("usage") or {}
@@ -214,7 +213,9 @@ def http_reply(row: dict[str, Any]) -> dict[str, Any]:
                                       int(usage.get("completion_tokens") or 0)))
 
 
-RUN_ENDING_CODES = {"invalid_api_key", "insufficient_quota"}  # OpenAI's codes for a bad key, a spent quota
+# OpenAI's code for a refused key (401, which Ray hands back; a 429, a spent quota included, it
+# retries and then fails the pipeline itself)
+RUN_ENDING_CODES = {"invalid_api_key"}
 
 
 def _error_code(body: Any) -> str | None:
@@ -271,6 +272,23 @@ def _vllm_processor(teacher: TeacherConfig, engine: EngineConfig):
     return build_processor(vllm_processor_config(teacher, engine), preprocess=vllm_request, postprocess=vllm_reply)
 
 
+def http_qps(teacher: TeacherConfig, engine: EngineConfig) -> int | None:
+    """Ray's HTTP stage paces each replica to `qps` requests a second: the run's
+    `requests_per_minute` split exactly over the replicas (this route does not share the
+    openai backend's budget file). It has no token budget, so `tokens_per_minute` is refused."""
+    if teacher.tokens_per_minute:
+        raise ConfigError("teacher.tokens_per_minute: Ray's HTTP route paces requests only; drop it, or list "
+                          "the server twice in teacher.base_url to run the openai backend in Ray's actors")
+    if not teacher.requests_per_minute:
+        return None
+    per_replica = teacher.requests_per_minute / 60 / engine.replicas
+    if per_replica < 1:
+        raise ConfigError(f"teacher.requests_per_minute: {teacher.requests_per_minute:g} a minute over "
+                          f"{engine.replicas} replicas is below Ray's 1 request a second per replica; use fewer "
+                          "replicas")
+    return int(per_replica)
+
+
 def _http_processor(teacher: TeacherConfig, engine: EngineConfig):
     from ray.data.llm import HttpRequestProcessorConfig, build_processor
 
@@ -280,7 +298,7 @@ def _http_processor(teacher: TeacherConfig, engine: EngineConfig):
     config = HttpRequestProcessorConfig(
         url=f"{base_url}/chat/completions",
         headers={"Authorization": f"Bearer {api_key_for(teacher, base_url)}"},
-        concurrency=engine.replicas, batch_size=engine.batch_size,
+        concurrency=engine.replicas, batch_size=engine.batch_size, qps=http_qps(teacher, engine),
         max_retries=teacher.max_retries, base_retry_wait_time_in_s=max(teacher.backoff_base_s, 0.1),
     )
     return build_processor(config, preprocess=partial(http_request, model=teacher.model), postprocess=http_reply)
@@ -347,7 +365,7 @@ class RayBackend:
         # an injected backend can only run inside actors
         self.route = ROUTE_ACTORS if backend_factory else ray_route(teacher.backend, teacher.base_url)
         self.cache_path: Path | None = None  # where arriving planned replies are cached (RayTeacher sets it)
-        self._planned: Counter[str] = Counter()  # requests announced and not yet served
+        self._planned: set[str] = set()  # requests announced and not yet handed to the loop
         self._rows: list[dict[str, Any]] = []
         self._reader: _StreamReader | None = None
         self._ahead: dict[str, Completion] = {}  # replies streamed back before the loop asked for them
@@ -375,7 +393,7 @@ class RayBackend:
 
     def pending(self, key: str) -> bool:
         """Whether `key` is planned and not yet handed to the loop."""
-        return self._planned[key] > 0
+        return key in self._planned
 
     def plan(self, requests: Iterable[Request], skip: Callable[[str], bool] = lambda _key: False) -> int:
         """Announce requests the run will send, in the order it will send them; those
@@ -386,12 +404,12 @@ class RayBackend:
                 continue
             if key not in self._planned:
                 self._rows.append(request_row(len(self._rows), key, request))
-            self._planned[key] += 1
+                self._planned.add(key)
         return len(self._rows)
 
     def generate(self, requests: Sequence[Request], on_result: ResultCallback) -> None:
         keys = [self.key(request) for request in requests]
-        unplanned = [index for index, key in enumerate(keys) if self._planned[key] <= 0]
+        unplanned = [index for index, key in enumerate(keys) if key not in self._planned and key not in self._ahead]
         if unplanned:
             self.connect()
             self.pipelines += 1
@@ -399,8 +417,10 @@ class RayBackend:
             for row in stream_replies(rows, self.route, self.teacher_config, self.engine, self.backend_factory):
                 on_result(unplanned[int(row["seq"])], row_completion(row))
         for index, key in enumerate(keys):
-            if self._planned[key] > 0:
+            if key in self._planned:
                 on_result(index, self._take(key))
+            elif key in self._ahead:  # taken before, and kept: there is no cache to ask
+                on_result(index, self._ahead[key])
 
     def _take(self, key: str) -> Completion:
         if self._reader is None:
@@ -412,11 +432,10 @@ class RayBackend:
         while key not in self._ahead:
             arrived_key, completion = self._reader.next()
             self._ahead[arrived_key] = completion
-        self._planned[key] -= 1
-        if self._planned[key] == 0:
-            del self._planned[key]
-            return self._ahead.pop(key)
-        return self._ahead[key]
+        # a planned request is handed over once: later asks find it in the cache the reader
+        # wrote (a cache hit, as on engine: local); with no cache it is kept for them
+        self._planned.discard(key)
+        return self._ahead.pop(key) if self.cache_path is not None else self._ahead[key]
 
     def close(self) -> None:
         if self._reader is not None:

@@ -44,11 +44,10 @@ distinct inputs (`orca.instances_to_answer`):
    prompt, as UltraFeedback-binarized; or "lowest"). Fewer than two ratings, all ratings
    equal, none far enough below, or a rejected text equal to the chosen one: the prompt
    is a reject with that reason (constants in `datagen.rejects`). Pairwise (`choose_by_wins`):
-   chosen = the reply with most wins (the first of equals), rejected = one it beat in both
-   orders (`rejected_pick` "lowest": the one with fewest wins); scores are null, the wins and
-   every comparison's two verdicts are in lineage. Fewer than two usable replies, no
+   chosen = the reply with most wins (equals: the same seeded pick), rejected = one it beat in
+   both orders (`rejected_pick` "lowest": the one with fewest wins); scores are null, the wins
+   and every comparison's two verdicts are in lineage. Fewer than two usable replies, no
    comparison readable in both orders, or no win at all: a reject with that reason.
-   Equal wins are broken by the same seeded pick.
 
 Each pair is one JSONL line in TRL's conversational preference shape:
 

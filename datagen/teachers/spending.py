@@ -8,6 +8,9 @@ cap is not sent; once the replies of those that fit are in (and cached), the run
 `SpendingCapReached`, one line with the spend. On each reply the reservation is replaced by
 its real cost.
 
+A request retried after a timeout or a dropped connection runs under its one reservation, but
+the provider may bill each attempt; the cap cannot see that (see the README).
+
 The ledger is a small JSON file beside the run's output (`raw.jsonl` -> `raw.spend.json`), so
 the spend is the run's over all its teachers (the judge, responders) and over resumes: a run
 stopped at its cap and started again with a higher `--max-cost` goes on from what it spent,
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from datagen.errors import ConfigError, DatagenError
+from datagen.io import atomic_write_text
 
 if TYPE_CHECKING:
     from datagen.teachers.base import Request
@@ -45,27 +49,24 @@ class SpendingLedger:
     """The run's spend (`spent`, real costs) and reservations in flight, in one locked file."""
 
     def __init__(self, path: Path, limit: float, fresh: bool = False):
-        """`fresh`: a run starts (its driver, once): reservations left by a killed run were
-        never settled, so they are dropped; the spend stays."""
+        """`fresh`: a run starts (its driver, once). Reservations a killed run left were
+        requests in flight, which the provider may have billed: they become spend."""
         self.path, self.limit = path, limit
         if fresh:
-            self._update(lambda state: ({**state, "reserved": 0.0}, None))
+            self._update(lambda state: ({"spent": state["spent"] + state["reserved"], "reserved": 0.0}, None))
 
     def _update(self, change):
+        """Read, `change(state) -> (state, result)`, write; under a lock on a file of its own,
+        and written by rename, so a kill mid-write cannot lose the spend."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a+", encoding="utf-8") as file:
-            fcntl.flock(file, fcntl.LOCK_EX)
+        with open(self.path.with_name(self.path.name + ".lock"), "a", encoding="utf-8") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                file.seek(0)
-                text = file.read()
-                state = json.loads(text) if text.strip() else {"spent": 0.0, "reserved": 0.0}
-                state, result = change(state)
-                file.seek(0)
-                file.truncate()
-                file.write(json.dumps(state))
-                file.flush()
+                text = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
+                state, result = change(json.loads(text) if text.strip() else {"spent": 0.0, "reserved": 0.0})
+                atomic_write_text(self.path, json.dumps(state))
             finally:
-                fcntl.flock(file, fcntl.LOCK_UN)
+                fcntl.flock(lock, fcntl.LOCK_UN)
         return result
 
     @property
@@ -94,9 +95,8 @@ class SpendingLedger:
             f"higher --max-cost to go on (every answered request comes from the cache)")
 
 
-def capped(ledger: SpendingLedger | None, config: TeacherConfig, backend: str, who: str) -> SpendingLedger | None:
-    """The ledger a teacher of the run reserves in; an API teacher without prices cannot be
-    capped (what it spends is unknown), which is one line, before anything is sent."""
-    if ledger is not None and config.prices is None and backend == "openai":
+def check_priced(config: TeacherConfig, backend: str, who: str) -> None:
+    """Under a cap, an API teacher without prices is one line before anything is sent: what it
+    spends is unknown. A local or vLLM teacher costs nothing."""
+    if config.prices is None and backend == "openai":
         raise ConfigError(f"teacher.max_cost: {who} has no prices (teacher.prices), so what it spends is unknown")
-    return ledger

@@ -182,8 +182,9 @@ class Teacher:
         `engine.chat` batch, one concurrent HTTP burst, one Ray pipeline, since every
         request carries its own params. Returns each job's `complete` result, in order; the
         cache keys and counting are those of `complete` (each request is answered from the
-        cache or sent, cached the moment it arrives). A request asked twice in one call (the
-        same key: messages, sampling, seed, sample) is sent once; the copy counts as a cache hit.
+        cache or sent, cached the moment it arrives). With the cache on, a request asked twice
+        in one call (the same key: messages, sampling, seed, sample) is sent once; the copy
+        counts as a cache hit, as it would in a later call.
         """
         jobs = [(conversations, params or self.config.sampling) for conversations, params in jobs]
         requests = [
@@ -207,21 +208,24 @@ class Teacher:
                     self.stats.cache_hits += 1
             else:
                 missing.append(index)
+        # with the cache off each request stands alone (unseeded sampling must stay independent)
         first_of: dict[str, int] = {}
-        copies = [index for index in missing if first_of.setdefault(keys[index], index) != index]
+        copies = [index for index in missing if first_of.setdefault(keys[index], index) != index] \
+            if self.cache is not None else []
         if copies:
             missing = [index for index in missing if first_of[keys[index]] == index]
-            self.stats.cache_hits += len(copies)
+            if not self._answering_ahead:  # ahead, they are counted when the loop takes them
+                self.stats.cache_hits += len(copies)
         if progress and len(missing) < len(requests):
             progress(len(requests) - len(missing))
-        reserved, over = self._reserve(requests, missing)
-        if over is not None:
-            missing = [index for index in missing if index in reserved]
         if missing and self.config.cache == "only":
             raise TeacherError(
                 f"{len(missing)} of {len(requests)} requests are not in the cache "
                 "(cache: only replays offline; run with the cache on to fill it)"
             )
+        reserved, over = self._reserve(requests, missing)
+        if over is not None:
+            missing = [index for index in missing if index in reserved]
 
         def on_result(position: int, completion: Completion) -> None:
             index = missing[position]
