@@ -112,3 +112,14 @@ def test_the_estimate_pilots_teacher_keeps_the_cap(tmp_path):
     tallying = TallyingTeacher(inner)
     tallying.ledger = SpendingLedger(tmp_path / "pilot.spend.json", 1.0)
     assert inner.ledger is tallying.ledger  # the wrapped teacher reserves, not the wrapper
+
+
+def test_orca_on_ray_cannot_be_capped(tmp_path):
+    from datagen.generate import run_generate
+
+    config = preferences_config(tmp_path, 5)
+    config.generate = config.generate.model_copy(update={"method": "orca"})
+    config.engine = config.engine.model_copy(update={"kind": "ray"})
+    with pytest.raises(ConfigError, match="engine: ray streams all of orca's requests ahead of the loop"):
+        run_generate(config, "test")
+    assert not (tmp_path / "pairs.jsonl").exists()
