@@ -3,8 +3,9 @@
 The Self-Instruct / Alpaca reference rules for a new instruction (word bounds, keyword
 blacklist, "Write a program", punctuation / non-ASCII start) and for instances (input ==
 output, empty output, ending in ':', one input with two outputs), plus what those
-references leave to chance: refusals ("As an AI language model", "I'm sorry, but"),
-degenerate outputs (only punctuation, one token repeated) and length limits.
+references leave to chance: refusals ("As an AI language model", or a reply that opens by
+declining: "I'm sorry, but"), degenerate outputs (only punctuation, one word repeated) and
+length limits.
 
     from datagen.filters.heuristics import HeuristicsConfig, checks_for
     kept, rejected = check_pass(checks_for(HeuristicsConfig(preset="alpaca")))(tasks)
@@ -28,12 +29,18 @@ REFERENCE_BLACKLIST = (
     "file", "files", "map", "maps", "draw", "plot", "go to",
 )
 ALPACA_EXTRA_BLACKLIST = ("video", "audio", "music", "flowchart", "diagram")
-REFUSALS = (
-    "as an ai language model", "as a language model", "as an ai assistant",
+# an assistant speaking of itself as one: a refusal (or a disclaimer) wherever it stands
+AI_SELF_REFERENCES = ("as an ai language model", "as a language model", "as an ai assistant")
+# declining: a refusal only when the reply opens with it; inside content (a character in a
+# dialogue, a letter of apology) it is what was asked for
+DECLINES = (
     "i'm sorry, but", "i am sorry, but", "i'm sorry, i", "i apologize, but",
     "i cannot fulfill", "i can't fulfill", "i cannot assist", "i can't assist",
     "i'm unable to", "i am unable to", "i'm not able to provide",
 )
+REFUSALS = AI_SELF_REFERENCES + DECLINES
+OPENING_CHARS = 200  # how far into its first sentence a decline still opens a reply
+_FIRST_SENTENCE = re.compile(r"(?<=[.!?])\s|\n")
 
 
 def _has_word(word: str, text: str) -> bool:
@@ -62,11 +69,13 @@ def instruction_reject_reason(
 
 
 def instance_reject_reason(instance: Instance) -> str | None:
-    """The reference's rules for one instance; None when it passes."""
-    if instance.input == instance.output:
-        return "input equals output"
+    """The reference's rules for one instance; None when it passes. An empty output is named
+    first: with an empty input too the reference's own order would call it "input equals
+    output" (the same decision, a misleading reason)."""
     if instance.output == "":
         return "empty output"
+    if instance.input == instance.output:
+        return "input equals output"
     if instance.input.strip().endswith(":") or instance.output.strip().endswith(":"):
         return "input or output ends with ':'"
     return None
@@ -82,19 +91,28 @@ def has_conflicting_outputs(instances: Sequence[Instance]) -> bool:
 
 
 def refusal_phrase(text: str) -> str | None:
+    """The phrase that makes `text` a refusal: an AI self-reference anywhere, or a decline in
+    the reply's first sentence; None otherwise."""
     lowered = text.lower().replace("’", "'")
-    return next((phrase for phrase in REFUSALS if phrase in lowered), None)
+    opening = _FIRST_SENTENCE.split(lowered.strip(), maxsplit=1)[0][:OPENING_CHARS]
+    return (next((phrase for phrase in AI_SELF_REFERENCES if phrase in lowered), None)
+            or next((phrase for phrase in DECLINES if phrase in opening), None))
+
+
+_WORD = re.compile(r"\w{2,}")  # a word: two letters or digits at least
 
 
 def degenerate_reason(output: str, max_repeat_share: float = 0.5, min_tokens: int = 8) -> str | None:
-    """Output that is only punctuation/whitespace, or one token repeated most of the time."""
+    """Output that is only punctuation/whitespace, or one word repeated most of the time.
+    Only words count: a table's `|` and `---`, code's operators and single-letter notation
+    (the notes of a melody, `C D D E`) are structure, not repetition."""
     if output.strip() and all(ch in string.punctuation or ch.isspace() for ch in output):
         return "output is only punctuation"
-    tokens = output.lower().split()
-    if len(tokens) >= min_tokens:
-        token, count = Counter(tokens).most_common(1)[0]
-        if count / len(tokens) > max_repeat_share:
-            return f"degenerate output (repeats {token!r})"
+    words = _WORD.findall(output.lower())
+    if len(words) >= min_tokens:
+        word, count = Counter(words).most_common(1)[0]
+        if count / len(words) > max_repeat_share:
+            return f"degenerate output (repeats {word!r})"
     return None
 
 

@@ -36,6 +36,15 @@ HEURISTIC_CASES = [
     (task(GOOD, ("", "I'm sorry, but I can't help with that.")), "refusal: \"i'm sorry, but\""),
     (task(GOOD, ("", "?!...")), "output is only punctuation"),
     (task(GOOD, ("", "very very very very very very very very good")), "degenerate output (repeats 'very')"),
+    # the three mistakes found on real teacher data (text-davinci-003 replies)
+    (task(GOOD, ("", "")), "empty output"),  # was "input equals output"
+    (task("Write a short exchange between a shop customer and an agent.",
+          ("", "Customer: Where is my order?\nAgent: I'm sorry, but it has been delayed by two days.")),
+     None),  # an apology inside a dialogue is content, not the reply declining
+    (task("List three people with their ages as a markdown table.",
+          ("", "| Name | Age |\n| --- | --- |\n| Ann | 31 |\n| Bob | 27 |\n| Cid | 45 |")), None),
+    (task("Compose a simple tune and write it as note names.", ("", "C D D D D E F G G G D D D D C C")),
+     None),  # a melody written as notes
     (Task(id="none", instruction=GOOD), "no instances"),
     (task(GOOD), None),
 ]
