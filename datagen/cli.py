@@ -59,6 +59,7 @@ EngineArgOpt = Annotated[
     typer.Option("--engine-arg", help="vLLM engine argument KEY=VALUE (repeatable)."),
 ]
 CacheDirOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="Request cache folder.")]
+FINETUNE_METHODS = ("lora", "qlora", "dpo")  # `datagen finetune --method`: its help and its check
 
 
 def teacher_overrides(**flags: Any) -> dict[str, tuple[str, Any]]:
@@ -403,7 +404,8 @@ def finetune(
         Optional[str], typer.Option("--base", help="Student: alias, model folder, .gguf or hub id.")
     ] = None,
     method: Annotated[Optional[str], typer.Option(
-        "--method", help="lora | qlora (QLoRA needs CUDA) | dpo (PAIRS; the dpo: section, LoRA or QLoRA).")] = None,
+        "--method", help=" | ".join(FINETUNE_METHODS) + ": LoRA or QLoRA SFT, or DPO on PAIRS (the dpo: section, "
+        "LoRA or QLoRA).")] = None,
     beta: Annotated[Optional[float], typer.Option("--beta", help="dpo: strength of the reference penalty.")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs")] = None,
     max_steps: Annotated[
@@ -439,6 +441,8 @@ def finetune(
     from datagen.config_file import load_config
     from datagen.finetune.sft import train
 
+    if method is not None and method not in FINETUNE_METHODS:
+        raise ConfigError(f"--method: expected one of {', '.join(FINETUNE_METHODS)}, got {method!r}")
     dpo = method == "dpo"
     flags = {"base": (base, "--base"), "method": (None if dpo else method, "--method"), "epochs": (epochs, "--epochs"),
              "max_steps": (max_steps, "--max-steps"), "batch_size": (batch_size, "--batch-size"),

@@ -315,3 +315,23 @@ def test_progress_lines_keep_coming_while_a_stage_waits(monkeypatch):
     lines = log.getvalue().splitlines()
     assert lines.count("judge: 0/3 (0%) 0.00/s ETA ?") >= 3
     assert re.fullmatch(r"judge: done 3/3 \(100%\) in 00:0\d", lines[-1])
+
+
+def test_a_named_key_variable_that_is_unset_is_said_for_a_local_server_too(monkeypatch, capsys):
+    from datagen.teachers.openai_api import api_key_for
+    from datagen.teachers.teacher import TeacherConfig
+
+    monkeypatch.delenv("DATAGEN_TEST_NO_SUCH_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    local = "http://127.0.0.1:8000/v1"
+    assert api_key_for(TeacherConfig(api_key_env="DATAGEN_TEST_NO_SUCH_KEY"), local) == "EMPTY"
+    assert capsys.readouterr().err == ("warning: --api-key-env: environment variable DATAGEN_TEST_NO_SUCH_KEY is "
+                                       f"not set; {local} is local, so no key is sent\n")
+    api_key_for(TeacherConfig(), local)  # the default variable, not named by the user: nothing to say
+    assert capsys.readouterr().err == ""
+
+
+def test_an_unknown_finetune_method_lists_the_methods(tmp_path):
+    result = run_cli("finetune", str(tmp_path / "x.jsonl"), "--out", str(tmp_path / "out"), "--method", "dora")
+    assert result.returncode == 2
+    assert single_error_line(result) == "error: --method: expected one of lora, qlora, dpo, got 'dora'"

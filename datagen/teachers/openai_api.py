@@ -26,6 +26,7 @@ import email.utils
 import json
 import os
 import random
+import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +42,7 @@ if TYPE_CHECKING:  # a type hint only: the teacher module imports this one
     from datagen.teachers.teacher import TeacherConfig
 
 OPENAI_URL = "https://api.openai.com/v1"
+DEFAULT_KEY_ENV = "OPENAI_API_KEY"
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
 
 
@@ -80,6 +82,9 @@ def api_key_for(config: TeacherConfig, base_url: str) -> str:
         raise TeacherError(
             f"--api-key-env: environment variable {config.api_key_env} is not set (needed for {base_url})"
         )
+    if config.api_key_env != DEFAULT_KEY_ENV:  # the user named a variable: say it is unset
+        print(f"warning: --api-key-env: environment variable {config.api_key_env} is not set; {base_url} is "
+              "local, so no key is sent", file=sys.stderr)
     return "EMPTY"  # local servers ignore the key but the client wants one
 
 

@@ -25,7 +25,7 @@ from datagen.errors import TeacherError
 from datagen.teachers.base import Backend, Completion, Message, Request
 from datagen.teachers.cache import RequestCache, cache_folder, request_key
 from datagen.teachers.local import LocalBackend
-from datagen.teachers.openai_api import OpenAIBackend
+from datagen.teachers.openai_api import DEFAULT_KEY_ENV, OpenAIBackend
 from datagen.teachers.spending import SpendingLedger, worst_cost
 from datagen.teachers.vllm_engine import VLLMBackend
 
@@ -71,7 +71,7 @@ class TeacherConfig(Strict):
     # one server, or several serving the same model (a list, or comma-separated on the command
     # line): requests go to the least busy, and a failed one is retried on another
     base_url: str | list[str] | None = None
-    api_key_env: str = "OPENAI_API_KEY"
+    api_key_env: str = DEFAULT_KEY_ENV
     max_concurrency: int = Field(32, ge=1)
     requests_per_minute: float | None = Field(None, gt=0)
     tokens_per_minute: float | None = Field(None, gt=0)
