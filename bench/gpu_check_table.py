@@ -4,9 +4,10 @@
 
 Reads what each step left there (a step that did not run, failed or ran out of time is
 shown as such, never as a figure): `vllm.log` (bench/generate_overhead.py's output),
-`qlora/train_log.jsonl` and `qlora/summary.json` (datagen finetune --method qlora),
-`sft.json` (bench/sft.py --save) and each step's `NAME.status.json`. Exits 1 when a step
-failed or the QLoRA loss did not fall.
+`qlora/train_log.jsonl` and `qlora/summary.json` (datagen finetune --method qlora), the same
+in `qlora_dpo/` (QLoRA DPO, with reward accuracy and margin), `sft.json` (bench/sft.py --save)
+and each step's `NAME.status.json`. Exits 1 when a step failed, a QLoRA loss did not fall, or
+QLoRA DPO left no positive margin and reward accuracy above 0.5 over its pairs.
 """
 
 from __future__ import annotations
@@ -43,22 +44,33 @@ def vllm_rows(out: Path) -> list[tuple[str, str]]:
             ("vllm: ratio datagen / bare (target >= 0.95)", ratio.group(1))]
 
 
-def qlora_rows(out: Path) -> tuple[list[tuple[str, str]], bool]:
-    log_path, summary_path = out / "qlora" / "train_log.jsonl", out / "qlora" / "summary.json"
+def qlora_rows(out: Path, name: str = "qlora") -> tuple[list[tuple[str, str]], bool]:
+    """Rows of a QLoRA run in OUT/NAME (SFT, or DPO with its reward figures), and whether it
+    learnt: the mean loss of the last 5 logged steps below the first 5's and, for DPO, a margin
+    above 0 and a reward accuracy above 0.5 over its pairs after training (both 0 at the start,
+    where the policy is the reference)."""
+    log_path, summary_path = out / name / "train_log.jsonl", out / name / "summary.json"
     if not log_path.exists():
-        return [("qlora: loss", "-")], False
+        return [(f"{name}: loss", "-")], False
     losses = [json.loads(line)["loss"] for line in log_path.read_text().splitlines() if line.strip()]
     head, tail = losses[:5], losses[-5:]
     falling = len(losses) >= 10 and sum(tail) / len(tail) < sum(head) / len(head)
-    rows = [("qlora: steps", str(len(losses))),
-            ("qlora: mean loss, first 5 -> last 5 steps",
+    rows = [(f"{name}: steps", str(len(losses))),
+            (f"{name}: mean loss, first 5 -> last 5 steps",
              f"{sum(head) / len(head):.4f} -> {sum(tail) / len(tail):.4f} ({'falling' if falling else 'NOT falling'})")]
+    learnt = falling
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
-        rows += [("qlora: tokens/s", str(summary.get("tokens_per_s"))),
-                 ("qlora: peak MiB (CUDA allocations)", str(summary.get("peak_memory_mib"))),
-                 ("qlora: merged model", "written" if summary.get("merged") else "-")]
-    return rows, falling
+        if summary.get("method") == "dpo":
+            accuracy, margin = summary.get("reward_accuracy"), summary.get("margin")
+            preferred = accuracy is not None and margin is not None and accuracy > 0.5 and margin > 0
+            learnt = learnt and preferred
+            rows.append((f"{name}: reward accuracy | margin (training pairs, after)",
+                         f"{accuracy} | {margin} ({'chosen preferred' if preferred else 'NOT preferred'})"))
+        rows += [(f"{name}: tokens/s", str(summary.get("tokens_per_s"))),
+                 (f"{name}: peak MiB (CUDA allocations)", str(summary.get("peak_memory_mib"))),
+                 (f"{name}: merged model", "written" if summary.get("merged") else "-")]
+    return rows, learnt
 
 
 def sft_rows(out: Path) -> list[tuple[str, str]]:
@@ -86,16 +98,17 @@ def table(out: Path) -> tuple[str, bool]:
     gpu = out / "gpu.txt"
     rows.append(("GPU", gpu.read_text().strip() if gpu.exists() else "-"))
     passed = True
-    for name in ("vllm", "qlora", "sft"):
+    for name in ("vllm", "qlora", "qlora_dpo", "sft"):
         status, seconds = step_status(out, name)
         passed = passed and status == "ok"
         rows.append((f"step {name}", status + (f" in {seconds} s" if seconds is not None else "")))
     rows += vllm_rows(out)
-    qlora, falling = qlora_rows(out)
-    rows += qlora + sft_rows(out)
+    qlora, sft_learnt = qlora_rows(out, "qlora")
+    qlora_dpo, dpo_learnt = qlora_rows(out, "qlora_dpo")
+    rows += qlora + qlora_dpo + sft_rows(out)
     width = max(len(label) for label, _value in rows)
     lines = [f"{label:<{width}}  {value}" for label, value in rows]
-    return "\n".join(lines), passed and falling
+    return "\n".join(lines), passed and sft_learnt and dpo_learnt
 
 
 def main() -> None:

@@ -223,14 +223,19 @@ def sync_gradients(wrapped, enabled: bool) -> None:
         wrapped.require_backward_grad_sync = enabled
 
 
-def full_state_dict(wrapped, context: DistContext, strategy: str) -> dict[str, Any] | None:
-    """The wrapped module's whole state dict gathered from FSDP2's shards (collective: every
-    rank calls it); None when nothing is sharded (the live model's own state is whole)."""
+def trainable_state_dict(wrapped, context: DistContext, strategy: str) -> dict[str, Any] | None:
+    """The wrapped module's trainable (adapter) parameters, whole, gathered from FSDP2's shards
+    into rank 0's host memory (collective: every rank calls it); None when nothing is sharded
+    (the live model's own state is whole).
+
+    Only what a checkpoint or the adapter saves: gathering the frozen base as well would put
+    all of it on rank 0's host at every checkpoint (~140 GB for a 70B student in bf16)."""
     if strategy != "fsdp" or not context.distributed:
         return None
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(wrapped, options=_full_options())
+    return get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                  ignore_frozen_params=True))
 
 
 def full_optimizer_state(wrapped, optimizer) -> dict[str, Any]:

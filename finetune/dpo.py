@@ -72,6 +72,10 @@ class DPOConfig(FinetuneConfig):
     """DPO settings: SFT's LoRA / QLoRA and optimisation fields (`method` is the adapter kind,
     lora or qlora) plus the DPO loss. Defaults suit LoRA DPO of a small student."""
 
+    # No LoRA dropout: the reference log-probs come from the same model without dropout (eval
+    # mode), so dropout on the policy alone would put noise into every log-ratio the loss compares
+    # (TRL's DPO turns dropout off by default for the same reason). SFT keeps its 0.05.
+    dropout: float = Field(0.0, ge=0, lt=1)
     beta: float = Field(0.1, gt=0)
     loss: Literal["sigmoid", "ipo"] = "sigmoid"
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # sigmoid loss only
@@ -468,19 +472,19 @@ def _train_dpo(config: DPOConfig, data: str | Path, out_dir: Path, show_progress
 
     wrapped = wrap(logps_module(model, fast), model, config.distributed, context)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = sft.make_optimizer(config, trainable)
+    optimizer = sft.make_optimizer(config, trainable, device)
     scaler = sft.make_grad_scaler(precision, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: sft.lr_factor(step, total_steps, warmup, config.scheduler))
     if resume_state is not None:
-        sft.restore_training_state(resume_state, optimizer, scheduler, scaler, context.rank)
+        sft.restore_training_state(resume_state, optimizer, scheduler, scaler, context.rank, device=device)
         del resume_state
 
     def checkpoint() -> None:
-        rngs = context.gather(torch.get_rng_state())  # collective: every rank takes part, rank 0 writes
+        rngs = context.gather(sft.rng_state(device))  # collective: every rank its own, rank 0 writes
         if main:
             sft.save_checkpoint(checkpoints, step, model, optimizer, scheduler,
-                                {"fingerprint": run_fingerprint, "world_size": world, "torch_rng_by_rank": rngs},
+                                {"fingerprint": run_fingerprint, "world_size": world, sft.RNG_BY_RANK: rngs},
                                 config.keep_checkpoints, scaler)
         context.barrier()
 

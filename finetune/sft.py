@@ -22,11 +22,13 @@ and ends with the same weights an uninterrupted run would have. It writes:
     OUT/summary.json    settings, data statistics, final loss, throughput, peak memory
 
 QLoRA loads the base in 4-bit NF4 with double quantisation (bitsandbytes; not the
-library defaults), prepares it for k-bit training and uses a paged AdamW. Weights are
-stored in NF4; matmuls compute in bf16, or in fp16 with loss scaling on a GPU without
-bf16. It needs a CUDA device and says so when there is none.
+library defaults) and prepares it for k-bit training. Weights are stored in NF4; matmuls
+compute in bf16, or in fp16 with loss scaling on a GPU without bf16, or in float32 on a CPU
+without fast bf16. On a GPU it uses a paged AdamW; on CPU (bitsandbytes >= 0.50, whose CPU
+backend runs 4-bit layers) torch's AdamW. It is refused under FSDP (see `FinetuneConfig`).
 
-Precision (`choose_precision`): float32 on CPU, bf16 on a GPU that has it, otherwise fp16.
+Precision (`choose_precision`): float32 on CPU (bf16 for QLoRA on a CPU with fast bf16: AVX-512
+or newer), bf16 on a GPU that has it, otherwise fp16.
 fp16 compute always trains with a `torch.amp.GradScaler` (the LoRA weights themselves stay
 float32): each micro-batch's loss is scaled before backward, gradients are unscaled once
 per optimiser step before clipping, and a step whose gradients overflowed is skipped.
@@ -53,7 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
 from datagen.config import DEFAULT_MODEL, Strict
 from datagen.errors import ConfigError, DatagenError
@@ -76,6 +78,14 @@ PACKING_TRANSFORMERS = "4.54"
 # Non-reentrant activation checkpointing: the reentrant kind runs backward hooks outside
 # autograd's graph, which DDP's gradient hooks and FSDP's resharding cannot see.
 CHECKPOINTING_KWARGS = {"use_reentrant": False}
+# The first bitsandbytes whose CPU backend was seen training 4-bit NF4 layers under LoRA here
+# (0.50.2, torch 2.13); CUDA QLoRA works with older ones.
+QLORA_CPU_BITSANDBYTES = "0.50"
+# FSDP2's fully_shard over bitsandbytes' Params4bit is reported to give wrong outputs or lose
+# the quantisation state (bitsandbytes #1945, accelerate #3983); no GPU run here has shown
+# otherwise, so the combination is refused when the config is read, before anything loads.
+QLORA_FSDP_REFUSAL = ("method qlora under fsdp is not supported yet (sharding bitsandbytes' 4-bit weights is "
+                      "reported to corrupt them: bitsandbytes #1945, accelerate #3983); use distributed: ddp")
 
 
 class FinetuneConfig(Strict):
@@ -120,6 +130,14 @@ class FinetuneConfig(Strict):
     keep_checkpoints: int = Field(2, ge=1)
     merge: bool = True
 
+    @field_validator("distributed")
+    @classmethod
+    def _no_qlora_under_fsdp(cls, value: str, info: ValidationInfo) -> str:
+        """Refuse QLoRA under FSDP as the config is read (see QLORA_FSDP_REFUSAL)."""
+        if value == "fsdp" and info.data.get("method") == "qlora":
+            raise ValueError(QLORA_FSDP_REFUSAL)
+        return value
+
 
 # ----------------------------------------------------------------------------- model
 
@@ -140,17 +158,20 @@ class Precision:
     loss_scaling: bool  # fp16: a GradScaler keeps small gradients from flushing to zero
 
 
-def choose_precision(setting: str, device: str, bf16_supported: bool) -> Precision:
+def choose_precision(setting: str, device: str, bf16_supported: bool, quantized: bool = False) -> Precision:
     """The compute dtype for `setting` ("auto" or a dtype name) on `device`.
 
-    "auto": float32 on CPU; on CUDA bf16 where the GPU has it, else fp16 with loss scaling.
-    QLoRA's 4-bit matmuls compute in that dtype too (float32 if asked). Refused: bf16 on a
-    GPU without it, fp16 on CPU (no speed to gain and no fused kernels for it).
+    "auto": on CPU float32, or bf16 for QLoRA (`quantized`) where the CPU has fast bf16
+    (`bf16_supported`); on CUDA bf16 where the GPU has it, else fp16 with loss scaling. QLoRA's
+    4-bit matmuls compute in that dtype (float32 if asked). Refused: bf16 on a GPU without it,
+    fp16 on CPU (no speed to gain and no fused kernels for it).
     """
     cuda = device.startswith("cuda")
     if setting == "auto":
         if not cuda:
-            setting = "float32"
+            # QLoRA dequantises each NF4 weight to the compute dtype for its matmul: bf16 is the
+            # QLoRA recipe's, but only worth it where bf16 matmuls are not emulated (12x slower)
+            setting = "bfloat16" if quantized and bf16_supported else "float32"
         else:
             setting = "bfloat16" if bf16_supported else "float16"
     if setting == "bfloat16" and cuda and not bf16_supported:
@@ -162,13 +183,21 @@ def choose_precision(setting: str, device: str, bf16_supported: bool) -> Precisi
 
 
 def _bf16_supported(device: str) -> bool:
+    """Whether `device` computes in bf16 at speed: a GPU that has it, or a CPU that oneDNN has
+    bf16 kernels for (AVX-512 and newer). Elsewhere torch falls back to a reference bf16 matmul:
+    on this project's AVX2 CPU a 576x1536 layer's forward and backward took 12x float32's time."""
     import torch
 
-    return device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def precision_for(config: FinetuneConfig, device: str) -> Precision:
-    return choose_precision(config.dtype, device, _bf16_supported(device))
+    return choose_precision(config.dtype, device, _bf16_supported(device), quantized=config.method == "qlora")
 
 
 def pick_dtype(setting: str, device: str):
@@ -185,39 +214,68 @@ def make_grad_scaler(precision: Precision, device: str):
     return torch.amp.GradScaler("cuda") if precision.loss_scaling and device.startswith("cuda") else None
 
 
+def qlora_problem(device: str, cuda_available: bool, bitsandbytes_version: str | None) -> str | None:
+    """Why QLoRA cannot run on `device` with this bitsandbytes (None: not installed), or None if it can.
+
+    CUDA: any bitsandbytes. CPU: its CPU backend trains 4-bit layers from QLORA_CPU_BITSANDBYTES on."""
+    from packaging.version import Version
+
+    install = f"pip install 'bitsandbytes>={QLORA_CPU_BITSANDBYTES}'"
+    if device.startswith("cuda"):
+        if not cuda_available:
+            return f"--method qlora: device {device} is not available (no CUDA device here); use device cpu or auto"
+        return None if bitsandbytes_version else f"--method qlora needs bitsandbytes: {install}"
+    if device != "cpu":
+        return f"--method qlora runs on CUDA or CPU, not {device}"
+    if not bitsandbytes_version:
+        return f"--method qlora needs bitsandbytes: {install}"
+    if Version(bitsandbytes_version) < Version(QLORA_CPU_BITSANDBYTES):
+        return (f"--method qlora on CPU needs bitsandbytes >= {QLORA_CPU_BITSANDBYTES} (its CPU backend), "
+                f"this is {bitsandbytes_version}: {install}")
+    return None
+
+
 def require_qlora_support(device: str) -> None:
-    """QLoRA's 4-bit kernels are CUDA-only: fail before loading anything."""
-    import importlib.util
+    """Fail before loading anything where QLoRA cannot run (`qlora_problem`)."""
+    import importlib.metadata
 
     import torch
 
-    if not device.startswith("cuda") or not torch.cuda.is_available():
-        raise DatagenError(
-            "--method qlora needs a CUDA device (bitsandbytes 4-bit NF4) and none is available; "
-            "use --method lora here"
-        )
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise DatagenError("--method qlora needs bitsandbytes: pip install bitsandbytes")
+    try:
+        version = importlib.metadata.version("bitsandbytes")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    problem = qlora_problem(device, torch.cuda.is_available(), version)
+    if problem:
+        raise DatagenError(problem)
 
 
-def quantization_config(compute_dtype: str = "bfloat16", sharded: bool = False):
+def quantization_config(compute_dtype: str = "bfloat16"):
     """QLoRA's 4-bit setting: NF4 storage, double quantisation, `compute_dtype` matmuls
-    (bf16, or fp16 on a GPU without it; not bitsandbytes' defaults).
-
-    sharded (FSDP): the packed 4-bit weights are stored in the compute dtype instead of
-    uint8, since FSDP shards only floating tensors and flattens all of a block's weights
-    into one dtype (bitsandbytes' FSDP-QLoRA guide: `bnb_4bit_quant_storage`)."""
+    (bf16, or fp16 on a GPU without it; not bitsandbytes' defaults)."""
     import torch
     from transformers import BitsAndBytesConfig
 
-    storage = {"bnb_4bit_quant_storage": getattr(torch, compute_dtype)} if sharded else {}
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=getattr(torch, compute_dtype),
-        **storage,
     )
+
+
+def keep_4bit_weights_trainable(model) -> None:
+    """Turn off bitsandbytes' CPU inference repacking in every 4-bit layer of `model`.
+
+    On a CPU with AVX512-BF16, a Linear4bit run in eval mode without gradients repacks its
+    weights (and de-nests their scales) into a layout only its inference kernel reads, and
+    does not unpack them when the module goes back to train(). Training runs eval passes
+    between steps (the start-up checks, DPO's reference log-probs), after which the 4-bit
+    matmuls would go through that kernel, which has no backward (and the repacking itself
+    asserts on layers narrower than 32 outputs)."""
+    for layer in model.modules():
+        if hasattr(layer, "support_avx512bf16_for_cpu"):
+            layer.support_avx512bf16_for_cpu = False
 
 
 def load_student(config: FinetuneConfig, base_path: str, device: str, precision: Precision | None = None,
@@ -225,6 +283,8 @@ def load_student(config: FinetuneConfig, base_path: str, device: str, precision:
     """The base model wrapped in a fresh LoRA adapter, ready to train on `device`.
 
     The frozen base is in the compute dtype; peft keeps the adapter weights in float32.
+    QLoRA: the base's linear layers in NF4 (on the GPU or the CPU), the rest in float32
+    (peft's k-bit preparation), LoRA on top.
     empty (LoRA only): the same modules, names and dtypes on the meta device, with no
     weights read and no memory taken; FSDP ranks other than 0 build this and receive their
     shards, adapter and buffers from rank 0 (`distributed.wrap(..., from_main=True)`).
@@ -240,10 +300,10 @@ def load_student(config: FinetuneConfig, base_path: str, device: str, precision:
         if empty:
             raise ValueError("load_student: empty (meta) students are for LoRA; QLoRA quantises real weights")
         model = AutoModelForCausalLM.from_pretrained(
-            base_path, quantization_config=quantization_config(precision.dtype, config.distributed == "fsdp"),
-            device_map={"": device},
+            base_path, quantization_config=quantization_config(precision.dtype), device_map={"": device},
             dtype=getattr(torch, precision.dtype),
         )
+        keep_4bit_weights_trainable(model)  # only CPU layers repack; a no-op for CUDA ones
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=config.gradient_checkpointing,
             gradient_checkpointing_kwargs=CHECKPOINTING_KWARGS,
@@ -270,10 +330,15 @@ def load_student(config: FinetuneConfig, base_path: str, device: str, precision:
         return get_peft_model(model, lora)
 
 
-def make_optimizer(config: FinetuneConfig, parameters: list):
+def make_optimizer(config: FinetuneConfig, parameters: list, device: str):
+    """AdamW over the trainable (LoRA) parameters; QLoRA on a GPU: bitsandbytes' paged AdamW.
+
+    Paging keeps the optimiser state in CUDA unified memory, which the driver moves to host
+    memory when the GPU runs short. On CPU the state is in host memory already, so there is
+    nothing to page: QLoRA there uses the same fused AdamW as LoRA (32-bit state both ways)."""
     import torch
 
-    if config.method == "qlora":
+    if config.method == "qlora" and device.startswith("cuda"):
         import bitsandbytes
 
         return bitsandbytes.optim.PagedAdamW32bit(
@@ -342,9 +407,13 @@ def supervised_logits(model, batch: dict[str, Any], fast: bool):
 
 
 def _half(model) -> bool:
+    """Whether `model` computes in half precision: half weights, or 4-bit layers (QLoRA) whose
+    matmuls run in a half compute dtype while their weights are stored as integers."""
     import torch
 
-    return any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters() if p.is_floating_point())
+    half = (torch.float16, torch.bfloat16)
+    return any(p.dtype in half for p in model.parameters() if p.is_floating_point()) or \
+        any(getattr(m, "compute_dtype", None) in half for m in model.modules())
 
 
 def check_fast_loss(model, batch: dict[str, Any]) -> str | None:
@@ -552,7 +621,9 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, state:
                     optimizer_state: dict[str, Any] | None = None) -> Path:
     """Adapter + optimiser + scheduler position + RNG into `step-NNNNNN`, atomically (temp dir, rename).
 
-    model_state / optimizer_state: full state dicts gathered from FSDP shards (else the live objects')."""
+    state: what else to keep, with `RNG_BY_RANK`: every rank's `rng_state`, in rank order
+    (gathered). model_state / optimizer_state: the adapter's and the optimiser's state gathered
+    from FSDP shards (else the live objects')."""
     import torch
 
     final = folder / f"{CHECKPOINT_PREFIX}{step:06d}"
@@ -562,9 +633,7 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, state:
         torch.save(
             {**state, "step": step,
              "optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-             "scaler": scaler.state_dict() if scaler is not None else None,
-             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None},
             staging / "state.pt",
         )
 
@@ -605,20 +674,56 @@ def restore_adapter(path: Path, model) -> None:
 
 
 def restore_training_state(state: dict[str, Any], optimizer, scheduler, scaler=None, rank: int = 0,
-                           load_optimizer: Callable[[dict[str, Any]], None] | None = None) -> None:
+                           load_optimizer: Callable[[dict[str, Any]], None] | None = None,
+                           device: str = "cpu") -> None:
     """Optimiser, scheduler, loss scale and this rank's RNG from a checkpoint's state.
 
-    load_optimizer: how a full (FSDP-gathered) optimiser state goes back into shards."""
-    import torch
-
+    load_optimizer: how a full (FSDP-gathered) optimiser state goes back into shards.
+    device: this rank's, whose CUDA generator gets the rank's saved CUDA state."""
     (load_optimizer or optimizer.load_state_dict)(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler") is not None:
         scaler.load_state_dict(state["scaler"])
-    by_rank = state.get("torch_rng_by_rank")
-    torch.set_rng_state(by_rank[rank] if by_rank and rank < len(by_rank) else state["torch_rng"])
-    if state.get("cuda_rng") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    restore_rng(rank_rng_state(state, rank), device)
+
+
+RNG_BY_RANK = "rng_by_rank"  # a checkpoint's per-rank `rng_state`s, in rank order
+
+
+def rng_state(device: str = "cpu") -> dict[str, Any]:
+    """This process's random state: torch's CPU generator and, on a GPU, the generator of its
+    device (`device`), which draws the dropout masks there. Each rank has its own (seeded
+    seed + rank), so a checkpoint keeps one per rank (`RNG_BY_RANK`)."""
+    import torch
+
+    cuda = device.startswith("cuda") and torch.cuda.is_available()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if cuda else None}
+
+
+def rank_rng_state(state: dict[str, Any], rank: int) -> dict[str, Any]:
+    """Rank `rank`'s own `rng_state` in a checkpoint's state.
+
+    Checkpoints written before `RNG_BY_RANK` kept torch's state per rank ("torch_rng_by_rank")
+    but the CUDA state of rank 0's GPUs only ("cuda_rng"): that is rank 0's alone, and the
+    other ranks keep the CUDA state their own seed gave them."""
+    by_rank = state.get(RNG_BY_RANK)
+    if by_rank:
+        return by_rank[rank]
+    torch_by_rank = state.get("torch_rng_by_rank")
+    return {"torch": torch_by_rank[rank] if torch_by_rank else state["torch_rng"],
+            "cuda": state.get("cuda_rng") if rank == 0 else None, "cuda_all_devices": True}
+
+
+def restore_rng(saved: dict[str, Any], device: str = "cpu") -> None:
+    """Put `rng_state(device)`'s result back (a CUDA state only where there is CUDA)."""
+    import torch
+
+    torch.set_rng_state(saved["torch"])
+    if saved["cuda"] is not None and torch.cuda.is_available():
+        if saved.get("cuda_all_devices"):  # an old checkpoint's state of every visible GPU
+            torch.cuda.set_rng_state_all(saved["cuda"])
+        else:
+            torch.cuda.set_rng_state(saved["cuda"], device)
 
 
 # ----------------------------------------------------------------------------- training
@@ -667,10 +772,10 @@ def _train(config: FinetuneConfig, data: str | Path, out_dir: Path, show_progres
     from datagen.finetune.data import collate, encode_all, load_conversations, plan_batches
     from datagen.finetune.distributed import (
         full_optimizer_state,
-        full_state_dict,
         load_full_optimizer_state,
         rank_share,
         sync_gradients,
+        trainable_state_dict,
         wrap,
     )
     from datagen.model_paths import resolve_model
@@ -712,8 +817,8 @@ def _train(config: FinetuneConfig, data: str | Path, out_dir: Path, show_progres
     # on the meta device (no memory) and, once sharded, receive their shards, the fresh
     # adapter and the buffers from rank 0 (`wrap(..., from_main=True)`). No GPU ever holds
     # all of it, and host memory holds it once, not once per rank. Rank 0 alone runs the
-    # start-up checks, which need real weights. (QLoRA quantises on the GPU, so every rank
-    # loads there: 4-bit, a quarter of bf16.)
+    # start-up checks, which need real weights. (QLoRA is never sharded: FinetuneConfig
+    # refuses it under FSDP; under DDP every rank loads its own 4-bit copy.)
     from_main = sharded and config.method == "lora"
     empty = from_main and not main
     load_device = "cpu" if from_main else device
@@ -760,24 +865,24 @@ def _train(config: FinetuneConfig, data: str | Path, out_dir: Path, show_progres
             print_(f"loss: {loss_note}; using the model's own forward ({LOSS_PATH_FULL})")
     wrapped = wrap(loss_module(model, fast_loss is not False), model, config.distributed, context, from_main=from_main)
     trainable = [p for p in model.parameters() if p.requires_grad]  # after sharding: its DTensors
-    optimizer = make_optimizer(config, trainable)
+    optimizer = make_optimizer(config, trainable, device)
     scaler = make_grad_scaler(precision, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, warmup, config.scheduler)
     )
     if resume_state is not None:
         load_optimizer = (lambda full: load_full_optimizer_state(wrapped, optimizer, full)) if sharded else None
-        restore_training_state(resume_state, optimizer, scheduler, scaler, context.rank, load_optimizer)
+        restore_training_state(resume_state, optimizer, scheduler, scaler, context.rank, load_optimizer, device)
         del resume_state
 
     def checkpoint() -> None:
         # gathering shards and RNG states is collective: every rank takes part, rank 0 writes
-        model_state = _adapter_state(full_state_dict(wrapped, context, config.distributed))
+        model_state = _adapter_state(trainable_state_dict(wrapped, context, config.distributed))
         optimizer_state = full_optimizer_state(wrapped, optimizer) if sharded else None
-        rngs = context.gather(torch.get_rng_state())
+        rngs = context.gather(rng_state(device))  # each rank's own, CUDA's included
         if main:
             save_checkpoint(checkpoints, step, model, optimizer, scheduler,
-                            {"fingerprint": run_fingerprint, "world_size": world, "torch_rng_by_rank": rngs},
+                            {"fingerprint": run_fingerprint, "world_size": world, RNG_BY_RANK: rngs},
                             config.keep_checkpoints, scaler, model_state=model_state, optimizer_state=optimizer_state)
         context.barrier()
 
@@ -848,7 +953,7 @@ def _train(config: FinetuneConfig, data: str | Path, out_dir: Path, show_progres
                                                                else p.numel() for p in trainable)])[0])
     if finished:
         adapter_dir = out_dir / "adapter"
-        model_state = _adapter_state(full_state_dict(wrapped, context, config.distributed))
+        model_state = _adapter_state(trainable_state_dict(wrapped, context, config.distributed))
         if main:
             write_dir_atomic(adapter_dir, lambda target: (model.save_pretrained(target, state_dict=model_state),
                                                           tokenizer.save_pretrained(target)))

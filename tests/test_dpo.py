@@ -1,7 +1,7 @@
 """DPO (`datagen finetune PAIRS --method dpo`): the loss and rewards against hand-computed
 values, log-probabilities over the response tokens only, pair reading, a real LoRA DPO run on
 the embedded model whose reward accuracy rises and margin grows, resume after a SIGKILL, and
-QLoRA's CUDA guard."""
+no LoRA dropout by default (QLoRA DPO on CPU: tests/test_qlora_cpu.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import pytest
 
 from datagen.errors import InputError
 from datagen.finetune.dpo import DPOConfig, Pair, dpo_loss, encode_pair, load_pairs, sequence_logps, train_dpo
+from datagen.finetune.sft import FinetuneConfig
 from tests.helpers import run_cli
 
 
@@ -153,6 +154,9 @@ def test_resumed_checkpoints_of_other_settings_are_refused(tokenizer, tmp_path):
     summary = train_dpo(DPOConfig(**settings), data, tmp_path / "out", show_progress=False)
     assert summary["finished"] and summary["reference"] == "precomputed"
     assert (tmp_path / "out" / "reference_logps.pt").exists()
+    # the policy trained without LoRA dropout, as the reference is scored (SFT keeps its 0.05)
+    assert json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())["lora_dropout"] == 0.0
+    assert summary["config"]["dropout"] == 0.0 and FinetuneConfig().dropout == 0.05
     with pytest.raises(DatagenError, match="checkpoints were made with other data or settings"):
         train_dpo(DPOConfig(**settings, beta=0.5), data, tmp_path / "out", show_progress=False)
 
@@ -169,22 +173,6 @@ def test_reference_on_the_fly_trains_the_same_as_precomputed(tokenizer, tmp_path
     assert [e["loss"] for e in logs[0]] == pytest.approx([e["loss"] for e in logs[1]], abs=1e-5)
     assert [e["margin"] for e in logs[0]] == pytest.approx([e["margin"] for e in logs[1]], abs=1e-5)
     assert logs[0][0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference at step 1
-
-
-def test_qlora_dpo_without_cuda_is_one_clear_error(tmp_path):
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA; test_qlora_dpo_trains_on_a_gpu covers QLoRA")
-    data = write_pairs(tmp_path / "pairs.jsonl", 2)
-    config = tmp_path / "c.yaml"
-    config.write_text("dpo:\n  method: qlora\n")
-    result = run_cli("finetune", str(data), "--method", "dpo", "--out", str(tmp_path / "out"), "--config", str(config))
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [
-        "error: --method qlora needs a CUDA device (bitsandbytes 4-bit NF4) and none is available; "
-        "use --method lora here"
-    ]
 
 
 # ---------------------------------------------------------------- real LoRA DPO, the embedded model
@@ -279,6 +267,7 @@ def test_dpo_resume_after_sigkill_ends_where_an_unbroken_run_ends(dpo_trained, t
 
 
 @pytest.mark.gpu
+@pytest.mark.slow  # the embedded model
 def test_qlora_dpo_trains_on_a_gpu(tmp_path):
     import torch
 

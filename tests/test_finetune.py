@@ -1,5 +1,5 @@
 """SFT on the embedded SmolLM2-135M: masking token by token, packing, a real LoRA run whose
-loss goes down, merge equivalence, resume after a SIGKILL, QLoRA's CUDA guard, eval.
+loss goes down, merge equivalence, resume after a SIGKILL, eval (QLoRA on CPU: tests/test_qlora_cpu.py).
 
 Start-up self-checks (loss path, packing) and precision run on tiny models built from
 configs (a few layers of width 16, the embedded tokenizer; nothing downloaded)."""
@@ -526,22 +526,8 @@ def test_checkpoints_of_other_settings_are_not_resumed(tokenizer, tmp_path):
 # ---------------------------------------------------------------- QLoRA
 
 
-def test_qlora_without_cuda_is_one_clear_error(tmp_path):
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA; the GPU test below covers QLoRA")
-    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(2))
-    result = run_cli("finetune", str(data), "--out", str(tmp_path / "out"), "--method", "qlora")
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [
-        "error: --method qlora needs a CUDA device (bitsandbytes 4-bit NF4) and none is available; "
-        "use --method lora here"
-    ]
-    assert not (tmp_path / "out").exists()
-
-
 @pytest.mark.gpu
+@pytest.mark.slow  # the embedded model
 def test_qlora_trains_on_a_gpu(tmp_path):
     import torch
 
