@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What only a GPU shows, in one go (< 11 minutes of steps on one GPU, after the installs):
+# What only a GPU shows, in one go (< 16 minutes of steps on one GPU, after the installs):
 #
 #   1. the `vllm` backend (real CUDA vLLM) on the embedded model: datagen's generate path
 #      vs a bare vllm.LLM.chat, generated tokens/s and their ratio (bench/generate_overhead.py)
@@ -10,6 +10,9 @@
 #      loss must fall the same way, and after training the margin over the pairs must be above
 #      0 and the reward accuracy above 0.5 (both are 0 before: the policy is the reference)
 #   4. bench/sft.py against TRL on the GPU: tokens/s, seconds per step, peak memory, both ratios
+#   5. `engine: ray` with `backend: vllm` (Ray Data's vLLM stage, our columns through it) with 2
+#      replicas sharing the one GPU (half of it each): Orca on the bundled seeds, 24 tasks; it
+#      must write them with no failed request (tests/test_ray_vllm_stage.py is its CPU twin)
 #
 # and prints one summary table (bench/gpu_check_table.py). Run from the repository root:
 #
@@ -96,5 +99,19 @@ step qlora_dpo 150 "$PYTHON" -m datagen.cli finetune "$OUT/dpo_pairs.jsonl" --me
 
 # 4. bench/sft.py against TRL on the GPU (LoRA, bf16)
 step sft 180 "$PYTHON" bench/sft.py --steps 20 --batch-size 8 --save "$OUT/sft.json"
+
+# 5. the Ray vLLM route, 2 replicas on the one GPU (a fractional GPU and memory share each)
+cat > "$OUT/ray_vllm.yaml" <<YAML
+teacher:
+  backend: vllm
+  engine_args: {gpu_memory_utilization: 0.35, max_model_len: 2048, enforce_eager: true}
+  cache_dir: $OUT/ray_vllm_cache
+engine: {kind: ray, replicas: 2, batch_size: 16, resources: {GPU: 0.5}}
+generate:
+  method: orca
+  num: 24
+  out: $OUT/ray_vllm/orca.jsonl
+YAML
+step ray_vllm 300 "$PYTHON" -m datagen.cli generate --config "$OUT/ray_vllm.yaml"
 
 "$PYTHON" bench/gpu_check_table.py "$OUT"

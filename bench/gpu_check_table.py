@@ -5,9 +5,10 @@
 Reads what each step left there (a step that did not run, failed or ran out of time is
 shown as such, never as a figure): `vllm.log` (bench/generate_overhead.py's output),
 `qlora/train_log.jsonl` and `qlora/summary.json` (datagen finetune --method qlora), the same
-in `qlora_dpo/` (QLoRA DPO, with reward accuracy and margin), `sft.json` (bench/sft.py --save)
-and each step's `NAME.status.json`. Exits 1 when a step failed, a QLoRA loss did not fall, or
-QLoRA DPO left no positive margin and reward accuracy above 0.5 over its pairs.
+in `qlora_dpo/` (QLoRA DPO, with reward accuracy and margin), `sft.json` (bench/sft.py --save),
+`ray_vllm/orca.summary.json` (the Ray vLLM route) and each step's `NAME.status.json`. Exits 1
+when a step failed, a QLoRA loss did not fall, QLoRA DPO left no positive margin and reward
+accuracy above 0.5 over its pairs, or the Ray vLLM route did not write its 24 tasks cleanly.
 """
 
 from __future__ import annotations
@@ -92,23 +93,39 @@ def sft_rows(out: Path) -> list[tuple[str, str]]:
     return rows
 
 
+def ray_vllm_rows(out: Path) -> tuple[list[tuple[str, str]], bool]:
+    """The Ray vLLM route's run (step 5): its route, tasks written, requests and failures, and
+    whether it wrote all 24 tasks without a failed request."""
+    path = out / "ray_vllm" / "orca.summary.json"
+    if not path.exists():
+        return [("ray vllm route", "-")], False
+    summary = json.loads(path.read_text())
+    engine = summary["engine"]
+    whole = summary["tasks_total"] == 24 and summary["failures"] == 0
+    return [("ray vllm route: route | replicas", f"{engine.get('route')} | {engine.get('replicas')}"),
+            ("ray vllm route: tasks | requests | failures | seconds",
+             f"{summary['tasks_total']} | {summary['requests_sent']} | {summary['failures']} | "
+             f"{summary['wall_seconds']} ({'all written' if whole else 'NOT all written'})")], whole
+
+
 def table(out: Path) -> tuple[str, bool]:
     """The table text, and whether every step ran and passed."""
     rows: list[tuple[str, str]] = []
     gpu = out / "gpu.txt"
     rows.append(("GPU", gpu.read_text().strip() if gpu.exists() else "-"))
     passed = True
-    for name in ("vllm", "qlora", "qlora_dpo", "sft"):
+    for name in ("vllm", "qlora", "qlora_dpo", "sft", "ray_vllm"):
         status, seconds = step_status(out, name)
         passed = passed and status == "ok"
         rows.append((f"step {name}", status + (f" in {seconds} s" if seconds is not None else "")))
     rows += vllm_rows(out)
     qlora, sft_learnt = qlora_rows(out, "qlora")
     qlora_dpo, dpo_learnt = qlora_rows(out, "qlora_dpo")
-    rows += qlora + qlora_dpo + sft_rows(out)
+    ray_vllm, ray_whole = ray_vllm_rows(out)
+    rows += qlora + qlora_dpo + sft_rows(out) + ray_vllm
     width = max(len(label) for label, _value in rows)
     lines = [f"{label:<{width}}  {value}" for label, value in rows]
-    return "\n".join(lines), passed and sft_learnt and dpo_learnt
+    return "\n".join(lines), passed and sft_learnt and dpo_learnt and ray_whole
 
 
 def main() -> None:
