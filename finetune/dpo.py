@@ -684,8 +684,8 @@ def evaluate_dpo(config, data: str | Path, tuned: str | Path, out_dir: str | Pat
         merged = Path(tuned) / "merged"
         if not (merged / "config.json").exists():
             raise InputError(f"{tuned}: no merged/ model to generate with (train with merge: true)")
-        before = score_model(report["base"], conversations, config)
-        after = score_model(str(merged), conversations, config)
+        before = score_model(report["base"], conversations, config, "base")
+        after = score_model(str(merged), conversations, config, "tuned")
         requests = ["\n\n".join(c for r, c in p.prompt if r == "user") for p in pairs]
         with make_teacher(teacher_config or TeacherConfig()) as teacher:
             report["judge"] = win_rate(teacher, requests, after["replies"], before["replies"], config.judge_sampling)

@@ -31,6 +31,7 @@ from pydantic import Field
 from datagen.config import SamplingParams, Strict
 from datagen.errors import InputError
 from datagen.io import atomic_write_json, atomic_write_text
+from datagen.progress import progress
 from datagen.teachers import TeacherConfig
 
 JUDGE_TEMPLATE = "judge_pairwise.jinja"
@@ -64,8 +65,9 @@ def resolve_student(path: str) -> str:
     return path
 
 
-def score_model(model_name: str, conversations: list, config: EvalConfig) -> dict[str, Any]:
-    """Loss, perplexity, greedy replies and their ROUGE-L for one model."""
+def score_model(model_name: str, conversations: list, config: EvalConfig, label: str) -> dict[str, Any]:
+    """Loss, perplexity, greedy replies and their ROUGE-L for one model; its replies show
+    progress as `eval LABEL` (examples done, rate, ETA), the slow part of an eval."""
     from datagen.finetune.data import encode_all
     from datagen.finetune.sft import mean_completion_loss
     from datagen.rouge import rouge_l_f1
@@ -81,11 +83,13 @@ def score_model(model_name: str, conversations: list, config: EvalConfig) -> dic
     greedy = SamplingParams(temperature=0.0, max_tokens=config.max_new_tokens)
     requests = [Request.build(c.chat()[:-1], greedy) for c in conversations]
     replies: list[str] = [""] * len(requests)
+    with progress(f"eval {label}", total=len(requests)) as bar:
 
-    def keep(index: int, completion) -> None:
-        replies[index] = completion.text
+        def keep(index: int, completion) -> None:
+            replies[index] = completion.text
+            bar.advance(1)
 
-    backend.generate(requests, keep)
+        backend.generate(requests, keep)
     backend.close()
     references = [c.messages[-1][1] for c in conversations]
     rouge = [rouge_l_f1(reference, reply) for reference, reply in zip(references, replies)]
@@ -161,8 +165,8 @@ def evaluate(
     if config.max_examples:
         conversations = conversations[: config.max_examples]
     tuned_model = resolve_student(tuned)
-    results = {"base": score_model(base, conversations, config),
-               "tuned": score_model(tuned_model, conversations, config)}
+    results = {"base": score_model(base, conversations, config, "base"),
+               "tuned": score_model(tuned_model, conversations, config, "tuned")}
     report: dict[str, Any] = {
         "data": str(source),
         "examples": len(conversations),

@@ -565,7 +565,7 @@ def test_judge_prompt_is_pinned():
 
 
 @pytest.mark.slow
-def test_eval_compares_base_and_tuned_on_held_out_data(trained, tmp_path):
+def test_eval_compares_base_and_tuned_on_held_out_data(trained, tmp_path, monkeypatch, capfd):
     from datagen.finetune.evaluate import EvalConfig, evaluate, judge_messages, parse_verdict
     from datagen.rouge import rouge_l_f1
     from datagen.teachers import TeacherConfig
@@ -575,8 +575,11 @@ def test_eval_compares_base_and_tuned_on_held_out_data(trained, tmp_path):
     folder, _data, _summary = trained
     held_out = write_jsonl(tmp_path / "test.jsonl", arithmetic_rows(4, seed=99))
     config = EvalConfig(max_new_tokens=24, judge=True, samples_in_report=4)
+    monkeypatch.setenv("DATAGEN_PROGRESS_INTERVAL", "0")
     report = evaluate(config, tmp_path, "smollm2-135m", str(folder / "out"), tmp_path / "eval",
                       teacher_config=TeacherConfig(cache_dir=str(tmp_path / "judge")))
+    shown = capfd.readouterr().err  # the replies, the slow part, show progress as the other stages do
+    assert "eval base: done 4/4 (100%)" in shown and "eval tuned: done 4/4 (100%)" in shown
     assert report["data"] == str(held_out) and report["examples"] == 4
     assert report["tuned"]["loss"] < report["base"]["loss"]
     samples = report["samples"]
