@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import random
+import re
 import subprocess
 import sys
 import traceback
@@ -100,6 +102,88 @@ def alpaca_reply(prompt: str, salt: str = "") -> Completion:
     if rng.random() < 0.2:
         text, finish = text[: len(text) - 15], "length"
     return Completion(" " + text.split(". Instruction: ", 1)[1], finish, 600, len(text.split()))
+
+
+# -- a simulated Self-Instruct engine (tests/test_self_instruct.py, bench/self_instruct_engine.py) --
+
+SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+# 4,900 made-up words: instructions drawn from them rarely pass ROUGE-L 0.7 with each other by
+# chance, so a 10,000-task run is not swamped by "too similar" rejects
+MADE_UP_WORDS = [a + b for a in SYLLABLES for b in SYLLABLES]
+TASK_FORMS = (
+    "Describe the {} of a {} {} near the {}.",
+    "Explain why a {} {} needs a {} and a {}.",
+    "List three ways to turn a {} into a {} {} {}.",
+    "Write a short note about the {} {} {} of {}.",
+    "Decide whether the {} is a {}, a {} or a {}.",
+)
+
+
+def self_instruct_reply(prompt: str, salt: str) -> Completion:
+    """A deterministic reply to any Self-Instruct prompt, from the prompt and `salt` (the
+    request's seed and sample): new numbered tasks (sometimes one copied from the list, or a
+    reply cut off), "Yes" or "No", and examples in the format each instance prompt asks for."""
+    rng = random.Random(f"{prompt}|{salt}")
+
+    def words(count: int) -> list[str]:
+        return rng.sample(MADE_UP_WORDS, count)
+
+    def phrase() -> str:
+        return " ".join(words(rng.randint(3, 6))).capitalize() + "."
+
+    if prompt.startswith("Below is a numbered list"):
+        listed = re.findall(r"^\d+\. (.+)$", prompt, flags=re.MULTILINE)
+        tasks = [rng.choice(TASK_FORMS).format(*words(4)) for _ in range(rng.randint(2, 5))]
+        if len(tasks) > 2 and rng.random() < 0.15:  # a near copy of the reply's first task
+            tasks[1] = tasks[0].rsplit(" ", 1)[0] + f" {words(1)[0]}."
+        if listed and rng.random() < 0.1:
+            tasks[-1] = rng.choice(listed)
+        first = len(listed) + 1
+        text = " " + "\n".join(f"{first + i}. {t}" if i else t for i, t in enumerate(tasks))
+        if rng.random() < 0.05:
+            return Completion(text, "length", 300, 1024)
+        return Completion(text, "stop", 300, 12 * len(tasks))
+    if prompt.startswith("For each task, decide"):
+        return Completion("Yes" if rng.random() < 0.3 else "No", "stop", 250, 1)
+    if prompt.startswith("Each task below is a classification"):
+        labels = words(2)
+        text = "\n".join(f"Class label: {label}\nInput: {phrase()}" for label in labels)
+    elif prompt.startswith("Write examples for each task."):
+        outputs = [phrase() if rng.random() > 0.1 else "" for _ in range(rng.randint(1, 3))]
+        text = "\n".join(f"Example {n}\nInput: {phrase()}\nOutput: {out}" for n, out in enumerate(outputs, 1))
+    elif prompt.endswith("Class label:"):
+        text = f" {rng.choice(words(2))}\nInput: {phrase()}"
+    elif prompt.endswith("Input:") and "\nClass label:" in prompt:
+        text = f" {phrase()}"
+    else:  # a later round's "Example N\nInput:"
+        text = f" {phrase()}\nOutput: {phrase()}"
+    return Completion(text, "stop", 200, len(text.split()))
+
+
+class SimulatedEngine:
+    """A `Backend` standing in for a GPU serving engine: `slots` sequences at once, each
+    call taking `latency_s` per wave of `slots` requests (ceil(n / slots) waves), counted on
+    a virtual clock (`engine_seconds`) instead of slept, so a 10,000-task loop runs in its
+    CPU time. Replies come from `self_instruct_reply`."""
+
+    name = "simulated-engine"
+
+    def __init__(self, slots: int = 256, latency_s: float = 1.0, model: str = "stand-in"):
+        self.slots, self.latency_s, self.model = slots, latency_s, model
+        self.counters = BackendCounters()
+        self.engine_seconds = 0.0
+        self.calls = self.requests = 0
+
+    def generate(self, requests: Sequence[Request], on_result: ResultCallback) -> None:
+        self.calls += 1
+        self.requests += len(requests)
+        self.engine_seconds += math.ceil(len(requests) / self.slots) * self.latency_s
+        for index, request in enumerate(requests):
+            salt = f"{request.params.seed}|{request.params.temperature}|{request.sample_index}"
+            on_result(index, self_instruct_reply(request.messages[-1][1], salt))
+
+    def close(self) -> None:
+        pass
 
 
 # -- the command line ------------------------------------------------------------------------------
