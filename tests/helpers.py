@@ -173,10 +173,12 @@ class SimulatedEngine:
         self.counters = BackendCounters()
         self.engine_seconds = 0.0
         self.calls = self.requests = 0
+        self.sizes: list[int] = []  # requests per call
 
     def generate(self, requests: Sequence[Request], on_result: ResultCallback) -> None:
         self.calls += 1
         self.requests += len(requests)
+        self.sizes.append(len(requests))
         self.engine_seconds += math.ceil(len(requests) / self.slots) * self.latency_s
         for index, request in enumerate(requests):
             salt = f"{request.params.seed}|{request.params.temperature}|{request.sample_index}"

@@ -46,7 +46,8 @@ from datagen.records import Instance, Task
 from datagen.teachers import TeacherConfig
 from datagen.teachers.base import Completion
 from datagen.teachers.cache import RequestCache
-from tests.helpers import ScriptedBackend, run_cli
+from datagen.teachers.teacher import Teacher
+from tests.helpers import ScriptedBackend, SimulatedEngine, run_cli
 from tests.recorded import hung_marker
 
 REPOSITORY = Path(__file__).parent.parent  # `python -m tests.recorded` runs from here
@@ -609,7 +610,6 @@ def test_later_rounds_grow_a_task_that_passes_natural_instructions_strict(tmp_pa
                 settings.model_copy(update={"max_instance_rounds": rounds}),
                 target=28,
                 seed=0,
-                batch=0,
                 sink=sink,
             )
             sink.accept([Task(id="longest-word", instruction=candidate.instruction, instances=candidate.instances)])
@@ -708,3 +708,80 @@ def test_summary_counts_tasks_that_reached_the_instance_target(tmp_path):
         "2 of 3 tasks have 3 instances (--instances-per-task); more max_instance_rounds would give the rest more"
         in format_summary(summary)
     )
+
+
+# -- batches in flight (batches_ahead) --------------------------------------------------------
+
+WINDOW_PIN = Path(__file__).parent / "data" / "self_instruct_window1"
+
+
+def run_on_engine(out: Path, num: int, batches_ahead: int, engine=None, cache: str = "use",
+                  instances_per_task: int = 3) -> SimulatedEngine:
+    """The loop on the simulated serving engine (tests/helpers.py), seeds bundled, cache beside OUT."""
+    from datagen.generators.self_instruct import run_self_instruct
+    from datagen.io import read_records
+
+    engine = engine or SimulatedEngine()
+    seeds = list(read_records(Path("datagen/data/seed_tasks.jsonl"), Task))
+    settings = SelfInstructConfig(prompts_per_batch=4, batches_ahead=batches_ahead)
+    teacher = Teacher(engine, TeacherConfig(cache=cache, cache_dir=str(out.parent / "cache")))
+    progress = out.parent / "batches_done"
+    done = int(progress.read_text()) if progress.exists() else 0
+    with teacher, TaskSink(out) as sink:
+        context = RunContext(teacher, sink, num=num, seed=3, instances_per_task=instances_per_task,
+                             batches_done=done, on_batch_done=lambda n: progress.write_text(str(n)))
+        run_self_instruct(seeds, settings, context)
+    return engine
+
+
+def test_one_batch_in_flight_writes_what_the_reference_loop_wrote(tmp_path):
+    """The pinned files were written by the loop before batches could overlap (commit 6680690)."""
+    out = tmp_path / "raw.jsonl"
+    engine = run_on_engine(out, num=60, batches_ahead=1, cache="off")
+    assert out.read_bytes() == (WINDOW_PIN / "tasks.jsonl").read_bytes()
+    assert rejects_path(out).read_bytes() == (WINDOW_PIN / "rejects.jsonl").read_bytes()
+    assert engine.calls == 24  # bootstrap, classify, instance rounds: one batch at a time
+
+
+class KilledAfter(SimulatedEngine):
+    """Dies (as a kill would) on its `calls`-th call, after answering half of it."""
+
+    def __init__(self, calls: int):
+        super().__init__()
+        self.die_at = calls
+
+    def generate(self, requests, on_result):
+        if self.calls + 1 == self.die_at:
+            super().generate(requests[: len(requests) // 2], on_result)
+            raise KeyboardInterrupt
+        super().generate(requests, on_result)
+
+
+def test_batches_in_flight_fill_calls_and_resume_from_the_cache_without_asking_twice(tmp_path):
+    whole = tmp_path / "whole" / "raw.jsonl"
+    whole.parent.mkdir()
+    uninterrupted = run_on_engine(whole, num=60, batches_ahead=9)
+    one_at_a_time = SimulatedEngine()
+    run_on_engine(tmp_path / "one" / "raw.jsonl", num=60, batches_ahead=1, engine=one_at_a_time)
+    assert uninterrupted.calls < one_at_a_time.calls / 2
+    assert max(uninterrupted.sizes) > 3 * max(one_at_a_time.sizes)
+
+    resumed = tmp_path / "resumed" / "raw.jsonl"
+    resumed.parent.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        run_on_engine(resumed, num=60, batches_ahead=9, engine=KilledAfter(calls=5))
+    partial = resumed.read_text().splitlines()
+    assert 0 < len(partial) < 60  # some batches were decided and flushed, others were in flight
+    rerun = run_on_engine(resumed, num=60, batches_ahead=9)
+    assert resumed.read_bytes() == whole.read_bytes()
+    assert rejects_path(resumed).read_bytes() == rejects_path(whole).read_bytes()
+    # the rerun sent only what the killed run had not been answered: together, what one run asked
+    cache = RequestCache(resumed.parent / "cache" / "requests.sqlite")
+    assert 0 < rerun.requests < uninterrupted.requests and len(cache) == uninterrupted.requests
+    cache.close()
+
+
+def test_without_the_cache_batches_go_one_at_a_time(tmp_path):
+    engine = run_on_engine(tmp_path / "raw.jsonl", num=20, batches_ahead=9, cache="off")
+    single = run_on_engine(tmp_path / "single" / "raw.jsonl", num=20, batches_ahead=1, cache="off")
+    assert engine.calls == single.calls

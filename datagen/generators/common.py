@@ -109,6 +109,9 @@ class TaskSink:
         self._batch: int | None = None
         self._round: int | None = None
         self.reject_reasons: Counter[str] = Counter()
+        # a run replaying its first batches from the cache (a resumed pipeline) wrote their
+        # rejects before: rejects stamped with a batch below this are neither kept nor counted
+        self.replaying_before = 0
 
     def accept(self, tasks: list[Task]) -> list[Task]:
         """Queue new tasks; ones already on disk (same id, after a resume) are skipped."""
@@ -124,16 +127,27 @@ class TaskSink:
         self._batch, self._round = batch, round
 
     def reject(self, reason: str, stage: str, **fields: Any) -> None:
+        if self._batch is not None and self._batch < self.replaying_before:
+            return
         if reason == PARSE_FAILURE:
             self.parse_failures += 1
         self.reject_reasons[reason] += 1
         self._pending_rejects.append(Reject(reason=reason, stage=stage, batch=self._batch, round=self._round, **fields))
 
-    def flush(self) -> None:
-        """Write the batch: rejects first, then tasks, each fsynced."""
-        self._rejects.write_many(self._pending_rejects)
+    def flush(self, before_batch: int | None = None) -> None:
+        """Write the batch: rejects first, then tasks, each fsynced. With `before_batch`, the
+        rejects of later batches (still being decided) stay queued."""
+        queued = self._pending_rejects
+        written = [r for r in queued if before_batch is None or (r.batch or 0) < before_batch]
+        self._pending_rejects = [r for r in queued if before_batch is not None and (r.batch or 0) >= before_batch]
+        self._rejects.write_many(written)
         self._tasks.write_many(self._pending_tasks)
-        self._pending_rejects, self._pending_tasks = [], []
+        self._pending_tasks = []
+
+    def forget_from(self, batch: int) -> None:
+        """Drop the queued rejects of `batch` and later (undecided when a run stops: a rerun
+        decides those batches again)."""
+        self._pending_rejects = [r for r in self._pending_rejects if (r.batch or 0) < batch]
 
     def close(self) -> None:
         self.flush()

@@ -21,6 +21,14 @@ One batch of the loop:
    each request names the label to write, the rarest first, so labels stay balanced.
    Tasks without inputs get the reference prompt again, resampled.
 
+Batches in flight (`batches_ahead`, ours): with the request cache on, up to that many
+batches are between their bootstrap and their decision at once, and each teacher call
+carries one step of each (bootstrap, classify, an instance round), so a serving engine gets
+hundreds of requests a call instead of a batch's few. A batch's demonstrations then come
+from the tasks decided when it started (up to `batches_ahead` batches old), and its novelty
+check also covers the candidates of every batch in flight. `batches_ahead: 1` (the default)
+is the loop above, request for request.
+
 Copying from the prompt (not in the reference; weak teachers do it often, strong ones
 sometimes): a new instruction equal to one the bootstrap prompt listed, and an instance
 (of any round) whose input or output equals a text of the instance prompts'
@@ -49,10 +57,11 @@ README.md ("Generating tasks") lists every difference.
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -97,6 +106,7 @@ from datagen.rejects import (
     TOO_SIMILAR,
     instance_reason,
 )
+from datagen.rouge import RougeLIndex
 from datagen.teachers.base import Completion, Message
 from datagen.teachers.teacher import Teacher
 
@@ -142,6 +152,11 @@ class SelfInstructConfig(Strict):
     prompt_instructions: int = Field(8, ge=1)
     machine_per_prompt: int = Field(2, ge=0)
     prompts_per_batch: int = Field(8, ge=1)
+    # batches per window: their bootstrap prompts go out in one teacher call and their
+    # candidates' classification and instance requests in one call per step, so a serving
+    # engine gets hundreds of requests at once; demonstrations lag by up to a window. 1 is
+    # the reference's loop
+    batches_ahead: int = Field(1, ge=1)
     similarity_threshold: float = Field(0.7, gt=0.0, le=1.0)
     most_similar_kept: int = Field(10, ge=0)
     min_words: int = 3  # an instruction needs more than this many words
@@ -350,6 +365,7 @@ class _Candidate:
     instances: list[Instance] = field(default_factory=list)
     is_classification: bool = False
     asked_for_more: bool = False
+    batch: int = 0  # the batch whose bootstrap reply proposed it
 
 
 @dataclass
@@ -371,75 +387,207 @@ class _InputUse:
             self.batch.setdefault(normalised_text(text), set()).add(id(candidate))
 
 
+@dataclass
+class _Batch:
+    """One batch in flight: its candidates and the step they take next (0: classification;
+    k > 0: instance round k - 1), until it is decided."""
+
+    number: int
+    candidates: list[_Candidate]
+    inputs: _InputUse
+    step: int = 0
+    finished: bool = False
+    counts_as_stall: bool = True
+
+
+# a request for instances: the candidate, the prompt, and the opening its reply continues
+_Ask = tuple[_Candidate, list[Message], str]
+# one request group of a teacher call and what to do with its replies
+_Job = tuple[tuple[list[list[Message]], SamplingParams], Callable[[list[list[Completion]]], None]]
+
+
 def run_self_instruct(seeds: Sequence[Task], settings: SelfInstructConfig, run: RunContext) -> None:
-    """Generate tasks into `sink` until it holds `num` (tasks already there count)."""
-    teacher, sink, num, seed = run.teacher, run.sink, run.num, run.seed
-    instances_per_task = run.instances_per_task
-    machine = list(sink.existing)
-    pool = InstructionPool([t.instruction for t in seeds] + [t.instruction for t in machine])
-    if settings.novelty_pool == "reference":
-        pool.accepted.extend(_failed_at_instances(sink))
-    tally = InputTally(machine)
-    backend = (teacher.backend.name, teacher.backend.model)
-    names = (BOOTSTRAP, IS_CLASSIFICATION, INPUT_FIRST, OUTPUT_FIRST, MORE_INSTANCES)
-    templates = [load_template(name) for name in names]
-    batch = run.batches_done
-    stalled = 0
-    while len(machine) < num:
-        if stalled >= settings.max_stalled_batches:
-            raise GenerationStalled(
-                f"self-instruct: {stalled} batches in a row produced no task; "
-                f"see the rejects file for why ({len(machine)} of {num} tasks so far)"
-            )
-        sink.at(batch)
-        rng = random.Random(f"self-instruct:{seed}:{batch}")
+    """Generate tasks into `sink` until it holds `num` (tasks already there count).
+
+    Each teacher call carries one step of every batch in flight: new batches' bootstrap
+    prompts, classification, or an instance round (the more-instances prompts in a call of
+    their own at `batches_ahead: 1`, as the reference loop sends them). Up to `batches_ahead`
+    batches are in flight, a third of them started per call, so a serving engine gets every
+    step's requests at once; a batch samples its demonstrations from the tasks decided when
+    it starts, up to `batches_ahead` batches earlier. Batches are decided and flushed in
+    order. `batches_ahead: 1` is the reference's loop and resumes at `batches_done`; a larger
+    window needs the request cache and resumes by replaying the run from its first batch out
+    of it (a batch in flight was sampled from an older pool than OUT holds), writing only
+    what is not on disk yet.
+    """
+    _Loop(seeds, settings, run).run()
+
+
+class _Loop:
+    """The state of one Self-Instruct run: the decided tasks, the novelty pool, the input
+    tally and the batches in flight."""
+
+    def __init__(self, seeds: Sequence[Task], settings: SelfInstructConfig, run: RunContext):
+        self.seeds, self.settings, self.run_context = seeds, settings, run
+        self.teacher, self.sink = run.teacher, run.sink
+        self.ahead = settings.batches_ahead if self.teacher.config.cache != "off" else 1
+        replay = self.ahead > 1
+        self.machine: list[Task] = [] if replay else list(self.sink.existing)
+        self.pool = InstructionPool([t.instruction for t in seeds] + [t.instruction for t in self.machine])
+        if settings.novelty_pool == "reference" and not replay:
+            self.pool.accepted.extend(_failed_at_instances(self.sink))
+        self.tally = InputTally(self.machine)
+        self.next_batch = 0 if replay else run.batches_done
+        self.sink.replaying_before = run.batches_done if replay else 0
+        self.in_flight: list[_Batch] = []
+        self.stalled = 0
+        self.batches_seen = self.candidates_seen = 0  # screened so far in this process
+        self.backend = (self.teacher.backend.name, self.teacher.backend.model)
+        self.templates = [load_template(name) for name in (BOOTSTRAP, IS_CLASSIFICATION, INPUT_FIRST,
+                                                           OUTPUT_FIRST, MORE_INSTANCES)]
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except BaseException:
+            # undecided batches are decided again by a rerun: their rejects must not be written twice
+            self.sink.forget_from(self.in_flight[0].number if self.in_flight else self.next_batch)
+            raise
+
+    def _run(self) -> None:
+        settings = self.settings
+        started_per_call = -(-self.ahead // 3)  # a batch takes three calls or more
+        while True:
+            steps = [(batch, self._step_jobs(batch)) for batch in self.in_flight]
+            self._decide_finished()
+            if self.stalled >= settings.max_stalled_batches:
+                raise GenerationStalled(
+                    f"self-instruct: {self.stalled} batches in a row produced no task; "
+                    f"see the rejects file for why ({len(self.machine)} of {self.run_context.num} tasks so far)"
+                )
+            starting = min(started_per_call, self.ahead - len(self.in_flight), self._batches_wanted())
+            if not starting and not self.in_flight:
+                return
+            main: list[_Job] = []
+            more: list[_Job] = []
+            for _batch, (step_main, step_more) in steps:
+                main += step_main
+                more += step_more
+            main += [self._bootstrap_job(self.next_batch + k) for k in range(starting)]
+            self.next_batch += starting
+            calls = [main, more] if self.ahead == 1 else [main + more]
+            for call in calls:
+                if call:
+                    for (_, take), replies in zip(call, self.teacher.complete_many([job for job, _ in call])):
+                        take(replies)
+            for batch, _ in steps:
+                batch.step += 1
+
+    def _pending(self) -> int:
+        return sum(len(batch.candidates) for batch in self.in_flight)
+
+    def _batches_wanted(self) -> int:
+        """How many new batches the tasks still missing call for, at the candidates per batch
+        seen so far (a new batch whenever one is missing)."""
+        missing = self.run_context.num - len(self.machine) - self._pending()
+        if missing <= 0:
+            return 0
+        per_batch = self.candidates_seen / self.batches_seen if self.candidates_seen else 1.0
+        return max(1, math.ceil(missing / per_batch))
+
+    # -- starting a batch ---------------------------------------------------------------------
+
+    def _bootstrap_job(self, number: int) -> _Job:
+        """The batch's bootstrap prompts (demonstrations from the tasks decided so far); its
+        replies are screened into a new batch in flight."""
+        run, settings = self.run_context, self.settings
+        rng = random.Random(f"self-instruct:{run.seed}:{number}")
         shown = [
-            sample_prompt_tasks(seeds, machine, rng, settings.prompt_instructions, settings.machine_per_prompt)
+            sample_prompt_tasks(self.seeds, self.machine, rng, settings.prompt_instructions,
+                                settings.machine_per_prompt)
             for _ in range(settings.prompts_per_batch)
         ]
-        bootstrap_params = settings.bootstrap_sampling.model_copy(update={"seed": seed * 1_000_003 + batch})
-        replies = teacher.complete([bootstrap_messages([t.instruction for t in s]) for s in shown], bootstrap_params)
-        pool.new_batch()
-        candidates: list[_Candidate] = []
-        for tasks_shown, [reply] in zip(shown, replies):
-            candidates += _screen_reply(reply, tasks_shown, settings, sink, pool)
-        for surplus in candidates[num - len(machine) :]:
-            sink.reject(SURPLUS, STAGE_BOOTSTRAP, raw=surplus.instruction, detail=f"{num} tasks were asked for")
-        candidates = candidates[: num - len(machine)]
-        _classify(candidates, teacher, settings)
-        _add_instances(
-            candidates,
-            teacher,
-            settings,
-            instances_per_task,
-            seed,
-            batch,
-            sink,
-            inputs=_InputUse(tally, settings.max_other_tasks_per_input),
-        )
-        fresh, failed = [], []
-        for candidate in candidates:
-            task = _to_task(candidate, backend, templates, settings, seed)
-            if not candidate.instances:
-                sink.reject(NO_VALID_INSTANCES, STAGE_INSTANCES, task=task)
-                failed.append(task.instruction)
-            elif has_conflicting_outputs(candidate.instances):
-                sink.reject(CONFLICTING_OUTPUTS, STAGE_INSTANCES, task=task)
-                failed.append(task.instruction)
-            else:
-                fresh.append(task)
-        fresh = sink.accept(fresh)
-        sink.flush()
-        machine += fresh
-        pool.accepted.extend(t.instruction for t in fresh)
-        if settings.novelty_pool == "reference":
-            pool.accepted.extend(failed)
-        for task in fresh:
-            tally.add(task.instances)
-        batch += 1
-        stalled = 0 if fresh else stalled + 1
-        run.on_batch_done(batch)
-        run.progress(len(fresh))
+        params = settings.bootstrap_sampling.model_copy(update={"seed": run.seed * 1_000_003 + number})
+
+        def screen(replies: list[list[Completion]]) -> None:
+            self.sink.at(number)
+            candidates: list[_Candidate] = []
+            for tasks_shown, [reply] in zip(shown, replies):
+                candidates += _screen_reply(reply, tasks_shown, settings, self.sink, self.pool, number)
+            room = run.num - len(self.machine) - self._pending()
+            self.batches_seen += 1
+            self.candidates_seen += len(candidates)
+            for surplus in candidates[room:]:
+                self.sink.reject(SURPLUS, STAGE_BOOTSTRAP, raw=surplus.instruction,
+                                 detail=f"{run.num} tasks were asked for")
+            inputs = _InputUse(self.tally, settings.max_other_tasks_per_input)
+            batch = _Batch(number, candidates[: max(room, 0)], inputs)
+            batch.finished = not batch.candidates
+            # started while other batches' candidates could still cover num: not a stall
+            batch.counts_as_stall = room > 0
+            self.in_flight.append(batch)
+
+        return ([bootstrap_messages([t.instruction for t in s]) for s in shown], params), screen
+
+    # -- the steps of a batch in flight -------------------------------------------------------
+
+    def _step_jobs(self, batch: _Batch) -> tuple[list[_Job], list[_Job]]:
+        """The batch's next step as (jobs, more-instances jobs); it is finished when it has none."""
+        if batch.finished:
+            return [], []
+        settings = self.settings
+        if batch.step == 0:
+            return [_classify_job(batch.candidates, settings)], []
+        round_number = batch.step - 1
+        if round_number >= settings.max_instance_rounds:
+            batch.finished = True
+            return [], []
+        reference_asks, more_asks = _instance_asks(batch.candidates, round_number, self.run_context.instances_per_task,
+                                                   self.run_context.seed, settings)
+        if not reference_asks and not more_asks:
+            batch.finished = True
+            return [], []
+        reference_job = [self._instance_job(batch, reference_asks, round_number, False)] if reference_asks else []
+        more_job = [self._instance_job(batch, more_asks, round_number, True)] if more_asks else []
+        return reference_job, more_job
+
+    def _instance_job(self, batch: _Batch, asks: list[_Ask], round_number: int, more: bool) -> _Job:
+        params = _instance_params(self.settings, self.run_context.seed, batch.number, round_number, more)
+
+        def take(replies: list[list[Completion]]) -> None:
+            _take_round(asks, replies, round_number, batch.number, self.sink, batch.inputs)
+
+        return ([messages for _, messages, _ in asks], params), take
+
+    # -- deciding -----------------------------------------------------------------------------
+
+    def _decide_finished(self) -> None:
+        """Decide the finished batches at the front, in order, and flush them."""
+        decided = []
+        while self.in_flight and self.in_flight[0].finished:
+            decided.append(self.in_flight.pop(0))
+        if not decided:
+            return
+        fresh_count = 0
+        for batch in decided:
+            accepted, fresh, failed = _decide(batch, self.backend, self.templates, self.settings,
+                                              self.run_context.seed, self.sink)
+            self.machine += accepted
+            self.pool.accepted.extend(t.instruction for t in accepted)
+            if self.settings.novelty_pool == "reference":
+                self.pool.accepted.extend(failed)
+            for task in accepted:
+                self.tally.add(task.instances)
+            if accepted or batch.counts_as_stall:
+                self.stalled = 0 if accepted else self.stalled + 1
+            fresh_count += fresh
+        done = decided[-1].number + 1
+        self.sink.flush(before_batch=done)
+        # the novelty rule's batch part: the candidates still in flight
+        self.pool.batch = RougeLIndex([c.instruction for b in self.in_flight for c in b.candidates])
+        if done > self.run_context.batches_done:
+            self.run_context.on_batch_done(done)
+        self.run_context.progress(fresh_count)
 
 
 def _failed_at_instances(sink: TaskSink) -> list[str]:
@@ -463,6 +611,7 @@ def _screen_reply(
     settings: SelfInstructConfig,
     sink: TaskSink,
     pool: InstructionPool,
+    batch: int = 0,
 ) -> list[_Candidate]:
     if not reply.ok:
         sink.reject(TEACHER_ERROR, STAGE_BOOTSTRAP, detail=reply.error)
@@ -490,19 +639,54 @@ def _screen_reply(
             sink.reject(reason, STAGE_BOOTSTRAP, raw=instruction)
             continue
         similar, mean = pool.admit(instruction, settings.most_similar_kept)
-        kept.append(_Candidate(instruction, [t.id for t in shown], reply, 0, similar, mean))
+        kept.append(_Candidate(instruction, [t.id for t in shown], reply, 0, similar, mean, batch=batch))
     for candidate in kept:
         candidate.share = len(kept)
     return kept
 
 
-def _classify(candidates: list[_Candidate], teacher: Teacher, settings: SelfInstructConfig) -> None:
-    if not candidates:
-        return
-    replies = teacher.complete([classification_messages(c.instruction) for c in candidates], settings.classify_sampling)
-    for candidate, [reply] in zip(candidates, replies):
-        candidate.is_classification = reply.ok and parse_classification_reply(reply.text, settings.classification_match)
-        candidate.completions.append(reply)
+def _classify_job(candidates: list[_Candidate], settings: SelfInstructConfig) -> _Job:
+    def take(replies: list[list[Completion]]) -> None:
+        for candidate, [reply] in zip(candidates, replies):
+            candidate.is_classification = reply.ok and parse_classification_reply(
+                reply.text, settings.classification_match
+            )
+            candidate.completions.append(reply)
+
+    return ([classification_messages(c.instruction) for c in candidates], settings.classify_sampling), take
+
+
+def _instance_asks(
+    candidates: list[_Candidate], round_number: int, target: int, seed: int, settings: SelfInstructConfig
+) -> tuple[list[_Ask], list[_Ask]]:
+    """A round's requests for the candidates short of `target`: the reference prompt (round
+    one, and tasks without inputs), and the later rounds' prompts showing a task's own instances."""
+    reference_asks: list[_Ask] = []
+    more_asks: list[_Ask] = []
+    for candidate in candidates:
+        if instances_toward_target(candidate.instances) >= target:
+            continue
+        if round_number and takes_input(candidate.instances):
+            rng = random.Random(f"self-instruct-more:{seed}:{candidate.instruction}:{round_number}")
+            more_asks += [(candidate, *prompt) for prompt in _more_prompts(candidate, target, settings, rng)]
+        else:
+            messages = instance_messages(candidate.instruction, candidate.is_classification)
+            reference_asks.append((candidate, messages, ""))
+    return reference_asks, more_asks
+
+
+def _take_round(
+    asks: list[_Ask], replies: list[list[Completion]], round_number: int, batch: int, sink: TaskSink,
+    inputs: _InputUse,
+) -> None:
+    sink.at(batch)
+    for (candidate, _, opening), samples in zip(asks, replies):
+        # the fixed demonstrations count in every round: a later round's prompt shows the
+        # task's own instances, which a weak teacher filled from them (its own inputs are
+        # covered by the "input already present" rule)
+        shown = instance_demonstrations(candidate.is_classification)
+        for reply in samples:
+            _take_instances(candidate, reply, opening, round_number > 0, sink, demonstrations=shown, inputs=inputs)
 
 
 def _add_instances(
@@ -511,45 +695,57 @@ def _add_instances(
     settings: SelfInstructConfig,
     target: int,
     seed: int,
-    batch: int,
     sink: TaskSink,
+    batch: int = 0,
     inputs: _InputUse | None = None,
 ) -> None:
+    """All instance rounds for `candidates` of one batch, one call per round and prompt kind
+    (the loop interleaves the same steps with other batches' steps)."""
     inputs = inputs or _InputUse(InputTally(), settings.max_other_tasks_per_input)
     for round_number in range(settings.max_instance_rounds):
-        wanting = [c for c in candidates if instances_toward_target(c.instances) < target]
-        if not wanting:
+        reference_asks, more_asks = _instance_asks(candidates, round_number, target, seed, settings)
+        if not reference_asks and not more_asks:
             return
-        params = settings.instance_sampling
-        if round_number:
-            params = params.model_copy(update={"temperature": settings.extra_round_temperature})
-        params = params.model_copy(update={"seed": seed * 1_000_003 + batch * 101 + round_number})
-        reference_asks: list[tuple[_Candidate, list[Message], str]] = []
-        more_asks: list[tuple[_Candidate, list[Message], str]] = []
-        for candidate in wanting:
-            if round_number and takes_input(candidate.instances):
-                rng = random.Random(f"self-instruct-more:{seed}:{candidate.instruction}:{round_number}")
-                more_asks += [(candidate, *prompt) for prompt in _more_prompts(candidate, target, settings, rng)]
-            else:
-                reference_asks.append(
-                    (candidate, instance_messages(candidate.instruction, candidate.is_classification), "")
-                )
-        # the more-prompt numbers its examples after the ones shown, so no "Example N" stop
+        for asks, more in ((reference_asks, False), (more_asks, True)):
+            if asks:
+                params = _instance_params(settings, seed, batch, round_number, more)
+                [replies] = teacher.complete_many([([messages for _, messages, _ in asks], params)])
+                _take_round(asks, replies, round_number, batch, sink, inputs)
+
+
+def _decide(
+    batch: _Batch, backend, templates, settings: SelfInstructConfig, seed: int, sink: TaskSink
+) -> tuple[list[Task], int, list[str]]:
+    """The batch's tasks, those without valid instances or with conflicting outputs rejected:
+    (accepted, how many of them are new to OUT, instructions of the failed)."""
+    sink.at(batch.number)
+    accepted, failed = [], []
+    for candidate in batch.candidates:
+        task = _to_task(candidate, backend, templates, settings, seed)
+        if not candidate.instances:
+            sink.reject(NO_VALID_INSTANCES, STAGE_INSTANCES, task=task)
+            failed.append(task.instruction)
+        elif has_conflicting_outputs(candidate.instances):
+            sink.reject(CONFLICTING_OUTPUTS, STAGE_INSTANCES, task=task)
+            failed.append(task.instruction)
+        else:
+            accepted.append(task)
+    return accepted, len(sink.accept(accepted)), failed
+
+
+def _instance_params(settings: SelfInstructConfig, seed: int, batch: int, round_number: int,
+                     more: bool) -> SamplingParams:
+    """The instance requests' sampling: seeded per batch and round, warmer after round one;
+    a later-round prompt takes several samples and numbers its examples after the ones it
+    shows, so it has no "Example N" stop."""
+    params = settings.instance_sampling
+    if round_number:
+        params = params.model_copy(update={"temperature": settings.extra_round_temperature})
+    params = params.model_copy(update={"seed": seed * 1_000_003 + batch * 101 + round_number})
+    if more:
         more_stop = tuple(stop for stop in params.stop if not stop.startswith("Example"))
-        more_params = params.model_copy(update={"n": settings.more_samples_per_prompt, "stop": more_stop})
-        for asks, asked_with in ((reference_asks, params), (more_asks, more_params)):
-            if not asks:
-                continue
-            replies = teacher.complete([messages for _, messages, _ in asks], asked_with)
-            for (candidate, _, opening), samples in zip(asks, replies):
-                # the fixed demonstrations count in every round: a later round's prompt shows the
-                # task's own instances, which a weak teacher filled from them (its own inputs
-                # are covered by the "input already present" rule)
-                shown = instance_demonstrations(candidate.is_classification)
-                for reply in samples:
-                    _take_instances(
-                        candidate, reply, opening, round_number > 0, sink, demonstrations=shown, inputs=inputs
-                    )
+        params = params.model_copy(update={"n": settings.more_samples_per_prompt, "stop": more_stop})
+    return params
 
 
 def _more_prompts(
