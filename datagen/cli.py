@@ -37,7 +37,7 @@ app = typer.Typer(
 # Teacher options shared by every command that talks to a teacher. Each maps onto a
 # dotted config path and overrides the YAML value when given.
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file.")]
-BackendOpt = Annotated[Optional[str], typer.Option("--backend", help="local | openai | vllm.")]
+BackendOpt = Annotated[Optional[str], typer.Option("--backend", help="local | openai | openai-batch | vllm.")]
 ModelOpt = Annotated[
     Optional[str], typer.Option("--model", help="Alias (smollm2-135m), model folder, .gguf or hub id.")
 ]

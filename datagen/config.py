@@ -6,7 +6,7 @@ YAML reading and `validate_config`, which applies dotted-path overrides from CLI
 (`{"teacher.backend": ("--backend", "openai")}`) before validation, so a bad flag value
 is reported against the flag that set it:
 
-    error: config.yaml: teacher.backend: Input should be 'local', 'openai' or 'vllm'
+    error: config.yaml: teacher.backend: Input should be 'local', 'openai', 'openai-batch' or 'vllm'
     error: --temperature: Input should be less than or equal to 2
 
 Each stage module owns its own section (`datagen.teachers.TeacherConfig`,

@@ -10,7 +10,12 @@ projects the requested `--num`:
     tokens     = pilot prompt/completion tokens, scaled the same way
     wall time  = pilot seconds per request sent x projected requests (the pilot ran at the
                  configured concurrency: teacher.max_concurrency, or engine.replicas on Ray)
-    cost       = projected tokens priced by teacher.prices
+    cost       = projected tokens priced by teacher.prices (on the openai-batch backend at
+                 its batch prices: teacher.batch_prices, or half of teacher.prices)
+
+On the Batch API each teacher call is one batch and they run one after another, so the wall
+time is the pilot's seconds per batch x the projected number of teacher calls (a provider may
+take up to 24 h for each; the pilot's own batches take that long too).
 
 Every teacher of the run counts: for `--method preferences` the responders with a backend of
 their own (e.g. the local student) are tallied beside the judge, each projected the same way
@@ -35,6 +40,7 @@ from datagen.config import SamplingParams
 from datagen.errors import ConfigError
 from datagen.generate import make_run_teacher, run_generate
 from datagen.teachers.base import Message
+from datagen.teachers.batch_api import BATCH_BACKEND
 from datagen.teachers.teacher import Teacher, TeacherConfig, make_teacher
 
 DEFAULT_PILOT_TASKS = 8
@@ -50,6 +56,7 @@ class TallyingTeacher:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.seconds_sending = 0.0
+        self.calls_sending = 0  # calls that sent anything: one batch each on the Batch API
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.teacher, name)
@@ -64,11 +71,7 @@ class TallyingTeacher:
 
     def complete(self, conversations: Sequence[Sequence[Message]], params: SamplingParams | None = None,
                  progress: Callable[[int], None] | None = None):
-        sent_before = self.teacher.stats.requests_sent
-        started = time.monotonic()
-        replies = self.teacher.complete(conversations, params, progress)
-        if self.teacher.stats.requests_sent > sent_before:
-            self.seconds_sending += time.monotonic() - started
+        replies = self._timed(lambda: self.teacher.complete(conversations, params, progress))
         if self.teacher.in_look_ahead:  # tallied when the loop takes them from the cache
             return replies
         for samples in replies:
@@ -81,11 +84,16 @@ class TallyingTeacher:
     def complete_many(self, jobs, progress: Callable[[int], None] | None = None):
         # a window answered ahead: its time counts; its replies are tallied when the loop
         # takes them from the cache through `complete`
+        return self._timed(lambda: self.teacher.complete_many(jobs, progress))
+
+    def _timed(self, call):
+        """`call()`, its time counted when it sent anything."""
         sent_before = self.teacher.stats.requests_sent
         started = time.monotonic()
-        replies = self.teacher.complete_many(jobs, progress)
+        replies = call()
         if self.teacher.stats.requests_sent > sent_before:
             self.seconds_sending += time.monotonic() - started
+            self.calls_sending += 1
         return replies
 
     def __enter__(self) -> TallyingTeacher:
@@ -134,9 +142,9 @@ def run_estimate(config, pilot: int = DEFAULT_PILOT_TASKS,
         return {"requests": math.ceil(counted.requests * scale), "prompt_tokens": prompt,
                 "completion_tokens": completion, "cost": prices.cost(prompt, completion) if prices else None}
 
-    own = projected(tally, config.teacher.prices)
+    own = projected(tally, config.teacher.billed_prices)
     responders = {name: {"backend": counted.backend.name, "model": counted.backend.model,
-                         "pilot_requests": counted.requests, **projected(counted, responder_config.prices)}
+                         "pilot_requests": counted.requests, **projected(counted, responder_config.billed_prices)}
                   for name, (counted, responder_config) in others.items()}
     every = [own, *responders.values()]
     requests = sum(p["requests"] for p in every)
@@ -147,6 +155,13 @@ def run_estimate(config, pilot: int = DEFAULT_PILOT_TASKS,
     sent = summary["requests_sent"] + sum(r["requests_sent"] for r in responder_summaries)
     seconds = tally.seconds_sending + sum(counted.seconds_sending for counted, _c in others.values())
     costs = [p["cost"] for p in every if p["cost"] is not None]
+    batched = config.teacher.backend == BATCH_BACKEND
+    calls = tally.calls_sending + sum(counted.calls_sending for counted, _c in others.values())
+    batches = math.ceil(calls * scale) if batched else None
+    if batched:
+        wall = seconds / calls * batches if calls else None
+    else:
+        wall = seconds / sent * requests if sent else None
     return {
         "method": settings.method,
         "num": settings.num,
@@ -161,14 +176,19 @@ def run_estimate(config, pilot: int = DEFAULT_PILOT_TASKS,
         "requests": requests,
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
-        # seconds per request as the pilot saw them, at the configured concurrency
-        "wall_seconds": seconds / sent * requests if sent else None,
+        # seconds per request as the pilot saw them, at the configured concurrency (on the
+        # Batch API: seconds per batch, one batch per teacher call, one after another)
+        "wall_seconds": wall,
+        "batches": batches,
         # the teacher's cost plus the priced responders' (`unpriced`: the others, left out)
         "cost": sum(costs) if own["cost"] is not None else None,
         "teacher": own,
         "responders": responders,
         "unpriced": [name for name, projection in responders.items() if projection["cost"] is None],
         "concurrency": (f"engine: ray, {config.engine.replicas} replicas" if config.engine.kind == "ray"
+                        else f"the Batch API's pace: {batches} batches one after another (one per teacher call, "
+                             f"{seconds / calls if calls else 0:.0f} s each in the pilot; a provider may take up to "
+                             "24 h for each)" if batched
                         else f"teacher.max_concurrency {config.teacher.max_concurrency}"
                         if config.teacher.backend == "openai" else f"teacher.batch_size {config.teacher.batch_size}"),
     }
@@ -191,7 +211,8 @@ def format_estimate(estimate: dict[str, Any]) -> str:
           for name, r in estimate["responders"].items()),
         "wall time: " + (f"{wall:.0f} s at {estimate['concurrency']}" if wall is not None
                          else "unknown (every pilot request came from the cache)"),
-        "cost: " + (f"{cost:.4f}" if cost is not None else "unknown (set teacher.prices)")
+        "cost: " + (f"{cost:.4f}" + (" at batch prices" if estimate.get("batches") is not None else "")
+                    if cost is not None else "unknown (set teacher.prices)")
         + (f" (not counted, no prices: responder {', '.join(estimate['unpriced'])})"
            if cost is not None and estimate["unpriced"] else ""),
     ])

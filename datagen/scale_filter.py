@@ -351,7 +351,7 @@ def collect(plan: ScaleFilterPlan, world_size: int, engine: str) -> dict[str, An
             stats["passes"].append(entry)
             rejects += _parts(plan, segment, name, world_size)
     if "judge" in settings.passes:
-        stats["teacher"] = _merge_teacher_stats(teacher_stats, bool(plan.teacher.prices))
+        stats["teacher"] = _merge_teacher_stats(teacher_stats, plan.teacher.billed_prices is not None)
     _concatenate(_parts(plan, len(segments) - 1, "kept", world_size), plan.out)
     _concatenate(rejects, plan.rejects)
     kept_count = stats["passes"][-1]["out"]

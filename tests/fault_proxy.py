@@ -21,13 +21,13 @@ from __future__ import annotations
 import json
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter, defaultdict
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from tests.local_server import LocalServer, forward
 
 
-class FaultProxy:
+class FaultProxy(LocalServer):
     def __init__(self, upstream: str, plan: dict[str, list[str]], stall_seconds: float = 6.0):
         self.upstream = upstream.rstrip("/")
         self.plan = plan
@@ -37,21 +37,7 @@ class FaultProxy:
         self.faults_sent: dict[str, list[str]] = defaultdict(list)
         self.arrivals: list[float] = []  # time.monotonic() of each POST, as it arrived
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
-
-    def __enter__(self) -> FaultProxy:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        super().__init__(self._handler_class())
 
     def _marker(self, body: bytes) -> str | None:
         try:
@@ -74,15 +60,7 @@ class FaultProxy:
             return fault
 
     def _forward(self, method: str, path: str, body: bytes | None, headers) -> tuple[int, dict, bytes]:
-        request = urllib.request.Request(self.upstream + path, data=body, method=method)
-        for name in ("Content-Type", "Authorization"):
-            if headers.get(name):
-                request.add_header(name, headers[name])
-        try:
-            with urllib.request.urlopen(request, timeout=300) as response:
-                return response.status, dict(response.headers), response.read()
-        except urllib.error.HTTPError as error:
-            return error.code, dict(error.headers), error.read()
+        return forward(self.upstream + path, method, body, headers)
 
     def _handler_class(self):
         proxy = self

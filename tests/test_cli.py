@@ -44,7 +44,8 @@ def test_help_is_instant_and_imports_nothing_heavy():
 def test_unknown_backend_is_a_usage_error():
     result = run_cli("teacher", "hi", "--backend", "ollama")
     assert result.returncode == 2
-    assert single_error_line(result).startswith("error: --backend: Input should be 'local', 'openai' or 'vllm'")
+    assert single_error_line(result).startswith(
+        "error: --backend: Input should be 'local', 'openai', 'openai-batch' or 'vllm'")
 
 
 def test_bad_config_key(tmp_path):

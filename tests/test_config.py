@@ -39,7 +39,7 @@ def test_unknown_key_names_file_and_field(tmp_path):
 def test_bad_value_from_a_flag_names_the_flag():
     with pytest.raises(ConfigError) as caught:
         load_config(None, {"teacher.backend": ("--backend", "ollama")})
-    assert str(caught.value).startswith("--backend: Input should be 'local', 'openai' or 'vllm'")
+    assert str(caught.value).startswith("--backend: Input should be 'local', 'openai', 'openai-batch' or 'vllm'")
 
 
 def test_yaml_syntax_error_has_a_line(tmp_path):

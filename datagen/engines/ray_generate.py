@@ -54,6 +54,7 @@ from datagen.config import SamplingParams
 from datagen.engines.config import ROUTE_ACTORS, ROUTE_HTTP, ROUTE_VLLM, EngineConfig, ray_route
 from datagen.errors import ConfigError, TeacherError
 from datagen.teachers.base import Backend, BackendCounters, Completion, Message, Request, ResultCallback
+from datagen.teachers.batch_api import BATCH_BACKEND
 from datagen.teachers.cache import RequestCache, request_key
 from datagen.teachers.teacher import Teacher, TeacherConfig, _single_sample, make_backend
 
@@ -511,6 +512,9 @@ def ray_teacher(teacher: TeacherConfig, engine: EngineConfig, backend_factory: B
     `backend_factory` replaces the configured backend in the actor route (tests inject a
     scripted one, named `name` in cache keys).
     """
+    if teacher.backend == BATCH_BACKEND:
+        raise ConfigError("engine.kind: ray: the openai-batch backend sends each teacher call as one batch and the "
+                          "provider spreads it; run it on engine: local")
     if engine.tensor_parallel > 1 and teacher.backend != "vllm":
         raise ConfigError("engine.tensor_parallel: only teacher.backend: vllm splits a model across devices")
     import_ray()  # a missing install is one line now, not at the first request

@@ -88,3 +88,7 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+    # Optional: `submitted(requests) -> set[int]`, the positions of requests an earlier run
+    # already submitted and paid for (an open Batch API batch), which the spending cap does
+    # not reserve again. Backends that send each request as it is asked need none.

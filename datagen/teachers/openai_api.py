@@ -110,14 +110,7 @@ class OpenAIBackend:
     # -- public --------------------------------------------------------------------------
 
     def generate(self, requests: Sequence[Request], on_result: ResultCallback) -> None:
-        coroutine = self._generate_all(requests, on_result)
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            asyncio.run(coroutine)
-            return
-        with ThreadPoolExecutor(max_workers=1) as pool:  # called from inside an event loop
-            pool.submit(asyncio.run, coroutine).result()
+        run_to_end(self._generate_all(requests, on_result))
 
     def close(self) -> None:
         pass
@@ -151,7 +144,7 @@ class OpenAIBackend:
             clients = [await stack.enter_async_context(self._client(url)) for url in self.base_urls]
             if not self._checked:
                 for url, client in zip(self.base_urls, clients):
-                    await self._check_server(client, url)
+                    await check_server(client, url, self.model, self.config)
                 self._checked = True
             slots = asyncio.Semaphore(self.config.max_concurrency)
             endpoints = Endpoints(clients)
@@ -159,31 +152,8 @@ class OpenAIBackend:
                 *(self._answer(endpoints, slots, i, r, on_result) for i, r in enumerate(requests))
             )
 
-    async def _check_server(self, client, base_url: str) -> None:
-        """Fail fast, with one line, if the server is unreachable, refuses the key or lacks the model."""
-        import openai
-
-        try:
-            page = await client.models.list(timeout=min(30.0, self.config.timeout_s))
-        except openai.APIConnectionError as error:
-            cause = error.__cause__ or error
-            raise TeacherError(f"cannot reach the teacher at {base_url}: {cause}") from None
-        except openai.AuthenticationError:
-            raise TeacherError(
-                f"{base_url} refused the API key in {self.config.api_key_env}"
-            ) from None
-        except openai.APIError:
-            return  # some compatible servers have no /models; the first request will tell
-        served = [model.id for model in page.data]
-        if served and self.model not in served:
-            shown = ", ".join(served[:5]) + (" ..." if len(served) > 5 else "")
-            raise TeacherError(f"{base_url} does not serve model {self.model!r} (it serves: {shown})")
-
     async def _answer(self, endpoints: Endpoints, slots, index: int, request: Request, on_result) -> None:
-        import openai
-
-        params = request.params
-        estimate = sum(len(content) for _role, content in request.messages) / 4 + params.max_tokens
+        estimate = sum(len(content) for _role, content in request.messages) / 4 + request.params.max_tokens
         attempt = 0
         failed_on: int | None = None
         while True:
@@ -197,29 +167,15 @@ class OpenAIBackend:
                         await self._tokens_budget.acquire(estimate)
                     async with endpoints.use(avoid=failed_on) as (endpoint, client):
                         failed_on = endpoint
-                        response = await client.chat.completions.create(
-                            model=self.model,
-                            messages=request.chat(),
-                            temperature=params.temperature,
-                            top_p=params.top_p,
-                            max_tokens=params.max_tokens,
-                            stop=list(params.stop) or None,
-                            seed=params.seed,
-                            n=1,
-                        )
-                completion = _to_completion(response)
-            except openai.AuthenticationError:
-                raise TeacherError(
-                    f"{self.base_urls[failed_on or 0]} refused the API key in {self.config.api_key_env}"
-                ) from None
-            except Exception as error:  # noqa: BLE001 - sorted into retryable or not below
-                if isinstance(error, openai.RateLimitError) and _error_code(error) == "insufficient_quota":
-                    # no wait refills a quota: every later request would fail the same way
-                    raise TeacherError(
-                        f"{self.base_urls[failed_on or 0]}: the account behind {self.config.api_key_env} is out "
-                        f"of quota (429 insufficient_quota); check its plan and billing, then rerun (the cache "
-                        f"keeps what was answered)") from None
-                reason, wait = _classify(error, openai)
+                        response = await client.chat.completions.create(**chat_body(self.model, request))
+                # a body the SDK could not read as a completion (e.g. not JSON) is a bad response
+                completion = completion_from_body(response.model_dump() if hasattr(response, "model_dump")
+                                                  else response)
+            except Exception as error:  # noqa: BLE001 - sorted into fatal, retryable or not below
+                fatal = fatal_error(error, self.base_urls[failed_on or 0], self.config)
+                if fatal is not None:
+                    raise fatal from None
+                reason, wait = classify_error(error)
                 if reason is None or attempt >= self.config.max_retries:
                     if self._tokens_budget:
                         self._tokens_budget.settle(estimate, 0)
@@ -264,20 +220,87 @@ class Endpoints:
             self.in_flight[endpoint] -= 1
 
 
-def _to_completion(response) -> Completion:
-    if not getattr(response, "choices", None):
+def run_to_end(coroutine) -> None:
+    """Run `coroutine` to its end from synchronous code, also when called inside an event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        asyncio.run(coroutine)
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:  # called from inside an event loop
+        pool.submit(asyncio.run, coroutine).result()
+
+
+def chat_body(model: str, request: Request) -> dict:
+    """The `/v1/chat/completions` body for one request: what the openai backend sends and what
+    a Batch API line carries."""
+    params = request.params
+    body = {
+        "model": model,
+        "messages": request.chat(),
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "max_tokens": params.max_tokens,
+        "n": 1,
+    }
+    if params.stop:
+        body["stop"] = list(params.stop)
+    if params.seed is not None:
+        body["seed"] = params.seed
+    return body
+
+
+def completion_from_body(body: dict) -> Completion:
+    """A chat completion's JSON body (a reply, or a Batch API output line's `response.body`)
+    as a Completion; ValueError when it has no choice."""
+    choices = body.get("choices") if isinstance(body, dict) else None
+    if not choices:
         raise ValueError("response has no choices")
-    choice = response.choices[0]
-    usage = response.usage
+    choice = choices[0]
+    usage = body.get("usage") or {}
     return Completion(
-        text=choice.message.content or "",
-        finish_reason=choice.finish_reason or "stop",
-        prompt_tokens=usage.prompt_tokens if usage else 0,
-        completion_tokens=usage.completion_tokens if usage else 0,
+        text=(choice.get("message") or {}).get("content") or "",
+        finish_reason=choice.get("finish_reason") or "stop",
+        prompt_tokens=usage.get("prompt_tokens") or 0,
+        completion_tokens=usage.get("completion_tokens") or 0,
     )
 
 
-def _error_code(error) -> str | None:
+async def check_server(client, base_url: str, model: str, config: TeacherConfig) -> None:
+    """Fail fast, with one line, if the server is unreachable, refuses the key or lacks the model."""
+    import openai
+
+    try:
+        page = await client.models.list(timeout=min(30.0, config.timeout_s))
+    except openai.APIConnectionError as error:
+        cause = error.__cause__ or error
+        raise TeacherError(f"cannot reach the teacher at {base_url}: {cause}") from None
+    except openai.AuthenticationError:
+        raise TeacherError(f"{base_url} refused the API key in {config.api_key_env}") from None
+    except openai.APIError:
+        return  # some compatible servers have no /models; the first request will tell
+    served = [entry.id for entry in page.data]
+    if served and model not in served:
+        shown = ", ".join(served[:5]) + (" ..." if len(served) > 5 else "")
+        raise TeacherError(f"{base_url} does not serve model {model!r} (it serves: {shown})")
+
+
+def fatal_error(error: Exception, base_url: str, config: TeacherConfig) -> TeacherError | None:
+    """The one line that stops the run for an error no retry can cure: a refused key, a spent
+    quota; None for any other error."""
+    import openai
+
+    if isinstance(error, openai.AuthenticationError):
+        return TeacherError(f"{base_url} refused the API key in {config.api_key_env}")
+    if isinstance(error, openai.RateLimitError) and error_code(error) == "insufficient_quota":
+        # no wait refills a quota: every later request would fail the same way
+        return TeacherError(
+            f"{base_url}: the account behind {config.api_key_env} is out of quota (429 insufficient_quota); "
+            f"check its plan and billing, then rerun (the cache keeps what was answered)")
+    return None
+
+
+def error_code(error) -> str | None:
     """The `code` (or `type`) of an API error body: OpenAI tells a spent quota from a rate
     limit only there (both are 429)."""
     body = getattr(error, "body", None)
@@ -288,8 +311,10 @@ def _error_code(error) -> str | None:
     return getattr(error, "code", None)
 
 
-def _classify(error: Exception, openai) -> tuple[str | None, float | None]:
+def classify_error(error: Exception) -> tuple[str | None, float | None]:
     """(retry reason, server-requested wait) for a failed call; reason None means give up."""
+    import openai
+
     if isinstance(error, openai.APITimeoutError):
         return "timeout", None
     if isinstance(error, openai.APIConnectionError):

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from datagen.errors import ConfigError, DatagenError
 from datagen.io import atomic_write_text
+from datagen.teachers.batch_api import BATCH_BACKEND
 
 if TYPE_CHECKING:
     from datagen.teachers.base import Request
@@ -98,5 +99,5 @@ class SpendingLedger:
 def check_priced(config: TeacherConfig, backend: str, who: str) -> None:
     """Under a cap, an API teacher without prices is one line before anything is sent: what it
     spends is unknown. A local or vLLM teacher costs nothing."""
-    if config.prices is None and backend == "openai":
+    if config.billed_prices is None and backend in ("openai", BATCH_BACKEND):
         raise ConfigError(f"teacher.max_cost: {who} has no prices (teacher.prices), so what it spends is unknown")

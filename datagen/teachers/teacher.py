@@ -23,6 +23,7 @@ from pydantic import Field, field_validator
 from datagen.config import DEFAULT_MODEL, SamplingParams, Strict
 from datagen.errors import TeacherError
 from datagen.teachers.base import Backend, Completion, Message, Request
+from datagen.teachers.batch_api import BATCH_BACKEND, BATCH_DISCOUNT, BatchAPIBackend
 from datagen.teachers.cache import RequestCache, cache_folder, request_key
 from datagen.teachers.local import LocalBackend
 from datagen.teachers.openai_api import DEFAULT_KEY_ENV, OpenAIBackend
@@ -34,6 +35,7 @@ from datagen.teachers.vllm_engine import VLLMBackend
 BACKENDS: dict[str, Callable[[TeacherConfig], Backend]] = {
     "local": LocalBackend,
     "openai": OpenAIBackend,
+    BATCH_BACKEND: BatchAPIBackend,
     "vllm": VLLMBackend,
 }
 
@@ -53,6 +55,10 @@ class PriceTable(Strict):
         return (
             prompt_tokens * self.input_per_million + completion_tokens * self.output_per_million
         ) / 1_000_000
+
+    def scaled(self, factor: float) -> PriceTable:
+        return PriceTable(input_per_million=self.input_per_million * factor,
+                          output_per_million=self.output_per_million * factor)
 
 
 class TeacherConfig(Strict):
@@ -86,6 +92,17 @@ class TeacherConfig(Strict):
     # (needs `prices`; see datagen.teachers.spending)
     max_cost: float | None = Field(None, gt=0)
 
+    # openai-batch (the Batch API; base_url, api_key_env, timeout_s and max_retries as above,
+    # for its file and batch calls; see datagen.teachers.batch_api)
+    # what the Batch API charges; unset: `prices` x 0.5, OpenAI's batch discount
+    batch_prices: PriceTable | None = None
+    batch_poll_s: float = Field(30.0, gt=0)  # seconds between two looks at a batch
+    batch_retries: int = Field(2, ge=0)  # new batches for lines that expired or failed for a passing reason
+    batch_max_lines: int = Field(50_000, ge=1)  # requests per batch (OpenAI's limit; and 200 MB a file)
+    # stop waiting for a batch this long after it was created (the 24 h window, and an hour to
+    # finalize); it stays recorded, so a rerun polls it again
+    batch_give_up_s: float = Field(25 * 3600.0, gt=0)
+
     # vllm (offline engine); e.g. {"tensor_parallel_size": 2, "max_model_len": 4096}
     engine_args: dict[str, Any] = Field(default_factory=dict)
 
@@ -102,6 +119,13 @@ class TeacherConfig(Strict):
             raise ValueError("list at least one URL")
         return value[0] if isinstance(value, list) and len(value) == 1 else value
 
+    @property
+    def billed_prices(self) -> PriceTable | None:
+        """The prices this teacher pays: `prices`, or on the Batch API `batch_prices` (unset:
+        `prices` at the batch discount). Costs, the spending cap and `--estimate` use these."""
+        if self.backend != BATCH_BACKEND:
+            return self.prices
+        return self.batch_prices or (self.prices.scaled(BATCH_DISCOUNT) if self.prices else None)
 
 
 
@@ -129,7 +153,7 @@ class Teacher:
     def __init__(self, backend: Backend, config: TeacherConfig):
         self.backend = backend
         self.config = config
-        self.stats = RunStats(cost=0.0 if config.prices else None)
+        self.stats = RunStats(cost=0.0 if config.billed_prices else None)
         self.cache: RequestCache | None = None
         if config.cache != "off":
             self.cache = RequestCache(cache_folder(config.cache_dir) / "requests.sqlite")
@@ -223,9 +247,10 @@ class Teacher:
                 f"{len(missing)} of {len(requests)} requests are not in the cache "
                 "(cache: only replays offline; run with the cache on to fill it)"
             )
-        reserved, over = self._reserve(requests, missing)
+        prepaid = self._submitted_before(requests, missing)
+        reserved, over = self._reserve(requests, [index for index in missing if index not in prepaid])
         if over is not None:
-            missing = [index for index in missing if index in reserved]
+            missing = [index for index in missing if index in reserved or index in prepaid]
 
         def on_result(position: int, completion: Completion) -> None:
             index = missing[position]
@@ -262,14 +287,24 @@ class Teacher:
             start += len(conversations) * params.n
         return answered
 
+    def _submitted_before(self, requests: Sequence[Request], missing: list[int]) -> set[int]:
+        """Under a spending cap, the requests a killed run already submitted (an open Batch API
+        batch, which this call polls): their reservations became spend when this run started,
+        so they are not reserved again, and not stopped by the cap."""
+        submitted = getattr(self.backend, "submitted", None)
+        if self.ledger is None or submitted is None or not missing:
+            return set()
+        return {missing[position] for position in submitted([requests[index] for index in missing])}
+
     def _reserve(self, requests: Sequence[Request], missing: list[int]) -> tuple[dict[int, float], float | None]:
         """Under a spending cap, reserve each request's worst cost, in order, until one does not
         fit: (index -> reserved, that one's worst cost or None when all fit)."""
-        if self.ledger is None or self.config.prices is None:
+        prices = self.config.billed_prices
+        if self.ledger is None or prices is None:
             return {}, None
         reserved: dict[int, float] = {}
         for index in missing:
-            cost = worst_cost(requests[index], self.config.prices)
+            cost = worst_cost(requests[index], prices)
             if not self.ledger.reserve(cost):
                 return reserved, cost
             reserved[index] = cost
@@ -285,9 +320,10 @@ class Teacher:
             return 0.0
         self.stats.prompt_tokens += completion.prompt_tokens
         self.stats.completion_tokens += completion.completion_tokens
-        if not self.config.prices:
+        prices = self.config.billed_prices
+        if not prices:
             return 0.0
-        cost = self.config.prices.cost(completion.prompt_tokens, completion.completion_tokens)
+        cost = prices.cost(completion.prompt_tokens, completion.completion_tokens)
         self.stats.cost = (self.stats.cost or 0.0) + cost
         return cost
 
