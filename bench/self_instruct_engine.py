@@ -10,7 +10,7 @@ screening, parsing, writing) is measured for real and added, as the loop does no
 with the engine. Peak = slots / latency requests per second; the loop's figure = requests /
 (CPU time + engine time). `fill` is the share of the engine's slot-time that served requests.
 
-    .venv/bin/python bench/self_instruct_engine.py                       # 10,000 tasks, W = 1 and 512
+    .venv/bin/python bench/self_instruct_engine.py                       # 10,000 tasks, W = 1, 128 and 512
     .venv/bin/python bench/self_instruct_engine.py --tasks 2000 --batches-ahead 1,64,256 --latency 5
 
 Each run has its own empty request cache (batches in flight need it) and writes to a
@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=256, help="sequences the engine serves at once")
     parser.add_argument("--latency", type=float, default=20.0,
                         help="seconds a wave takes (20: a 70B-class teacher, a few hundred tokens a reply)")
-    parser.add_argument("--batches-ahead", default="1,512", help="comma-separated; the first is the baseline")
+    parser.add_argument("--batches-ahead", default="1,128,512", help="comma-separated; the first is the baseline")
     parser.add_argument("--keep", type=Path, help="keep the outputs here")
     args = parser.parse_args()
     peak = args.slots / args.latency
