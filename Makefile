@@ -32,10 +32,13 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/datagen distill examples/distill_self_instruct.yaml
 
-# Lint first (ruff, configured in pyproject.toml), then the whole suite, slow tests included;
-# the twenty slowest tests close every log, so a CI run shows where its time goes.
+# Lint first (ruff, configured in pyproject.toml), then build the docs site (mkdocs.yml: a broken
+# link or anchor, or a page missing from nav, fails it; the site goes to the git-ignored build/site),
+# then the whole suite, slow tests included; the twenty slowest tests close every log, so a CI run
+# shows where its time goes.
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mkdocs build --strict --site-dir build/site
 	$(BIN)/python -m pytest --durations=20
 
 # No real model, server, torchrun or Ray: tests/conftest.py fails an unmarked test that starts one.
