@@ -44,7 +44,8 @@ def build_pairs(count: int) -> list[dict]:
 
 
 def run_ours(args, data: Path, out: Path) -> dict:
-    from datagen.finetune.dpo import DPOConfig, train_dpo
+    from datagen.finetune.config import DPOConfig
+    from datagen.finetune.dpo import train_dpo
 
     config = DPOConfig(
         r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"], learning_rate=args.lr, beta=args.beta,
@@ -65,7 +66,8 @@ def run_trl(args, data: Path, out: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from datagen.finetune.sft import peak_memory_mib, pick_device, pick_dtype
+    from datagen.finetune.model import pick_device, pick_dtype
+    from datagen.finetune.run import peak_memory_mib
     from datagen.model_paths import resolve_model
 
     rows = [json.loads(line) for line in data.read_text().splitlines()]

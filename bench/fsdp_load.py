@@ -76,8 +76,10 @@ def worker(base: str, dtype: str, from_main: bool, out: Path) -> None:
     """One rank: load and shard like `datagen finetune --distributed fsdp`, then report."""
     import torch
 
+    from datagen.finetune.config import FinetuneConfig
     from datagen.finetune.distributed import start, wrap
-    from datagen.finetune.sft import FinetuneConfig, load_student, loss_module
+    from datagen.finetune.losses import loss_module
+    from datagen.finetune.model import load_student
     from datagen.model_paths import resolve_model
 
     context = start("cpu")

@@ -47,7 +47,8 @@ def single(source: Path, out: Path) -> None:
 
 def scaled(source: Path, out: Path, engine: str, tasks: int, workers: int) -> None:
     """On Ray, `workers` is the local Ray's CPUs (the most tasks that run at once)."""
-    from datagen.scale_dedup import EngineOptions, ScaleDedupPlan, run_scaled_dedup
+    from datagen.engines.datatrove_run import EngineOptions
+    from datagen.engines.sharded_dedup import ScaleDedupPlan, run_scaled_dedup
 
     if engine == "ray":
         import ray

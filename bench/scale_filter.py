@@ -57,8 +57,8 @@ def single(work: Path, source: Path, out: Path) -> None:
 
 
 def scaled(work: Path, source: Path, out: Path, engine: str, tasks: int, workers: int) -> None:
-    from datagen.scale_dedup import EngineOptions
-    from datagen.scale_filter import ScaleFilterPlan, run_scaled_filter
+    from datagen.engines.datatrove_run import EngineOptions
+    from datagen.engines.sharded_filter import ScaleFilterPlan, run_scaled_filter
 
     if engine == "ray":
         import ray

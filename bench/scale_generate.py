@@ -139,7 +139,7 @@ def one_run(workdir: Path, name: str, seeds: Path, tasks: int, latency: float,
         "engine": {"kind": "ray", "replicas": replicas, "batch_size": 4} if replicas else {},
     })
     if replicas:
-        from datagen.engines.ray_generate import ray_teacher
+        from datagen.engines.ray_teacher import ray_teacher
 
         def factory():
             return ray_teacher(config.teacher, config.engine, Replicas(latency), name=FixedLatencyBackend.name)

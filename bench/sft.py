@@ -7,7 +7,7 @@ order, from the same starting weights, with the same loss, learning rate and sch
   TRL gets those examples pre-tokenized (`input_ids` + `completion_mask` from datagen's
   encoder, so the supervised tokens are the same tokens) in that order, read sequentially
   (`train_sampling_strategy="sequential"`), `per_device_train_batch_size` = our batch size;
-- starting weights: both use `datagen.finetune.sft.load_student` after the same seed (the
+- starting weights: both use `datagen.finetune.model.load_student` after the same seed (the
   same LoRA initialisation); LoRA dropout 0 by default, so neither side draws random masks;
 - loss: summed over supervised tokens / their count over the whole optimiser step (TRL:
   `num_items_in_batch`, `average_tokens_across_devices`);
@@ -53,7 +53,7 @@ def build_examples(count: int) -> list[dict]:
 
 
 def finetune_config(args, grad_accum: int):
-    from datagen.finetune.sft import FinetuneConfig
+    from datagen.finetune.config import FinetuneConfig
 
     return FinetuneConfig(
         r=LORA["r"], alpha=LORA["alpha"], dropout=args.lora_dropout, learning_rate=args.lr,
@@ -68,8 +68,7 @@ def trl_rows(args, data: Path, global_micro_batches: int) -> list[dict]:
     by datagen: what TRL reads sequentially."""
     from transformers import AutoTokenizer
 
-    from datagen.finetune.data import IGNORE_INDEX, encode_all, load_conversations, plan_batches
-    from datagen.finetune.sft import micro_batches
+    from datagen.finetune.data import IGNORE_INDEX, encode_all, load_conversations, micro_batches, plan_batches
     from datagen.model_paths import resolve_model
 
     config = finetune_config(args, 1)
@@ -110,7 +109,8 @@ def run_trl(args, data: Path, out: Path) -> dict:
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from datagen.finetune.sft import load_student, peak_memory_mib
+    from datagen.finetune.model import load_student
+    from datagen.finetune.run import peak_memory_mib
     from datagen.model_paths import resolve_model
 
     rows = [json.loads(line) for line in data.read_text().splitlines()]

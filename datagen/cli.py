@@ -20,7 +20,9 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from datagen.engines import SHARD_ENGINES
 from datagen.errors import ConfigError, DatagenError
+from datagen.finetune.launch import FINETUNE_METHODS, run_finetune
 
 INTERRUPTED = 130  # exit status after Ctrl-C, as a shell reports it
 
@@ -59,7 +61,6 @@ EngineArgOpt = Annotated[
     typer.Option("--engine-arg", help="vLLM engine argument KEY=VALUE (repeatable)."),
 ]
 CacheDirOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="Request cache folder.")]
-FINETUNE_METHODS = ("lora", "qlora", "dpo")  # `datagen finetune --method`: its help and its check
 
 
 def teacher_overrides(**flags: Any) -> dict[str, tuple[str, Any]]:
@@ -238,20 +239,12 @@ WorkersOpt = Annotated[int, typer.Option("--workers", help="--engine: tasks at o
 WorkDirOpt = Annotated[Optional[Path], typer.Option("--work-dir", help="--engine: stage files (default OUT.work).")]
 PartitionOpt = Annotated[Optional[str], typer.Option("--partition", help="--engine slurm: partition.")]
 SlurmTimeOpt = Annotated[str, typer.Option("--time", help="--engine slurm: time limit per task.")]
+# where the passes run (datagen.engines.SHARD_ENGINES)
+ENGINE_HELP = (" | ".join(SHARD_ENGINES) + " (local: one process; datatrove: its processes on this machine; "
+               "ray joins engine.address, else RAY_ADDRESS, else a local Ray)")
 SkipInvalidOpt = Annotated[
     bool, typer.Option("--skip-invalid", help="Count malformed lines as rejects instead of stopping.")
 ]
-
-
-def _filter(source: Path, out: Path, rejects: Optional[Path], overrides: dict, config: Optional[Path]) -> None:
-    from datagen.config_file import load_config
-    from datagen.filtering import format_stats, run_filter
-    from datagen.io import rejects_path
-
-    settings = load_config(config, overrides)
-    rejects = rejects or rejects_path(out)
-    stats = run_filter(settings, source, out, rejects, "datagen " + " ".join(sys.argv[1:]))
-    typer.echo(format_stats(stats), err=True)
 
 
 @app.command("filter")
@@ -280,8 +273,7 @@ def filter_command(
     api_key_env: ApiKeyEnvOpt = None,
     cache_dir: CacheDirOpt = None,
     engine: Annotated[str, typer.Option(
-        "--engine", help="local (one process) | datatrove (its processes on this machine) | ray | slurm: "
-                         "the passes sharded, streaming the input.")] = "local",
+        "--engine", help=ENGINE_HELP + ": the passes sharded, streaming the input.")] = "local",
     tasks: ShardsOpt = None,
     workers: WorkersOpt = -1,
     work_dir: WorkDirOpt = None,
@@ -298,34 +290,21 @@ def filter_command(
         "filter.manual.overrides": ("--overrides", str(overrides_file) if overrides_file else None),
         "filter.skip_invalid": ("--skip-invalid", True if skip_invalid else None),
     })
-    _filter_on_engine("scale_filter.filter_command", engine, tasks, source, out, rejects, overrides, config,
+    _filter_on_engine(engine, tasks, source, out, rejects, overrides, config,
                       dict(workers=workers, partition=partition, time=slurm_time), work_dir)
 
 
-def _filter_on_engine(entry: str, engine: str, tasks: Optional[int], source: Path, out: Path,
-                      rejects: Optional[Path], overrides: dict, config: Optional[Path], engine_options: dict,
-                      work_dir: Optional[Path]) -> None:
-    """`filter`/`dedup`: one process (`--engine local`), or sharded on datatrove by
-    `datagen.<entry>` (`scale_filter.filter_command` or `scale_dedup.dedup_command`)."""
-    if engine == "local":
-        if tasks is not None:
-            raise ConfigError("--tasks needs --engine datatrove, ray or slurm")
-        return _filter(source, out, rejects, overrides, config)
-    import importlib
-
+def _filter_on_engine(engine: str, tasks: Optional[int], source: Path, out: Path, rejects: Optional[Path],
+                      overrides: dict, config: Optional[Path], engine_options: dict, work_dir: Optional[Path],
+                      dedup_only: bool = False) -> None:
+    """`filter`/`dedup` (`dedup_only`): in one process (`--engine local`) or sharded (datagen.engines)."""
     from datagen.config_file import load_config
+    from datagen.filtering import filter_on_engine
     from datagen.io import rejects_path
 
-    try:
-        from datagen.scale_dedup import EngineOptions
-
-        module, function = entry.split(".")
-        command = getattr(importlib.import_module(f"datagen.{module}"), function)
-    except ImportError as error:  # the `ray` extra is optional
-        raise ConfigError(f"--engine {engine}: needs datatrove and ray[data] (pip install 'datagen[ray]'): {error}"
-                          ) from error
-    typer.echo(command(load_config(config, overrides), source, out, rejects or rejects_path(out), engine, tasks,
-                       EngineOptions(**engine_options), work_dir, "datagen " + " ".join(sys.argv[1:])), err=True)
+    typer.echo(filter_on_engine(load_config(config, overrides), source, out, rejects or rejects_path(out), engine,
+                                tasks, engine_options, work_dir, "datagen " + " ".join(sys.argv[1:]),
+                                dedup_only=dedup_only), err=True)
 
 
 @app.command()
@@ -336,7 +315,7 @@ def dedup(
     skip_invalid: SkipInvalidOpt = False,
     config: ConfigOpt = None,
     engine: Annotated[str, typer.Option(
-        "--engine", help="local (one process) | datatrove (its processes on this machine) | ray | slurm.")] = "local",
+        "--engine", help=ENGINE_HELP + ".")] = "local",
     tasks: ShardsOpt = None,
     workers: WorkersOpt = -1,
     work_dir: WorkDirOpt = None,
@@ -348,8 +327,8 @@ def dedup(
         "filter.passes": ("--passes", ["exact-dedup", "near-dedup"]),
         "filter.skip_invalid": ("--skip-invalid", True if skip_invalid else None),
     }
-    _filter_on_engine("scale_dedup.dedup_command", engine, tasks, source, out, rejects, overrides, config,
-                      dict(workers=workers, partition=partition, time=slurm_time), work_dir)
+    _filter_on_engine(engine, tasks, source, out, rejects, overrides, config,
+                      dict(workers=workers, partition=partition, time=slurm_time), work_dir, dedup_only=True)
 
 
 @app.command("export")
@@ -436,101 +415,18 @@ def finetune(
     config: ConfigOpt = None,
 ) -> None:
     """LoRA / QLoRA SFT of a student on chat data, or DPO on preference pairs; rerun the same command to resume."""
-    import os
-
-    from datagen.config_file import load_config
-    from datagen.finetune.sft import train
-
-    if method is not None and method not in FINETUNE_METHODS:
-        raise ConfigError(f"--method: expected one of {', '.join(FINETUNE_METHODS)}, got {method!r}")
-    dpo = method == "dpo"
-    flags = {"base": (base, "--base"), "method": (None if dpo else method, "--method"), "epochs": (epochs, "--epochs"),
-             "max_steps": (max_steps, "--max-steps"), "batch_size": (batch_size, "--batch-size"),
-             "grad_accum": (grad_accum, "--grad-accum"), "learning_rate": (learning_rate, "--learning-rate"),
-             "r": (lora_r, "--lora-r"), "alpha": (lora_alpha, "--lora-alpha"),
-             "max_length": (max_length, "--max-length"), "packing": (packing, "--packing"),
-             "merge": (merge, "--merge"), "seed": (seed, "--seed")}
+    flags = {"base": (base, "--base"), "method": (method, "--method"), "beta": (beta, "--beta"),
+             "epochs": (epochs, "--epochs"), "max_steps": (max_steps, "--max-steps"),
+             "batch_size": (batch_size, "--batch-size"), "grad_accum": (grad_accum, "--grad-accum"),
+             "learning_rate": (learning_rate, "--learning-rate"), "r": (lora_r, "--lora-r"),
+             "alpha": (lora_alpha, "--lora-alpha"), "max_length": (max_length, "--max-length"),
+             "packing": (packing, "--packing"), "merge": (merge, "--merge"), "seed": (seed, "--seed"),
+             "distributed": (distributed, "--distributed")}
     launch = {"nnodes": nnodes, "node_rank": node_rank, "master_addr": master_addr, "master_port": master_port,
               "rdzv_endpoint": rdzv_endpoint}
-    several_processes = nproc is not None or any(v is not None for v in launch.values())
-    if beta is not None and not dpo:
-        raise ConfigError("--beta: only with --method dpo")
-    flags["distributed"] = (distributed, "--distributed")
-    if dpo:
-        flags["beta"] = (beta, "--beta")
-        settings = load_config(config, {f"dpo.{key}": (flag, value) for key, (value, flag) in flags.items()})
-        from datagen.finetune.dpo import FSDP_REFUSAL, format_dpo_summary, load_pairs, train_dpo
-
-        if settings.dpo.distributed == "fsdp" and (several_processes or int(os.environ.get("WORLD_SIZE", 1)) > 1):
-            raise ConfigError(FSDP_REFUSAL)
-        if several_processes and "TORCHELASTIC_RUN_ID" not in os.environ:
-            _launch_torchrun(nproc if nproc is not None else 1, data, out, {**flags, "method": ("dpo", "--method")},
-                             config, launch, check_data=load_pairs)
-            return
-        summary = train_dpo(settings.dpo, data, out)
-        if int(os.environ.get("RANK", 0)) == 0:
-            typer.echo(format_dpo_summary(summary), err=True)
-        return
-    settings = load_config(config, {f"finetune.{key}": (flag, value) for key, (value, flag) in flags.items()})
-    if several_processes and "TORCHELASTIC_RUN_ID" not in os.environ:
-        _launch_torchrun(nproc if nproc is not None else 1, data, out, flags, config, launch)
-        return
-    summary = train(settings.finetune, data, out)
-    if int(os.environ.get("RANK", 0)) != 0:
-        return
-    ranks = f" on {summary['world_size']} ranks" if summary.get("world_size", 1) > 1 else ""
-    typer.echo(
-        f"finetune: {summary['step']}/{summary['total_steps']} steps on {summary['examples']} examples{ranks} "
-        f"(max_length {summary['max_length']}), final loss {summary['final_loss']}, "
-        f"{summary['tokens_per_s']} tokens/s, peak {summary['peak_memory_mib']} MiB; "
-        f"adapter {summary.get('adapter')}, merged {summary.get('merged')}",
-        err=True,
-    )
-
-
-def _launch_torchrun(nproc: int, data: Path, out: Path, flags: dict[str, tuple[Any, str]], config: Path | None,
-                     launch: dict[str, Any], check_data: Any = None) -> None:
-    """Run this finetune under torchrun (`python -m datagen.finetune` on every rank) and wait.
-
-    The data is read here first, so a bad file is one error line before any process starts."""
-    import os
-    import subprocess
-
-    from datagen.finetune.data import load_conversations
-    from datagen.finetune.distributed import torchrun_command
-
-    command = torchrun_command(sys.executable, nproc, [], **launch)  # checks --nproc first
-    (check_data or load_conversations)(data)
-    worker_args = [str(data), "--out", str(out)]
-    for value, flag in flags.values():
-        if isinstance(value, bool):
-            worker_args.append(flag if value else "--no-" + flag[2:])
-        elif value is not None:
-            worker_args += [flag, str(value)]
-    if config is not None:
-        worker_args += ["--config", str(config)]
-    # torchrun sets OMP_NUM_THREADS=1 per rank when unset, with a banner; set it quietly instead
-    env = {"OMP_NUM_THREADS": "1", **os.environ}
-    launcher = subprocess.Popen(command + worker_args, stderr=subprocess.PIPE, text=True, bufsize=1, env=env)
-    rank_error = _relay_rank_output(launcher.stderr)
-    if launcher.wait():
-        if rank_error:  # every rank says the same: once is enough
-            raise DatagenError(rank_error.removeprefix("error: "))
-        raise DatagenError(f"torchrun: a rank failed (exit {launcher.returncode}); rerun the same command to resume")
-
-
-def _relay_rank_output(stream) -> str | None:
-    """Pass the ranks' progress through until one prints an `error:` line; return that line.
-
-    What follows it (the same line from the other ranks, torchrun's warnings and its traceback
-    about the failed child) is noise once the cause is known."""
-    first_error = None
-    for line in stream:
-        if first_error is None and line.startswith("error: "):
-            first_error = line.strip()
-        elif first_error is None:
-            sys.stderr.write(line)
-    return first_error
+    line = run_finetune(data, out, method=method, flags=flags, launch=launch, nproc=nproc, config=config)
+    if line:
+        typer.echo(line, err=True)
 
 
 @app.command("eval")
@@ -555,7 +451,7 @@ def eval_command(
     overrides.update({"finetune.base": ("--base", base), "eval.judge": ("--judge", judge),
                       "eval.max_examples": ("--max-examples", max_examples)})
     settings = load_config(config, overrides)
-    from datagen.finetune.dpo import evaluate_dpo, format_dpo_eval, is_dpo_output
+    from datagen.finetune.dpo_eval import evaluate_dpo, format_dpo_eval, is_dpo_output
 
     if is_dpo_output(tuned):  # held-out pairs: reward accuracy, margin, win rate over the SFT student
         report = evaluate_dpo(settings.eval, data, tuned, out, teacher_config=settings.teacher)
@@ -582,7 +478,7 @@ def distill(
     typer.echo(f"\ndistilled into {result['workdir']}/student; before -> after:\n"
                + format_summary(result["report"]), err=True)
     if "dpo_report" in result:
-        from datagen.finetune.dpo import format_dpo_eval
+        from datagen.finetune.dpo_eval import format_dpo_eval
 
         typer.echo(f"\nDPO student {result['workdir']}/dpo-student:\n" + format_dpo_eval(result["dpo_report"]),
                    err=True)

@@ -49,6 +49,7 @@ from pydantic import Field
 from datagen.config import Strict
 from datagen.engines.config import EngineConfig
 from datagen.errors import ConfigError, InputError
+from datagen.finetune.config import SFT_ONLY_FIELDS
 from datagen.io import atomic_write_json, progress_path, rejects_path, summary_path
 
 STAGES = ("generate", "filter", "export", "finetune", "eval")
@@ -118,7 +119,10 @@ def stage_settings(config, stage: str) -> dict[str, Any]:
         return {"teacher": teacher, "preferences": dump["generate"]["preferences"], "pairs": dump["distill"]["pairs"],
                 "seed": dump["generate"]["seed"], "export": dump["export"]}
     if stage == "dpo":
-        return {"dpo": {k: v for k, v in dump["dpo"].items() if k not in ("save_every", "keep_checkpoints", "base")}}
+        # SFT's data options were in the dpo section (always at these values) before it lost them:
+        # kept in, workdirs made before still skip a finished dpo stage
+        settings = {**SFT_ONLY_FIELDS, **dump["dpo"]}
+        return {"dpo": {k: v for k, v in settings.items() if k not in ("save_every", "keep_checkpoints", "base")}}
     return {"eval": {k: v for k, v in dump["eval"].items() if k != "generic_system"},
             "teacher": teacher if config.eval.judge else None}
 
@@ -225,7 +229,7 @@ def run_distill(
         say(format_dpo_summary(train_dpo(settings, paths.preferences / "train.jsonl", paths.dpo_student)))
 
     def run_dpo_eval_stage() -> None:
-        from datagen.finetune.dpo import evaluate_dpo, format_dpo_eval
+        from datagen.finetune.dpo_eval import evaluate_dpo, format_dpo_eval
 
         say(format_dpo_eval(evaluate_dpo(config.eval, paths.preferences / "test.jsonl", paths.dpo_student,
                                          paths.dpo_eval, teacher_config=config.teacher)))

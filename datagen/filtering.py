@@ -8,6 +8,11 @@ to), stops the run before anything is written (`error: in.jsonl:12: ...`), or wi
 `skip_invalid` becomes a reject carrying the parse error. Outputs are written atomically.
 
     datagen filter raw.jsonl --out kept.jsonl --rejects rejects.jsonl --passes heuristics,near-dedup
+    datagen filter raw.jsonl --out kept.jsonl --engine datatrove --tasks 8     # sharded: datagen.engines
+
+The passes are registered in `datagen.filters.registry.PASSES` (each says how it shards);
+`filter_on_engine` runs them in this process (`--engine local`) or sharded on datatrove's
+executors (`datagen.engines.sharded_filter`, `datagen.engines.sharded_dedup`).
 """
 
 from __future__ import annotations
@@ -17,81 +22,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
-from pydantic_core import PydanticCustomError
-
-from datagen.config import Strict, with_sections
-from datagen.errors import InputError
-from datagen.filters import decontaminate, dedup, heuristics, judge, manual, novelty
-from datagen.filters.base import FilterPass, PassContext
+from datagen.errors import ConfigError, InputError
+from datagen.filters.base import LazyTeacher, PassContext
+from datagen.filters.registry import PASSES, FilterConfig  # noqa: F401 (FilterConfig: this stage's config section)
 from datagen.io import atomic_write_json, read_tasks_lenient, stats_path, write_jsonl_atomic
 from datagen.records import Reject
 from datagen.rejects import INVALID_LINE, STAGE_READ
-
-# The passes by name, in no particular order (`filter.passes` gives the order). Adding a
-# pass: write filters/NAME.py with its settings model and `run(tasks, context)`, add a
-# line here; its name becomes a `--passes` choice and its section a `filter:` key.
-PASSES: dict[str, FilterPass] = {
-    "heuristics": FilterPass(heuristics.heuristics_pass, "heuristics", heuristics.HeuristicsConfig),
-    "exact-dedup": FilterPass(dedup.exact_dedup_pass, "dedup", dedup.DedupConfig),
-    "near-dedup": FilterPass(dedup.near_dedup_pass, "dedup", dedup.DedupConfig),
-    "novelty": FilterPass(novelty.run_novelty_pass, "novelty", novelty.NoveltyConfig),
-    "decontaminate": FilterPass(decontaminate.run_decontaminate_pass, "decontaminate",
-                                decontaminate.DecontaminateConfig),
-    "judge": FilterPass(judge.run_judge_pass, "judge", judge.JudgeConfig),
-    "manual": FilterPass(manual.run_manual_pass, "manual", manual.ManualConfig),
-}
-
-
-
-def one_of(choices) -> str:
-    """`'a', 'b' or 'c'`, as pydantic words a Literal mismatch."""
-    quoted = [repr(choice) for choice in choices]
-    return ", ".join(quoted[:-1]) + f" or {quoted[-1]}" if len(quoted) > 1 else quoted[0]
-
-
-class _FilterBase(Strict):
-    passes: list[str] = Field(default_factory=lambda: ["heuristics", "exact-dedup", "near-dedup"])
-    skip_invalid: bool = False
-
-    @field_validator("passes")
-    @classmethod
-    def _registered(cls, names: list[str]) -> list[str]:
-        # checked against the registry when validated, not when imported, so a pass added
-        # to PASSES at run time (a test's toy pass) is accepted too; its settings section,
-        # if it has one, must be in PASSES when this module is imported (FilterConfig's fields)
-        unknown = [name for name in names if name not in PASSES]
-        if unknown:
-            raise PydanticCustomError("literal_error", "Input should be {expected}, not {given}",
-                                      {"expected": one_of(PASSES), "given": repr(unknown[0])})
-        return names
-
-
-FilterConfig = with_sections(
-    "FilterConfig", _FilterBase, {entry.section: entry.settings for entry in PASSES.values()},
-    "The `filter:` section: the passes to run, in order, and one settings section per pass.",
-)
-
-
-class LazyTeacher:
-    """The run's teacher, made on first use (only the judge needs one) and closed at the end.
-    With `teacher.max_cost` it reserves in the run's ledger at `spend` (`KEPT.spend.json`)."""
-
-    def __init__(self, config, spend: Path | None = None) -> None:
-        self.config = config
-        self.spend = spend
-        self.teacher = None
-
-    def __call__(self):
-        if self.teacher is None:
-            from datagen.teachers.spending import SpendingLedger, check_priced
-            from datagen.teachers.teacher import make_teacher
-
-            self.teacher = make_teacher(self.config)
-            if self.config.max_cost and self.spend is not None:
-                check_priced(self.config, self.teacher.backend.name, "the judge")
-                self.teacher.ledger = SpendingLedger(self.spend, self.config.max_cost)
-        return self.teacher
 
 
 def start_spending(config, kept: Path) -> Path:
@@ -121,8 +57,7 @@ def run_filter(config, source: Path, kept_path: Path, rejects_path: Path, comman
     try:
         for name in settings.passes:
             entry = PASSES[name]
-            context = PassContext(settings=getattr(settings, entry.section) if entry.section else None,
-                                  teacher=teacher)
+            context = PassContext(settings=entry.section_of(settings), teacher=teacher)
             kept, rejected = entry.run(tasks, context)
             assert len(kept) + len(rejected) == len(tasks), f"pass {name} lost tasks"
             reasons = Counter(r.reason for r in rejected)
@@ -154,3 +89,39 @@ def format_stats(stats: dict[str, Any]) -> str:
     lines.append(f"kept {stats['kept']} of {stats['in']}, rejected {stats['rejected']} "
                  f"({stats['wall_seconds']:.1f} s)")
     return "\n".join(lines)
+
+
+def sharded_route(engine: str, dedup_only: bool):
+    """The sharded runner (`run(config, source, out, rejects, engine, tasks, options, work, command_line)`)
+    and its options class, imported only when a run is sharded: datatrove and Ray are optional."""
+    try:
+        from datagen.engines.datatrove_run import EngineOptions
+
+        if dedup_only:
+            from datagen.engines.sharded_dedup import dedup_command as run
+        else:
+            from datagen.engines.sharded_filter import filter_command as run
+    except ImportError as error:  # the `ray` extra is optional
+        raise ConfigError(f"--engine {engine}: needs datatrove and ray[data] (pip install 'datagen[ray]'): {error}"
+                          ) from error
+    return run, EngineOptions
+
+
+def filter_on_engine(config, source: Path, out: Path, rejects: Path, engine: str, tasks: int | None,
+                     engine_options: dict[str, Any], work: Path | None, command_line: str,
+                     dedup_only: bool = False) -> str:
+    """`datagen filter` / `datagen dedup` (`dedup_only`): the passes in this process (`engine`
+    local) or sharded on `engine` (datatrove, ray, slurm); returns what the command prints.
+    `--engine ray` joins Ray as generation does: `engine.address`, else RAY_ADDRESS, else a local Ray."""
+    if engine == "local":
+        if tasks is not None:
+            raise ConfigError("--tasks needs --engine datatrove, ray or slurm")
+        return format_stats(run_filter(config, source, out, rejects, command_line))
+    run, options_class = sharded_route(engine, dedup_only)
+    options = options_class(**engine_options, ray_address=config.engine.address)
+    result = run(config, source, out, rejects, engine, tasks, options, work, command_line)
+    if "submitted" in result:
+        return (f"submitted Slurm jobs {', '.join(map(str, result['submitted']))}; the last one writes {out}; "
+                f"logs in {result['work']} (a failed job's log ends with the cause, and the jobs after it are "
+                f"cancelled)")
+    return format_stats(result)

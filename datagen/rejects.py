@@ -4,7 +4,7 @@ Every generator and filter writes what it throws away with a `stage` (where) and
 `reason` (why). The ones more than one module writes or reads are named here once, so
 export's choice of negative examples (which rejects show a wrong *output*) refers to the
 same names the generators write, and a renamed reason cannot silently fall out of it.
-Filter passes use their registry name (`datagen.filtering.PASSES`) as their stage.
+Filter passes use their registry name (`datagen.filters.registry.PASSES`) as their stage.
 
     from datagen import rejects
     sink.reject(rejects.PARSE_FAILURE, rejects.STAGE_BOOTSTRAP, raw=reply.text)

@@ -118,4 +118,6 @@ def run_decontaminate_pass(tasks: Sequence[Task], context: PassContext) -> PassR
     settings: DecontaminateConfig = context.settings
     if not settings.eval_files:
         raise ConfigError("--eval: the decontaminate pass needs at least one evaluation file")
-    return decontaminate_pass(tasks, EvalIndex.from_files(settings.eval_files, settings.ngram), settings.fields)
+    if "index" not in context.memo:  # built once a run (once a shard when sharded), not once a chunk
+        context.memo["index"] = EvalIndex.from_files(settings.eval_files, settings.ngram)
+    return decontaminate_pass(tasks, context.memo["index"], settings.fields)

@@ -413,7 +413,7 @@ def _hash64(shingle: Hashable) -> int:
 
 
 def shingle_hash(shingle: Hashable) -> int:
-    """The stable 64-bit hash a shingle enters MinHash (and datagen.scale_dedup's IDF table) by."""
+    """The stable 64-bit hash a shingle enters MinHash (and datagen.engines.sharded_dedup's IDF table) by."""
     return _hash64(shingle)
 
 
@@ -539,7 +539,7 @@ def band_pair_codes(columns: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray
 
     `columns` holds one band of the signatures of `rows` (any order); `n` is the number of
     rows of the whole signature matrix, so codes of bands computed apart (datatrove's bucket
-    tasks, datagen.scale_dedup) merge by a plain union. Not deduplicated.
+    tasks, datagen.engines.sharded_dedup) merge by a plain union. Not deduplicated.
     """
     count = len(columns)
     found: list[np.ndarray] = [np.empty(0, dtype=np.int64)]
@@ -569,7 +569,7 @@ def pairs_of_codes(codes: np.ndarray, n: int) -> np.ndarray:
 
 
 @dataclass
-class _Nodes:
+class TextNodes:
     """Distinct texts: tasks with identical token sequences form one node.
 
     Node i is row i of the MinHash signatures; a node's tasks are duplicates of each other
@@ -585,7 +585,7 @@ class _Nodes:
         return [self.vocabulary[i] for i in self.token_ids[node]]
 
 
-class _Vocabulary(dict):
+class Vocabulary(dict):
     """token -> id, handing out the next id to a token seen for the first time."""
 
     def __missing__(self, token: str) -> int:
@@ -593,10 +593,10 @@ class _Vocabulary(dict):
         return self[token]
 
 
-def _nodes(tasks: Sequence[Task], fields: Fields) -> _Nodes:
-    ids_of = _Vocabulary()
+def _nodes(tasks: Sequence[Task], fields: Fields) -> TextNodes:
+    ids_of = Vocabulary()
     node_of: dict[tuple[int, ...], int] = {}
-    nodes = _Nodes([], [], [])
+    nodes = TextNodes([], [], [])
     for position, task in enumerate(tasks):
         tokens = rouge_tokens(text_of(task, fields))
         if not tokens:  # nothing to compare; exact_dedup handles empty or symbol-only texts
@@ -624,11 +624,11 @@ def _may_exceed(len_a: int, len_b: int, threshold: float) -> bool:
 
 
 @dataclass
-class _Similarity:
+class Similarity:
     """The duplicate test on node pairs, and how its scores read in a rejection's detail."""
 
     config: DedupConfig
-    nodes: _Nodes
+    nodes: TextNodes
     weight: dict[Hashable, int]
     signatures: np.ndarray
 
@@ -709,7 +709,7 @@ class _UnionFind:
 Scores = tuple[float, ...]
 
 
-def _adjacency(edges: list[tuple[int, int, Scores]]) -> dict[int, list[tuple[int, Scores]]]:
+def adjacency(edges: list[tuple[int, int, Scores]]) -> dict[int, list[tuple[int, Scores]]]:
     """Each node with a duplicate edge -> its (neighbour, scores) list."""
     neighbours: dict[int, list[tuple[int, Scores]]] = {}
     for a, b, scores in edges:
@@ -722,13 +722,13 @@ def keep_clusters(neighbours: dict[int, list[tuple[int, Scores]]], rank: dict[in
                   cluster: Literal["star", "connected"]) -> dict[int, tuple[int, Scores | None]]:
     """The decision rule on the duplicate graph: every removed node -> (its keeper, scores).
 
-    `neighbours` is `_adjacency` of the verified edges, `rank` each of their nodes' sort key
+    `neighbours` is `adjacency` of the verified edges, `rank` each of their nodes' sort key
     (`keep_rank` of its best task, larger is better; all distinct). Components come from
     union-find; "star" walks each best node first and removes a node only if it has an edge
     to a node already kept (the most similar one, ties to the better-ranked, becomes its
     keeper; scores are that edge's); "connected" keeps each component's best node and
     removes the rest (scores None). Needs only the nodes that have edges, so its memory
-    grows with the duplicate pairs, not the tasks (datagen.scale_dedup relies on that).
+    grows with the duplicate pairs, not the tasks (datagen.engines.sharded_dedup relies on that).
     """
     components = _UnionFind(max(neighbours, default=-1) + 1)
     for a, links in neighbours.items():
@@ -755,7 +755,7 @@ def keep_clusters(neighbours: dict[int, list[tuple[int, Scores]]], rank: dict[in
     return keeper_of
 
 
-def _assign(neighbours: dict[int, list[tuple[int, Scores]]], nodes: _Nodes, tasks: Sequence[Task],
+def _assign(neighbours: dict[int, list[tuple[int, Scores]]], nodes: TextNodes, tasks: Sequence[Task],
             config: DedupConfig) -> dict[int, tuple[int, Scores | None]]:
     """Every removed task -> (the task kept in its place, their scores if they are a direct edge).
 
@@ -817,12 +817,12 @@ def near_dedup(tasks: Sequence[Task], config: DedupConfig | None = None) -> tupl
         pairs = candidate_pairs(signatures, report.b, report.r)
         report.candidate_pairs = len(pairs)
         lap("lsh")
-    similarity = _Similarity(config, nodes, weight, signatures)
+    similarity = Similarity(config, nodes, weight, signatures)
     edges = similarity.edges(pairs, report)
     report.duplicate_pairs = len(edges)
     lap("verify")
 
-    neighbours = _adjacency(edges)
+    neighbours = adjacency(edges)
     removed = _assign(neighbours, nodes, tasks, config)
     node_of = {task: node for node, members in enumerate(nodes.members) for task in members}
 

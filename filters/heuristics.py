@@ -4,8 +4,10 @@ The Self-Instruct / Alpaca reference rules for a new instruction (word bounds, k
 blacklist, "Write a program", punctuation / non-ASCII start) and for instances (input ==
 output, empty output, ending in ':', one input with two outputs), plus what those
 references leave to chance: refusals ("As an AI language model", or a reply that opens by
-declining: "I'm sorry, but"), degenerate outputs (only punctuation, one word repeated) and
-length limits.
+declining: "I'm sorry, but", "This task cannot be performed"), placeholders in place of an
+answer ("<nooutput>", "<image attached>"), degenerate outputs (only punctuation, one word
+repeated) and length limits. Each rule's precision and recall on real teacher data (a
+labelled Alpaca sample, tests/data/filter_precision/) is measured by bench/filter_precision.py.
 
     from datagen.filters.heuristics import HeuristicsConfig, checks_for
     kept, rejected = check_pass(checks_for(HeuristicsConfig(preset="alpaca")))(tasks)
@@ -15,8 +17,9 @@ from __future__ import annotations
 
 import re
 import string
-from collections import Counter
-from collections.abc import Sequence
+from collections import Counter, defaultdict
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -31,16 +34,27 @@ REFERENCE_BLACKLIST = (
 ALPACA_EXTRA_BLACKLIST = ("video", "audio", "music", "flowchart", "diagram")
 # an assistant speaking of itself as one: a refusal (or a disclaimer) wherever it stands
 AI_SELF_REFERENCES = ("as an ai language model", "as a language model", "as an ai assistant")
-# declining: a refusal only when the reply opens with it; inside content (a character in a
-# dialogue, a letter of apology) it is what was asked for
+# declining: a refusal only when the reply starts with it (after an "Unfortunately,"); inside
+# content (a character's line in a dialogue, "- Agent: I'm sorry, but ...", a letter of
+# apology) it is what was asked for
 DECLINES = (
     "i'm sorry, but", "i am sorry, but", "i'm sorry, i", "i apologize, but",
     "i cannot fulfill", "i can't fulfill", "i cannot assist", "i can't assist",
     "i'm unable to", "i am unable to", "i'm not able to provide",
+    # text-davinci-003 declining an Alpaca task it cannot do ("This task cannot be performed
+    # by a GPT model as it requires creating a flow chart.")
+    "this task cannot", "this instruction cannot", "this request cannot", "the task cannot",
 )
 REFUSALS = AI_SELF_REFERENCES + DECLINES
-OPENING_CHARS = 200  # how far into its first sentence a decline still opens a reply
-_FIRST_SENTENCE = re.compile(r"(?<=[.!?])\s|\n")
+_LEAD_IN = re.compile(r"^(?:unfortunately|sorry|apologies)[,.!]?\s+")
+# an instruction that asks for an apology or a decline: its reply may open with one
+ASKS_FOR_DECLINE = re.compile(r"\b(?:apolog\w*|sorry|declin\w*|refus\w*|reject\w*)", re.IGNORECASE)
+# a placeholder where the answer should be: "<nooutput>", "<noinput>", "No Output",
+# "<cropped image attached>", "<No output, cannot design a graphical user interface>"; a
+# tag with attributes ("<meta name=...>") is HTML, not a placeholder
+_PLACEHOLDER_LINE = re.compile(
+    r"<\s*[^<>=/]*\b(?:no ?output|no ?input|image|photo|picture|video|audio|file|attached)\b[^<>=]*>"
+    r"|\(?no ?output\)?\.?|\(?n/a\)?\.?", re.IGNORECASE)
 
 
 def _has_word(word: str, text: str) -> bool:
@@ -90,13 +104,23 @@ def has_conflicting_outputs(instances: Sequence[Instance]) -> bool:
     return False
 
 
-def refusal_phrase(text: str) -> str | None:
-    """The phrase that makes `text` a refusal: an AI self-reference anywhere, or a decline in
-    the reply's first sentence; None otherwise."""
+def refusal_phrase(text: str, instruction: str = "") -> str | None:
+    """The phrase that makes `text` a refusal: an AI self-reference anywhere, or a decline the
+    reply starts with (unless `instruction` asks for an apology or a decline); None otherwise."""
     lowered = text.lower().replace("’", "'")
-    opening = _FIRST_SENTENCE.split(lowered.strip(), maxsplit=1)[0][:OPENING_CHARS]
+    opening = _LEAD_IN.sub("", lowered.strip())
+    declines = () if ASKS_FOR_DECLINE.search(instruction) else DECLINES
     return (next((phrase for phrase in AI_SELF_REFERENCES if phrase in lowered), None)
-            or next((phrase for phrase in DECLINES if phrase in opening), None))
+            or next((phrase for phrase in declines if opening.startswith(phrase)), None))
+
+
+def placeholder_reason(output: str) -> str | None:
+    """An output that is only placeholders ("<nooutput>", "No Output", "<image attached>"):
+    the teacher wrote a marker where the answer should be."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    if lines and all(_PLACEHOLDER_LINE.fullmatch(line) for line in lines):
+        return f"placeholder output: {lines[0][:60]!r}"
+    return None
 
 
 _WORD = re.compile(r"\w{2,}")  # a word: two letters or digits at least
@@ -129,6 +153,7 @@ class HeuristicsConfig(BaseModel):
     min_output_words: int = Field(0, ge=0)
     max_output_words: int | None = Field(None, ge=1)
     refusals: bool = True
+    placeholders: bool = True
     degenerate: bool = True
 
     def blacklisted_words(self) -> tuple[str, ...]:
@@ -148,6 +173,8 @@ def checks_for(config: HeuristicsConfig) -> list[Check]:
     checks.append(_instances_check)
     if config.refusals:
         checks.append(_refusal_check)
+    if config.placeholders:
+        checks.append(_placeholder_check)
     if config.degenerate:
         checks.append(_degenerate_check)
     if config.min_output_words or config.max_output_words:
@@ -168,8 +195,12 @@ def _instances_check(task: Task) -> str | None:
 
 
 def _refusal_check(task: Task) -> str | None:
-    phrase = next((p for i in task.instances if (p := refusal_phrase(i.output))), None)
+    phrase = next((p for i in task.instances if (p := refusal_phrase(i.output, task.instruction))), None)
     return f"refusal: {phrase!r}" if phrase else None
+
+
+def _placeholder_check(task: Task) -> str | None:
+    return next((r for i in task.instances if (r := placeholder_reason(i.output))), None)
 
 
 def _degenerate_check(task: Task) -> str | None:
@@ -184,6 +215,57 @@ def _length_check(task: Task, min_words: int, max_words: int | None) -> str | No
         if max_words is not None and words > max_words:
             return f"output longer than {max_words} words"
     return None
+
+
+# the rules' names (`reason_name` of their reasons): ours, then the Self-Instruct reference's
+OUR_REASONS = ("no instances", "refusal", "placeholder output", "output is only punctuation", "degenerate output")
+REFERENCE_REASONS = (
+    "too short", "too long", "blacklisted word", "starts with 'Write a program'", "starts with punctuation",
+    "starts with a non-ASCII character", "empty output", "input equals output", "input or output ends with ':'",
+    "conflicting outputs for the same input",
+)
+
+
+def reason_name(reason: str) -> str:
+    """The rule a reason names, without its detail: "blacklisted word: image" -> "blacklisted
+    word", "degenerate output (repeats 'very')" -> "degenerate output"."""
+    return re.split(r": | \(", reason, maxsplit=1)[0]
+
+
+def fired_rules(task: Task, checks: Sequence[Check]) -> set[str]:
+    """Every rule of `checks` that rejects `task` (not only the first, as the pass reports)."""
+    return {reason_name(reason) for check in checks if (reason := check(task)) is not None}
+
+
+@dataclass
+class RuleScore:
+    """How one rule did on labelled tasks: firings, right firings, tasks with its defect."""
+
+    fired: int = 0
+    correct: int = 0
+    defective: int = 0
+
+    @property
+    def precision(self) -> float | None:
+        return self.correct / self.fired if self.fired else None
+
+    @property
+    def recall(self) -> float | None:
+        return self.correct / self.defective if self.defective else None
+
+
+def score_rules(labelled: Iterable[tuple[Task, Collection[str]]], checks: Sequence[Check]) -> dict[str, RuleScore]:
+    """Each rule's score over (task, the rules whose defect the task really has) pairs: a
+    firing is right when the task has the defect the rule names."""
+    scores: dict[str, RuleScore] = defaultdict(RuleScore)
+    for task, defects in labelled:
+        fired = fired_rules(task, checks)
+        for rule in fired | set(defects):
+            score = scores[rule]
+            score.fired += rule in fired
+            score.defective += rule in defects
+            score.correct += rule in fired and rule in defects
+    return dict(scores)
 
 
 def heuristics_pass(tasks: Sequence[Task], context: PassContext) -> PassResult:

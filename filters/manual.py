@@ -85,3 +85,14 @@ def run_manual_pass(tasks: Sequence[Task], context: PassContext) -> PassResult:
                           marked_keep=sum(m.decision == "keep" for m in marks.values()),
                           marks_for_other_ids=sum(task_id not in seen for task_id in marks))
     return kept, rejected
+
+
+def merge_manual_reports(settings: ManualConfig, reports: Sequence[dict]) -> dict:
+    """The report of the pass over all of a sharded run's chunks, as one run over every task
+    words it: a chunk's marks for ids it saw are its marks less its `marks_for_other_ids`, and
+    task ids are unique in a run, so the marks for ids no chunk saw are the marks less their sum."""
+    context = PassContext(settings=settings, teacher=lambda: None)
+    run_manual_pass([], context)  # the report with no task seen
+    seen = sum(report["marks"] - report["marks_for_other_ids"] for report in reports)
+    context.report["marks_for_other_ids"] -= seen
+    return context.report

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -322,6 +322,20 @@ def plan_batches(lengths: Sequence[int], batch_size: int, seed: int, *, packing:
         batches = [tuple((i,) for i in grouped[s : s + batch_size]) for s in range(0, len(grouped), batch_size)]
         rng.shuffle(batches)
     return [Batch(rows) for rows in batches]
+
+
+def micro_batches(plan_epoch: Callable[[int], list], start: int, count: int) -> list[tuple[int, Any]]:
+    """Micro-batches number `start`..`start+count-1` of the endless stream epoch 0, 1, 2, …"""
+    chosen, epoch, offset = [], 0, 0
+    batches = plan_epoch(0)
+    while len(chosen) < count:
+        index = start + len(chosen)
+        while index >= offset + len(batches):
+            offset += len(batches)
+            epoch += 1
+            batches = plan_epoch(epoch)
+        chosen.append((epoch, batches[index - offset]))
+    return chosen
 
 
 def _pack_first_fit(order: Sequence[int], lengths: Sequence[int], max_length: int) -> list[tuple[int, ...]]:

@@ -69,7 +69,7 @@ def score_model(model_name: str, conversations: list, config: EvalConfig, label:
     """Loss, perplexity, greedy replies and their ROUGE-L for one model; its replies show
     progress as `eval LABEL` (examples done, rate, ETA), the slow part of an eval."""
     from datagen.finetune.data import encode_all
-    from datagen.finetune.sft import mean_completion_loss
+    from datagen.finetune.losses import mean_completion_loss
     from datagen.rouge import rouge_l_f1
     from datagen.teachers.base import Request
     from datagen.teachers.local import LocalBackend

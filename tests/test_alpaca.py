@@ -21,7 +21,7 @@ from datagen.generators.alpaca import (
     parse_alpaca_reply,
     run_alpaca,
 )
-from datagen.generators.common import RunContext, TaskSink, stable_id
+from datagen.generators.common import COPY_OVERLAP, RunContext, TaskSink, stable_id
 from datagen.generators.self_instruct import REFERENCE_BLACKLIST, GenerationStalled, sample_prompt_tasks
 from datagen.io import read_records, read_tasks, rejects_path
 from datagen.records import Instance, Task
@@ -383,20 +383,27 @@ def test_loop_decisions_lineage_and_resume(tmp_path):
     ("instruction", "instance_input", "output", "copied"),
     [
         ("classify the  sentiment of the review", "Lovely staff.", "Positive", "Classify the sentiment of the review."),
-        ("Rate the soup review from 1 to 5.", "the soup was cold and  bland.", "1", "the soup was cold and  bland."),
+        ("Rate the soup review from 1 to 5.", "the soup was cold and  bland.", "1", "The soup was cold and bland."),
         (
             "List some healthy habits.",
             "",
             "1. Eat a balanced diet. 2. Exercise regularly. 3. Sleep enough.",
-            "1. Eat a balanced diet. 2. Exercise regularly. 3. Sleep enough.",
+            "1. Eat a balanced diet.\n2. Exercise regularly.\n3. Sleep enough.",
         ),
+        # part of a shown output inside a longer one, or a shown input inside a longer input
+        ("Suggest habits for a healthy week.", "", "Plan your meals.\nEat a balanced diet.\nWalk to work.",
+         "Eat a balanced diet."),
+        ("Summarise the complaint.", "Dinner review: the soup was cold and bland, the bread stale.", "Bad food.",
+         "The soup was cold and bland."),
+        # a few common words are not a copy
+        ("Describe a relaxing evening.", "", "A warm soup, a balanced mix of music and quiet, then sleep.", None),
         # a shared label and a seed's second instance (never shown) are not copies
         ("Classify the sentiment of the tweet.", "Worst phone ever.", "Negative", None),
         ("Say what the seed's unseen example says.", "", "only the first instance is shown", None),
     ],
 )
 def test_an_item_copying_its_prompt(instruction, instance_input, output, copied):
-    assert copied_from_prompt(AlpacaItem(instruction, instance_input, output), SEEDS) == copied
+    assert copied_from_prompt(AlpacaItem(instruction, instance_input, output), SEEDS, COPY_OVERLAP) == copied
 
 
 def test_copies_and_inputs_shared_by_too_many_tasks_are_rejected_also_after_a_resume(tmp_path):

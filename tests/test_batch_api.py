@@ -114,7 +114,7 @@ def test_bad_batch_config_is_one_line(tmp_path):
     assert single_error_line(result) == ("error: teacher.base_url: the openai-batch backend takes one URL (a batch "
                                          "goes to one provider, which spreads the work itself)")
     from datagen.engines.config import EngineConfig
-    from datagen.engines.ray_generate import ray_teacher
+    from datagen.engines.ray_teacher import ray_teacher
 
     with pytest.raises(ConfigError, match="the openai-batch backend sends each teacher call as one batch"):
         ray_teacher(TeacherConfig(backend="openai-batch"), EngineConfig(kind="ray"))

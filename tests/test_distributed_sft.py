@@ -21,8 +21,10 @@ import time
 import pytest
 
 from datagen.errors import ConfigError
+from datagen.finetune.checkpoints import fingerprint
+from datagen.finetune.config import FinetuneConfig
 from datagen.finetune.distributed import rank_share, torchrun_command
-from datagen.finetune.sft import FinetuneConfig, fingerprint, train
+from datagen.finetune.sft import train
 from tests.helpers import run_cli, single_error_line
 from tests.test_finetune import arithmetic_rows, tiny_model, write_jsonl
 
@@ -135,7 +137,7 @@ def _on_main_worker(rank: int, store: str, report: str) -> None:
     import torch.distributed as dist
 
     from datagen.finetune.distributed import DistContext
-    from datagen.finetune.sft import _on_main
+    from datagen.finetune.run import on_main
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     context = DistContext(rank=rank, world_size=2, backend="gloo")
@@ -146,11 +148,11 @@ def _on_main_worker(rank: int, store: str, report: str) -> None:
     def crash():
         raise OSError("adapter_model.safetensors: truncated")
 
-    got = [_on_main(context, True, lambda: f"note from rank {rank}", share=True),
-           _on_main(context, True, lambda: f"kept by rank {rank}")]
+    got = [on_main(context, True, lambda: f"note from rank {rank}", share=True),
+           on_main(context, True, lambda: f"kept by rank {rank}")]
     for action in (refuse, crash):
         try:
-            _on_main(context, True, action)
+            on_main(context, True, action)
             got.append(None)
         except Exception as error:  # noqa: BLE001 - what each rank raised is the point
             got.append(f"{type(error).__name__}: {error}")
@@ -176,9 +178,9 @@ def test_what_rank_0_alone_runs_reaches_every_rank_result_or_failure(tmp_path):
                       "DatagenError: rank 0 failed: OSError: adapter_model.safetensors: truncated"]
     ran = []  # without only_main every rank runs the action itself
     from datagen.finetune.distributed import DistContext
-    from datagen.finetune.sft import _on_main
+    from datagen.finetune.run import on_main
 
-    assert _on_main(DistContext(rank=1, world_size=1), False, lambda: ran.append(1) or "own") == "own"
+    assert on_main(DistContext(rank=1, world_size=1), False, lambda: ran.append(1) or "own") == "own"
     assert ran == [1]
 
 
@@ -190,7 +192,8 @@ def _gather_worker(rank: int, store: str, student: str, report: str) -> None:
     import torch.distributed as dist
 
     from datagen.finetune.distributed import DistContext, trainable_state_dict, wrap
-    from datagen.finetune.sft import load_student, loss_module
+    from datagen.finetune.losses import loss_module
+    from datagen.finetune.model import load_student
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     context = DistContext(rank=rank, world_size=2, backend="gloo")
@@ -229,7 +232,7 @@ def test_fsdp_gathers_only_the_adapter_for_checkpoints(embedded_model_path, tmp_
 def test_each_rank_resumes_its_own_rng_state():
     """A checkpoint keeps every rank's torch and CUDA generator states; each rank gets its own
     back. Checkpoints made before kept CUDA's of rank 0 only: only rank 0 restores it."""
-    from datagen.finetune.sft import RNG_BY_RANK, rank_rng_state
+    from datagen.finetune.checkpoints import RNG_BY_RANK, rank_rng_state
 
     state = {RNG_BY_RANK: [{"torch": "cpu 0", "cuda": "gpu 0"}, {"torch": "cpu 1", "cuda": "gpu 1"}]}
     assert [rank_rng_state(state, rank) for rank in (0, 1)] == state[RNG_BY_RANK]
@@ -405,8 +408,7 @@ def test_qlora_under_fsdp_is_refused_when_the_config_is_read(tmp_path):
     error line as the settings are read, before torchrun starts or anything loads."""
     from pydantic import ValidationError
 
-    from datagen.finetune.dpo import DPOConfig
-    from datagen.finetune.sft import QLORA_FSDP_REFUSAL
+    from datagen.finetune.config import QLORA_FSDP_REFUSAL, DPOConfig
 
     for config_class in (FinetuneConfig, DPOConfig):
         with pytest.raises(ValidationError, match="method qlora under fsdp is not supported yet"):

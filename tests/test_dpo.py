@@ -16,8 +16,10 @@ import time
 import pytest
 
 from datagen.errors import InputError
-from datagen.finetune.dpo import DPOConfig, Pair, dpo_loss, encode_pair, load_pairs, sequence_logps, train_dpo
-from datagen.finetune.sft import FinetuneConfig
+from datagen.finetune.config import DPOConfig, FinetuneConfig
+from datagen.finetune.dpo import train_dpo
+from datagen.finetune.losses import dpo_loss, sequence_logps
+from datagen.finetune.pairs import Pair, encode_pair, load_pairs
 from tests.helpers import run_cli
 
 
@@ -58,12 +60,12 @@ def test_ipo_loss_by_hand():
 def test_ipo_compares_log_probs_averaged_over_response_tokens():
     import torch
 
-    from datagen.finetune.dpo import _terms
+    from datagen.finetune.pairs import pair_terms
 
     config = DPOConfig(beta=0.5, loss="ipo")
     logps, counts = torch.tensor([-10.0, -12.0]), torch.tensor([5, 4])  # chosen, rejected of one pair
     reference = (torch.tensor([-5.0]), torch.tensor([-8.0]), torch.tensor([5]), torch.tensor([4]))
-    result = _terms(logps, counts, [0], reference, config)
+    result = pair_terms(logps, counts, [0], reference, config)
     h = (-10 / 5 - -12 / 4) - (-5 / 5 - -8 / 4)  # = 1 - 1 = 0
     assert result.losses.tolist() == pytest.approx([(h - 1) ** 2])
 
@@ -106,7 +108,7 @@ def test_only_the_final_reply_and_its_eos_count(tokenizer):
 def test_sequence_log_prob_sums_the_response_tokens(tokenizer, tmp_path):
     import torch
 
-    from datagen.finetune.dpo import collate_pairs
+    from datagen.finetune.pairs import collate_pairs
 
     model = tiny_model(tmp_path, tokenizer)
     pairs = [encode_pair(tokenizer, Pair((("user", f"Add {a} and 1."),), f"It is {a + 1}.", "No idea at all.",
@@ -143,6 +145,26 @@ def test_pairs_read_ours_and_trl_strings_and_name_bad_lines(tmp_path):
     path.write_text(json.dumps({"prompt": "Q", "chosen": 3, "rejected": "B"}) + "\n")
     with pytest.raises(InputError, match=r'pairs.jsonl:1: field "chosen": expected a string or one assistant'):
         load_pairs(path)
+
+
+@pytest.mark.parametrize(("yaml", "args", "expected"), [
+    ("dpo:\n  packing: true\n", [], "dpo: Value error, packing is an SFT setting (the finetune: section); "
+                                   "DPO does not use it: remove it"),
+    ("", ["--packing"], "--packing: only for SFT (--method lora or qlora)"),
+])
+def test_an_sft_only_setting_for_dpo_is_one_error_line_naming_it(tmp_path, yaml, args, expected):
+    """DPO's config has no SFT data options; one that was set (in a file written when DPO
+    silently ignored them, or as a flag) is named, before anything loads."""
+    from tests.helpers import single_error_line
+
+    config = tmp_path / "dpo.yaml"
+    config.write_text(yaml)
+    data = write_pairs(tmp_path / "pairs.jsonl", 2)
+    result = run_cli("finetune", str(data), "--method", "dpo", "--out", str(tmp_path / "out"), "--config",
+                     str(config), *args)
+    assert result.returncode == 2
+    assert single_error_line(result) == (f"error: {config}: {expected}" if yaml else f"error: {expected}")
+    assert not (tmp_path / "out").exists()
 
 
 def test_resumed_checkpoints_of_other_settings_are_refused(tokenizer, tmp_path):
@@ -223,7 +245,7 @@ def test_lora_dpo_raises_reward_accuracy_and_margin(dpo_trained):
     assert log[-1]["loss"] < log[0]["loss"]
     assert (folder / "out" / "adapter" / "adapter_model.safetensors").exists()
 
-    from datagen.finetune.dpo import evaluate_pairs
+    from datagen.finetune.dpo_eval import evaluate_pairs
 
     # scored again from the saved adapter, the training pairs give the run's own final figures ...
     again = evaluate_pairs(folder / "out", folder / "pairs.jsonl")
@@ -308,7 +330,7 @@ def test_distill_dpo_stages_chain_onto_sft_and_each_other(tmp_path):
 
 def test_judged_win_rate_of_dpo_over_sft_in_both_orders(tokenizer, tmp_path, monkeypatch):
     import datagen.teachers.teacher as teachers
-    from datagen.finetune.dpo import evaluate_dpo
+    from datagen.finetune.dpo_eval import evaluate_dpo
     from datagen.finetune.evaluate import EvalConfig
     from datagen.teachers.teacher import Teacher, TeacherConfig
     from tests.helpers import ScriptedBackend

@@ -61,7 +61,8 @@ def test_bad_pairs_are_one_error_line_before_any_rank_starts(tmp_path):
 def test_two_ranks_train_what_one_process_trains_and_resume_after_kill_9(tmp_path, embedded_model_path):
     from transformers import AutoTokenizer
 
-    from datagen.finetune.dpo import DPOConfig, train_dpo
+    from datagen.finetune.config import DPOConfig
+    from datagen.finetune.dpo import train_dpo
 
     student = str(tmp_path / "tiny")
     tiny_model(student, AutoTokenizer.from_pretrained(embedded_model_path))

@@ -1,6 +1,6 @@
 """Adding a filter pass the way the README's "Extending" section says: a function with the
 pass signature, one registry entry; the runner, the config and the CLI pick it up with no
-other change."""
+other change, and so does the sharded runner (`--engine`), as the entry's `sharding` says."""
 
 from __future__ import annotations
 
@@ -49,6 +49,36 @@ def test_a_registered_pass_runs_through_the_runner_config_and_stats(tmp_path, mo
     assert (entry["pass"], entry["in"], entry["out"], entry["reasons"], entry["min_words"]) == (
         "short-instruction", 2, 1, {"instruction too short": 1}, 6)
     assert stats_path(kept_path).exists()
+
+
+def test_a_registered_pass_runs_sharded_as_its_registry_line_says(tmp_path, monkeypatch):
+    pytest.importorskip("datatrove")
+    from datagen.engines.datatrove_run import EngineOptions
+    from datagen.engines.sharded_filter import ScaleFilterPlan, run_scaled_filter
+    from datagen.filters.base import PER_TASK
+
+    monkeypatch.setitem(filtering.PASSES, "short-instruction", FilterPass(short_instruction_pass, sharding=PER_TASK))
+    source = write_tasks(tmp_path / "raw.jsonl", [
+        make_task(f"t{i}", "Sort the numbers." if i % 3 == 0 else f"Sort the list of {i} numbers in ascending order.")
+        for i in range(9)])
+    config = load_config(None, {"filter.passes": ("--passes", ["heuristics", "short-instruction"])})
+    one = tmp_path / "one.jsonl"
+    single = filtering.run_filter(config, source, one, rejects_path(one), "test")
+    out = tmp_path / "sharded.jsonl"
+
+    def sharded():
+        plan = ScaleFilterPlan(source, out, rejects_path(out), tmp_path / "work", config, tasks=2)
+        return run_scaled_filter(plan, "datatrove", EngineOptions(workers=1))
+
+    stats = sharded()
+    assert out.read_text() == one.read_text() and rejects_path(out).read_text() == rejects_path(one).read_text()
+    assert [(e["pass"], e["in"], e["out"], e["reasons"]) for e in stats["passes"]] == [
+        (e["pass"], e["in"], e["out"], e["reasons"]) for e in single["passes"]]
+
+    # a registry line that does not say how the pass shards: refused sharded, in one line
+    monkeypatch.setitem(filtering.PASSES, "short-instruction", FilterPass(short_instruction_pass))
+    with pytest.raises(ConfigError, match="the short-instruction pass does not say how it shards"):
+        sharded()
 
 
 def test_an_unregistered_pass_name_lists_the_registered_ones():

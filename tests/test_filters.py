@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from datagen.filters.base import check_pass
 from datagen.filters.decontaminate import EvalIndex, decontaminate_pass
-from datagen.filters.heuristics import HeuristicsConfig, checks_for
+from datagen.filters.heuristics import OUR_REASONS, REFERENCE_REASONS, HeuristicsConfig, checks_for, score_rules
 from datagen.filters.judge import JudgeConfig, judge_messages, judge_pass, parse_judgement
 from datagen.filters.novelty import NoveltyConfig, novelty_pass
 from datagen.io import read_tasks
@@ -45,6 +46,22 @@ HEURISTIC_CASES = [
           ("", "| Name | Age |\n| --- | --- |\n| Ann | 31 |\n| Bob | 27 |\n| Cid | 45 |")), None),
     (task("Compose a simple tune and write it as note names.", ("", "C D D D D E F G G G D D D D C C")),
      None),  # a melody written as notes
+    # found on the labelled Alpaca sample (tests/data/filter_precision/): a dialogue line that
+    # opens the reply is still content; a decline and a placeholder are not answers
+    (task("Rewrite the dialogue so that the tone is more polite.",
+          ("- Agent: I'm sorry, we can't do that.", "- Agent: I'm sorry, but we are unable to fulfill your request.")),
+     None),
+    (task("Write a polite note declining a wedding invitation.", ("", "I'm sorry, but I cannot attend.")), None),
+    (task("Create a flow chart of the water cycle.", ("", "This task cannot be performed by a GPT model.")),
+     "refusal: 'this task cannot'"),
+    (task(GOOD, ("", "Unfortunately, I'm unable to browse the web.")),
+     "refusal: \"i'm unable to\""),
+    (task("Create a visual of the company's growth.", ("", "<nooutput>")), "placeholder output: '<nooutput>'"),
+    (task("Design a banner for the product.", ("Heated cushion", "<noinput>\n<output image>")),
+     "placeholder output: '<noinput>'"),
+    (task(GOOD, ("", "No Output")), "placeholder output: 'No Output'"),
+    (task("Select the description tags from this HTML code.", ("<html>...</html>", '<meta name="description">')),
+     None),  # markup, not a placeholder
     (Task(id="none", instruction=GOOD), "no instances"),
     (task(GOOD), None),
 ]
@@ -55,6 +72,27 @@ def test_each_heuristic_reason(candidate, reason):
     kept, rejected = check_pass(checks_for(HeuristicsConfig()))([candidate])
     assert [r.reason for r in rejected] == ([reason] if reason else [])
     assert len(kept) + len(rejected) == 1
+
+
+LABELLED = Path(__file__).parent / "data" / "filter_precision" / "alpaca_labelled.jsonl"
+PRECISION_FLOOR = 0.95
+
+
+def test_our_heuristics_hold_their_precision_on_labelled_teacher_data():
+    """Real text-davinci-003 rows (Stanford Alpaca, CC BY-NC 4.0), each labelled with the rules
+    whose defect it really has: a rule change that misfires on them fails here. The Self-Instruct
+    reference rules are the method's and only reported (bench/filter_precision.py)."""
+    rows = [json.loads(line) for line in LABELLED.read_text(encoding="utf-8").splitlines()]
+    labelled = [(Task(id=str(r["row"]), instruction=r["instruction"],
+                      instances=[Instance(input=r["input"], output=r["output"])]), r["defects"]) for r in rows]
+    scores = score_rules(labelled, checks_for(HeuristicsConfig()))
+    ours = {rule: s for rule, s in scores.items() if rule not in REFERENCE_REASONS}
+    assert set(ours) <= set(OUR_REASONS)
+    low = {rule: (s.correct, s.fired) for rule, s in ours.items() if s.fired and s.precision < PRECISION_FLOOR}
+    assert not low, f"below {PRECISION_FLOOR} precision (right, fired): {low}"
+    # the labels stay honest about what the rules miss and misfire on: both are counted
+    assert ours["placeholder output"].fired >= 8 and ours["refusal"].recall < 1
+    assert scores["input or output ends with ':'"].precision == 0.0
 
 
 def test_alpaca_preset_and_length_limits():

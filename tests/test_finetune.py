@@ -17,6 +17,7 @@ import time
 import pytest
 
 from datagen.errors import ConfigError, InputError
+from datagen.finetune.config import FinetuneConfig
 from datagen.finetune.data import (
     IGNORE_INDEX,
     Conversation,
@@ -25,22 +26,13 @@ from datagen.finetune.data import (
     encode_all,
     encode_conversation,
     load_conversations,
+    micro_batches,
     plan_batches,
 )
-from datagen.finetune.sft import (
-    LOSS_PATH_FAST,
-    LOSS_PATH_FULL,
-    FinetuneConfig,
-    Precision,
-    check_fast_loss,
-    check_packing,
-    choose_precision,
-    logits_of,
-    lr_factor,
-    micro_batches,
-    optimizer_step,
-    train,
-)
+from datagen.finetune.losses import LOSS_PATH_FAST, LOSS_PATH_FULL, check_fast_loss, check_packing, logits_of
+from datagen.finetune.model import Precision, choose_precision
+from datagen.finetune.optim import lr_factor, optimizer_step
+from datagen.finetune.sft import train
 from tests.helpers import run_cli
 
 
@@ -239,7 +231,7 @@ def test_loss_on_supervised_positions_only_equals_the_full_logits_loss(embedded_
     import torch
     from transformers import AutoModelForCausalLM
 
-    from datagen.finetune.sft import summed_loss
+    from datagen.finetune.losses import summed_loss
 
     model = AutoModelForCausalLM.from_pretrained(embedded_model_path, dtype=torch.float32).eval()
     examples = [encode_conversation(tokenizer,
@@ -452,7 +444,7 @@ def test_lora_run_lowers_the_loss_and_writes_adapter_merged_and_logs(trained, em
     import torch
     from transformers import AutoModelForCausalLM
 
-    from datagen.finetune.sft import mean_completion_loss
+    from datagen.finetune.losses import mean_completion_loss
 
     examples = encode_all(tokenizer, load_conversations(data), max_length=None).examples
     base = AutoModelForCausalLM.from_pretrained(embedded_model_path, dtype=torch.float32)

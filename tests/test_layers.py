@@ -1,5 +1,7 @@
 """The package's layers: every import (module level or inside a function) points down or
-sideways, never up, and no modules import each other in a loop.
+sideways, never up, and no modules import each other in a loop. No module reaches into another
+for a private name (`from datagen.x import _name`, or `x._name` on an imported module): a seam
+between modules is public, or the code moves.
 
 A new module must be placed in `LAYERS` (longest matching prefix wins); the test names
 any module that is not, so where a new piece sits is a decision, not an accident.
@@ -29,15 +31,21 @@ LAYERS: list[tuple[str, ...]] = [
     ("datagen.config", "datagen.io"),
     # the Backend protocol, Teacher (cache, stats), the backends and their registry
     ("datagen.teachers", "datagen.vllm_server"),
-    # the work: filter passes, generation methods, SFT examples
-    ("datagen.filters", "datagen.generators", "datagen.finetune", "datagen.finetune.data",
-     "datagen.finetune.distributed", "datagen.engines"),
+    # the work: filter passes, generation methods, training components (config, data, pairs,
+    # student, losses, optimiser, checkpoints, ranks, the training run)
+    ("datagen.filters", "datagen.generators", "datagen.finetune", "datagen.finetune.config",
+     "datagen.finetune.data", "datagen.finetune.pairs", "datagen.finetune.model", "datagen.finetune.losses",
+     "datagen.finetune.optim", "datagen.finetune.checkpoints", "datagen.finetune.distributed",
+     "datagen.finetune.run"),
+    # where work runs: this process, Ray (teacher calls), datatrove on processes / Ray / Slurm (filter shards)
+    ("datagen.engines",),
     # stage runners, each owning its config section
-    ("datagen.generate", "datagen.estimate", "datagen.filtering", "datagen.scale_dedup", "datagen.scale_filter",
+    ("datagen.generate", "datagen.estimate", "datagen.filtering",
      "datagen.export",
-     "datagen.finetune.sft", "datagen.finetune.evaluate", "datagen.finetune.dpo", "datagen.view"),
+     "datagen.finetune.sft", "datagen.finetune.dpo", "datagen.finetune.evaluate", "datagen.finetune.dpo_eval",
+     "datagen.view"),
     # the whole-file config and the chained stages
-    ("datagen.config_file", "datagen.distill"),
+    ("datagen.config_file", "datagen.distill", "datagen.finetune.launch"),
     # typer commands
     ("datagen.cli", "datagen.finetune.__main__"),
 ]
@@ -63,6 +71,44 @@ def _skipped_blocks(tree: ast.AST) -> set[int]:
     return skipped
 
 
+def _resolve(node: ast.ImportFrom, package: str) -> str:
+    """The absolute module name an `from ... import` reads from."""
+    base = node.module or ""
+    if node.level:
+        anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+        base = ".".join(anchor + ([base] if base else []))
+    return base
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def private_reaches(name: str, path: Path, modules: dict[str, Path]) -> list[str]:
+    """`name`'s uses of another package module's private names: imported by name, or read as an
+    attribute of an imported module (type-checking imports included: they are seams too)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found, module_aliases = [], {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = _resolve(node, package)
+            for alias in node.names:
+                if f"{base}.{alias.name}" in modules:
+                    module_aliases[alias.asname or alias.name] = f"{base}.{alias.name}"
+                elif base in modules and base != name and _private(alias.name):
+                    found.append(f"{name}:{node.lineno} imports {alias.name} from {base}")
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name in modules and alias.asname:
+                    module_aliases[alias.asname] = alias.name
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and _private(node.attr)
+                and module_aliases.get(node.value.id, name) != name):
+            found.append(f"{name}:{node.lineno} reads {module_aliases[node.value.id]}.{node.attr}")
+    return found
+
+
 def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
     """The package modules `name` imports anywhere in its body, resolved to module names."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -75,10 +121,7 @@ def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(anchor + ([base] if base else []))
+            base = _resolve(node, package)
             targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
         else:
             continue
@@ -143,6 +186,21 @@ def test_no_import_points_up_a_layer():
 def test_no_import_cycles():
     loop = find_cycle(import_graph())
     assert loop is None, " -> ".join(loop)
+
+
+def test_no_module_reaches_for_another_modules_private_names():
+    modules = module_files()
+    found = [reach for name, path in modules.items() for reach in private_reaches(name, path, modules)]
+    assert not found, "make these public or move the code:\n" + "\n".join(found)
+
+
+def test_the_checker_finds_a_private_reach(tmp_path):
+    source = tmp_path / "cli.py"
+    source.write_text("from datagen.filters.dedup import _Thing, keep_rank\nfrom datagen.filters import dedup\n"
+                      "dedup._helper()\nfrom datagen.cli import _mine\n", encoding="utf-8")
+    modules = {"datagen.cli": source, "datagen.filters": source, "datagen.filters.dedup": source}
+    assert private_reaches("datagen.cli", source, modules) == [
+        "datagen.cli:1 imports _Thing from datagen.filters.dedup", "datagen.cli:3 reads datagen.filters.dedup._helper"]
 
 
 def test_the_checker_finds_an_upward_import_and_a_loop():

@@ -786,7 +786,7 @@ def test_preferences_on_ray_look_ahead_and_write_what_local_writes(tmp_path):
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray = pytest.importorskip("ray")
     from datagen.engines.config import EngineConfig
-    from datagen.engines.ray_generate import ray_teacher
+    from datagen.engines.ray_teacher import ray_teacher
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     run(tmp_path / "local", SampledScript())

@@ -14,7 +14,8 @@ import math
 
 import pytest
 
-from datagen.finetune.sft import FinetuneConfig, Precision, choose_precision, precision_for, qlora_problem
+from datagen.finetune.config import FinetuneConfig
+from datagen.finetune.model import Precision, choose_precision, precision_for, qlora_problem
 from tests.helpers import run_cli
 from tests.test_dpo import write_pairs
 from tests.test_finetune import arithmetic_batch, arithmetic_rows, tiny_model, write_jsonl
@@ -103,7 +104,9 @@ def test_qlora_student_is_nf4_with_lora_on_top_and_stays_trainable_after_eval_pa
     from bitsandbytes.nn import Linear4bit
     from bitsandbytes.nn import modules as bnb_modules
 
-    from datagen.finetune.sft import accumulate_gradients, check_fast_loss, load_student
+    from datagen.finetune.losses import check_fast_loss
+    from datagen.finetune.model import load_student
+    from datagen.finetune.optim import accumulate_gradients
 
     monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
     tiny_model(tmp_path / "tiny", tokenizer)
@@ -136,7 +139,7 @@ def test_qlora_sft_on_cpu_lowers_the_loss_and_merges_into_the_float_base(tokeniz
     from transformers import AutoModelForCausalLM
 
     from datagen.finetune.data import encode_all, load_conversations
-    from datagen.finetune.sft import mean_completion_loss
+    from datagen.finetune.losses import mean_completion_loss
 
     tiny_model(tmp_path / "tiny", tokenizer)
     data = write_jsonl(tmp_path / "train.jsonl", arithmetic_rows(24))

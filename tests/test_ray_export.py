@@ -83,7 +83,7 @@ def scripted_teacher(log: Path):
     factory = ScriptedTeacher(log)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("datagen.teachers.teacher.make_backend", factory)  # engine: local
-        patch.setattr("datagen.engines.ray_generate.make_backend", factory)  # engine: ray (sent to each actor)
+        patch.setattr("datagen.engines.ray_teacher.make_backend", factory)  # engine: ray (sent to each actor)
         assert not ray.is_initialized()
         try:
             yield patch

@@ -24,7 +24,7 @@ ray = pytest.importorskip("ray")
 
 from datagen.config_file import load_config  # noqa: E402
 from datagen.engines.config import ROUTE_ACTORS, ROUTE_HTTP, EngineConfig, ray_route  # noqa: E402
-from datagen.engines.ray_generate import ray_teacher  # noqa: E402
+from datagen.engines.ray_teacher import ray_teacher  # noqa: E402
 from datagen.errors import ConfigError, TeacherError  # noqa: E402
 from datagen.generate import run_generate  # noqa: E402
 from datagen.io import read_records, rejects_path  # noqa: E402
@@ -334,6 +334,17 @@ def test_help_and_config_do_not_import_ray():
     assert "--estimate" in result.stdout and "RAY False" in result.stdout
 
 
+def test_ray_is_joined_one_way(monkeypatch):
+    """Teacher calls and filter shards join Ray alike: engine.address, else RAY_ADDRESS, else a local Ray."""
+    from datagen.engines.ray_cluster import ray_address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert ray_address(None) == ("local", "a Ray started on this machine")
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    assert ray_address(None) == ("ray://head:10001", "RAY_ADDRESS")
+    assert ray_address("auto") == ("auto", "engine.address")
+
+
 def test_engine_section_is_validated_with_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"yaml: engine.replicas: Input should be greater than or equal to 1$"):
         config_for(tmp_path, "x", "orca", 1, {"kind": "ray", "replicas": 0})
@@ -514,7 +525,7 @@ def test_estimate_projects_from_a_pilot_that_the_real_run_reuses(tmp_path):
 
 
 def test_http_route_stops_the_run_on_a_refused_key():
-    from datagen.engines.ray_generate import http_reply, request_row
+    from datagen.engines.ray_teacher import http_reply, request_row
     from datagen.teachers.base import Request
 
     row = request_row(0, "k", Request.build([{"role": "user", "content": "Hi."}], TeacherConfig().sampling))
@@ -528,7 +539,7 @@ def test_http_route_stops_the_run_on_a_refused_key():
 
 
 def test_http_route_splits_the_request_rate_over_replicas_and_refuses_a_token_rate():
-    from datagen.engines.ray_generate import http_qps
+    from datagen.engines.ray_teacher import http_qps
 
     engine = EngineConfig(kind="ray", replicas=4)
     assert http_qps(TeacherConfig(backend="openai"), engine) is None
@@ -537,3 +548,14 @@ def test_http_route_splits_the_request_rate_over_replicas_and_refuses_a_token_ra
         http_qps(TeacherConfig(backend="openai", requests_per_minute=120), engine)
     with pytest.raises(ConfigError, match="Ray's HTTP route paces requests only"):
         http_qps(TeacherConfig(backend="openai", tokens_per_minute=10_000), engine)
+
+
+def test_actors_on_several_nodes_share_the_rate_by_node(capsys):
+    from datagen.engines.ray_teacher import replica_teacher
+
+    teacher = TeacherConfig(backend="openai", requests_per_minute=600, tokens_per_minute=90_000, max_concurrency=32)
+    assert replica_teacher(teacher, 1) is teacher  # one node: its replicas share the budget file
+    assert capsys.readouterr().err == ""
+    share = replica_teacher(teacher, 3)
+    assert (share.requests_per_minute, share.tokens_per_minute, share.max_concurrency) == (200, 30_000, 10)
+    assert "3 nodes cannot share one rate budget; each node's replicas get 1/3 of it" in capsys.readouterr().err

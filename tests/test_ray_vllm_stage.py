@@ -23,7 +23,7 @@ ray = pytest.importorskip("ray")
 
 from datagen.config import SamplingParams  # noqa: E402
 from datagen.engines.config import EngineConfig  # noqa: E402
-from datagen.engines.ray_generate import (  # noqa: E402
+from datagen.engines.ray_teacher import (  # noqa: E402
     ray_teacher,
     request_row,
     settled_reply,

@@ -21,11 +21,13 @@ from pathlib import Path
 import pytest
 
 from datagen.config_file import load_config
+from datagen.engines.datatrove_run import EngineOptions
+from datagen.engines.sharded_dedup import ScaleDedupPlan, build_executors, run_scaled_dedup
+from datagen.engines.shards import shard_lines
 from datagen.errors import InputError
 from datagen.filtering import run_filter
 from datagen.filters.dedup import DedupConfig
 from datagen.records import Instance, Task
-from datagen.scale_dedup import EngineOptions, ScaleDedupPlan, build_executors, run_scaled_dedup, shard_lines
 from tests.helpers import run_cli, single_error_line
 
 WORDS = ("river mountain violin copper garden winter planet orchid lantern harbor falcon meadow "

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 
 from datagen.config_file import load_config
+from datagen.engines.datatrove_run import EngineOptions
+from datagen.engines.sharded_filter import ScaleFilterPlan, run_scaled_filter
 from datagen.errors import InputError
 from datagen.filtering import run_filter
 from datagen.records import Instance, Task
-from datagen.scale_dedup import EngineOptions
-from datagen.scale_filter import ScaleFilterPlan, run_scaled_filter
 from tests.helpers import run_cli, single_error_line
 from tests.test_scale_dedup import corpus, run_submitted_jobs, stand_in_sbatch
 
@@ -207,7 +207,7 @@ def test_ray_executor_matches_single_process(tmp_path: Path, judge_server: Judge
 
 def test_a_rerun_skips_the_finished_tasks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Shard 1 of the first per-record stage dies; the rerun starts at that task."""
-    import datagen.scale_filter as scale_filter
+    import datagen.engines.sharded_filter as scale_filter
 
     planted(tmp_path)
     config = settings(tmp_path, ["heuristics", "exact-dedup", "manual"])
@@ -220,12 +220,12 @@ def test_a_rerun_skips_the_finished_tasks(tmp_path: Path, monkeypatch: pytest.Mo
         (ran / f"check{rank}.{len(list(ran.iterdir()))}").touch()
         real_check(plan, rank, world_size)
 
-    def run_records(plan, segment, rank, world_size):
+    def run_records(plan, segment, rank, world_size, engine):
         (ran / f"records{segment}-{rank}.{len(list(ran.iterdir()))}").touch()
         if rank == 1 and not (tmp_path / "killed").exists():
             (tmp_path / "killed").touch()
             raise RuntimeError("killed")
-        real_records(plan, segment, rank, world_size)
+        real_records(plan, segment, rank, world_size, engine)
 
     monkeypatch.setattr(scale_filter, "check_shard", check_shard)
     monkeypatch.setattr(scale_filter, "run_records", run_records)
@@ -393,5 +393,5 @@ def test_shards_on_several_machines_each_take_an_equal_share_of_the_limits(tmp_p
     plan.limit_shares = 4  # what a Slurm run (or Ray on several nodes) sets
     assert plan.spend_file(2).name == "kept.spend.00002.json"
     assert plan.shard_teacher(2).config.max_cost == 2.5
-    from datagen.scale_filter import teacher_limits
+    from datagen.engines.sharded_filter import teacher_limits
     assert teacher_limits(plan)["each_shard"]["requests_per_minute"] == 30

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from datagen.config import SamplingParams
-from datagen.generators.common import InputTally, RunContext, TaskSink
+from datagen.generators.common import COPY_OVERLAP, InputTally, RunContext, TaskSink
 from datagen.generators.self_instruct import (
     INPUT_FIRST_DEMONSTRATIONS,
     INSTANCE_STOP,
@@ -289,9 +289,23 @@ def test_instance_prompts_show_the_demonstrations_the_copy_rule_checks():
         ),
         (
             Instance(input="Write a sentence about an animal.", output="The  elephant walked slowly across the FIELD."),
-            "The  elephant walked slowly across the FIELD.",
+            "The elephant walked slowly across the field.",
         ),
-        (Instance(input="curiosity drives discovery.", output="3"), "curiosity drives discovery."),
+        (Instance(input="curiosity drives discovery.", output="3"), "Curiosity drives discovery."),
+        # partial copies, as `make demo` kept them: a demonstration's sentence inside a longer text
+        (
+            Instance(output="Tips for better sleep:\n1. Keep your phone in another room.\n2. Go to bed at the same "
+                            "time every night.\n3. Avoid coffee after lunch."),
+            "Keep your phone in another room.",
+        ),
+        (
+            Instance(input="The elephant walked slowly across the dusty road to the river.", output="11"),
+            "The elephant walked slowly across the field.",
+        ),
+        # sharing a few common words is not copying
+        (Instance(output="Put your phone away, keep the room quiet and start with the hardest task."), None),
+        (Instance(input="Before you start, tidy up the kitchen.", output="Tidy the kitchen first."), None),
+        (Instance(input="Curiosity drives discovery in science and art.", output="9"), None),
         # short texts (labels, numbers, one word) are shared by design
         (Instance(input="An elephant is big.", output="elephant"), None),
         (Instance(input="25 °C", output="298 K"), None),
@@ -299,7 +313,20 @@ def test_instance_prompts_show_the_demonstrations_the_copy_rule_checks():
     ],
 )
 def test_copied_demonstration(instance, copied):
-    assert copied_demonstration(instance, INPUT_FIRST_DEMONSTRATIONS) == copied
+    assert copied_demonstration(instance, INPUT_FIRST_DEMONSTRATIONS, COPY_OVERLAP) == copied
+
+
+def test_copy_overlap_is_a_threshold_on_the_sentence_share():
+    partial = Instance(output="Step one: keep your phone in the hallway, not your room.")
+    # shares "keep your phone" and "your phone in" of the sentence's four trigrams
+    assert copied_demonstration(partial, INPUT_FIRST_DEMONSTRATIONS, COPY_OVERLAP) is None
+    assert copied_demonstration(partial, INPUT_FIRST_DEMONSTRATIONS, 0.5) == "Keep your phone in another room."
+    # off by default (whole copies only) until the recorded replies are recorded again with it
+    assert SelfInstructConfig().copy_overlap is None
+    whole_list = Instance(output="Tips:\n1. Keep your phone in another room.\n2. Sleep early.")
+    assert copied_demonstration(whole_list, INPUT_FIRST_DEMONSTRATIONS) is None
+    with pytest.raises(ValueError):
+        SelfInstructConfig(copy_overlap=0)
 
 
 def test_an_instance_copying_its_prompt_is_rejected_with_its_own_reason(tmp_path):

@@ -1,8 +1,9 @@
-"""The `engine:` config section: run generation in this process or on a Ray cluster.
+"""The `engine:` config section: where a run's teacher calls go, this process or a Ray cluster.
 
     engine:
       kind: ray              # local (default: today's single-process loop) | ray
-      address: auto          # Ray address; unset = start a Ray instance on this machine
+      address: auto          # Ray address; unset = RAY_ADDRESS, else a Ray started on this machine
+                             # (also what `datagen filter|dedup --engine ray` joins)
       replicas: 4            # teacher replicas (Ray Data actors / vLLM engines)
       tensor_parallel: 2     # GPUs per vLLM engine (teacher.backend: vllm only)
       batch_size: 32         # requests per Ray Data batch (one shard of the stream)
@@ -22,6 +23,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from datagen.config import Strict
+from datagen.engines import TEACHER_ENGINES
 
 ROUTE_VLLM = "ray.data.llm vLLMEngineProcessorConfig"
 ROUTE_HTTP = "ray.data.llm HttpRequestProcessorConfig"
@@ -31,9 +33,9 @@ ROUTE_ACTORS = "map_batches actor pool (one teacher backend per actor)"
 class EngineConfig(Strict):
     """Where generation runs; every field but `kind` is for `kind: ray`."""
 
-    kind: Literal["local", "ray"] = "local"
-    # None: start a Ray instance on this machine; "auto": join the running cluster;
-    # "ray://head:10001": Ray client
+    kind: Literal[TEACHER_ENGINES] = "local"  # type: ignore[valid-type]
+    # None: RAY_ADDRESS, else start a Ray instance on this machine; "auto": join the running
+    # cluster; "ray://head:10001": Ray client (datagen.engines.ray_cluster.join_ray)
     address: str | None = None
     replicas: int = Field(1, ge=1)
     tensor_parallel: int = Field(1, ge=1)

@@ -1,7 +1,7 @@
 """The configured teacher on the configured engine, for every stage that asks a teacher.
 
 `engine: local` gives today's in-process `Teacher`; `engine: ray` gives a `RayTeacher`
-(`datagen.engines.ray_generate`): the same cache keys and statistics in the driver, each
+(`datagen.engines.ray_teacher`): the same cache keys and statistics in the driver, each
 `complete` call with requests not in the cache answered by one Ray Data pipeline. Ray is
 imported only when this is called, joined or started (unless it is up already) here or, with
 `connect_now=False`, at the first request the cache cannot answer, and shut down when the
@@ -29,6 +29,6 @@ def open_teacher(teacher: TeacherConfig, engine: EngineConfig, connect_now: bool
         from datagen.teachers.teacher import make_teacher
 
         return make_teacher(teacher)
-    from datagen.engines.ray_generate import ray_teacher
+    from datagen.engines.ray_teacher import ray_teacher
 
     return ray_teacher(teacher, engine, connect_now=connect_now)

@@ -31,7 +31,8 @@ from datagen.records import Task
 PLOTS = ("breakdown", "lengths", "filter")
 
 
-def _read_json(path: Path | None) -> dict[str, Any] | None:
+def read_json_if_there(path: Path | None) -> dict[str, Any] | None:
+    """A run file's JSON object (a summary, stats), or None when there is none or it is not JSON."""
     if path is None or not path.exists():
         return None
     try:
@@ -172,7 +173,8 @@ def write_plots(facts: dict[str, Any], folder: Path) -> dict[str, Path]:
     return plots
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+def markdown_table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    """A markdown table's lines (the dataset cards' tables)."""
     def cell(value: Any) -> str:  # a "|" or a line break inside a cell would break the table
         return str(value).replace("|", "\\|").replace("\n", " ")
 
@@ -193,9 +195,9 @@ def card_markdown(facts: dict[str, Any], plots: dict[str, str], front_matter: st
               f"Synthetic instruction data made with datagen from `{facts['source']}`, "
               f"exported as `{facts['format']}`. Splits are by task: no task has instances in two splits.", "",
               "## Contents", ""]
-    lines += _table(["split", "tasks", "instances"],
-                    [[name, c["tasks"], c["instances"]] for name, c in facts["splits"].items()]
-                    + [["**all**", facts["tasks"], facts["instances"]]])
+    lines += markdown_table(["split", "tasks", "instances"],
+                            [[name, c["tasks"], c["instances"]] for name, c in facts["splits"].items()]
+                            + [["**all**", facts["tasks"], facts["instances"]]])
     lines += ["", f"Classification tasks: {facts['classification_tasks']}. Orca tasks (with a system message): "
               f"{facts['orca_tasks']}. Instances with an explanation: {facts['instances_with_explanation']}. "
               f"Tasks without instances: {facts['tasks_without_instances']}."]
@@ -217,21 +219,21 @@ def card_markdown(facts: dict[str, Any], plots: dict[str, str], front_matter: st
 
     lines += ["", "## How it was made", ""]
     for title, counts in facts["breakdown"].items():
-        lines += _table([title, "tasks"], [[key, count] for key, count in counts.items()]) + [""]
+        lines += markdown_table([title, "tasks"], [[key, count] for key, count in counts.items()]) + [""]
     lines += [f"![tasks per method, operation and round]({plots['breakdown']})", ""]
 
     lines += ["## Lengths (words)", ""]
-    lines += _table(["field", "min", "median", "mean", "max"],
-                    [[field, *((_spread(values) or {}).values() or ["-"] * 4)]
-                     for field, values in facts["lengths"].items()])
+    lines += markdown_table(["field", "min", "median", "mean", "max"],
+                            [[field, *((_spread(values) or {}).values() or ["-"] * 4)]
+                             for field, values in facts["lengths"].items()])
     lines += ["", f"![length distributions]({plots['lengths']})", "", "## Filtering", ""]
     stats = facts["filter"]
     if stats:
         lines += [f"From `{facts['filter_path']}`: {stats.get('in', '?')} tasks in, {stats.get('kept', '?')} kept, "
                   f"{stats.get('rejected', '?')} rejected.", ""]
-        lines += _table(["pass", "in", "out", "reasons"],
-                        [[e["pass"], e["in"], e["out"], ", ".join(f"{r}: {c}" for r, c in e["reasons"].items()) or "-"]
-                         for e in stats.get("passes", [])])
+        lines += markdown_table(["pass", "in", "out", "reasons"], [
+            [e["pass"], e["in"], e["out"], ", ".join(f"{r}: {c}" for r, c in e["reasons"].items()) or "-"]
+            for e in stats.get("passes", [])])
         if "filter" in plots:
             lines += ["", f"![filter statistics]({plots['filter']})"]
     else:
@@ -239,11 +241,12 @@ def card_markdown(facts: dict[str, Any], plots: dict[str, str], front_matter: st
                   "which filters ran."]
 
     lines += ["", "## Teacher", ""]
-    lines += _table(["teacher (from lineage)", "tasks"], [[name, count] for name, count in facts["teachers"].items()]
-                    or [["not recorded", facts["tasks"]]])
+    lines += markdown_table(["teacher (from lineage)", "tasks"],
+                            [[name, count] for name, count in facts["teachers"].items()]
+                            or [["not recorded", facts["tasks"]]])
     lines += ["", "Sampling parameters (from lineage):", ""]
-    lines += _table(["sampling", "tasks"], [[f"`{key}`", count] for key, count in facts["sampling"].items()]
-                    or [["not recorded", facts["tasks"]]])
+    lines += markdown_table(["sampling", "tasks"], [[f"`{key}`", count] for key, count in facts["sampling"].items()]
+                            or [["not recorded", facts["tasks"]]])
     tokens = facts["lineage_tokens"]
     lines += ["", f"Tokens that made the exported records (lineage): {tokens['prompt']} prompt + "
               f"{tokens['completion']} completion.", ""]
@@ -298,8 +301,8 @@ def write_card(
     """Write `out_dir/README.md` and its plots; return the card path and the plot paths."""
     facts = card_facts(
         splits, fmt=fmt, source=str(source),
-        generation=_read_json(provenance["summary"]), generation_path=str(provenance["summary"]),
-        filter_stats=_read_json(provenance["stats"]), filter_path=str(provenance["stats"]),
+        generation=read_json_if_there(provenance["summary"]), generation_path=str(provenance["summary"]),
+        filter_stats=read_json_if_there(provenance["stats"]), filter_path=str(provenance["stats"]),
         export_summary=export_summary, export_config=export_config.model_dump(mode="json"), chat=chat,
     )
     plots = write_plots(facts, out_dir / "card")

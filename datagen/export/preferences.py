@@ -105,7 +105,7 @@ def score_distribution(pairs: list) -> list[tuple[int, int, int]]:
 def preference_card(source: Path, splits: dict[str, list], split_source: str, generation: dict | None,
                     front_matter: str) -> str:
     """The card: counts, score distributions, margins, responders, judge, provenance."""
-    from datagen.export.card import _table
+    from datagen.export.card import markdown_table
 
     everything = [pair for pairs in splits.values() for pair in pairs]
     margins = [p.score_chosen - p.score_rejected for p in everything
@@ -115,8 +115,8 @@ def preference_card(source: Path, splits: dict[str, list], split_source: str, ge
              f"`{source}`, in TRL's conversational preference shape (`prompt`, `chosen`, `rejected`). "
              f"Splits are by task (task ids of `{split_source}`): no task has pairs in two splits.", "",
              "## Contents", ""]
-    lines += _table(["split", "pairs", "tasks"],
-                    [[name, len(pairs), len({p.task_id for p in pairs})] for name, pairs in splits.items()])
+    lines += markdown_table(["split", "pairs", "tasks"],
+                            [[name, len(pairs), len({p.task_id for p in pairs})] for name, pairs in splits.items()])
     unrated = len(everything) - len([p for p in everything if p.score_chosen is not None])
     lines += ["", "## Score distribution (teacher ratings, 1-10)", ""]
     pairwise = sum(1 for p in everything if p.lineage is not None and getattr(p.lineage, "judging", "") == "pairwise")
@@ -130,7 +130,7 @@ def preference_card(source: Path, splits: dict[str, list], split_source: str, ge
     if aspects:
         lines += [f"{aspects} pairs were rated with `judging: ultrafeedback`: their score is the mean of four "
                   "1-5 aspect ratings, counted below by its whole part.", ""]
-    lines += _table(["score", "chosen", "rejected"], [list(row) for row in score_distribution(everything)])
+    lines += markdown_table(["score", "chosen", "rejected"], [list(row) for row in score_distribution(everything)])
     if margins:
         lines += ["", f"Score margin chosen - rejected: min {min(margins):g}, median {statistics.median(margins):g}, "
                       f"mean {statistics.fmean(margins):.2f}, max {max(margins):g}."]
@@ -139,7 +139,7 @@ def preference_card(source: Path, splits: dict[str, list], split_source: str, ge
         responders = Counter((side, getattr(lin, "responders", {}).get(side, {}).get("name"))
                              for lin in lineages for side in ("chosen", "rejected"))
         lines += ["", "## Responders and judge", ""]
-        lines += _table(["side", "responder", "pairs"], [[side, name, count] for (side, name), count
+        lines += markdown_table(["side", "responder", "pairs"], [[side, name, count] for (side, name), count
                                                            in sorted(responders.items(), key=str)])
         judges = Counter(f"{lin.teacher_backend}:{lin.teacher_model}" for lin in lineages)
         templates = Counter(f"{lin.template} ({lin.template_sha256})" for lin in lineages)
@@ -150,14 +150,14 @@ def preference_card(source: Path, splits: dict[str, list], split_source: str, ge
         lines.append(f"No generation summary beside the pairs ({summary_path(source)} is missing).")
     else:
         lines += [f"Command: `{generation.get('command', '')}`", "", "Rejects by reason:", ""]
-        lines += _table(["reason", "count"], [[r, c] for r, c in generation.get("rejects_by_reason", {}).items()]
-                        or [["none", 0]])
+        lines += markdown_table(["reason", "count"],
+                                [[r, c] for r, c in generation.get("rejects_by_reason", {}).items()] or [["none", 0]])
     return "\n".join(lines) + "\n"
 
 
 def export_preferences(config, source: Path, out_dir: Path) -> tuple[dict[str, Any], list[Path]]:
     """Write the preferences export; return the summary fields and the files written."""
-    from datagen.export.card import _read_json, hf_front_matter
+    from datagen.export.card import hf_front_matter, read_json_if_there
     from datagen.generators.preferences import PreferencePair
 
     pairs = list(read_records(source, PreferencePair))
@@ -169,7 +169,8 @@ def export_preferences(config, source: Path, out_dir: Path) -> tuple[dict[str, A
     written = write_preference_files(splits, out_dir)
     front = hf_front_matter([name for name in splits if (out_dir / "data" / f"{name}.parquet").exists()])
     card = out_dir / "README.md"
-    atomic_write_text(card, preference_card(source, splits, split_source, _read_json(summary_path(source)), front))
+    generation = read_json_if_there(summary_path(source))
+    atomic_write_text(card, preference_card(source, splits, split_source, generation, front))
     summary = {
         "tasks": len({p.task_id for p in pairs}), "instances": len(pairs), "split_on": split_source,
         "splits": {name: {"tasks": len({p.task_id for p in members}), "instances": len(members)}

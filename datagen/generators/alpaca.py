@@ -29,7 +29,9 @@ The reference is `generate_instruction.py` and `prompt.txt` of that repository. 
 
 4. *Copying* (not in the reference): an item whose instruction equals one of its prompt's
    tasks, or whose input or output equals the input or output shown with them (texts of
-   three words or more; whitespace, case and final punctuation folded), is rejected as
+   three words or more; whitespace, case and final punctuation folded) or holds
+   `copy_overlap` (off by default; 0.7 suggested) of the word trigrams of one of their
+   sentences, is rejected as
    "copies a demonstration"; an item whose non-empty input more than `max_other_tasks_per_input`
    other tasks of the run already carry (tasks on disk, counted again on resume, and items
    kept earlier in the batch) is rejected as "input shared by too many tasks".
@@ -182,6 +184,9 @@ class AlpacaConfig(Strict):
     # an item whose non-empty input more than this many other tasks of the run already carry
     # is rejected (weak teachers paste one input into every task); not in the reference
     max_other_tasks_per_input: int = Field(2, ge=0)
+    # an item holding this share of the word trigrams of a sentence of the input or output
+    # shown in its prompt copies it ("copies a demonstration"); not in the reference
+    copy_overlap: float | None = Field(None, gt=0.0, le=1.0)
     # answer this many whole batches in one teacher call (into the request cache) before
     # running them one by one from there, so the engine gets prompts_per_batch x batches_ahead
     # requests at once; 1 = one batch at a time. Only with `teacher.cache: use` (else 1). The
@@ -288,13 +293,13 @@ def parse_alpaca_reply(text: str, first_number: int, finish_reason: str) -> Pars
     return parsed
 
 
-def copied_from_prompt(item: AlpacaItem, shown: Sequence[Task]) -> str | None:
-    """What `item` repeats of the tasks its prompt showed (their instruction, or the input or
-    output of the instance shown, three words or more), or None."""
+def copied_from_prompt(item: AlpacaItem, shown: Sequence[Task], overlap: float | None = None) -> str | None:
+    """What `item` copies of the tasks its prompt showed (their instruction, whole; or the
+    input or output of the instance shown, three words or more, whole or in part), or None."""
     copied = copied_instruction(item.instruction, [task.instruction for task in shown])
     if copied is None:
         demonstrations = [task.model_copy(update={"instances": task.instances[:1]}) for task in shown]
-        copied = copied_demonstration(Instance(input=item.input, output=item.output), demonstrations)
+        copied = copied_demonstration(Instance(input=item.input, output=item.output), demonstrations, overlap)
     return copied
 
 
@@ -442,7 +447,7 @@ def _screen_reply(
         if reason is not None:
             sink.reject(reason, STAGE_ALPACA, raw=item.raw, task=_bare_task(item))
             continue
-        copied = copied_from_prompt(item, shown)
+        copied = copied_from_prompt(item, shown, settings.copy_overlap)
         if copied is not None:
             sink.reject(COPIED_DEMONSTRATION, STAGE_ALPACA, raw=item.raw, task=_bare_task(item),
                         detail=f"shown in its prompt: {copied}")

@@ -51,10 +51,48 @@ def normalised_text(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().rstrip(".:;!?").rstrip().casefold()
 
 
-def copied_text(texts: Iterable[str], demonstrations: Iterable[str]) -> str | None:
-    """The first of `texts` equal (normalised) to a non-empty one of `demonstrations`, or None."""
-    shown = {normalised_text(d) for d in demonstrations} - {""}
-    return next((text for text in texts if normalised_text(text) in shown), None)
+# "copies a demonstration": a text holding this share of the word trigrams of a sentence of
+# its prompt's demonstrations (the suggested `copy_overlap` of the generators' settings; off
+# by default until the recorded replies the tests replay are recorded again with it)
+COPY_OVERLAP = 0.7
+COPY_NGRAM = 3  # words per n-gram
+_COPY_MIN_WORDS = COPY_NGRAM + 1  # shorter sentences ("Curiosity drives discovery.") count only whole
+_SENTENCE_END = re.compile(r"(?<=[.!?;])\s+|\n+")
+_COPY_WORD = re.compile(r"\w+")
+
+
+def _ngrams(words: Sequence[str]) -> set[tuple[str, ...]]:
+    return {tuple(words[i:i + COPY_NGRAM]) for i in range(len(words) - COPY_NGRAM + 1)}
+
+
+def copied_text(texts: Iterable[str], demonstrations: Iterable[str], overlap: float | None = None) -> str | None:
+    """The demonstration, or the sentence of one, that one of `texts` copies; None if none.
+
+    A text copies a demonstration when it equals it (normalised: `normalised_text`), or when
+    it contains at least `overlap` of the word trigrams of one of its sentences of four words
+    or more, anywhere and in any casing: "1. Keep your phone in another room." inside a longer
+    list copies the demonstration it comes from, a text sharing a few common words does not.
+    `overlap` None: whole copies only. Callers leave out demonstrations too short to count
+    (labels, numbers)."""
+    shown = [d for d in demonstrations if normalised_text(d)]
+    sentences = [(sentence, grams) for d in shown for sentence in _SENTENCE_END.split(d.strip())
+                 if len(words := _COPY_WORD.findall(sentence.casefold())) >= _COPY_MIN_WORDS
+                 and (grams := _ngrams(words))]
+    for text in texts:
+        folded = normalised_text(text)
+        if not folded:
+            continue
+        equal = next((d for d in shown if normalised_text(d) == folded), None)
+        if equal is not None or overlap is None:
+            if equal is not None:
+                return equal
+            continue
+        present = _ngrams(_COPY_WORD.findall(folded))
+        copied = next((sentence for sentence, grams in sentences if len(grams & present) >= overlap * len(grams)),
+                      None)
+        if copied is not None:
+            return copied
+    return None
 
 
 class InputTally:

@@ -33,7 +33,8 @@ Copying from the prompt (not in the reference; weak teachers do it often, strong
 sometimes): a new instruction equal to one the bootstrap prompt listed, and an instance
 (of any round) whose input or output equals a text of the instance prompts'
 demonstrations (texts of three words or more; whitespace, case and final punctuation
-folded), are rejected as
+folded) or, with `copy_overlap` set (0.7 suggested), holds that share of the word trigrams
+of one of their sentences of four words or more, are rejected as
 "copies a demonstration"; an instance whose non-empty input more than
 `max_other_tasks_per_input` other tasks of the run already carry (accepted tasks, counted
 again from OUT on resume, and candidates of the same batch) is rejected as "input shared
@@ -182,6 +183,9 @@ class SelfInstructConfig(Strict):
     # an instance whose non-empty input more than this many other tasks of the run already
     # carry is rejected (weak teachers paste one input into every task); not in the reference
     max_other_tasks_per_input: int = Field(2, ge=0)
+    # an instance holding this share of the word trigrams of a sentence of its prompt's
+    # demonstrations copies it ("copies a demonstration"; not in the reference)
+    copy_overlap: float | None = Field(None, gt=0.0, le=1.0)
     # "lenient": any reply containing "yes" marks a classification task, so a chat teacher's
     # "Yes." counts; "reference": only "Yes", "yes" or "YES" after stripping, as the reference
     classification_match: Literal["lenient", "reference"] = "lenient"
@@ -277,18 +281,24 @@ def instance_messages(instruction: str, is_classification: bool) -> list[Message
     return user(text)
 
 
-def copied_demonstration(instance: Instance, demonstrations: Sequence[Task]) -> str | None:
-    """The input or output of `instance` that repeats a text of `demonstrations` (any input
-    or output of theirs, normalised), or None. Texts under three words (labels such as
-    "even", numbers such as "48") are shared by design and never count as copies."""
+def copied_demonstration(
+    instance: Instance, demonstrations: Sequence[Task], overlap: float | None = None
+) -> str | None:
+    """The text of `demonstrations` (an input or output of theirs, or a sentence of one) that
+    the input or output of `instance` copies, whole or in part (`copied_text`), or None.
+    Texts under three words (labels such as "even", numbers such as "48") are shared by design
+    and never count as copies."""
     shown = [text for demo in demonstrations for i in demo.instances for text in (i.input, i.output)
              if len(text.split()) >= 3]
-    return copied_text([instance.input, instance.output], shown)
+    return copied_text([instance.input, instance.output], shown, overlap)
 
 
 def copied_instruction(instruction: str, shown: Sequence[str]) -> str | None:
-    """The instruction of `shown` (the prompt's list) that `instruction` repeats, or None."""
-    return next((s for s in shown if copied_text([clean_instruction(instruction)], [clean_instruction(s)])), None)
+    """The instruction of `shown` (the prompt's list) that `instruction` repeats, or None. Only
+    whole copies count (normalised): instructions share their frames ("Suggest a name for ...")
+    by design, and near copies are the ROUGE-L novelty rule's."""
+    folded = normalised_text(clean_instruction(instruction))
+    return next((s for s in shown if normalised_text(clean_instruction(s)) == folded), None)
 
 
 def more_instances_messages(
@@ -555,7 +565,8 @@ class _Loop:
         params = _instance_params(self.settings, self.run_context.seed, batch.number, round_number, more)
 
         def take(replies: list[list[Completion]]) -> None:
-            _take_round(asks, replies, round_number, batch.number, self.sink, batch.inputs)
+            _take_round(asks, replies, round_number, batch.number, self.sink, batch.inputs,
+                        self.settings.copy_overlap)
 
         return ([messages for _, messages, _ in asks], params), take
 
@@ -677,7 +688,7 @@ def _instance_asks(
 
 def _take_round(
     asks: list[_Ask], replies: list[list[Completion]], round_number: int, batch: int, sink: TaskSink,
-    inputs: _InputUse,
+    inputs: _InputUse, copy_overlap: float | None = None,
 ) -> None:
     sink.at(batch)
     for (candidate, _, opening), samples in zip(asks, replies):
@@ -686,7 +697,8 @@ def _take_round(
         # covered by the "input already present" rule)
         shown = instance_demonstrations(candidate.is_classification)
         for reply in samples:
-            _take_instances(candidate, reply, opening, round_number > 0, sink, demonstrations=shown, inputs=inputs)
+            _take_instances(candidate, reply, opening, round_number > 0, sink, demonstrations=shown, inputs=inputs,
+                            copy_overlap=copy_overlap)
 
 
 def _add_instances(
@@ -710,7 +722,7 @@ def _add_instances(
             if asks:
                 params = _instance_params(settings, seed, batch, round_number, more)
                 [replies] = teacher.complete_many([([messages for _, messages, _ in asks], params)])
-                _take_round(asks, replies, round_number, batch, sink, inputs)
+                _take_round(asks, replies, round_number, batch, sink, inputs, settings.copy_overlap)
 
 
 def _decide(
@@ -781,6 +793,7 @@ def _take_instances(
     *,
     demonstrations: Sequence[Task] = (),
     inputs: _InputUse | None = None,
+    copy_overlap: float | None = None,
 ) -> None:
     candidate.completions.append(reply)
     candidate.asked_for_more |= bool(opening)
@@ -801,7 +814,7 @@ def _take_instances(
             # a second output for a known input is a repeat, not a sign that the task is ambiguous
             reason = INPUT_ALREADY_PRESENT
         detail = candidate.instruction
-        if reason is None and (copied := copied_demonstration(instance, demonstrations)):
+        if reason is None and (copied := copied_demonstration(instance, demonstrations, copy_overlap)):
             reason, detail = COPIED_DEMONSTRATION, f"{candidate.instruction} | shown in its prompt: {copied}"
         if reason is None and inputs is not None:
             reason = inputs.reason(candidate, instance.input)

@@ -221,12 +221,8 @@ class Teacher:
         counts as a cache hit, as it would in a later call.
         """
         jobs = [(conversations, params or self.config.sampling) for conversations, params in jobs]
-        requests = [
-            Request.build(messages, _single_sample(params, sample), sample)
-            for conversations, params in jobs
-            for messages in conversations
-            for sample in range(params.n)
-        ]
+        requests = [request for conversations, params in jobs for messages in conversations
+                    for request in sample_requests(messages, params)]
         results: list[Completion | None] = [None] * len(requests)
         keys = [request_key(self.backend.name, self.backend.model, r) for r in requests]
         missing = []
@@ -352,6 +348,12 @@ class Teacher:
 def _single_sample(params: SamplingParams, sample: int) -> SamplingParams:
     seed = None if params.seed is None else params.seed + sample
     return params.model_copy(update={"n": 1, "seed": seed})
+
+
+def sample_requests(messages: Sequence[Message], params: SamplingParams) -> list[Request]:
+    """The requests one conversation becomes: one per sample (`params.n`), each n=1 with the
+    seed + its sample index, so every sample is a request (and a cache key) of its own."""
+    return [Request.build(messages, _single_sample(params, sample), sample) for sample in range(params.n)]
 
 
 def make_backend(config: TeacherConfig) -> Backend:

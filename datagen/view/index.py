@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from datagen.io import REJECTS_SUFFIX, STATS_SUFFIX, SUMMARY_SUFFIX
+from datagen.rejects import INVALID_LINE, STAGE_READ
 from datagen.view.index_cache import CACHE_MIN_BYTES, load_rows, save_rows
 
 # Columns with a facet: value counts shown beside the table, a click filters on them.
@@ -516,7 +517,7 @@ class TaskIndex:
                 rejected = is_rejects
             else:
                 text = raw.decode("utf-8", "replace").strip()
-                record, rejected = {"reason": "invalid line", "stage": "read", "raw": text}, True
+                record, rejected = {"reason": INVALID_LINE, "stage": STAGE_READ, "raw": text}, True
             task = record.get("task") if rejected else record
             if not isinstance(task, dict):
                 task = _NO_LINEAGE
@@ -776,5 +777,5 @@ class TaskIndex:
             value = json.loads(raw)
         except ValueError:
             value = None
-        return value if isinstance(value, dict) else {"reason": "invalid line", "stage": "read",
+        return value if isinstance(value, dict) else {"reason": INVALID_LINE, "stage": STAGE_READ,
                                                       "raw": raw.decode("utf-8", "replace")}

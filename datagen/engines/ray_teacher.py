@@ -1,4 +1,7 @@
-"""`engine: ray`: a generation run's teacher requests answered by a Ray Data pipeline.
+"""`engine: ray`: a run's teacher requests answered by a Ray Data pipeline (`RayTeacher`).
+
+Every stage that asks a teacher gets one through `datagen.engines.open_teacher` (generation,
+export's teacher negatives and categories, ...); this module is what `engine.kind: ray` means.
 
 The generation method's own loop still runs in the driver, unchanged: it builds the
 requests, parses the replies, stamps lineage and writes OUT batch by batch, exactly as
@@ -41,9 +44,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import queue
 import re
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
@@ -52,24 +55,14 @@ from typing import Any
 
 from datagen.config import SamplingParams
 from datagen.engines.config import ROUTE_ACTORS, ROUTE_HTTP, ROUTE_VLLM, EngineConfig, ray_route
+from datagen.engines.ray_cluster import alive_nodes, import_ray, join_ray
 from datagen.errors import ConfigError, TeacherError
 from datagen.teachers.base import Backend, BackendCounters, Completion, Message, Request, ResultCallback
 from datagen.teachers.batch_api import BATCH_BACKEND
 from datagen.teachers.cache import RequestCache, request_key
-from datagen.teachers.teacher import Teacher, TeacherConfig, _single_sample, make_backend
+from datagen.teachers.teacher import Teacher, TeacherConfig, make_backend, sample_requests
 
 BackendFactory = Callable[[TeacherConfig], Backend]
-
-
-def import_ray():
-    """`ray` and `ray.data`, or one clear line saying how to install them."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    try:
-        import ray
-        import ray.data  # noqa: F401
-    except ImportError:
-        raise ConfigError("engine.kind: ray needs Ray Data: pip install 'datagen[ray]'") from None
-    return ray
 
 
 # -- rows: what travels through the pipeline ---------------------------------------------------
@@ -151,11 +144,27 @@ class TeacherReplica:
         return {column: [result[column] for result in results] for column in results[0]} if results else {}
 
 
+def replica_teacher(teacher: TeacherConfig, nodes: int) -> TeacherConfig:
+    """What each actor's backend runs with. The replicas of one node share the configured rate
+    budget (a file locked on that node); nodes cannot, so on N nodes each node's replicas
+    share an exact 1/N of every limit, said once on stderr."""
+    if nodes <= 1:
+        return teacher
+    share = teacher.share(nodes)
+    limits = {name: value for name in ("requests_per_minute", "tokens_per_minute")
+              if (value := getattr(share, name)) is not None}
+    if limits:
+        said = ", ".join(f"{name} {value:g}" for name, value in limits.items())
+        print(f"engine: ray: {nodes} nodes cannot share one rate budget; each node's replicas get 1/{nodes} "
+              f"of it ({said})", file=sys.stderr)
+    return share
+
+
 def _actor_pool(dataset, teacher: TeacherConfig, engine: EngineConfig, backend_factory: BackendFactory):
     resources = dict(engine.resources or {"CPU": 1.0})
     return dataset.map_batches(
         TeacherReplica,
-        fn_constructor_args=(teacher.model_dump_json(), backend_factory),
+        fn_constructor_args=(replica_teacher(teacher, alive_nodes()).model_dump_json(), backend_factory),
         batch_size=engine.batch_size,
         concurrency=engine.replicas,
         num_cpus=resources.pop("CPU", 0.0),
@@ -375,18 +384,11 @@ class RayBackend:
         self._started_ray = False
 
     def connect(self) -> None:
-        """Join `engine.address` (or start Ray on this machine) unless Ray is up already."""
+        """Join the cluster (`datagen.engines.ray_cluster.join_ray`: engine.address, else
+        RAY_ADDRESS, else a Ray started on this machine) unless Ray is up already."""
         if self._connected:
             return
-        ray = import_ray()
-        if not ray.is_initialized():
-            try:
-                ray.init(address=self.engine.address or "local", include_dashboard=False, logging_level="WARNING",
-                         log_to_driver=False)
-            except ConnectionError as error:
-                raise TeacherError(
-                    f"engine.address: cannot reach the Ray cluster at {self.engine.address}: {error}") from None
-            self._started_ray = True
+        self._started_ray = join_ray(self.engine.address)
         self._connected = True
 
     def key(self, request: Request) -> str:
@@ -505,7 +507,8 @@ def ray_teacher(teacher: TeacherConfig, engine: EngineConfig, backend_factory: B
                 name: str | None = None, connect_now: bool = True) -> RayTeacher:
     """A Teacher (cache and statistics in the driver) whose backend is `RayBackend`.
 
-    Connects to `engine.address` (or starts Ray on this machine) unless Ray is already up:
+    Joins Ray (`join_ray`: engine.address, else RAY_ADDRESS, else a Ray started on this
+    machine) unless Ray is already up:
     here (`connect_now`, so an unreachable cluster fails before any output is written), or
     else at the first request not in the cache (a rerun answered from the cache never
     starts Ray). A Ray started here is shut down when the teacher closes.
@@ -561,5 +564,5 @@ class RayTeacher(Teacher):
 
     @staticmethod
     def requests(messages: Sequence[Message], params: SamplingParams) -> list[Request]:
-        return [Request.build(messages, _single_sample(params, sample), sample) for sample in range(params.n)]
+        return sample_requests(messages, params)
 

@@ -6,10 +6,10 @@ byte-range shards of the input on its LocalPipelineExecutor, RayPipelineExecutor
 SlurmPipelineExecutor:
 
     datagen dedup raw.jsonl --out kept.jsonl --engine datatrove --tasks 4
-    datagen dedup raw.jsonl --out kept.jsonl --engine ray --tasks 64      # RAY_ADDRESS or a local Ray
+    datagen dedup raw.jsonl --out kept.jsonl --engine ray --tasks 64      # engine.address, RAY_ADDRESS or a local Ray
     datagen dedup raw.jsonl --out kept.jsonl --engine slurm --tasks 256 --partition cpu
 
-    from datagen.scale_dedup import ScaleDedupPlan, run_scaled_dedup
+    from datagen.engines.sharded_dedup import ScaleDedupPlan, run_scaled_dedup
     stats = run_scaled_dedup(ScaleDedupPlan(source, out, rejects, work, DedupConfig(), tasks=4), "datatrove")
 
 Stages (tasks), each a datatrove `PipelineStep` reading and writing files under the work
@@ -41,34 +41,55 @@ IDF table): a collision would merge two texts, at odds of ~n^2 / 2^129.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import os
 import shutil
-import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from datatrove.pipeline.base import PipelineStep
-from pydantic import ValidationError
 
-from datagen.errors import ConfigError, DatagenError, InputError
+from datagen.engines.datatrove_run import (
+    EngineOptions,
+    check_engine,
+    executors_for,
+    run_executors,
+    shard_count,
+    start_engine,
+    submit_to_slurm,
+)
+from datagen.engines.shards import (
+    ShardTasks,
+    best_of_groups,
+    check_work_folder,
+    concatenate_files,
+    decode_line,
+    first_lines,
+    groups_of,
+    invalid_lines,
+    load_json,
+    load_npz,
+    read_lines_at,
+    report_stage_error,
+    save_json,
+    save_npz,
+    shard_lines,
+    text_key,
+)
+from datagen.errors import ConfigError, InputError
 from datagen.filters.base import text_of
 from datagen.filters.dedup import (
     EXACT_REASON,
     NEAR_REASON,
     DedupConfig,
     NearDedupReport,
-    _adjacency,
-    _Nodes,
-    _Similarity,
-    _Vocabulary,
+    Similarity,
+    TextNodes,
+    Vocabulary,
+    adjacency,
     band_pair_codes,
     hash_elements,
     idf_weight,
@@ -82,20 +103,12 @@ from datagen.filters.dedup import (
     shingle_hash,
     shingles,
 )
-from datagen.io import (
-    atomic_write_json,
-    atomic_write_text,
-    describe_validation_error,
-    stats_path,
-    write_file_atomic,
-)
+from datagen.io import atomic_write_json, stats_path, write_file_atomic
 from datagen.records import Reject, Task
 from datagen.rejects import INVALID_LINE, STAGE_READ
 
-ENGINES = ("datatrove", "ray", "slurm")  # "local" (one process) is filtering's own path
 STAGE_EXACT, STAGE_NEAR = "exact-dedup", "near-dedup"  # the pass names run_filter writes
-NOT_UTF8 = "not UTF-8 text"
-_UTF8_BOM = b"\xef\xbb\xbf"
+DEDUP_PASSES = (STAGE_EXACT, STAGE_NEAR)  # the passes these stages run, in the order they run them
 
 
 @dataclass
@@ -111,7 +124,7 @@ class ScaleDedupPlan:
     skip_invalid: bool = False
     command: str = ""
     bands: tuple[int, int] = field(default=(0, 0))  # (b, r), from the config
-    passes: tuple[str, ...] = (STAGE_EXACT, STAGE_NEAR)  # either or both (`datagen filter --engine`)
+    passes: tuple[str, ...] = DEDUP_PASSES  # either or both (`datagen filter --engine`)
 
     def __post_init__(self) -> None:
         self.source, self.out, self.rejects, self.work = map(Path, (self.source, self.out, self.rejects, self.work))
@@ -127,67 +140,20 @@ class ScaleDedupPlan:
 # -- helpers ------------------------------------------------------------------------------------
 
 
-def _key(text: str) -> np.ndarray:
-    """A 128-bit blake2b of `text` as two uint64s."""
-    return np.frombuffer(hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest(), dtype="<u8")
 
 
-def _save_npz(path: Path, **arrays: np.ndarray) -> None:
-    write_file_atomic(path, lambda temp: np.savez(temp.open("wb"), **arrays))
 
 
-def _load_npz(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path) as data:
-        return {name: data[name] for name in data.files}
 
 
-def _save_json(path: Path, value: Any) -> None:
-    atomic_write_json(path, value)
 
 
-def _load_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
-def shard_lines(path: Path, rank: int, world_size: int) -> Iterator[tuple[int, int, bytes]]:
-    """(byte offset, index in shard, raw line) of the lines that start in shard `rank`'s bytes.
-
-    Shard r owns the lines starting in [size * r / N, size * (r + 1) / N): every line lands
-    in exactly one shard, in order, without a pass that counts lines first.
-    """
-    size = path.stat().st_size
-    start, end = size * rank // world_size, size * (rank + 1) // world_size
-    with path.open("rb") as handle:
-        if start > 0:
-            handle.seek(start - 1)
-            handle.readline()  # the rest of the line that started before us (just "\n" at a boundary)
-        position, index = handle.tell(), 0
-        while position < end:
-            raw = handle.readline()
-            if not raw:
-                break
-            yield position, index, raw
-            position += len(raw)
-            index += 1
 
 
-def _decode(raw: bytes, offset: int) -> str | None:
-    if offset == 0 and raw.startswith(_UTF8_BOM):
-        raw = raw[len(_UTF8_BOM):]
-    try:
-        return raw.decode("utf-8").rstrip("\n").removesuffix("\r")
-    except UnicodeDecodeError:
-        return None
 
 
-def _read_at(path: Path, offsets: list[int]) -> dict[int, str]:
-    """The lines starting at these byte offsets (decoded)."""
-    found = {}
-    with path.open("rb") as handle:
-        for offset in sorted(set(offsets)):
-            handle.seek(offset)
-            found[offset] = _decode(handle.readline(), offset)
-    return found
 
 
 def _rank_width(config: DedupConfig) -> int:
@@ -197,37 +163,6 @@ def _rank_width(config: DedupConfig) -> int:
 # -- stage 1: read ------------------------------------------------------------------------------
 
 
-@dataclass
-class ShardTasks:
-    """The tasks of one byte-range shard, parsed as `read_tasks_lenient` parses lines: iterate
-    for (byte offset, line index in the shard, task); afterwards `lines` is the shard's line
-    count, `errors` its (index, problem) for lines that are not tasks, `fatal` its lines that
-    are not UTF-8 (which stop a run whatever skip_invalid says)."""
-
-    path: Path
-    rank: int
-    world_size: int
-    lines: int = 0
-    errors: list[tuple[int, str]] = field(default_factory=list)
-    fatal: list[tuple[int, str]] = field(default_factory=list)
-
-    def __iter__(self) -> Iterator[tuple[int, int, Task]]:
-        for offset, index, raw in shard_lines(self.path, self.rank, self.world_size):
-            self.lines = index + 1
-            line = _decode(raw, offset)
-            if line is None:
-                self.fatal.append((index, NOT_UTF8))
-                continue
-            if not line.strip():
-                continue
-            try:
-                task = Task.model_validate_json(line)
-            except ValidationError as error:
-                first = error.errors()[0]
-                self.errors.append((index, "invalid JSON" if first["type"] == "json_invalid"
-                                    else describe_validation_error(error)))
-                continue
-            yield offset, index, task
 
 
 def read_shard(plan: ScaleDedupPlan, rank: int, world_size: int) -> None:
@@ -239,10 +174,10 @@ def read_shard(plan: ScaleDedupPlan, rank: int, world_size: int) -> None:
         tokens = rouge_tokens(text)
         offsets.append(offset)
         indexes.append(index)
-        exact.append(_key(normalize(text)))
-        node.append(_key("\x00".join(tokens)) if tokens else np.zeros(2, dtype="<u8"))
-        ident.append(_key(task.id))
-        whole.append(_key(task.to_json()))
+        exact.append(text_key(normalize(text)))
+        node.append(text_key("\x00".join(tokens)) if tokens else np.zeros(2, dtype="<u8"))
+        ident.append(text_key(task.id))
+        whole.append(text_key(task.to_json()))
         ranks.append(keep_rank(task, 0, config.keep)[:-1])  # the position is added in `group`
         starts.append(len(hashes))
         if tokens:
@@ -250,75 +185,31 @@ def read_shard(plan: ScaleDedupPlan, rank: int, world_size: int) -> None:
         ids.append(task.id)
     starts.append(len(hashes))
     out = plan.dir("read")
-    _save_npz(out / f"{rank:05d}.npz", offset=np.array(offsets, dtype=np.int64), index=np.array(indexes, np.int64),
+    save_npz(out / f"{rank:05d}.npz", offset=np.array(offsets, dtype=np.int64), index=np.array(indexes, np.int64),
               exact=np.array(exact, dtype="<u8").reshape(-1, 2), node=np.array(node, dtype="<u8").reshape(-1, 2),
               ident=np.array(ident, dtype="<u8").reshape(-1, 2), whole=np.array(whole, dtype="<u8").reshape(-1, 2),
               rank=np.array(ranks, dtype=np.float64).reshape(len(ranks), width),
               starts=np.array(starts, dtype=np.int64), hashes=np.array(hashes, dtype=np.uint64))
-    _save_json(out / f"{rank:05d}.json", {"lines": shard.lines, "ids": ids, "errors": shard.errors,
+    save_json(out / f"{rank:05d}.json", {"lines": shard.lines, "ids": ids, "errors": shard.errors,
                                           "fatal": shard.fatal})
 
 
 # -- stage 2: group -----------------------------------------------------------------------------
 
 
-def _groups(keys: np.ndarray) -> np.ndarray:
-    """Group number of each row of an (n, 2) uint64 key array."""
-    if len(keys) == 0:
-        return np.empty(0, dtype=np.int64)
-    return np.unique(keys, axis=0, return_inverse=True)[1].reshape(-1)
 
 
-def _best_of_groups(group: np.ndarray, rank: np.ndarray) -> np.ndarray:
-    """For each row, the row of its group with the largest rank tuple (rank rows compare as tuples)."""
-    order = np.lexsort((*rank.T[::-1], group))  # by group, then rank ascending: the best is last
-    last = np.ones(len(order), dtype=bool)
-    last[:-1] = group[order][1:] != group[order][:-1]
-    best_of_group = np.empty(group.max() + 1 if len(group) else 0, dtype=np.int64)
-    best_of_group[group[order][last]] = order[last]
-    return best_of_group[group]
 
 
-def first_lines(source: Path, metas: list[dict]) -> np.ndarray:
-    """The line number before each shard (from the shards' `lines` counts); stops at a non-UTF-8 line."""
-    first_line = np.cumsum([0] + [meta["lines"] for meta in metas])
-    fatal = [(int(first_line[rank]) + index + 1, problem) for rank, meta in enumerate(metas)
-             for index, problem in meta["fatal"]]
-    if fatal:
-        raise InputError(f"{source}:{min(fatal)[0]}: {NOT_UTF8}")
-    return first_line
 
 
-def invalid_lines(source: Path, metas: list[dict], first_line: np.ndarray, line: np.ndarray, ident: np.ndarray,
-                  whole: np.ndarray, id_of, skip_invalid: bool) -> tuple[list[tuple[int, str]], np.ndarray, np.ndarray]:
-    """(line, problem) of every line that is not a task or repeats an earlier line's id, in
-    `read_tasks_lenient`'s words and line order; the rows that repeat an id; each row's first row
-    with its id. Stops the run at the first (InputError) unless `skip_invalid`.
-
-    `line`, `ident` and `whole` (blake2b of the id and of the task) hold one row per valid
-    task in input order; `id_of(row)` gives a row's id (only asked for repeated ones).
-    """
-    invalid = [(int(first_line[rank]) + at + 1, problem) for rank, meta in enumerate(metas)
-               for at, problem in meta["errors"]]
-    first_of_id = _best_of_groups(_groups(ident), -line[:, None].astype(np.float64))
-    repeated = np.flatnonzero(first_of_id != np.arange(len(line)))
-    for row in repeated.tolist():
-        earlier = first_of_id[row]
-        how = "(the same task repeated)" if (whole[row] == whole[earlier]).all() else "with a different task"
-        invalid.append((int(line[row]), f'id "{id_of(row)}" already used by line {line[earlier]} {how}'))
-    invalid.sort()
-    if invalid and not skip_invalid:
-        where, problem = invalid[0]
-        more = f" (and {len(invalid) - 1} more bad lines)" if len(invalid) > 1 else ""
-        raise InputError(f"{source}:{where}: {problem}{more}; fix it or pass --skip-invalid")
-    return invalid, repeated, first_of_id
 
 
 def group_all(plan: ScaleDedupPlan, world_size: int) -> None:
     config, out = plan.config, plan.dir("group")
-    metas = [_load_json(plan.dir("read") / f"{rank:05d}.json") for rank in range(world_size)]
+    metas = [load_json(plan.dir("read") / f"{rank:05d}.json") for rank in range(world_size)]
     first_line = first_lines(plan.source, metas)  # line number before each shard
-    shards = [_load_npz(plan.dir("read") / f"{rank:05d}.npz") for rank in range(world_size)]
+    shards = [load_npz(plan.dir("read") / f"{rank:05d}.npz") for rank in range(world_size)]
     shard = np.concatenate([np.full(len(s["index"]), rank, dtype=np.int64) for rank, s in enumerate(shards)])
     index = np.concatenate([s["index"] for s in shards])
     line = first_line[shard] + index + 1
@@ -342,7 +233,8 @@ def group_all(plan: ScaleDedupPlan, world_size: int) -> None:
 
     # exact dedup over the valid tasks
     rows = np.flatnonzero(valid)
-    keeper = rows[_best_of_groups(_groups(cat["exact"][rows]), rank_full[rows])] if STAGE_EXACT in plan.passes else rows
+    keeper = (rows[best_of_groups(groups_of(cat["exact"][rows]), rank_full[rows])] if STAGE_EXACT in plan.passes
+              else rows)
     exact_removed = rows[keeper != rows]
     exact_keeper = keeper[keeper != rows]
     # near: the exact survivors with tokens, grouped into nodes numbered by first appearance
@@ -359,7 +251,7 @@ def group_all(plan: ScaleDedupPlan, world_size: int) -> None:
     else:
         node_of = first_row = np.empty(0, dtype=np.int64)
     nodes = len(first_row)
-    face_row = texts[_best_of_groups(node_of, rank_full[texts])] if nodes else np.empty(0, np.int64)
+    face_row = texts[best_of_groups(node_of, rank_full[texts])] if nodes else np.empty(0, np.int64)
     face_of_node = np.full(nodes, -1, dtype=np.int64)
     face_of_node[node_of] = face_row
 
@@ -376,7 +268,7 @@ def group_all(plan: ScaleDedupPlan, world_size: int) -> None:
     else:
         by_df = {int(df): idf_weight(int(df), nodes) for df in np.unique(frequency).tolist()}
         weights = np.array([by_df[int(df)] for df in frequency.tolist()], dtype=np.int64)
-    _save_npz(out / "weights.npz", hashes=hashes, weights=weights)
+    save_npz(out / "weights.npz", hashes=hashes, weights=weights)
 
     # who rejects whom, as far as this stage knows (decide may move a node's tasks to another keeper)
     needed = set(exact_keeper.tolist()) | set(face_of_node.tolist())
@@ -396,11 +288,11 @@ def group_all(plan: ScaleDedupPlan, world_size: int) -> None:
     node_per_row[texts] = node_of
     for rank in range(world_size):
         mine = shard == rank
-        _save_npz(out / f"{rank:05d}.npz", index=index[mine], node=node_per_row[mine], sign=sign[mine])
-        _save_json(out / f"{rank:05d}.json", {str(k): v for k, v in rejects[rank].items()})
-    _save_npz(out / "nodes.npz", face_rank=rank_full[face_of_node] if nodes else np.empty((0, rank_full.shape[1])),
+        save_npz(out / f"{rank:05d}.npz", index=index[mine], node=node_per_row[mine], sign=sign[mine])
+        save_json(out / f"{rank:05d}.json", {str(k): v for k, v in rejects[rank].items()})
+    save_npz(out / "nodes.npz", face_rank=rank_full[face_of_node] if nodes else np.empty((0, rank_full.shape[1])),
               face_offset=offset[face_of_node], first_offset=offset[first_row])
-    _save_json(out / "summary.json", {
+    save_json(out / "summary.json", {
         "in": int(valid.sum()) + len(invalid), "invalid_lines": len(invalid),
         "valid": int(valid.sum()), "exact_removed": int(len(exact_removed)),
         "near_in": int(len(survivors)), "nodes": nodes, "identical": int(len(texts) - nodes)})
@@ -413,9 +305,9 @@ def group_all(plan: ScaleDedupPlan, world_size: int) -> None:
 def sign_shard(plan: ScaleDedupPlan, rank: int, world_size: int) -> None:
     """MinHash signatures of the nodes first seen in this shard, exactly as `near_dedup` makes them."""
     config = plan.config
-    read = _load_npz(plan.dir("read") / f"{rank:05d}.npz")
-    grouped = _load_npz(plan.dir("group") / f"{rank:05d}.npz")
-    table = _load_npz(plan.dir("group") / "weights.npz")
+    read = load_npz(plan.dir("read") / f"{rank:05d}.npz")
+    grouped = load_npz(plan.dir("group") / f"{rank:05d}.npz")
+    table = load_npz(plan.dir("group") / "weights.npz")
     rows = np.flatnonzero(grouped["sign"])
     hashes, starts = read["hashes"].tolist(), read["starts"].tolist()
     # one lookup for the whole shard; rows that are not signed (exact or identical duplicates)
@@ -437,7 +329,7 @@ def sign_shard(plan: ScaleDedupPlan, rank: int, world_size: int) -> None:
     out = plan.dir("signatures")
     out.mkdir(parents=True, exist_ok=True)
     write_file_atomic(out / f"{rank:05d}.npy", lambda temp: np.save(temp.open("wb"), signatures))
-    _save_npz(out / f"{rank:05d}.nodes.npz", node=grouped["node"][rows])
+    save_npz(out / f"{rank:05d}.nodes.npz", node=grouped["node"][rows])
 
 
 # -- stage 4: buckets ---------------------------------------------------------------------------
@@ -446,9 +338,9 @@ def sign_shard(plan: ScaleDedupPlan, rank: int, world_size: int) -> None:
 def bucket_bands(plan: ScaleDedupPlan, rank: int, world_size: int, shards: int) -> None:
     """Candidate pairs of bands rank, rank + world_size, ...: nodes sharing a bucket in that band."""
     b, r = plan.bands
-    nodes = _load_json(plan.dir("group") / "summary.json")["nodes"]
+    nodes = load_json(plan.dir("group") / "summary.json")["nodes"]
     signed = [np.load(plan.dir("signatures") / f"{shard:05d}.npy", mmap_mode="r") for shard in range(shards)]
-    node_ids = np.concatenate([_load_npz(plan.dir("signatures") / f"{shard:05d}.nodes.npz")["node"]
+    node_ids = np.concatenate([load_npz(plan.dir("signatures") / f"{shard:05d}.nodes.npz")["node"]
                                for shard in range(shards)])
     out = plan.dir("buckets")
     out.mkdir(parents=True, exist_ok=True)
@@ -472,7 +364,7 @@ def decide(plan: ScaleDedupPlan, shards: int) -> None:
     config = plan.config
     started = time.perf_counter()
     b, r = plan.bands
-    summary = _load_json(plan.dir("group") / "summary.json")
+    summary = load_json(plan.dir("group") / "summary.json")
     n = summary["nodes"]
     codes = np.empty(0, dtype=np.int64)
     for band in range(b):
@@ -480,14 +372,15 @@ def decide(plan: ScaleDedupPlan, shards: int) -> None:
     pairs = pairs_of_codes(codes, max(n, 1))
     involved = np.unique(pairs)
     compact = np.searchsorted(involved, pairs)
-    table = _load_npz(plan.dir("group") / "nodes.npz")
-    lines = _read_at(plan.source, [*table["face_offset"][involved].tolist(), *table["first_offset"][involved].tolist()])
+    table = load_npz(plan.dir("group") / "nodes.npz")
+    lines = read_lines_at(plan.source, [*table["face_offset"][involved].tolist(),
+                                        *table["first_offset"][involved].tolist()])
     faces = [Task.model_validate_json(lines[offset]) for offset in table["face_offset"][involved].tolist()]
     first_ids = [Task.model_validate_json(lines[offset]).id for offset in table["first_offset"][involved].tolist()]
-    vocabulary = _Vocabulary()
+    vocabulary = Vocabulary()
     token_ids = [[vocabulary[token] for token in rouge_tokens(text_of(task, config.fields))] for task in faces]
-    nodes = _Nodes(token_ids, [[i] for i in range(len(faces))], list(vocabulary))
-    weights = _load_npz(plan.dir("group") / "weights.npz")
+    nodes = TextNodes(token_ids, [[i] for i in range(len(faces))], list(vocabulary))
+    weights = load_npz(plan.dir("group") / "weights.npz")
     weight: dict = {}
     for node in range(len(faces)):
         for shingle in shingles(nodes.tokens(node), config):
@@ -496,15 +389,15 @@ def decide(plan: ScaleDedupPlan, shards: int) -> None:
     signatures = np.empty((len(involved), config.num_perm), dtype=np.uint32)
     if not config.verify:  # the MinHash estimate decides: the involved nodes' signatures
         for shard in range(shards):
-            mine = _load_npz(plan.dir("signatures") / f"{shard:05d}.nodes.npz")["node"]
+            mine = load_npz(plan.dir("signatures") / f"{shard:05d}.nodes.npz")["node"]
             hit = np.isin(mine, involved)
             signatures[np.searchsorted(involved, mine[hit])] = np.load(plan.dir("signatures") / f"{shard:05d}.npy")[hit]
     report = NearDedupReport(tasks=summary["near_in"], num_perm=config.num_perm, b=b, r=r,
                              identical=summary["identical"], indexed=n, candidate_pairs=len(pairs))
-    similarity = _Similarity(config, nodes, weight, signatures)
+    similarity = Similarity(config, nodes, weight, signatures)
     edges = similarity.edges(compact, report)
     report.duplicate_pairs = len(edges)
-    neighbours = _adjacency(edges)
+    neighbours = adjacency(edges)
     rank = {node: tuple(table["face_rank"][involved[node]].tolist()) for node in neighbours}
     removed = {}
     for node, (kept, scores) in keep_clusters(neighbours, rank, config.cluster).items():
@@ -518,8 +411,8 @@ def decide(plan: ScaleDedupPlan, shards: int) -> None:
                 detail += f"; linked via {first_ids[other]} ({similarity.describe(link)})"
         removed[str(int(involved[node]))] = [faces[kept].id, detail]
     report.seconds["decide"] = time.perf_counter() - started
-    _save_json(plan.dir("decide") / "removed.json", removed)
-    _save_json(plan.dir("decide") / "report.json", asdict(report))
+    save_json(plan.dir("decide") / "removed.json", removed)
+    save_json(plan.dir("decide") / "report.json", asdict(report))
 
 
 # -- stage 6: write; stage 7: collect -----------------------------------------------------------
@@ -529,15 +422,15 @@ _PARTS = ("kept", STAGE_READ, STAGE_EXACT, STAGE_NEAR)
 
 def write_shard(plan: ScaleDedupPlan, rank: int, world_size: int) -> None:
     """This shard's kept tasks and its rejects, one file per kind, in input order."""
-    grouped = _load_npz(plan.dir("group") / f"{rank:05d}.npz")
+    grouped = load_npz(plan.dir("group") / f"{rank:05d}.npz")
     node_of = dict(zip(grouped["index"].tolist(), grouped["node"].tolist()))
-    rejects = _load_json(plan.dir("group") / f"{rank:05d}.json")
-    removed = _load_json(plan.dir("decide") / "removed.json")
+    rejects = load_json(plan.dir("group") / f"{rank:05d}.json")
+    removed = load_json(plan.dir("decide") / "removed.json")
     out = plan.dir("write")
     out.mkdir(parents=True, exist_ok=True)
     parts = {part: [] for part in _PARTS}
     for offset, index, raw in shard_lines(plan.source, rank, world_size):
-        line = _decode(raw, offset)
+        line = decode_line(raw, offset)
         if not line or not line.strip():
             continue
         found = rejects.get(str(index))
@@ -558,14 +451,6 @@ def write_shard(plan: ScaleDedupPlan, rank: int, world_size: int) -> None:
         (out / f"{rank:05d}.{part}.jsonl").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
-def _concatenate(sources: list[Path], target: Path) -> None:
-    def copy(temp: Path) -> None:
-        with temp.open("wb") as sink:
-            for source in sources:
-                with source.open("rb") as part:
-                    shutil.copyfileobj(part, sink)
-
-    write_file_atomic(target, copy)
 
 
 def _count(path: Path, key: str) -> Counter:
@@ -579,8 +464,8 @@ def _count(path: Path, key: str) -> Counter:
 def collect(plan: ScaleDedupPlan, shards: int, engine: str) -> dict[str, Any]:
     """kept.jsonl, the rejects file and stats.json, in the shape `run_filter` writes them."""
     parts = {part: [plan.dir("write") / f"{rank:05d}.{part}.jsonl" for rank in range(shards)] for part in _PARTS}
-    summary = _load_json(plan.dir("group") / "summary.json")
-    report = NearDedupReport(**{**_load_json(plan.dir("decide") / "report.json")})
+    summary = load_json(plan.dir("group") / "summary.json")
+    report = NearDedupReport(**{**load_json(plan.dir("decide") / "report.json")})
     exact = sum((_count(path, "reason") for path in parts[STAGE_EXACT]), Counter())
     near = sum((_count(path, "reason") for path in parts[STAGE_NEAR]), Counter())
     keepers = set()
@@ -588,8 +473,8 @@ def collect(plan: ScaleDedupPlan, shards: int, engine: str) -> dict[str, Any]:
         with path.open(encoding="utf-8") as lines:
             keepers.update(json.loads(line)["duplicate_of"] for line in lines)
     report.removed, report.clusters = sum(near.values()), len(keepers)
-    _concatenate(parts["kept"], plan.out)
-    _concatenate(parts[STAGE_READ] + parts[STAGE_EXACT] + parts[STAGE_NEAR], plan.rejects)
+    concatenate_files(parts["kept"], plan.out)
+    concatenate_files(parts[STAGE_READ] + parts[STAGE_EXACT] + parts[STAGE_NEAR], plan.rejects)
     valid, near_in = summary["valid"], summary["near_in"]
     passes = [
         {"pass": STAGE_EXACT, "in": valid, "out": near_in, "rejected": valid - near_in,
@@ -601,7 +486,7 @@ def collect(plan: ScaleDedupPlan, shards: int, engine: str) -> dict[str, Any]:
         "input": str(plan.source), "in": summary["in"], "invalid_lines": summary["invalid_lines"],
         "passes": [entry for entry in passes if entry["pass"] in plan.passes],
         "kept": near_in - report.removed, "rejected": summary["invalid_lines"] + valid - near_in + report.removed,
-        "wall_seconds": round(time.time() - _load_json(plan.work / "run.json")["started"], 3), "command": plan.command,
+        "wall_seconds": round(time.time() - load_json(plan.work / "run.json")["started"], 3), "command": plan.command,
         "config": {"passes": list(plan.passes), "skip_invalid": plan.skip_invalid,
                    "dedup": plan.config.model_dump(mode="json")},
         "engine": {"name": engine, "tasks": shards, "work": str(plan.work)},
@@ -610,7 +495,7 @@ def collect(plan: ScaleDedupPlan, shards: int, engine: str) -> dict[str, Any]:
     return stats
 
 
-# -- datatrove steps and executors ---------------------------------------------------------------
+# -- datatrove steps and the driver --------------------------------------------------------------
 
 
 class DedupStage(PipelineStep):
@@ -644,17 +529,6 @@ class DedupStage(PipelineStep):
         yield from ()
 
 
-def report_stage_error(path: Path, error: DatagenError, engine: str) -> None:
-    """An error a stage found (bad input, the spending cap): written to `path`, where the driver
-    (datatrove, ray) reads it after the stage and stops the run with it; retrying the task would
-    not help. On Slurm no
-    driver waits, so the task fails too: its job log ends with this line, and the jobs after
-    it (afterok, kill-on-invalid-dep) are cancelled instead of failing later on missing files."""
-    atomic_write_text(path, str(error))
-    if engine == "slurm":
-        raise error
-
-
 STAGES = ("read", "group", "signatures", "buckets", "decide", "write", "collect")
 
 
@@ -665,76 +539,10 @@ def stage_tasks(plan: ScaleDedupPlan) -> dict[str, int]:
             for stage in STAGES}
 
 
-@dataclass
-class EngineOptions:
-    """What an executor needs beyond the plan (workers: tasks at once; Slurm: partition and time)."""
-
-    workers: int = -1
-    partition: str | None = None
-    time: str = "24:00:00"
-    cpus_per_task: int = 1
-    mem_per_cpu_gb: float = 2
-    venv_path: str | None = None
-
-
 def build_executors(plan: ScaleDedupPlan, engine: str, options: EngineOptions) -> list:
     """One datatrove executor per stage (Slurm ones chained with `depends`), in stage order."""
     return executors_for([(DedupStage(plan, stage, plan.tasks, engine), tasks)
                           for stage, tasks in stage_tasks(plan).items()], plan.work, engine, options)
-
-
-def executors_for(steps: list[tuple[PipelineStep, int]], work: Path, engine: str, options: EngineOptions,
-                  job_prefix: str = "datagen-dedup", after=None) -> list:
-    """One executor per (step, tasks), in order; logs under work/logs/STAGE (a step's `stage`).
-    Slurm: each job waits for the one before (the first for `after`, an executor, when given)."""
-    _check_engine(engine, options)
-    executors = []
-    for step, tasks in steps:
-        stage = step.stage
-        common = {"pipeline": [step], "tasks": tasks, "logging_dir": str(work / "logs" / stage)}
-        workers = min(options.workers, tasks) if options.workers > 0 and tasks > 1 else -1
-        if engine == "datatrove":
-            from datatrove.executor import LocalPipelineExecutor
-
-            executors.append(LocalPipelineExecutor(**common, workers=workers, start_method="fork"))
-        elif engine == "ray":
-            from datatrove.executor import RayPipelineExecutor
-
-            executors.append(RayPipelineExecutor(**common, workers=workers, cpus_per_task=options.cpus_per_task,
-                                                 mem_per_cpu_gb=options.mem_per_cpu_gb))
-        else:
-            from datatrove.executor import SlurmPipelineExecutor
-
-            venv = options.venv_path or str(Path(sys.prefix) / "bin" / "activate")
-            executors.append(SlurmPipelineExecutor(
-                **common, workers=workers, time=options.time, partition=options.partition,
-                cpus_per_task=options.cpus_per_task, mem_per_cpu_gb=options.mem_per_cpu_gb,
-                job_name=f"{job_prefix}-{stage}", venv_path=venv, depends=executors[-1] if executors else after,
-                slurm_logs_folder=str(work / "slurm_logs" / stage),
-                # a failed job cancels the chain after it, rather than leaving it pending forever
-                sbatch_args={"kill-on-invalid-dep": "yes"}))
-    return executors
-
-
-def check_work_folder(plan, settings: dict | None = None) -> None:
-    """A work folder belongs to one input and one config: a rerun resumes it, a changed one starts over.
-
-    `plan`: anything with source, work, tasks and skip_invalid; `settings`: what else must match
-    (default: the plan's dedup config)."""
-    stat = plan.source.stat() if plan.source.is_file() else None
-    if stat is None:
-        raise InputError(f"{plan.source}: no such file" if not plan.source.exists() else
-                         f"{plan.source}: is a directory, expected a JSONL file")
-    identity = {"source": str(plan.source.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                "tasks": plan.tasks, "skip_invalid": plan.skip_invalid,
-                **(settings if settings is not None else {"dedup": plan.config.model_dump(mode="json")})}
-    marker = plan.work / "run.json"
-    if marker.exists() and {**_load_json(marker), "started": None} != {**identity, "started": None}:
-        shutil.rmtree(plan.work)  # left by a run on another input or config: nothing in it applies
-    elif plan.work.exists() and not marker.exists() and any(plan.work.iterdir()):
-        raise ConfigError(f"{plan.work}: not empty and not a work folder of this command; pass another --work-dir")
-    if not marker.exists():
-        _save_json(marker, {**identity, "started": time.time()})
 
 
 def run_scaled_dedup(plan: ScaleDedupPlan, engine: str, options: EngineOptions | None = None) -> dict[str, Any]:
@@ -744,88 +552,24 @@ def run_scaled_dedup(plan: ScaleDedupPlan, engine: str, options: EngineOptions |
     "work": folder}; the last job (collect) writes the outputs, the work folder stays.
     """
     options = options or EngineOptions()
-    _check_engine(engine, options)
-    check_work_folder(plan)
+    check_engine(engine, options)
+    check_work_folder(plan, {"dedup": plan.config.model_dump(mode="json")})
     executors = build_executors(plan, engine, options)
     if engine == "slurm":
-        if shutil.which("sbatch") is None:
-            raise ConfigError("--engine slurm: sbatch is not on PATH; run this on a Slurm login node")
-        executors[-1].run()  # launches the chain through `depends`
-        return {"submitted": [executor.job_id for executor in executors], "work": str(plan.work)}
-    if engine == "ray":
-        start_ray()
+        return {"submitted": submit_to_slurm(executors), "work": str(plan.work)}
+    start_engine(engine, options)
     timings = run_executors(plan.work, executors, "dedup", {plan.dir("group") / "error.txt": InputError})
-    stats = _load_json(stats_path(plan.out))
+    stats = load_json(stats_path(plan.out))
     stats["engine"]["stage_seconds"] = timings
     atomic_write_json(stats_path(plan.out), stats)
     shutil.rmtree(plan.work)
     return stats
 
 
-def start_ray() -> None:
-    """Join RAY_ADDRESS's cluster, or start a local Ray, unless this process already did."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), include_dashboard=False, logging_level="WARNING",
-                 log_to_driver=False)
-
-
-def run_executors(work: Path, executors: list, what: str,
-                  error_files: dict[Path, type[DatagenError]]) -> dict[str, float]:
-    """Run the executors in order; seconds per stage. A failed task stops the run (DatagenError);
-    so does an error a stage wrote to one of `error_files` (raised as the class it maps to, the
-    work folder removed: the input or the settings must change before a rerun can succeed, and
-    the rerun does every task again)."""
-    timings = {}
-    for executor in executors:
-        stage, clock = executor.pipeline[0].stage, time.monotonic()
-        _quietly(work, executor.run)
-        timings[stage] = round(time.monotonic() - clock, 3)
-        failed = executor.get_incomplete_ranks(range(executor.world_size))
-        if failed:
-            raise DatagenError(f"{what} stage {stage}: tasks {failed} failed; logs in {work / 'logs' / stage}")
-        for error, kind in error_files.items():
-            if error.exists():
-                message = error.read_text(encoding="utf-8")
-                shutil.rmtree(work)
-                raise kind(message)
-    return timings
-
-
-def _quietly(work: Path, run) -> None:
-    """Run an executor with datatrove's console log (loguru on stderr) going to work/logs/console.log."""
-    from loguru import logger
-
-    (work / "logs").mkdir(parents=True, exist_ok=True)
-    with (work / "logs" / "console.log").open("a", encoding="utf-8") as log, contextlib.redirect_stderr(log):
-        logger.remove()
-        logger.add(sys.stderr, level="INFO")
-        try:
-            run()
-        finally:
-            logger.remove()
-
-
-def _check_engine(engine: str, options: EngineOptions) -> None:
-    if engine not in ENGINES:
-        raise ConfigError(f"--engine: expected one of local, {', '.join(ENGINES)}, got {engine!r}")
-    if engine == "slurm" and not options.partition:
-        raise ConfigError("--engine slurm needs --partition")
-
-
-
 def dedup_command(settings, source: Path, out: Path, rejects: Path, engine: str, tasks: int | None,
-                  options: EngineOptions, work: Path | None, command_line: str) -> str:
-    """`datagen dedup --engine ...`: run it, return what the command prints."""
-    from datagen.filtering import format_stats
-
+                  options: EngineOptions, work: Path | None, command_line: str) -> dict[str, Any]:
+    """`datagen dedup --engine ...` (`settings`: the loaded config): `run_scaled_dedup`'s result."""
     plan = ScaleDedupPlan(source, out, rejects, work or out.with_name(out.name + ".work"), settings.filter.dedup,
-                          tasks=tasks if tasks is not None else max(1, os.cpu_count() or 1),
+                          tasks=shard_count(tasks),
                           skip_invalid=settings.filter.skip_invalid, command=command_line)
-    result = run_scaled_dedup(plan, engine, options)
-    if engine == "slurm":
-        return (f"submitted Slurm jobs {', '.join(map(str, result['submitted']))} ({', '.join(STAGES)}); "
-                f"the last one writes {out}; logs in {plan.work} (a failed job's log ends with the cause, and "
-                f"the jobs after it are cancelled)")
-    return format_stats(result)
+    return run_scaled_dedup(plan, engine, options)

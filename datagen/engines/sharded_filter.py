@@ -10,7 +10,7 @@ the input, so no process holds the whole input:
     datagen filter raw.jsonl --out kept.jsonl --passes heuristics,judge --engine ray --tasks 64
     datagen filter raw.jsonl --out kept.jsonl --engine slurm --tasks 256 --partition cpu
 
-    from datagen.scale_filter import ScaleFilterPlan, run_scaled_filter
+    from datagen.engines.sharded_filter import ScaleFilterPlan, run_scaled_filter
     stats = run_scaled_filter(ScaleFilterPlan(source, out, rejects, work, config, tasks=4), "datatrove")
 
 Stages (datatrove `PipelineStep`s; files, logs and completion marks under the work folder,
@@ -18,27 +18,27 @@ Stages (datatrove `PipelineStep`s; files, logs and completion marks under the wo
 
 1. check (N): parse each line of the shard; per task a blake2b of its id and of the task.
 2. lines (1): invalid lines and repeated ids over all shards, worded and ordered as
-   `read_tasks_lenient` does (`scale_dedup.invalid_lines`): the run stops with one error
+   `read_tasks_lenient` does (`datagen.engines.shards.invalid_lines`): the run stops with one error
    line, or (skip_invalid) they become `read` rejects. 32 bytes a task, no text.
-3. the passes, in the configured order, as segments:
-   - per-record passes (heuristics, decontaminate, judge, manual) in one stage of N tasks:
-     each streams its shard in chunks of `chunk` tasks through our checks (the passes'
-     own functions; the eval n-gram index built once a task; the judge with a teacher each
-     task builds from the config, sharing the on-disk request cache), writing kept tasks and
-     each pass's rejects;
-   - exact-dedup / near-dedup: `scale_dedup`'s stages on what the passes before kept
-     (memory: its bound, growing with the candidate pairs, not the tasks);
+3. the passes, in the configured order, as segments; each pass's registry entry
+   (`datagen.filters.registry.PASSES`, `FilterPass.sharding`) says which:
+   - PER_TASK passes (heuristics, decontaminate, judge, manual) in one stage of N tasks:
+     each streams its shard in chunks of `chunk` tasks through the passes' own functions,
+     with one `PassContext` per pass a task (so what a pass builds, the eval n-gram index,
+     is built once a task; a pass that `uses_teacher` gets a teacher each task builds from the
+     config, sharing the on-disk request cache), writing kept tasks and each pass's rejects;
+     a pass's chunk reports are joined by its `merge_reports`;
+   - DEDUP passes (exact-dedup / near-dedup): `datagen.engines.sharded_dedup`'s stages on
+     what the passes before kept (memory: its bound, growing with the candidate pairs);
    - a segment that is not the last joins its kept shards into one file (streamed) for the
      next one to shard again.
-   Passes that compare each task with the whole set kept so far (novelty) cannot be sharded:
-   the run is refused with one error line before anything starts.
+   A pass registered WHOLE_SET (novelty: each task against the whole set kept so far), or
+   with no sharding, is refused with one error line before anything starts.
 4. collect (1): kept.jsonl, the rejects file (invalid lines, then each pass's rejects in
    input order) and stats.json, concatenating the shards' files.
 """
-
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from collections import Counter
@@ -49,46 +49,42 @@ from typing import Any
 import numpy as np
 from datatrove.pipeline.base import PipelineStep
 
+from datagen.engines.datatrove_run import (
+    EngineOptions,
+    check_engine,
+    executors_for,
+    run_executors,
+    shard_count,
+    start_engine,
+    submit_to_slurm,
+)
+from datagen.engines.ray_cluster import alive_nodes
+from datagen.engines.sharded_dedup import DEDUP_PASSES, DedupStage, ScaleDedupPlan, stage_tasks
+from datagen.engines.shards import (
+    ShardTasks,
+    check_work_folder,
+    concatenate_files,
+    decode_line,
+    first_lines,
+    invalid_lines,
+    load_json,
+    load_npz,
+    read_lines_at,
+    report_stage_error,
+    save_json,
+    save_npz,
+    shard_lines,
+    text_key,
+)
 from datagen.errors import ConfigError, DatagenError, InputError
-from datagen.filtering import PASSES, FilterConfig, LazyTeacher
-from datagen.filters.base import PassContext
-from datagen.filters.decontaminate import EvalIndex, decontaminate_pass
-from datagen.filters.manual import read_overrides
+from datagen.filters.base import DEDUP, PER_TASK, WHOLE_SET, LazyTeacher, PassContext
+from datagen.filters.registry import PASSES, FilterConfig
 from datagen.io import atomic_write_json, spend_path, stats_path
 from datagen.records import Reject, Task
 from datagen.rejects import INVALID_LINE, STAGE_READ
-from datagen.scale_dedup import (
-    STAGE_EXACT,
-    STAGE_NEAR,
-    DedupStage,
-    EngineOptions,
-    ScaleDedupPlan,
-    ShardTasks,
-    _check_engine,
-    _concatenate,
-    _decode,
-    _key,
-    _load_json,
-    _load_npz,
-    _read_at,
-    _save_json,
-    _save_npz,
-    check_work_folder,
-    executors_for,
-    first_lines,
-    invalid_lines,
-    report_stage_error,
-    run_executors,
-    shard_lines,
-    stage_tasks,
-    start_ray,
-)
 from datagen.teachers.spending import SpendingCapReached, SpendingLedger, check_priced
 
-PER_RECORD = ("heuristics", "decontaminate", "judge", "manual")  # a task's fate depends on it alone
-CAP_FILE = "cap.txt"  # a shard's judge reached the spending cap: the driver stops the run with it
-DEDUP = (STAGE_EXACT, STAGE_NEAR)  # run by scale_dedup's stages
-WHOLE_SET = ("novelty",)  # each task against every task kept before it: refused
+CAP_FILE = "cap.txt"  # a shard's pass reached the spending cap: the driver stops the run with it
 RECORDS, DEDUP_SEGMENT = "records", "dedup"
 
 
@@ -127,12 +123,16 @@ class ScaleFilterPlan:
     def segments(self) -> list[tuple[str, list[str]]]:
         return segments_of(self.filter_settings["passes"])
 
+    def uses_teacher(self) -> bool:
+        """Whether a pass of the run asks the teacher (its stats and limits go in stats.json)."""
+        return any(PASSES[name].uses_teacher for name in self.filter_settings["passes"])
+
     def dir(self, name: str) -> Path:
         return self.work / name
 
     def shard_teacher(self, rank: int) -> LazyTeacher:
-        """The judge's teacher in shard `rank`, made on first use, within its share of the limits
-        and reserving in the run's spending ledger (one per shard when the limits are split)."""
+        """The teacher in shard `rank`, made on first use, within its share of the limits and
+        reserving in the run's spending ledger (one per shard when the limits are split)."""
         config = self.teacher.share(self.limit_shares)
         return LazyTeacher(config, self.spend_file(rank) if config.max_cost else None)
 
@@ -141,7 +141,7 @@ class ScaleFilterPlan:
         return shared if self.limit_shares == 1 else shared.with_suffix(f".{rank:05d}.json")
 
     def dedup_plan(self, segment: int) -> ScaleDedupPlan:
-        """scale_dedup's plan for a dedup segment: it reads what the segment before kept."""
+        """The sharded dedup's plan for a dedup segment: it reads what the segment before kept."""
         kind, passes = self.segments()[segment]
         assert kind == DEDUP_SEGMENT
         work = self.dir(f"seg{segment}")
@@ -153,23 +153,24 @@ class ScaleFilterPlan:
 
 
 def segments_of(passes: list[str]) -> list[tuple[str, list[str]]]:
-    """The passes grouped into stages: runs of per-record passes; exact then near dedup together.
+    """The passes grouped into stages, as their registry entries say (`FilterPass.sharding`):
+    runs of PER_TASK passes; DEDUP passes together when the dedup stages run them in that order.
 
-    A pass that needs the whole set (novelty, or one this module does not know) is refused.
+    A pass that needs the whole set (WHOLE_SET) or does not say how it shards is refused.
     """
     segments: list[tuple[str, list[str]]] = []
     for name in passes:
-        if name in PER_RECORD:
-            kind = RECORDS
-        elif name in DEDUP:
-            kind = DEDUP_SEGMENT
-        else:
-            why = ("compares each task with the whole set kept before it" if name in WHOLE_SET
-                   else "is not one this engine knows how to shard")
+        sharding = PASSES[name].sharding
+        if sharding == DEDUP and name not in DEDUP_PASSES:
+            sharding = None  # the sharded dedup stages implement exactly DEDUP_PASSES
+        if sharding not in (PER_TASK, DEDUP):
+            why = ("compares each task with the whole set kept before it" if sharding == WHOLE_SET
+                   else "does not say how it shards (its `sharding` in datagen.filters.registry.PASSES)")
             raise ConfigError(f"--engine: the {name} pass {why} and cannot run sharded; run it with --engine local "
                               f"(e.g. `datagen filter KEPT --passes {name}` on this run's output)")
+        kind = RECORDS if sharding == PER_TASK else DEDUP_SEGMENT
         last = segments[-1] if segments else None
-        if last and last[0] == kind and (kind == RECORDS or (last[1] == [STAGE_EXACT] and name == STAGE_NEAR)):
+        if last and last[0] == kind and (kind == RECORDS or DEDUP_PASSES.index(name) > DEDUP_PASSES.index(last[1][-1])):
             last[1].append(name)
         else:
             segments.append((kind, [name]))
@@ -186,29 +187,29 @@ def check_shard(plan: ScaleFilterPlan, rank: int, world_size: int) -> None:
     for offset, index, task in shard:
         indexes.append(index)
         offsets.append(offset)
-        ident.append(_key(task.id))
-        whole.append(_key(task.to_json()))
+        ident.append(text_key(task.id))
+        whole.append(text_key(task.to_json()))
     out = plan.dir("check")
-    _save_npz(out / f"{rank:05d}.npz", index=np.array(indexes, dtype=np.int64),
+    save_npz(out / f"{rank:05d}.npz", index=np.array(indexes, dtype=np.int64),
               offset=np.array(offsets, dtype=np.int64), ident=np.array(ident, dtype="<u8").reshape(-1, 2),
               whole=np.array(whole, dtype="<u8").reshape(-1, 2))
-    _save_json(out / f"{rank:05d}.json", {"lines": shard.lines, "errors": shard.errors, "fatal": shard.fatal})
+    save_json(out / f"{rank:05d}.json", {"lines": shard.lines, "errors": shard.errors, "fatal": shard.fatal})
 
 
 def check_lines(plan: ScaleFilterPlan, world_size: int, engine: str) -> None:
     """Invalid lines and repeated ids over all shards: stop (error.txt) or one `read` reject each."""
     out = plan.dir("check")
-    metas = [_load_json(out / f"{rank:05d}.json") for rank in range(world_size)]
+    metas = [load_json(out / f"{rank:05d}.json") for rank in range(world_size)]
     try:
         first_line = first_lines(plan.source, metas)
-        shards = [_load_npz(out / f"{rank:05d}.npz") for rank in range(world_size)]
+        shards = [load_npz(out / f"{rank:05d}.npz") for rank in range(world_size)]
         shard = np.concatenate([np.full(len(s["index"]), rank, dtype=np.int64) for rank, s in enumerate(shards)])
         index = np.concatenate([s["index"] for s in shards])
         offset = np.concatenate([s["offset"] for s in shards])
         line = first_line[shard] + index + 1
 
         def id_of(row: int) -> str:
-            return Task.model_validate_json(_read_at(plan.source, [int(offset[row])])[int(offset[row])]).id
+            return Task.model_validate_json(read_lines_at(plan.source, [int(offset[row])])[int(offset[row])]).id
 
         invalid, repeated, _ = invalid_lines(plan.source, metas, first_line, line,
                                              np.concatenate([s["ident"] for s in shards]),
@@ -225,50 +226,38 @@ def check_lines(plan: ScaleFilterPlan, world_size: int, engine: str) -> None:
     for row in repeated.tolist():
         bad[int(shard[row])][str(int(index[row]))] = f"{plan.source}:{line[row]}: {problems[int(line[row])]}"
     for rank in range(world_size):
-        _save_json(out / f"{rank:05d}.bad.json", bad[rank])
-    _save_json(out / "summary.json", {"in": len(line) - len(repeated) + len(invalid), "invalid_lines": len(invalid)})
+        save_json(out / f"{rank:05d}.bad.json", bad[rank])
+    save_json(out / "summary.json", {"in": len(line) - len(repeated) + len(invalid), "invalid_lines": len(invalid)})
 
 
-# -- stage 3: per-record passes ----------------------------------------------------------------------
-
-
-def _pass_functions(plan: ScaleFilterPlan, passes: list[str], teacher: LazyTeacher) -> dict:
-    """name -> tasks -> (kept, rejections): the registered passes, with what is costly to build
-    (the decontamination index) built once."""
-    settings, functions = plan.settings(), {}
-    for name in passes:
-        entry = PASSES[name]
-        section = getattr(settings, entry.section) if entry.section else None
-        if name == "decontaminate":
-            index = EvalIndex.from_files(section.eval_files, section.ngram)
-            functions[name] = lambda tasks, index=index, fields=section.fields: decontaminate_pass(tasks, index, fields)
-        else:
-            functions[name] = lambda tasks, entry=entry, section=section: entry.run(
-                tasks, PassContext(settings=section, teacher=teacher))
-    return functions
+# -- stage 3: per-task passes -------------------------------------------------------------------------
 
 
 def run_records(plan: ScaleFilterPlan, segment: int, rank: int, world_size: int, engine: str) -> None:
-    """Stream this shard through the segment's per-record passes, `plan.chunk` tasks at a time."""
+    """Stream this shard through the segment's per-task passes, `plan.chunk` tasks at a time.
+
+    Each pass gets one `PassContext` for the whole shard (what it builds once, it builds once
+    here); the reports of passes that merge them are kept per chunk for `collect`."""
     passes = plan.segments()[segment][1]
     source, out = plan.segment_source(segment), plan.dir(f"seg{segment}")
     out.mkdir(parents=True, exist_ok=True)
-    bad = _load_json(plan.dir("check") / f"{rank:05d}.bad.json") if segment == 0 else {}
-    marks = read_overrides(plan.settings().manual.overrides) if "manual" in passes else {}
-    teacher = plan.shard_teacher(rank)
+    bad = load_json(plan.dir("check") / f"{rank:05d}.bad.json") if segment == 0 else {}
+    settings, teacher = plan.settings(), plan.shard_teacher(rank)
+    contexts = {name: PassContext(settings=PASSES[name].section_of(settings), teacher=teacher) for name in passes}
     counts = {name: {"in": 0, "reasons": Counter()} for name in passes}
-    marked_seen: set[str] = set()
+    reports: dict[str, list[dict]] = {name: [] for name in passes}
     parts = {part: (out / f"{rank:05d}.{part}.jsonl").open("w", encoding="utf-8")
              for part in ("kept", STAGE_READ, *passes)}
     try:
-        functions = _pass_functions(plan, passes, teacher)
 
         def flush(chunk: list[Task]) -> None:
             for name in passes:
                 counts[name]["in"] += len(chunk)
-                if name == "manual":
-                    marked_seen.update(task.id for task in chunk if task.id in marks)
-                chunk, rejected = functions[name](chunk)
+                context = contexts[name]
+                chunk, rejected = PASSES[name].run(chunk, context)
+                if PASSES[name].merge_reports is not None:
+                    reports[name].append(dict(context.report))
+                context.report.clear()
                 for r in rejected:
                     counts[name]["reasons"][r.reason] += 1
                     parts[name].write(Reject(reason=r.reason, stage=name, detail=r.detail, task=r.task,
@@ -277,7 +266,7 @@ def run_records(plan: ScaleFilterPlan, segment: int, rank: int, world_size: int,
 
         chunk: list[Task] = []
         for offset, index, raw in shard_lines(source, rank, world_size):
-            line = _decode(raw, offset)
+            line = decode_line(raw, offset)
             if not line or not line.strip():
                 continue
             detail = bad.get(str(index))
@@ -302,15 +291,15 @@ def run_records(plan: ScaleFilterPlan, segment: int, rank: int, world_size: int,
             teacher.teacher.close()
         else:
             teacher_stats = None
-    _save_json(out / f"{rank:05d}.json", {
+    save_json(out / f"{rank:05d}.json", {
         "passes": {name: {"in": c["in"], "reasons": dict(c["reasons"])} for name, c in counts.items()},
-        "teacher": teacher_stats, "marked_seen": sorted(marked_seen)})
+        "teacher": teacher_stats, "reports": reports})
 
 
 def join_kept(plan: ScaleFilterPlan, segment: int, world_size: int) -> None:
     """The segment's kept shards as one file, for the next segment to shard again."""
     out = plan.dir(f"seg{segment}")
-    _concatenate([out / f"{rank:05d}.kept.jsonl" for rank in range(world_size)], out / "kept.jsonl")
+    concatenate_files([out / f"{rank:05d}.kept.jsonl" for rank in range(world_size)], out / "kept.jsonl")
 
 
 # -- stage 4: collect -------------------------------------------------------------------------------
@@ -341,17 +330,17 @@ def _parts(plan: ScaleFilterPlan, segment: int, part: str, world_size: int) -> l
 def collect(plan: ScaleFilterPlan, world_size: int, engine: str) -> dict[str, Any]:
     """kept.jsonl, the rejects file and stats.json, in the shape `run_filter` writes them."""
     settings, segments = plan.settings(), plan.segments()
-    summary = _load_json(plan.dir("check") / "summary.json")
+    summary = load_json(plan.dir("check") / "summary.json")
     stats: dict[str, Any] = {"input": str(plan.source), "in": summary["in"], "invalid_lines": summary["invalid_lines"],
                              "passes": []}
     rejects = _parts(plan, 0, STAGE_READ, world_size)
     teacher_stats: list[dict] = []
     for segment, (kind, passes) in enumerate(segments):
         if kind == DEDUP_SEGMENT:
-            stats["passes"] += _load_json(stats_path(plan.dedup_plan(segment).out))["passes"]
+            stats["passes"] += load_json(stats_path(plan.dedup_plan(segment).out))["passes"]
             rejects += [path for name in passes for path in _parts(plan, segment, name, world_size)]
             continue
-        shards = [_load_json(plan.dir(f"seg{segment}") / f"{rank:05d}.json") for rank in range(world_size)]
+        shards = [load_json(plan.dir(f"seg{segment}") / f"{rank:05d}.json") for rank in range(world_size)]
         teacher_stats += [shard["teacher"] for shard in shards if shard["teacher"]]
         for name in passes:
             reasons = sum((Counter(shard["passes"][name]["reasons"]) for shard in shards), Counter())
@@ -359,32 +348,29 @@ def collect(plan: ScaleFilterPlan, world_size: int, engine: str) -> dict[str, An
             rejected = sum(reasons.values())
             entry = {"pass": name, "in": tasks_in, "out": tasks_in - rejected, "rejected": rejected,
                      "reasons": dict(reasons.most_common())}
-            if name == "manual":  # the report as run_manual_pass words it, over every shard's tasks
-                context = PassContext(settings=settings.manual, teacher=None)
-                PASSES[name].run([], context)
-                seen = {task_id for shard in shards for task_id in shard["marked_seen"]}
-                marks = read_overrides(settings.manual.overrides)
-                context.report["marks_for_other_ids"] = sum(task_id not in seen for task_id in marks)
-                entry.update(context.report)
+            registered = PASSES[name]
+            if registered.merge_reports is not None:  # the report as one run over every shard's tasks words it
+                chunks = [report for shard in shards for report in shard["reports"][name]]
+                entry.update(registered.merge_reports(registered.section_of(settings), chunks))
             stats["passes"].append(entry)
             rejects += _parts(plan, segment, name, world_size)
-    if "judge" in settings.passes:
+    if plan.uses_teacher():
         stats["teacher"] = _merge_teacher_stats(teacher_stats, plan.teacher.billed_prices is not None)
-    _concatenate(_parts(plan, len(segments) - 1, "kept", world_size), plan.out)
-    _concatenate(rejects, plan.rejects)
+    concatenate_files(_parts(plan, len(segments) - 1, "kept", world_size), plan.out)
+    concatenate_files(rejects, plan.rejects)
     kept_count = stats["passes"][-1]["out"]
     stats.update(kept=kept_count, rejected=stats["in"] - kept_count,
-                 wall_seconds=round(time.time() - _load_json(plan.work / "run.json")["started"], 3),
+                 wall_seconds=round(time.time() - load_json(plan.work / "run.json")["started"], 3),
                  command=plan.command, config=settings.model_dump(mode="json"),
                  engine={"name": engine, "tasks": world_size, "work": str(plan.work)})
-    if "judge" in settings.passes:
+    if plan.uses_teacher():
         stats["engine"]["teacher_limits"] = teacher_limits(plan)
     atomic_write_json(stats_path(plan.out), stats)
     return stats
 
 
 def teacher_limits(plan: ScaleFilterPlan) -> dict[str, Any]:
-    """How the shards kept the judge within the configured limits, for the run's stats."""
+    """How the shards kept the teacher within the configured limits, for the run's stats."""
     if plan.limit_shares == 1:
         return {"shared": "one rate budget and spending ledger, files locked on this machine"}
     share = plan.teacher.share(plan.limit_shares)
@@ -452,21 +438,16 @@ def executor_groups(plan: ScaleFilterPlan, engine: str,
 
 def _preflight(plan: ScaleFilterPlan) -> None:
     """Settings errors (no eval file, no overrides file, a bad one) as the single-process run
-    gives them, before any stage starts. The judge's teacher is made by the workers."""
+    gives them, before any stage starts: each per-task pass run on no tasks. A pass that uses the
+    teacher is not (the workers make the teacher); under a cap, the teacher must have prices."""
     settings = plan.settings()
-    if "judge" in settings.passes and plan.teacher.max_cost:
-        check_priced(plan.teacher, plan.teacher.backend, "the judge")
     for name in settings.passes:
         entry = PASSES[name]
-        if name in PER_RECORD and name != "judge":
-            entry.run([], PassContext(settings=getattr(settings, entry.section) if entry.section else None,
-                                      teacher=None))
-
-
-def _ray_nodes() -> int:
-    import ray
-
-    return sum(1 for node in ray.nodes() if node.get("Alive"))
+        if entry.uses_teacher:
+            if plan.teacher.max_cost:
+                check_priced(plan.teacher, plan.teacher.backend, f"the {name} pass")
+        elif entry.sharding == PER_TASK:
+            entry.run([], PassContext(settings=entry.section_of(settings), teacher=None))
 
 
 def run_scaled_filter(plan: ScaleFilterPlan, engine: str, options: EngineOptions | None = None) -> dict[str, Any]:
@@ -475,14 +456,13 @@ def run_scaled_filter(plan: ScaleFilterPlan, engine: str, options: EngineOptions
     Slurm: submits the chained array jobs and returns {"submitted": [job ids], "work": folder}.
     """
     options = options or EngineOptions()
-    _check_engine(engine, options)
+    check_engine(engine, options)
     if not plan.segments():
         raise ConfigError("--passes: no passes to run")
     _preflight(plan)
     check_work_folder(plan, {"filter": plan.filter_settings, "teacher": plan.teacher.model_dump(mode="json")})
-    if engine == "ray":
-        start_ray()
-    plan.limit_shares = plan.tasks if engine == "slurm" or (engine == "ray" and _ray_nodes() > 1) else 1
+    start_engine(engine, options)
+    plan.limit_shares = plan.tasks if engine == "slurm" or (engine == "ray" and alive_nodes() > 1) else 1
     if plan.teacher.max_cost:  # a run starts: what a killed run left reserved becomes spend
         share = plan.teacher.share(plan.limit_shares).max_cost
         for rank in range(plan.limit_shares):
@@ -490,12 +470,9 @@ def run_scaled_filter(plan: ScaleFilterPlan, engine: str, options: EngineOptions
     groups = executor_groups(plan, engine, options)
     for segment, (kind, _passes) in enumerate(plan.segments()):
         if kind == DEDUP_SEGMENT and not (marker := plan.dedup_plan(segment).work / "run.json").exists():
-            _save_json(marker, {"started": time.time()})  # scale_dedup's collect reads its start time
+            save_json(marker, {"started": time.time()})  # the sharded dedup's collect reads its start time
     if engine == "slurm":
-        if shutil.which("sbatch") is None:
-            raise ConfigError("--engine slurm: sbatch is not on PATH; run this on a Slurm login node")
-        groups[-1][1][-1].run()  # launches the chain through `depends`
-        return {"submitted": [executor.job_id for _, executors, _ in groups for executor in executors],
+        return {"submitted": submit_to_slurm([executor for _, executors, _ in groups for executor in executors]),
                 "work": str(plan.work)}
     timings: dict[str, float] = {}
     for work, executors, errors in groups:
@@ -506,7 +483,7 @@ def run_scaled_filter(plan: ScaleFilterPlan, engine: str, options: EngineOptions
             # the input or the cap must change before a rerun can succeed, and it redoes every shard
             shutil.rmtree(plan.work, ignore_errors=True)
             raise
-    stats = _load_json(stats_path(plan.out))
+    stats = load_json(stats_path(plan.out))
     stats["engine"]["stage_seconds"] = timings
     atomic_write_json(stats_path(plan.out), stats)
     shutil.rmtree(plan.work)
@@ -514,15 +491,8 @@ def run_scaled_filter(plan: ScaleFilterPlan, engine: str, options: EngineOptions
 
 
 def filter_command(config, source: Path, out: Path, rejects: Path, engine: str, tasks: int | None,
-                   options: EngineOptions, work: Path | None, command_line: str) -> str:
-    """`datagen filter --engine ...`: run it, return what the command prints."""
-    from datagen.filtering import format_stats
-
+                   options: EngineOptions, work: Path | None, command_line: str) -> dict[str, Any]:
+    """`datagen filter --engine ...` (`config`: the loaded config): `run_scaled_filter`'s result."""
     plan = ScaleFilterPlan(source, out, rejects, work or out.with_name(out.name + ".work"), config,
-                           tasks=tasks if tasks is not None else max(1, os.cpu_count() or 1), command=command_line)
-    result = run_scaled_filter(plan, engine, options)
-    if engine == "slurm":
-        return (f"submitted Slurm jobs {', '.join(map(str, result['submitted']))}; the last one writes {out}; "
-                f"logs in {plan.work} (a failed job's log ends with the cause, and the jobs after it are cancelled)")
-    return format_stats(result)
-
+                           tasks=shard_count(tasks), command=command_line)
+    return run_scaled_filter(plan, engine, options)
