@@ -174,9 +174,7 @@ def evaluate(
         "tuned": {k: v for k, v in results["tuned"].items() if k != "replies"},
     }
     if config.judge:
-        from datagen.teachers.teacher import make_teacher
-
-        with make_teacher(teacher_config or TeacherConfig()) as teacher:
+        with open_judge(teacher_config or TeacherConfig(), Path(out_dir)) as teacher:
             report["judge"] = win_rate(
                 teacher, [_as_request(c) for c in conversations],
                 results["tuned"]["replies"], results["base"]["replies"], config.judge_sampling,
@@ -190,6 +188,22 @@ def evaluate(
     atomic_write_json(out_dir / "report.json", report)
     atomic_write_text(out_dir / "report.md", format_report(report))
     return report
+
+
+def open_judge(config: TeacherConfig, out_dir: Path):
+    """The judge's teacher. With `teacher.max_cost` it is capped like every stage that pays a
+    teacher: it reserves in the ledger beside the report (`OUT/report.spend.json`), so a rerun
+    with a higher cap goes on from what it spent, every answered verdict from the cache."""
+    from datagen.io import spend_path
+    from datagen.teachers.spending import SpendingLedger, check_priced
+    from datagen.teachers.teacher import make_teacher
+
+    if config.max_cost:
+        check_priced(config, config.backend, "the judge")
+    teacher = make_teacher(config)
+    if config.max_cost:
+        teacher.ledger = SpendingLedger(spend_path(out_dir / "report.json"), config.max_cost, fresh=True)
+    return teacher
 
 
 def _as_request(conversation) -> str:

@@ -556,6 +556,27 @@ def test_judge_prompt_is_pinned():
             "Reply in exactly this form:\nVerdict: <A, B or tie>") in message["content"]
 
 
+def test_the_eval_judge_is_capped_like_every_paid_stage(tmp_path):
+    from datagen.errors import ConfigError
+    from datagen.finetune.evaluate import EvalConfig, open_judge, win_rate
+    from datagen.teachers import TeacherConfig
+    from datagen.teachers.spending import SpendingCapReached
+    from datagen.teachers.teacher import PriceTable
+    from tests.helpers import ScriptedBackend
+
+    priced = TeacherConfig(backend="openai", base_url="http://127.0.0.1:9/v1", max_cost=50.0,
+                           prices=PriceTable(input_per_million=1e6, output_per_million=1e6),  # a token costs 1
+                           cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match="the judge has no prices"):
+        open_judge(priced.model_copy(update={"prices": None}), tmp_path)
+    with open_judge(priced, tmp_path) as judge:
+        assert (judge.ledger.path, judge.ledger.limit) == (tmp_path / "report.spend.json", 50.0)
+        judge.backend = ScriptedBackend(lambda prompt: "Verdict: A")  # what would answer, were it sent
+        with pytest.raises(SpendingCapReached, match="spending cap 50 reached"):
+            win_rate(judge, ["Add 2 and 3."] * 2, ["5"] * 2, ["6"] * 2, EvalConfig().judge_sampling)
+        assert judge.backend.seen == []  # a verdict's prompt alone could pass the cap: nothing was sent
+
+
 @pytest.mark.slow
 def test_eval_compares_base_and_tuned_on_held_out_data(trained, tmp_path, monkeypatch, capfd):
     from datagen.finetune.evaluate import EvalConfig, evaluate, judge_messages, parse_verdict
