@@ -18,7 +18,8 @@ Vocabulary layer: imports only `datagen.records` and the standard library.
   training example. A plain task is `[user, assistant(output)]`. An Orca task (it has a
   system message, or lineage generator "orca") is `[system, user, assistant]` where the
   assistant turn is the explanation, a blank line, and `Final answer: <output>`, so the
-  student learns to end the same parseable way; with Orca 2 *prompt erasure* the system
+  student learns to end the same parseable way; a multi-turn instance's `followups` come
+  after, as user and assistant turns (every assistant turn is trained on); with Orca 2 *prompt erasure* the system
   message is replaced by `generic_system`, so the student learns to choose the strategy
   itself rather than being told it.
 
@@ -74,10 +75,15 @@ def instance_messages(
     task: Task, instance: Instance, *, prompt_erasure: bool = False, generic_system: str = GENERIC_SYSTEM
 ) -> list[dict[str, str]]:
     """The chat training example for one instance: Orca tasks through `orca_messages`, any
-    other task as the user turn and the output."""
+    other task as the user turn and the output; then the `followups`' user and assistant turns."""
     if is_orca(task):
-        return orca_messages(task, instance, prompt_erasure, generic_system)
-    return [
-        {"role": "user", "content": user_turn(task.instruction, instance.input)},
-        {"role": "assistant", "content": instance.output.strip()},
-    ]
+        messages = orca_messages(task, instance, prompt_erasure, generic_system)
+    else:
+        messages = [
+            {"role": "user", "content": user_turn(task.instruction, instance.input)},
+            {"role": "assistant", "content": instance.output.strip()},
+        ]
+    for turn in instance.followups or ():
+        messages.append({"role": "user", "content": turn.user.strip()})
+        messages.append({"role": "assistant", "content": turn.assistant.strip()})
+    return messages

@@ -18,14 +18,30 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 
+class Turn(BaseModel):
+    """A later exchange of a multi-turn conversation: what the user said next and the reply."""
+
+    model_config = ConfigDict(extra="allow")
+
+    user: str
+    assistant: str
+
+
 class Instance(BaseModel):
-    """One input/output pair of a task; `explanation` holds an Orca-style rationale."""
+    """One input/output pair of a task; `explanation` holds an Orca-style rationale.
+
+    A multi-turn conversation is one instance: its first user turn is
+    `datagen.chat.user_turn(instruction, input)`, its first reply `output`, and `followups`
+    the exchanges after it, in order (None for a single-turn instance, so files of
+    single-turn tasks are unchanged).
+    """
 
     model_config = ConfigDict(extra="allow")
 
     input: str = ""
     output: str
     explanation: str | None = None
+    followups: list[Turn] | None = None
 
 
 def takes_input(instances: Sequence[Instance]) -> bool:

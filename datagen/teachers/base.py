@@ -23,18 +23,30 @@ Message = dict[str, str]
 
 @dataclass(frozen=True)
 class Request:
-    """One sample of one prompt. `params.n` is always 1 here; `sample_index` tells samples apart."""
+    """One sample of one prompt. `params.n` is always 1 here; `sample_index` tells samples apart.
+
+    `prefix`: raw text for the model to continue instead of a chat (Magpie's pre-query
+    prefix, the chat template opened up to the user's message); `messages` then stays
+    empty, and a backend without raw completion answers it with a TeacherError.
+    `schema`: a JSON schema (canonical JSON text) the reply must follow, for backends that
+    constrain decoding; the others answer as usual and the caller parses the text.
+    Both are part of the request cache key when set.
+    """
 
     messages: tuple[tuple[str, str], ...]
     params: SamplingParams
     sample_index: int = 0
+    prefix: str | None = None
+    schema: str | None = None
 
     @classmethod
-    def build(cls, messages: Sequence[Message], params: SamplingParams, sample_index: int = 0) -> Request:
+    def build(cls, messages: Sequence[Message], params: SamplingParams, sample_index: int = 0,
+              schema: str | None = None) -> Request:
         return cls(
             messages=tuple((m["role"], m["content"]) for m in messages),
             params=params,
             sample_index=sample_index,
+            schema=schema,
         )
 
     def chat(self) -> list[Message]:

@@ -1,8 +1,9 @@
 """Content-addressed request cache: a finished request is never sent (or paid for) twice.
 
 The key is the sha256 of the backend, model, messages, sampling parameters (seed
-included) and sample index; the value is the completion text, finish reason and
-token usage. Nothing else goes in, so no credential can end up on disk. Entries are
+included), sample index, and the raw prefix and reply schema when a request has them;
+the value is the completion text, finish reason and token usage. Nothing else goes in,
+so no credential can end up on disk. Entries are
 committed one by one as results arrive (SQLite in WAL mode), so a killed run keeps
 every reply it received, and a rerun or an offline replay (`cache: only`) reads them.
 
@@ -43,6 +44,11 @@ def request_key(backend: str, model: str, request: Request) -> str:
         },
         "sample_index": request.sample_index,
     }
+    # Only when set, so every key made before these fields existed still matches.
+    if request.prefix is not None:
+        payload["prefix"] = request.prefix
+    if request.schema is not None:
+        payload["schema"] = request.schema
     canonical = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
