@@ -18,10 +18,11 @@ Vocabulary layer: imports only `datagen.records` and the standard library.
   training example. A plain task is `[user, assistant(output)]`. An Orca task (it has a
   system message, or lineage generator "orca") is `[system, user, assistant]` where the
   assistant turn is the explanation, a blank line, and `Final answer: <output>`, so the
-  student learns to end the same parseable way; a multi-turn instance's `followups` come
-  after, as user and assistant turns (every assistant turn is trained on); with Orca 2 *prompt erasure* the system
-  message is replaced by `generic_system`, so the student learns to choose the strategy
-  itself rather than being told it.
+  student learns to end the same parseable way (a task read from a chat format, see
+  `PLAIN_CHAT_FORMATS`, keeps its system message as a plain first turn instead); a
+  multi-turn instance's `followups` come after, as user and assistant turns (every
+  assistant turn is trained on); with Orca 2 *prompt erasure* the system message is
+  replaced by `generic_system`, so the student learns to choose the strategy itself rather than being told it.
 
     from datagen.chat import instance_messages, user_turn
     messages = instance_messages(task, task.instances[0], prompt_erasure=True)
@@ -45,9 +46,19 @@ def user_turn(instruction: str, instance_input: str) -> str:
     return f"{instruction}\n\nInput:\n{instance_input}" if instance_input else instruction
 
 
+# formats whose system message is a plain chat's (datagen.readers): not a sign of an Orca task
+PLAIN_CHAT_FORMATS = frozenset({"sharegpt", "messages", "prompt-completion", "preferences"})
+
+
 def is_orca(task: Task) -> bool:
-    """Whether `task` is trained in the Orca shape (system message, explanation, final answer)."""
-    return task.system is not None or (task.lineage is not None and task.lineage.generator == "orca")
+    """Whether `task` is trained in the Orca shape (system message, explanation, final answer):
+    made by the orca method, or carrying a system message, unless it was read from a chat
+    format, whose system prompt is just part of the conversation."""
+    lineage = task.lineage
+    if lineage is not None and lineage.generator == "orca":
+        return True
+    read_as_chat = lineage is not None and getattr(lineage, "source_format", None) in PLAIN_CHAT_FORMATS
+    return task.system is not None and not read_as_chat
 
 
 def orca_messages(
@@ -79,7 +90,8 @@ def instance_messages(
     if is_orca(task):
         messages = orca_messages(task, instance, prompt_erasure, generic_system)
     else:
-        messages = [
+        messages = [{"role": "system", "content": task.system}] if task.system else []
+        messages += [
             {"role": "user", "content": user_turn(task.instruction, instance.input)},
             {"role": "assistant", "content": instance.output.strip()},
         ]

@@ -173,9 +173,14 @@ def teacher(
 @app.command()
 def generate(
     method: Annotated[
-        Optional[str], typer.Option("--method", help="self-instruct | alpaca | evol-instruct | orca | preferences.")
+        Optional[str], typer.Option("--method", help="self-instruct | alpaca | evol-instruct | orca | preferences | "
+                                              "magpie | persona."),
     ] = None,
-    seeds: Annotated[Optional[Path], typer.Option("--seeds", help="Seed task JSONL (default: bundled seeds).")] = None,
+    seeds: Annotated[Optional[Path], typer.Option("--seeds", help="Seed tasks, any format `datagen filter` reads "
+                                                                  "(default: bundled seeds).")] = None,
+    input_format: Annotated[Optional[str], typer.Option(
+        "--input-format", help="--seeds' format (default: detected; see `datagen filter --help`).")] = None,
+    split: Annotated[Optional[str], typer.Option("--split", help="--seeds' split, for a dataset.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output task JSONL (appended, resumable).")] = None,
     num: Annotated[Optional[int], typer.Option("--num", "-n", help="Tasks to produce in total.")] = None,
     instances_per_task: Annotated[
@@ -212,6 +217,8 @@ def generate(
     overrides.update({
         "generate.method": ("--method", method),
         "generate.seeds": ("--seeds", str(seeds) if seeds else None),
+        "generate.seeds_format": ("--input-format", input_format),
+        "generate.seeds_split": ("--split", split),
         "generate.out": ("--out", str(out) if out else None),
         "generate.num": ("--num", num),
         "generate.instances_per_task": ("--instances-per-task", instances_per_task),
@@ -242,6 +249,12 @@ SlurmTimeOpt = Annotated[str, typer.Option("--time", help="--engine slurm: time 
 # where the passes run (datagen.engines.SHARD_ENGINES)
 ENGINE_HELP = (" | ".join(SHARD_ENGINES) + " (local: one process; datatrove: its processes on this machine; "
                "ray joins engine.address, else RAY_ADDRESS, else a local Ray)")
+# what the input is (datagen.readers): detected from its content unless named
+InputFormatOpt = Annotated[Optional[str], typer.Option(
+    "--input-format", help="tasks | alpaca | sharegpt | messages | prompt-completion | preferences | "
+    "natural-instructions | hf-export (default: detected from the content).")]
+SplitOpt = Annotated[Optional[str], typer.Option(
+    "--split", help="Split of a Hugging Face dataset or export folder (default: train, or the only one).")]
 SkipInvalidOpt = Annotated[
     bool, typer.Option("--skip-invalid", help="Count malformed lines as rejects instead of stopping.")
 ]
@@ -266,6 +279,8 @@ def filter_command(
                                                          "manual pass.")
     ] = None,
     skip_invalid: SkipInvalidOpt = False,
+    input_format: InputFormatOpt = None,
+    split: SplitOpt = None,
     config: ConfigOpt = None,
     backend: BackendOpt = None,
     model: ModelOpt = None,
@@ -291,12 +306,14 @@ def filter_command(
         "filter.skip_invalid": ("--skip-invalid", True if skip_invalid else None),
     })
     _filter_on_engine(engine, tasks, source, out, rejects, overrides, config,
-                      dict(workers=workers, partition=partition, time=slurm_time), work_dir)
+                      dict(workers=workers, partition=partition, time=slurm_time), work_dir,
+                      input_format=input_format, split=split)
 
 
 def _filter_on_engine(engine: str, tasks: Optional[int], source: Path, out: Path, rejects: Optional[Path],
                       overrides: dict, config: Optional[Path], engine_options: dict, work_dir: Optional[Path],
-                      dedup_only: bool = False) -> None:
+                      dedup_only: bool = False, input_format: Optional[str] = None,
+                      split: Optional[str] = None) -> None:
     """`filter`/`dedup` (`dedup_only`): in one process (`--engine local`) or sharded (datagen.engines)."""
     from datagen.config_file import load_config
     from datagen.filtering import filter_on_engine
@@ -304,7 +321,7 @@ def _filter_on_engine(engine: str, tasks: Optional[int], source: Path, out: Path
 
     typer.echo(filter_on_engine(load_config(config, overrides), source, out, rejects or rejects_path(out), engine,
                                 tasks, engine_options, work_dir, "datagen " + " ".join(sys.argv[1:]),
-                                dedup_only=dedup_only), err=True)
+                                dedup_only=dedup_only, input_format=input_format, split=split), err=True)
 
 
 @app.command()
@@ -313,6 +330,8 @@ def dedup(
     out: KeptOpt,
     rejects: RejectsOpt = None,
     skip_invalid: SkipInvalidOpt = False,
+    input_format: InputFormatOpt = None,
+    split: SplitOpt = None,
     config: ConfigOpt = None,
     engine: Annotated[str, typer.Option(
         "--engine", help=ENGINE_HELP + ".")] = "local",
@@ -328,12 +347,13 @@ def dedup(
         "filter.skip_invalid": ("--skip-invalid", True if skip_invalid else None),
     }
     _filter_on_engine(engine, tasks, source, out, rejects, overrides, config,
-                      dict(workers=workers, partition=partition, time=slurm_time), work_dir, dedup_only=True)
+                      dict(workers=workers, partition=partition, time=slurm_time), work_dir, dedup_only=True,
+                      input_format=input_format, split=split)
 
 
 @app.command("export")
 def export_command(
-    source: Annotated[Path, typer.Argument(help="Task JSONL to export (e.g. kept.jsonl).")],
+    source: Annotated[Path, typer.Argument(help="Tasks to export (e.g. kept.jsonl; any format filter reads).")],
     fmt: Annotated[str, typer.Option("--format", "-f", help="natural-instructions | alpaca | messages | "
                                                              "prompt-completion | hf | preferences (pairs).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (data, README.md card, export.json).")],
@@ -349,6 +369,17 @@ def export_command(
     category: Annotated[Optional[str], typer.Option(
         "--category", help="natural-instructions: one category of the upstream task hierarchy for every "
                            "task (default: by rule, or the teacher's pick).")] = None,
+    push_to_hub: Annotated[Optional[str], typer.Option(
+        "--push-to-hub", metavar="OWNER/NAME", help="hf: upload the export to this dataset repo on the Hugging "
+                                                    "Face Hub (token: HF_TOKEN or `hf auth login`).")] = None,
+    private: Annotated[bool, typer.Option("--private", help="--push-to-hub: create the repo private.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="--push-to-hub: export, then list what would be "
+                                                            "uploaded and upload nothing.")] = False,
+    push_only: Annotated[bool, typer.Option(
+        "--push-only", help="--push-to-hub: upload the export already in --out (after a failed upload); "
+                            "export nothing.")] = False,
+    input_format: InputFormatOpt = None,
+    split: SplitOpt = None,
     config: ConfigOpt = None,
     backend: BackendOpt = None,
     model: ModelOpt = None,
@@ -358,8 +389,9 @@ def export_command(
 ) -> None:
     """Export tasks as Natural-Instructions files, Alpaca / chat / prompt-completion splits or a HF dataset."""
     from datagen.config_file import load_config
-    from datagen.export import format_export_summary, run_export
+    from datagen.export import format_export_summary, hub, run_export
 
+    hub.check_options(fmt, push_to_hub, private=private, dry_run=dry_run, push_only=push_only)
     overrides = teacher_overrides(backend=backend, model=model, base_url=base_url,
                                   api_key_env=api_key_env, cache_dir=cache_dir)
     overrides.update({
@@ -369,10 +401,16 @@ def export_command(
         "export.category": ("--category", category),
     })
     settings = load_config(config, overrides)
-    summary = run_export(settings, source, fmt, out, strict=strict, command_line="datagen " + " ".join(sys.argv[1:]))
-    typer.echo(format_export_summary(summary), err=True)
-    if strict and summary["tasks_exported"] == 0:
-        raise DatagenError(f"--strict: none of the {summary['tasks']} tasks passes; see the reasons above")
+    if push_only:
+        hub.check_pushable(out, source)
+    else:
+        summary = run_export(settings, source, fmt, out, strict=strict,
+                             command_line="datagen " + " ".join(sys.argv[1:]), input_format=input_format, split=split)
+        typer.echo(format_export_summary(summary), err=True)
+        if strict and summary["tasks_exported"] == 0:
+            raise DatagenError(f"--strict: none of the {summary['tasks']} tasks passes; see the reasons above")
+    if push_to_hub:
+        hub.run_push(out, push_to_hub, private=private, dry_run=dry_run, announce=typer.echo)
 
 
 @app.command()
@@ -412,6 +450,8 @@ def finetune(
     rdzv_endpoint: Annotated[
         Optional[str], typer.Option("--rdzv-endpoint", help="HOST:PORT of a c10d rendezvous (elastic).")
     ] = None,
+    input_format: InputFormatOpt = None,
+    split: SplitOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """LoRA / QLoRA SFT of a student on chat data, or DPO on preference pairs; rerun the same command to resume."""
@@ -421,7 +461,8 @@ def finetune(
              "learning_rate": (learning_rate, "--learning-rate"), "r": (lora_r, "--lora-r"),
              "alpha": (lora_alpha, "--lora-alpha"), "max_length": (max_length, "--max-length"),
              "packing": (packing, "--packing"), "merge": (merge, "--merge"), "seed": (seed, "--seed"),
-             "distributed": (distributed, "--distributed")}
+             "distributed": (distributed, "--distributed"), "input_format": (input_format, "--input-format"),
+             "split": (split, "--split")}
     launch = {"nnodes": nnodes, "node_rank": node_rank, "master_addr": master_addr, "master_port": master_port,
               "rdzv_endpoint": rdzv_endpoint}
     line = run_finetune(data, out, method=method, flags=flags, launch=launch, nproc=nproc, config=config)
@@ -431,33 +472,52 @@ def finetune(
 
 @app.command("eval")
 def eval_command(
-    data: Annotated[Path, typer.Argument(help="Held-out data: an export folder (its test.jsonl) or a file.")],
     tuned: Annotated[str, typer.Option("--tuned", help="The finetune output folder or a merged model folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where report.json and report.md go.")],
+    data: Annotated[Optional[Path], typer.Argument(
+        help="Held-out data: an export folder (its test.jsonl) or a file; optional with --benchmark.")] = None,
     base: Annotated[Optional[str], typer.Option("--base", help="The base student (default: finetune.base).")] = None,
     judge: Annotated[Optional[bool], typer.Option("--judge/--no-judge", help="Teacher-judged win rate.")] = None,
     max_examples: Annotated[Optional[int], typer.Option("--max-examples")] = None,
+    benchmark: Annotated[Optional[list[str]], typer.Option(
+        "--benchmark", help="External benchmark (repeatable): ni | ni-2pos (NAME:PATH for an NI checkout or task "
+                            "folder; default the shipped sample) | ifeval | judged:FILE | lm-eval:TASKS | a PATH. "
+                            "Replaces eval.benchmarks.")] = None,
+    lm_eval: Annotated[Optional[list[str]], typer.Option(
+        "--lm-eval", help="lm-evaluation-harness tasks, comma-separated (repeatable); as --benchmark lm-eval:TASKS.")
+    ] = None,
+    lm_eval_include: Annotated[Optional[list[Path]], typer.Option(
+        "--lm-eval-include", help="Folder of your own lm-eval task YAMLs (repeatable).")] = None,
+    input_format: InputFormatOpt = None,
+    split: SplitOpt = None,
     config: ConfigOpt = None,
     backend: BackendOpt = None,
     model: ModelOpt = None,
     base_url: BaseUrlOpt = None,
     api_key_env: ApiKeyEnvOpt = None,
 ) -> None:
-    """Compare the base and the tuned student on held-out tasks (loss, ROUGE-L, win rate)."""
+    """Compare the base and the tuned student on held-out tasks (loss, ROUGE-L, win rate) and benchmarks."""
     from datagen.config_file import load_config
     from datagen.finetune.evaluate import evaluate, format_summary
 
     overrides = teacher_overrides(backend=backend, model=model, base_url=base_url, api_key_env=api_key_env)
+    specs = [*(benchmark or []), *(f"lm-eval:{tasks}" for tasks in lm_eval or [])]
     overrides.update({"finetune.base": ("--base", base), "eval.judge": ("--judge", judge),
-                      "eval.max_examples": ("--max-examples", max_examples)})
+                      "eval.max_examples": ("--max-examples", max_examples),
+                      "eval.benchmarks": ("--benchmark", specs or None),
+                      "eval.benchmark.lm_eval_include": (
+                          "--lm-eval-include", [str(p) for p in lm_eval_include] if lm_eval_include else None)})
     settings = load_config(config, overrides)
     from datagen.finetune.dpo_eval import evaluate_dpo, format_dpo_eval, is_dpo_output
 
     if is_dpo_output(tuned):  # held-out pairs: reward accuracy, margin, win rate over the SFT student
+        if data is None:
+            raise ConfigError("eval: a DPO student is scored on held-out preference pairs; give their folder")
         report = evaluate_dpo(settings.eval, data, tuned, out, teacher_config=settings.teacher)
         typer.echo(format_dpo_eval(report) + f"\nreport: {out / 'report.md'}", err=True)
         return
-    report = evaluate(settings.eval, data, settings.finetune.base, tuned, out, teacher_config=settings.teacher)
+    report = evaluate(settings.eval, data, settings.finetune.base, tuned, out, teacher_config=settings.teacher,
+                      input_format=input_format, split=split)
     typer.echo(format_summary(report) + f"\nreport: {out / 'report.md'}", err=True)
 
 
@@ -490,6 +550,8 @@ def view(
     port: Annotated[int, typer.Option("--port", help="Port to serve on (0 picks a free one).")] = 8765,
     host: Annotated[str, typer.Option("--host", help="Address to bind; anything but 127.0.0.1 lets other "
                                                      "machines read the data.")] = "127.0.0.1",
+    input_format: InputFormatOpt = None,
+    split: SplitOpt = None,
 ) -> None:
     """Browse, trace and curate a run in a local web page (keep/drop marks go to an overrides JSONL)."""
     from datagen.view import serve
@@ -497,7 +559,8 @@ def view(
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(f"warning: serving on {host}, not 127.0.0.1: anyone who can reach this address can read "
                    f"the data under {path} and write marks (requests must name this host)", err=True)
-    serve(path, host=host, port=port, announce=lambda line: typer.echo(line, err=True))
+    serve(path, host=host, port=port, announce=lambda line: typer.echo(line, err=True), input_format=input_format,
+          split=split)
 
 
 def _click_exceptions() -> ModuleType:

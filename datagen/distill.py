@@ -9,7 +9,9 @@ Everything lands in `distill.workdir`:
     dataset/  train/validation/test.jsonl + card  export (chat messages, split by task)
     export-<format>/                               export, each extra format in distill.formats
     student/  adapter/, merged/, train_log.jsonl   finetune (on dataset/train.jsonl)
-    eval/     report.json, report.md               eval (base vs tuned on dataset/test.jsonl)
+    eval/     report.json, report.md               eval (base vs tuned on dataset/test.jsonl, and on the
+                                                   external benchmarks of eval.benchmarks: the closing
+                                                   report lists them)
     distill.json                                   which stages are done, and with what settings
 
 With `distill.dpo: true` the Zephyr recipe goes on past SFT (the stages in
@@ -49,6 +51,7 @@ from pydantic import Field
 from datagen.config import Strict
 from datagen.engines.config import EngineConfig
 from datagen.errors import ConfigError, InputError
+from datagen.finetune.benchmarks import BenchmarkOptions, needs_judge
 from datagen.finetune.config import SFT_ONLY_FIELDS
 from datagen.io import atomic_write_json, progress_path, rejects_path, summary_path
 
@@ -60,6 +63,7 @@ UPSTREAM = {"filter": "generate", "export": "filter", "finetune": "export", "eva
             "preferences": "finetune", "dpo": "preferences", "dpo-eval": "dpo"}
 STUDENT_RESPONDER = "student"  # a preferences responder with this model answers with the SFT student
 STATE_FILE = "distill.json"
+EVAL_ADDED_DEFAULTS = {"benchmarks": [], "benchmark": BenchmarkOptions().model_dump(mode="json"), "engine": "auto"}
 TRAINING_FORMAT = "messages"
 
 
@@ -123,8 +127,11 @@ def stage_settings(config, stage: str) -> dict[str, Any]:
         # kept in, workdirs made before still skip a finished dpo stage
         settings = {**SFT_ONLY_FIELDS, **dump["dpo"]}
         return {"dpo": {k: v for k, v in settings.items() if k not in ("save_every", "keep_checkpoints", "base")}}
-    return {"eval": {k: v for k, v in dump["eval"].items() if k != "generic_system"},
-            "teacher": teacher if config.eval.judge else None}
+    # the benchmark fields count only when set: workdirs made before they existed still skip a finished eval
+    defaults = EVAL_ADDED_DEFAULTS
+    settings = {k: v for k, v in dump["eval"].items()
+                if k != "generic_system" and not (k in defaults and v == defaults[k])}
+    return {"eval": settings, "teacher": teacher if config.eval.judge or needs_judge(config.eval.benchmarks) else None}
 
 
 def fingerprints(config) -> dict[str, str]:

@@ -70,8 +70,8 @@ class TallyingTeacher:
         self.teacher.ledger = ledger
 
     def complete(self, conversations: Sequence[Sequence[Message]], params: SamplingParams | None = None,
-                 progress: Callable[[int], None] | None = None):
-        replies = self._timed(lambda: self.teacher.complete(conversations, params, progress))
+                 progress: Callable[[int], None] | None = None, schema: dict[str, Any] | str | None = None):
+        replies = self._timed(lambda: self.teacher.complete(conversations, params, progress, schema=schema))
         if self.teacher.in_look_ahead:  # tallied when the loop takes them from the cache
             return replies
         for samples in replies:

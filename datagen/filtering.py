@@ -25,7 +25,7 @@ from typing import Any
 from datagen.errors import ConfigError, InputError
 from datagen.filters.base import LazyTeacher, PassContext
 from datagen.filters.registry import PASSES, FilterConfig  # noqa: F401 (FilterConfig: this stage's config section)
-from datagen.io import atomic_write_json, read_tasks_lenient, stats_path, write_jsonl_atomic
+from datagen.io import atomic_write_json, stats_path, write_jsonl_atomic
 from datagen.records import Reject
 from datagen.rejects import INVALID_LINE, STAGE_READ
 
@@ -40,11 +40,16 @@ def start_spending(config, kept: Path) -> Path:
     return spend_path(kept)
 
 
-def run_filter(config, source: Path, kept_path: Path, rejects_path: Path, command_line: str) -> dict[str, Any]:
-    """Run `config.filter.passes` over `source`; write kept, rejects and stats; return the stats."""
+def run_filter(config, source: Path, kept_path: Path, rejects_path: Path, command_line: str,
+               input_format: str | None = None, split: str | None = None) -> dict[str, Any]:
+    """Run `config.filter.passes` over `source` (any format `datagen.readers` reads; `input_format`
+    and `split` as there); write kept, rejects and stats; return the stats."""
+    from datagen.readers import load
+
     settings = config.filter
     started = time.monotonic()
-    tasks, invalid = read_tasks_lenient(source)
+    loaded = load(source, input_format, split)
+    tasks, invalid = loaded.tasks, loaded.invalid
     if invalid and not settings.skip_invalid:
         where, problem, _raw = invalid[0]
         more = f" (and {len(invalid) - 1} more bad lines)" if len(invalid) > 1 else ""
@@ -109,14 +114,17 @@ def sharded_route(engine: str, dedup_only: bool):
 
 def filter_on_engine(config, source: Path, out: Path, rejects: Path, engine: str, tasks: int | None,
                      engine_options: dict[str, Any], work: Path | None, command_line: str,
-                     dedup_only: bool = False) -> str:
+                     dedup_only: bool = False, input_format: str | None = None, split: str | None = None) -> str:
     """`datagen filter` / `datagen dedup` (`dedup_only`): the passes in this process (`engine`
     local) or sharded on `engine` (datatrove, ray, slurm); returns what the command prints.
     `--engine ray` joins Ray as generation does: `engine.address`, else RAY_ADDRESS, else a local Ray."""
     if engine == "local":
         if tasks is not None:
             raise ConfigError("--tasks needs --engine datatrove, ray or slurm")
-        return format_stats(run_filter(config, source, out, rejects, command_line))
+        return format_stats(run_filter(config, source, out, rejects, command_line, input_format, split))
+    from datagen.readers import as_task_jsonl
+
+    source = as_task_jsonl(source, input_format, split, out.with_name(f"{out.stem}.input.jsonl"))
     run, options_class = sharded_route(engine, dedup_only)
     options = options_class(**engine_options, ray_address=config.engine.address)
     result = run(config, source, out, rejects, engine, tasks, options, work, command_line)

@@ -21,7 +21,7 @@ from pydantic import Field
 from datagen.config import Strict, with_sections
 from datagen.engines.open_teacher import open_teacher
 from datagen.errors import ConfigError
-from datagen.generators import alpaca, evol_instruct, orca, preferences, self_instruct
+from datagen.generators import alpaca, evol_instruct, magpie, orca, persona, preferences, self_instruct
 from datagen.generators.common import GenerationMethod, RunContext, TaskSink, instances_toward_target
 from datagen.io import atomic_write_json, progress_path, read_tasks, rejects_path, spend_path, summary_path
 from datagen.progress import progress
@@ -41,6 +41,8 @@ GENERATORS: dict[str, GenerationMethod] = {
     "orca": GenerationMethod(orca.run_orca, "orca", orca.OrcaConfig, plan=orca.planned_requests),
     "preferences": GenerationMethod(preferences.run_preferences, "preferences", preferences.PreferencesConfig,
                                     preferences.PreferencePair, looks_ahead=True),
+    "magpie": GenerationMethod(magpie.run_magpie, "magpie", magpie.MagpieConfig),
+    "persona": GenerationMethod(persona.run_persona, "persona", persona.PersonaConfig),
 }
 
 Method = Literal[tuple(GENERATORS)]  # type: ignore[valid-type]
@@ -49,6 +51,8 @@ Method = Literal[tuple(GENERATORS)]  # type: ignore[valid-type]
 class _GenerateBase(Strict):
     method: Method = "self-instruct"
     seeds: str | None = None  # default: the seed set bundled with the package
+    seeds_format: str | None = None  # any format datagen.readers reads; None: detected
+    seeds_split: str | None = None  # the split of a dataset given as seeds
     out: str | None = None
     num: int = Field(20, ge=1)
     seed: int = 0
@@ -66,7 +70,11 @@ def bundled_seeds_path() -> Path:
 
 
 def load_seeds(config) -> list[Task]:
-    return read_tasks(config.generate.seeds or bundled_seeds_path())
+    """The seed tasks, in any format `datagen.readers` reads (`generate.seeds_format` / `seeds_split`)."""
+    from datagen.readers import read_tasks_any
+
+    settings = config.generate
+    return read_tasks_any(settings.seeds or bundled_seeds_path(), settings.seeds_format, settings.seeds_split)
 
 
 def _batches_done(output: Path, method: str) -> int:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 
 class Turn(BaseModel):
@@ -42,6 +42,15 @@ class Instance(BaseModel):
     output: str
     explanation: str | None = None
     followups: list[Turn] | None = None
+
+    @model_serializer(mode="wrap")
+    def _single_turn_as_before(self, serialize):
+        # A single-turn instance serialises exactly as before followups existed (pinned outputs,
+        # recorded rejects and request texts built from instance JSON stay byte for byte).
+        data = serialize(self)
+        if isinstance(data, dict) and data.get("followups", ()) is None:
+            del data["followups"]
+        return data
 
 
 def takes_input(instances: Sequence[Instance]) -> bool:

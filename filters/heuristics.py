@@ -6,8 +6,10 @@ output, empty output, ending in ':', one input with two outputs), plus what thos
 references leave to chance: refusals ("As an AI language model", or a reply that opens by
 declining: "I'm sorry, but", "This task cannot be performed"), placeholders in place of an
 answer ("<nooutput>", "<image attached>"), degenerate outputs (only punctuation, one word
-repeated) and length limits. Each rule's precision and recall on real teacher data (a
-labelled Alpaca sample, tests/data/filter_precision/) is measured by bench/filter_precision.py.
+repeated) and length limits. The reply checks (and empty output) look at every assistant turn
+of a multi-turn conversation; a reject names the turn ("refusal: 'i cannot' (turn 2)").
+Each rule's precision and recall on real teacher data (a labelled Alpaca sample,
+tests/data/filter_precision/) is measured by bench/filter_precision.py.
 
     from datagen.filters.heuristics import HeuristicsConfig, checks_for
     kept, rejected = check_pass(checks_for(HeuristicsConfig(preset="alpaca")))(tasks)
@@ -18,7 +20,7 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter, defaultdict
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -182,6 +184,15 @@ def checks_for(config: HeuristicsConfig) -> list[Check]:
     return checks
 
 
+def _replies(task: Task) -> Iterator[tuple[str, str, str]]:
+    """(what the user said, the reply, "" or " (turn N)") for every assistant turn: each
+    instance's output, then a multi-turn instance's later replies, named by turn."""
+    for instance in task.instances:
+        yield task.instruction, instance.output, ""
+        for number, turn in enumerate(instance.followups or (), start=2):
+            yield turn.user, turn.assistant, f" (turn {number})"
+
+
 def _instances_check(task: Task) -> str | None:
     if not task.instances:
         return "no instances"
@@ -189,31 +200,34 @@ def _instances_check(task: Task) -> str | None:
         reason = instance_reject_reason(instance)
         if reason:
             return reason
+        for number, turn in enumerate(instance.followups or (), start=2):
+            if turn.assistant.strip() == "":
+                return f"empty output (turn {number})"
     if has_conflicting_outputs(task.instances):
         return "conflicting outputs for the same input"
     return None
 
 
 def _refusal_check(task: Task) -> str | None:
-    phrase = next((p for i in task.instances if (p := refusal_phrase(i.output, task.instruction))), None)
-    return f"refusal: {phrase!r}" if phrase else None
+    return next((f"refusal: {phrase!r}{turn}" for asked, reply, turn in _replies(task)
+                 if (phrase := refusal_phrase(reply, asked))), None)
 
 
 def _placeholder_check(task: Task) -> str | None:
-    return next((r for i in task.instances if (r := placeholder_reason(i.output))), None)
+    return next((r + turn for _asked, reply, turn in _replies(task) if (r := placeholder_reason(reply))), None)
 
 
 def _degenerate_check(task: Task) -> str | None:
-    return next((r for i in task.instances if (r := degenerate_reason(i.output))), None)
+    return next((r + turn for _asked, reply, turn in _replies(task) if (r := degenerate_reason(reply))), None)
 
 
 def _length_check(task: Task, min_words: int, max_words: int | None) -> str | None:
-    for instance in task.instances:
-        words = len(instance.output.split())
+    for _asked, reply, turn in _replies(task):
+        words = len(reply.split())
         if words < min_words:
-            return f"output shorter than {min_words} words"
+            return f"output shorter than {min_words} words{turn}"
         if max_words is not None and words > max_words:
-            return f"output longer than {max_words} words"
+            return f"output longer than {max_words} words{turn}"
     return None
 
 

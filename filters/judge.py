@@ -1,7 +1,8 @@
 """LLM-judge pass (AlpaGasus, Chen et al. 2023): the teacher grades each example 0-5.
 
 Each instance is shown to the teacher with its instruction and input; the reply's
-`Score:` is parsed, a task's score is the mean over its instances, and tasks below the
+`Score:` is parsed (or its JSON `score`: the teacher is asked for SCORE_SCHEMA, which backends
+that constrain decoding keep to), a task's score is the mean over its instances, and tasks below the
 threshold (default 4.5, the paper's cut) are rejected. Score and rationale go into the
 task's lineage (`judge_score`, `judge_rationale`), so the dedup keep-rule can use them.
 A reply with no readable score rejects the task as "judge reply unparseable" (raw kept
@@ -21,6 +22,7 @@ from datagen.config import SamplingParams
 from datagen.filters.base import PassContext, PassResult, Rejection
 from datagen.prompts import load_template
 from datagen.records import Lineage, Task
+from datagen.structured import SCORE_SCHEMA, json_field, json_rationale, looks_like_json
 
 TEMPLATE = "judge_quality.jinja"
 
@@ -38,7 +40,13 @@ def judge_messages(instruction: str, instance_input: str, output: str) -> list[d
 
 
 def parse_judgement(text: str) -> tuple[float, str] | None:
-    """(score, rationale) from 'Score: 4.5 / Rationale: ...'; None when no score in 0-5 is found."""
+    """(score, rationale) from 'Score: 4.5 / Rationale: ...', or from a JSON reply
+    `{"score": 4.5, "rationale": "..."}` (asked for with SCORE_SCHEMA); None when no score in
+    0-5 is found."""
+    if looks_like_json(text):
+        value = json_field(text, "score")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 5.0:
+            return float(value), json_rationale(text)
     match = re.search(r"score\s*[:=]?\s*(\d+(?:\.\d+)?)", text, flags=re.IGNORECASE)
     if match is None:
         match = re.match(r"\s*(\d+(?:\.\d+)?)\b", text)
@@ -57,7 +65,7 @@ def judge_pass(tasks: Sequence[Task], teacher, config: JudgeConfig) -> PassResul
         for instance in task.instances:
             conversations.append(judge_messages(task.instruction, instance.input, instance.output))
             owners.append(position)
-    replies = teacher.complete(conversations, config.sampling) if conversations else []
+    replies = teacher.complete(conversations, config.sampling, schema=SCORE_SCHEMA) if conversations else []
     verdicts: dict[int, list[tuple[float, str] | str]] = {}
     for position, [reply] in zip(owners, replies):
         parsed = parse_judgement(reply.text) if reply.ok else None

@@ -16,7 +16,7 @@ from pydantic import Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from datagen.config import Strict, with_sections
-from datagen.filters import decontaminate, dedup, heuristics, judge, manual, novelty
+from datagen.filters import decontaminate, dedup, heuristics, judge, magpie, manual, novelty
 from datagen.filters.base import DEDUP, PER_TASK, WHOLE_SET, FilterPass
 
 # The passes by name, in no particular order (`filter.passes` gives the order). Adding a
@@ -32,6 +32,7 @@ PASSES: dict[str, FilterPass] = {
     "judge": FilterPass(judge.run_judge_pass, "judge", judge.JudgeConfig, PER_TASK, uses_teacher=True),
     "manual": FilterPass(manual.run_manual_pass, "manual", manual.ManualConfig, PER_TASK,
                          merge_reports=manual.merge_manual_reports),
+    "magpie": FilterPass(magpie.magpie_pass, "magpie", magpie.MagpieFilterConfig, PER_TASK),
 }
 
 

@@ -27,12 +27,13 @@ QLORA_FSDP_REFUSAL = ("method qlora under fsdp is not supported yet (sharding bi
 DPO_FSDP_REFUSAL = ("dpo: distributed: fsdp is not supported (the reference and final-metric passes run "
                     "the model outside FSDP's sharded forward); use distributed: ddp")
 # SFT's data options with the values DPO configs carried (and ignored) before the sections split
-SFT_ONLY_FIELDS: dict[str, Any] = {"packing": False, "prompt_erasure": False, "generic_system": None}
+SFT_ONLY_FIELDS: dict[str, Any] = {"packing": False, "prompt_erasure": False, "generic_system": None,
+                                   "input_format": None, "split": None}
 # Settings that do not change what is trained; a checkpoint's fingerprint leaves them out.
 # prompt_erasure and generic_system shape the data, which is hashed itself; leaving them (and
 # distributed, and a world size of 1) out keeps checkpoints made before those options existed resumable
 NOT_FINGERPRINTED = frozenset({"save_every", "keep_checkpoints", "merge", "device", "prompt_erasure",
-                               "generic_system", "distributed"})
+                               "generic_system", "distributed", "input_format", "split"})
 
 
 class AdapterConfig(Strict):
@@ -115,6 +116,9 @@ class FinetuneConfig(AdapterConfig):
     prompt_erasure: bool = False
     # None: generate.orca.generic_system of the same config file (the export's), else the default
     generic_system: str | None = Field(None, min_length=1)
+    # what the data is and which split (datagen.readers; --input-format / --split): detected when None
+    input_format: str | None = None
+    split: str | None = None
 
 
 class DPOConfig(AdapterConfig):

@@ -1,16 +1,11 @@
 """Training data for SFT: conversations in, token ids with completion-only labels out.
 
-`load_conversations(path)` reads any of the formats datagen writes or SFT tools read, one
-conversation per example, and names the file and line of a bad one:
-
-- chat JSONL: `{"messages": [{"role": ..., "content": ...}, ...]}`
-- prompt/completion JSONL: `{"prompt": ..., "completion": ...}` (and `"system"` when set)
-- Alpaca JSON or JSONL: `{"instruction": ..., "input": ..., "output": ...}`; the user turn
-  is `datagen.chat.user_turn(instruction, input)`, as in every other format
-- task JSONL (ours, or a Self-Instruct seed file): one example per instance, made by
-  `datagen.chat.instance_messages` (Orca tasks in the Orca shape; `prompt_erasure=True`,
-  i.e. `finetune.prompt_erasure`, trains them on the generic system message)
-- an export folder: its `train.jsonl`
+`load_conversations(path)` reads any format `datagen.readers` reads (task JSONL, Alpaca,
+ShareGPT, chat `messages`, prompt/completion, preference rows, NI task files, Hugging Face
+datasets; an export folder means its `train.jsonl`), one conversation per instance, made by
+`datagen.chat.instance_messages` (Orca tasks in the Orca shape; `prompt_erasure=True`, i.e.
+`finetune.prompt_erasure`, trains them on the generic system message; a multi-turn instance
+is one conversation with every assistant turn), and names the file and line of a bad one.
 
 `encode_conversation` renders a conversation with the student's own chat template and
 supervises only the assistant turns: a token is supervised when its characters lie in
@@ -25,7 +20,6 @@ a message naming the example: silently training on nothing is the bug this preve
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -34,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from datagen.errors import InputError
-from datagen.io import read_jsonl, read_text
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -81,91 +74,30 @@ class EncodedSet:
 # ----------------------------------------------------------------------------- reading
 
 
-def load_conversations(path: str | Path, *, prompt_erasure: bool = False,
-                       generic_system: str | None = None) -> list[Conversation]:
-    """Every conversation in `path` (see the module docstring for the formats); with
-    `prompt_erasure`, Orca tasks get `generic_system` (default: datagen.chat.GENERIC_SYSTEM)."""
+def load_conversations(path: str | Path, *, prompt_erasure: bool = False, generic_system: str | None = None,
+                       input_format: str | None = None, split: str | None = None) -> list[Conversation]:
+    """Every conversation in `path`, read by `datagen.readers` (any format it reads; an export
+    folder means its `train.jsonl`); one per instance, as `datagen.chat.instance_messages`
+    makes it. With `prompt_erasure`, Orca tasks get `generic_system` (default:
+    datagen.chat.GENERIC_SYSTEM)."""
+    from datagen.chat import GENERIC_SYSTEM, instance_messages
+    from datagen.readers import load
+
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and (path / "train.jsonl").is_file():
         path = path / "train.jsonl"
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if path.suffix == ".json":
-        rows = _json_array_rows(path, read_text(path, "a JSON file"))
-    else:
-        rows = [(f"{path}:{number}", row) for number, row in read_jsonl(path)]
+    loaded = load(path, input_format, split, strict=True)
     conversations: list[Conversation] = []
-    for where, row in rows:
-        conversations.extend(_conversations_from_row(where, row, prompt_erasure, generic_system))
+    several = loaded.format in ("tasks", "hf-export")  # one row, several instances: name each
+    for task, where in zip(loaded.tasks, loaded.where):
+        for index, instance in enumerate(task.instances):
+            messages = instance_messages(task, instance, prompt_erasure=prompt_erasure,
+                                         generic_system=generic_system or GENERIC_SYSTEM)
+            source = f"{where}#{index}" if several else where
+            conversations.append(Conversation(_checked_messages(source, messages), source))
     if not conversations:
         raise InputError(f"{path}: no examples in file (is the split empty?)")
     return conversations
-
-
-def _json_array_rows(path: Path, text: str) -> list[tuple[str, dict]]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise InputError(f"{path}:{error.lineno}: invalid JSON ({error.msg})") from None
-    if not isinstance(value, list) or not all(isinstance(row, dict) for row in value):
-        raise InputError(f"{path}: expected a JSON array of objects (Alpaca format)")
-    return [(f"{path}[{index}]", row) for index, row in enumerate(value)]
-
-
-def _conversations_from_row(where: str, row: dict[str, Any], prompt_erasure: bool = False,
-                            generic_system: str | None = None) -> list[Conversation]:
-    from datagen.chat import user_turn
-
-    if "messages" in row:
-        return [Conversation(_checked_messages(where, row["messages"]), where)]
-    if "prompt" in row and "completion" in row:
-        system = row.get("system")
-        if system is not None and not isinstance(system, str):
-            raise InputError(f'{where}: field "system": expected a string')
-        pair = _pair(where, _text(where, row, "prompt"), _text(where, row, "completion"))
-        return [Conversation(((("system", system),) if system else ()) + pair.messages, where)]
-    if "instances" in row:
-        return _task_conversations(where, row, prompt_erasure, generic_system)
-    if "instruction" in row and "output" in row:
-        given = row.get("input") or ""
-        if not isinstance(given, str):
-            raise InputError(f'{where}: field "input": expected a string')
-        return [_pair(where, user_turn(_text(where, row, "instruction"), given), _text(where, row, "output"))]
-    raise InputError(
-        f'{where}: not a training example (expected "messages", "prompt"+"completion", '
-        '"instruction"+"output" or a task with "instances")'
-    )
-
-
-def _task_conversations(where: str, row: dict[str, Any], prompt_erasure: bool = False,
-                        generic_system: str | None = None) -> list[Conversation]:
-    from pydantic import ValidationError
-
-    from datagen.chat import GENERIC_SYSTEM, instance_messages
-    from datagen.io import describe_validation_error
-    from datagen.records import Task
-
-    try:
-        task = Task.model_validate(row)
-    except ValidationError as error:
-        raise InputError(f"{where}: {describe_validation_error(error)}") from None
-    return [
-        Conversation(_checked_messages(where, instance_messages(task, instance, prompt_erasure=prompt_erasure,
-                                                                generic_system=generic_system or GENERIC_SYSTEM)),
-                     f"{where}#{index}")
-        for index, instance in enumerate(task.instances)
-    ]
-
-
-def _pair(where: str, user: str, assistant: str) -> Conversation:
-    return Conversation((("user", user), ("assistant", assistant)), where)
-
-
-def _text(where: str, row: dict[str, Any], key: str) -> str:
-    value = row[key]
-    if not isinstance(value, str):
-        raise InputError(f'{where}: field "{key}": expected a string')
-    return value
 
 
 def _checked_messages(where: str, messages: Any) -> tuple[tuple[str, str], ...]:

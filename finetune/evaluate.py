@@ -15,26 +15,34 @@ models are scored on:
   pair is judged twice with the answers swapped, so a judge that favours position A
   scores a tie, not a win.
 
+External benchmarks (`eval.benchmarks`, `datagen eval --benchmark`: Super-NaturalInstructions,
+IFEval and other lm-eval tasks, a judged win rate against reference outputs) are scored for
+both models in the same report (`datagen.finetune.benchmarks`); without held-out data an eval
+is those alone. The held-out references are called "teacher replies" only when the tasks'
+lineage says a teacher wrote them, else "reference replies".
+
 It writes `OUT/report.json` and `OUT/report.md` (figures side by side, and a few replies).
 """
 
 from __future__ import annotations
 
 import math
-import re
 import time
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
 from datagen.config import SamplingParams, Strict
-from datagen.errors import InputError
+from datagen.errors import ConfigError, InputError
+from datagen.finetune.benchmarks import BenchmarkOptions
+from datagen.finetune.judged import JUDGE_TEMPLATE, judge_messages, parse_verdict  # noqa: F401 (eval's judge)
 from datagen.io import atomic_write_json, atomic_write_text
-from datagen.progress import progress
 from datagen.teachers import TeacherConfig
 
-JUDGE_TEMPLATE = "judge_pairwise.jinja"
+TEACHER_LABEL = "teacher replies"
+REFERENCE_LABEL = "reference replies"
 
 
 class EvalConfig(Strict):
@@ -47,6 +55,11 @@ class EvalConfig(Strict):
     # held-out task JSONL: Orca tasks with the generic system message, as finetune.prompt_erasure
     prompt_erasure: bool = False
     generic_system: str | None = Field(None, min_length=1)  # as finetune.generic_system
+    # external benchmarks scored beside the held-out data: NAME, NAME:PATH or PATH (datagen.finetune.benchmarks)
+    benchmarks: list[str] = Field(default_factory=list)
+    benchmark: BenchmarkOptions = BenchmarkOptions()
+    # how the students answer: vLLM where installed for runs of VLLM_MIN_PROMPTS replies or more
+    engine: Literal["auto", "vllm", "local"] = "auto"
 
 
 def held_out_path(data: str | Path) -> Path:
@@ -68,10 +81,10 @@ def resolve_student(path: str) -> str:
 def score_model(model_name: str, conversations: list, config: EvalConfig, label: str) -> dict[str, Any]:
     """Loss, perplexity, greedy replies and their ROUGE-L for one model; its replies show
     progress as `eval LABEL` (examples done, rate, ETA), the slow part of an eval."""
+    from datagen.finetune.benchmarks import answer, choose_engine, student_backend
     from datagen.finetune.data import encode_all
     from datagen.finetune.losses import mean_completion_loss
     from datagen.rouge import rouge_l_f1
-    from datagen.teachers.base import Request
     from datagen.teachers.local import LocalBackend
 
     started = time.monotonic()
@@ -80,17 +93,15 @@ def score_model(model_name: str, conversations: list, config: EvalConfig, label:
     pad_id = tokenizer.pad_token_id
     encoded = encode_all(tokenizer, conversations, max_length=None, auto_cap=1 << 30)
     loss = mean_completion_loss(backend.network, encoded.examples, pad_id, backend.device, config.batch_size)
-    greedy = SamplingParams(temperature=0.0, max_tokens=config.max_new_tokens)
-    requests = [Request.build(c.chat()[:-1], greedy) for c in conversations]
-    replies: list[str] = [""] * len(requests)
-    with progress(f"eval {label}", total=len(requests)) as bar:
-
-        def keep(index: int, completion) -> None:
-            replies[index] = completion.text
-            bar.advance(1)
-
-        backend.generate(requests, keep)
-    backend.close()
+    prompts = [c.chat()[:-1] for c in conversations]
+    engine = choose_engine(config.engine, len(prompts))
+    if engine == "local":
+        replies = answer(backend, prompts, config.max_new_tokens, f"eval {label}")
+        backend.close()
+    else:  # the transformers copy goes before vLLM claims its memory
+        backend.close()
+        with student_backend(model_name, engine, config.batch_size) as generator:
+            replies = answer(generator, prompts, config.max_new_tokens, f"eval {label}")
     references = [c.messages[-1][1] for c in conversations]
     rouge = [rouge_l_f1(reference, reply) for reference, reply in zip(references, replies)]
     return {
@@ -103,24 +114,6 @@ def score_model(model_name: str, conversations: list, config: EvalConfig, label:
     }
 
 
-def parse_verdict(text: str) -> str | None:
-    """"A", "B" or "tie" from a judge reply; None when it names none."""
-    match = re.search(r"verdict\s*[:=]?\s*\**\s*(tie|a|b)\b", text, flags=re.IGNORECASE)
-    if match is None:
-        match = re.match(r"\s*(tie|a|b)\b", text, flags=re.IGNORECASE)
-    if match is None:
-        return None
-    word = match.group(1).lower()
-    return "tie" if word == "tie" else word.upper()
-
-
-def judge_messages(request: str, answer_a: str, answer_b: str) -> list[dict[str, str]]:
-    from datagen.prompts import load_template
-
-    text = load_template(JUDGE_TEMPLATE).render(request=request, answer_a=answer_a, answer_b=answer_b)
-    return [{"role": "user", "content": text}]
-
-
 def win_rate(teacher, requests: list[str], tuned: list[str], base: list[str],
              sampling: SamplingParams) -> dict[str, Any]:
     """Tuned-over-base win rate, each pair judged in both orders (win 1, tie 0.5, loss 0).
@@ -131,7 +124,9 @@ def win_rate(teacher, requests: list[str], tuned: list[str], base: list[str],
     for request, mine, theirs in zip(requests, tuned, base):
         conversations.append(judge_messages(request, mine, theirs))  # tuned is A
         conversations.append(judge_messages(request, theirs, mine))  # tuned is B
-    replies = teacher.complete(conversations, sampling)
+    from datagen.structured import VERDICT_SCHEMA
+
+    replies = teacher.complete(conversations, sampling, schema=VERDICT_SCHEMA)
     points, unreadable = [], 0
     for position, [reply] in enumerate(replies):
         verdict = parse_verdict(reply.text) if reply.ok else None
@@ -150,44 +145,109 @@ def win_rate(teacher, requests: list[str], tuned: list[str], base: list[str],
 
 def evaluate(
     config: EvalConfig,
-    data: str | Path,
+    data: str | Path | None,
     base: str,
     tuned: str,
     out_dir: str | Path,
     teacher_config: TeacherConfig | None = None,
+    input_format: str | None = None,
+    split: str | None = None,
 ) -> dict[str, Any]:
-    """Score base and tuned on the held-out data; write report.json and report.md; return the report."""
+    """Score base and tuned on the held-out data (any format `datagen.readers` reads, `input_format`
+    and `split` as there; None: the benchmarks alone) and on `config.benchmarks`; write
+    report.json and report.md; return the report."""
+    from datagen.finetune.benchmarks import make_benchmarks, run_benchmarks
+
+    benchmarks = make_benchmarks(config.benchmarks, config.benchmark)  # a bad one fails before any model loads
+    if data is None and not benchmarks:
+        raise ConfigError("eval: nothing to score; give held-out data, a --benchmark, or both")
+    tuned_model = resolve_student(tuned)
+    out_dir = Path(out_dir)
+    judge_config = teacher_config or TeacherConfig()
+    with ExitStack() as stack:
+        opened: list = []
+
+        def judge():  # one judge for eval.judge and the judged benchmarks, opened when first asked
+            if not opened:
+                opened.append(stack.enter_context(open_judge(judge_config, out_dir)))
+            return opened[0]
+
+        if data is not None:
+            report = held_out_report(config, data, base, tuned_model, judge, input_format, split)
+        else:
+            report = {"data": None, "examples": 0, "base": {"model": base}, "tuned": {"model": tuned_model},
+                      "samples": []}
+        if benchmarks:
+            report["benchmarks"] = run_benchmarks(
+                benchmarks, {"base": base, "tuned": tuned_model}, options=config.benchmark, engine=config.engine,
+                batch_size=config.batch_size, out_dir=out_dir, judge=judge, judge_model=judge_config.model,
+                judge_sampling=config.judge_sampling, samples=config.samples_in_report)
+    atomic_write_json(out_dir / "report.json", report)
+    atomic_write_text(out_dir / "report.md", format_report(report))
+    return report
+
+
+def held_out_report(config: EvalConfig, data: str | Path, base: str, tuned_model: str, judge,
+                    input_format: str | None, split: str | None) -> dict[str, Any]:
+    """Loss, ROUGE-L and (eval.judge) the win rate of tuned over base on the held-out data."""
     from datagen.finetune.data import load_conversations
 
     source = held_out_path(data)
+    if Path(data).is_dir() and not source.exists():  # a saved dataset or split files: its test split
+        source, split = Path(data), split or "test"
     conversations = load_conversations(source, prompt_erasure=config.prompt_erasure,
-                                       generic_system=config.generic_system)
+                                       generic_system=config.generic_system, input_format=input_format, split=split)
     if config.max_examples:
         conversations = conversations[: config.max_examples]
-    tuned_model = resolve_student(tuned)
     results = {"base": score_model(base, conversations, config, "base"),
                "tuned": score_model(tuned_model, conversations, config, "tuned")}
     report: dict[str, Any] = {
         "data": str(source),
         "examples": len(conversations),
+        "reference": reference_kind(source),
         "base": {k: v for k, v in results["base"].items() if k != "replies"},
         "tuned": {k: v for k, v in results["tuned"].items() if k != "replies"},
     }
     if config.judge:
-        with open_judge(teacher_config or TeacherConfig(), Path(out_dir)) as teacher:
-            report["judge"] = win_rate(
-                teacher, [_as_request(c) for c in conversations],
-                results["tuned"]["replies"], results["base"]["replies"], config.judge_sampling,
-            )
+        report["judge"] = win_rate(
+            judge(), [_as_request(c) for c in conversations],
+            results["tuned"]["replies"], results["base"]["replies"], config.judge_sampling,
+        )
     report["samples"] = [
         {"request": _as_request(c), "reference": c.messages[-1][1],
          "base": results["base"]["replies"][i], "tuned": results["tuned"]["replies"][i]}
         for i, c in enumerate(conversations[: config.samples_in_report])
     ]
-    out_dir = Path(out_dir)
-    atomic_write_json(out_dir / "report.json", report)
-    atomic_write_text(out_dir / "report.md", format_report(report))
     return report
+
+
+def reference_kind(source: Path) -> dict[str, Any]:
+    """What the held-out references are: "teacher replies" when the lineage of every task they
+    come from (the file itself, or the task JSONL an export folder's export.json names) says a
+    teacher wrote them, else "reference replies" (human-written seeds, someone else's data)."""
+    import json
+
+    from datagen.io import read_jsonl
+
+    tasks_file = source
+    manifest = source.parent / "export.json" if source.is_file() else source / "export.json"
+    try:
+        if manifest.is_file():
+            tasks_file = Path(json.loads(manifest.read_text(encoding="utf-8")).get("input") or source)
+        teachers: set[str] = set()
+        rows = 0
+        if tasks_file.is_file() and tasks_file.suffix == ".jsonl":
+            for _number, row in read_jsonl(tasks_file):
+                rows += 1
+                model = ((row.get("lineage") or {}) if isinstance(row, dict) else {}).get("teacher_model")
+                if not model:
+                    return {"label": REFERENCE_LABEL, "teachers": []}
+                teachers.add(model)
+    except (OSError, ValueError, InputError):  # unreadable provenance: claim nothing
+        return {"label": REFERENCE_LABEL, "teachers": []}
+    if rows and teachers:
+        return {"label": TEACHER_LABEL, "teachers": sorted(teachers)}
+    return {"label": REFERENCE_LABEL, "teachers": []}
 
 
 def open_judge(config: TeacherConfig, out_dir: Path):
@@ -212,31 +272,50 @@ def _as_request(conversation) -> str:
 
 def format_report(report: dict[str, Any]) -> str:
     """The markdown report: the figures side by side, then sample replies."""
+    from datagen.finetune.benchmarks import format_benchmarks
+
     base, tuned = report["base"], report["tuned"]
-    lines = [
-        "# Student evaluation",
-        "",
-        f"Held-out data: `{report['data']}` ({report['examples']} examples, split by task).",
-        "",
-        "| metric | base | tuned |",
-        "| --- | --- | --- |",
-        f"| loss on teacher replies (lower is better) | {base['loss']:.4f} | {tuned['loss']:.4f} |",
-        f"| perplexity | {base['perplexity']:.3f} | {tuned['perplexity']:.3f} |",
-        f"| ROUGE-L F1 vs teacher (higher is better) | {base['rouge_l']:.4f} | {tuned['rouge_l']:.4f} |",
-    ]
-    judge = report.get("judge")
-    if judge:
-        rate = "n/a" if judge["win_rate"] is None else f"{judge['win_rate']:.3f}"
-        lines.append(f"| judged win rate of tuned over base ({judge['judge']}, both orders) | | {rate} |")
-    lines += ["", f"Models: base `{base['model']}`, tuned `{tuned['model']}`.", ""]
-    for number, sample in enumerate(report["samples"], start=1):
+    lines = ["# Student evaluation", ""]
+    if report.get("data") is not None:
+        label = reference_label(report)
+        made_by = report.get("reference", {}).get("teachers") or []
         lines += [
-            f"## Sample {number}", "", "**Request**", "", _quote(sample["request"]), "",
-            "**Teacher**", "", _quote(sample["reference"]), "",
-            "**Base**", "", _quote(sample["base"]), "",
-            "**Tuned**", "", _quote(sample["tuned"]), "",
+            f"Held-out data: `{report['data']}` ({report['examples']} examples, split by task); "
+            f"references: {label}" + (f" ({', '.join(made_by)})" if made_by else "") + ".",
+            "",
+            "| metric | base | tuned |",
+            "| --- | --- | --- |",
+            f"| loss on {label} (lower is better) | {base['loss']:.4f} | {tuned['loss']:.4f} |",
+            f"| perplexity | {base['perplexity']:.3f} | {tuned['perplexity']:.3f} |",
+            f"| ROUGE-L F1 vs {label} (higher is better) | {base['rouge_l']:.4f} | {tuned['rouge_l']:.4f} |",
         ]
+        judge = report.get("judge")
+        if judge:
+            rate = "n/a" if judge["win_rate"] is None else f"{judge['win_rate']:.3f}"
+            lines.append(f"| judged win rate of tuned over base ({judge['judge']}, both orders) | | {rate} |")
+        lines.append("")
+    lines += [f"Models: base `{base['model']}`, tuned `{tuned['model']}`.", ""]
+    if report.get("benchmarks"):
+        lines += format_benchmarks(report["benchmarks"])
+    reference = reference_label(report).capitalize()
+    for number, sample in enumerate(report["samples"], start=1):
+        lines += [f"## Sample {number}", "", *_sample_lines(sample, reference)]
+    for entry in report.get("benchmarks", []):
+        for number, sample in enumerate(entry.get("samples", []), start=1):
+            lines += [f"## {entry['name']} sample {number}", "", *_sample_lines(sample, "Reference")]
     return "\n".join(lines) + "\n"
+
+
+def reference_label(report: dict[str, Any]) -> str:
+    """"teacher replies" or "reference replies" (see `reference_kind`)."""
+    return (report.get("reference") or {}).get("label", REFERENCE_LABEL)
+
+
+def _sample_lines(sample: dict[str, Any], reference: str) -> list[str]:
+    return ["**Request**", "", _quote(sample["request"]), "",
+            f"**{reference}**", "", _quote(sample["reference"]), "",
+            "**Base**", "", _quote(sample["base"]), "",
+            "**Tuned**", "", _quote(sample["tuned"]), ""]
 
 
 def _quote(text: str) -> str:
@@ -244,13 +323,20 @@ def _quote(text: str) -> str:
 
 
 def format_summary(report: dict[str, Any]) -> str:
-    """Before/after in a few lines, for the terminal."""
+    """Before/after in a few lines, for the terminal (and distill's closing report)."""
+    from datagen.finetune.benchmarks import summary_lines
+
     base, tuned = report["base"], report["tuned"]
-    lines = [
-        f"held-out examples: {report['examples']} ({report['data']})",
-        f"loss on teacher replies: base {base['loss']:.4f} -> tuned {tuned['loss']:.4f}",
-        f"ROUGE-L vs teacher:      base {base['rouge_l']:.4f} -> tuned {tuned['rouge_l']:.4f}",
-    ]
-    if report.get("judge"):
-        lines.append(f"judged win rate of tuned over base: {report['judge']['win_rate']}")
+    lines = []
+    if report.get("data") is not None:
+        label = reference_label(report)
+        lines += [
+            f"held-out examples: {report['examples']} ({report['data']})",
+            f"loss on {label}: base {base['loss']:.4f} -> tuned {tuned['loss']:.4f}",
+            f"ROUGE-L vs {label}: base {base['rouge_l']:.4f} -> tuned {tuned['rouge_l']:.4f}",
+        ]
+        if report.get("judge"):
+            lines.append(f"judged win rate of tuned over base: {report['judge']['win_rate']}")
+    if report.get("benchmarks"):
+        lines += ["external benchmarks:", *("  " + line for line in summary_lines(report["benchmarks"]))]
     return "\n".join(lines)

@@ -83,7 +83,11 @@ def launch_torchrun(nproc: int, data: Path, out: Path, flags: dict[str, tuple[An
     from datagen.finetune.distributed import torchrun_command
 
     command = torchrun_command(sys.executable, nproc, [], **launch)  # checks --nproc first
-    (check_data or load_conversations)(data)
+    if check_data is not None:
+        check_data(data)
+    else:
+        load_conversations(data, input_format=flags.get("input_format", (None, ""))[0],
+                           split=flags.get("split", (None, ""))[0])
     worker_args = [str(data), "--out", str(out)]
     for value, flag in flags.values():
         if isinstance(value, bool):

@@ -55,7 +55,8 @@ def train(config: FinetuneConfig, data: str | Path, out_dir: str | Path, *, show
     with TrainingRun(config, out_dir, "sft", show_progress=show_progress) as run:
         base_path = resolve_model(config.base)
         conversations = load_conversations(data, prompt_erasure=config.prompt_erasure,
-                                           generic_system=config.generic_system)
+                                           generic_system=config.generic_system,
+                                           input_format=config.input_format, split=config.split)
         tokenizer, pad_id = load_tokenizer(base_path)
         encoded = encode_all(tokenizer, conversations, max_length=config.max_length,
                              model_limit=context_length(base_path), auto_cap=config.max_length_cap,

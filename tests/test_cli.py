@@ -137,7 +137,8 @@ def test_unknown_method():
     result = run_cli("generate", "--method", "magic", "--out", "x.jsonl")
     assert result.returncode == 2
     assert single_error_line(result).startswith(
-        "error: --method: Input should be 'self-instruct', 'alpaca', 'evol-instruct', 'orca' or 'preferences'"
+        "error: --method: Input should be 'self-instruct', 'alpaca', 'evol-instruct', 'orca', 'preferences', "
+        "'magpie' or 'persona'"
     )
 
 

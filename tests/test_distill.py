@@ -21,6 +21,7 @@ generate:
     max_instance_rounds: 1
     max_stalled_batches: 30
     similarity_threshold: 0.95
+    copy_overlap: null  # its recording predates the 0.7 default (tests/test_self_instruct.py covers it)
     bootstrap_sampling: {{temperature: 0.7, top_p: 0.5, max_tokens: 200, stop: ["\\n\\n", "\\n16", "16.", "16 ."]}}
     instance_sampling: {{temperature: 0.0, max_tokens: 48}}
 filter:

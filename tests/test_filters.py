@@ -173,13 +173,14 @@ def test_judge_keeps_at_the_threshold_and_rejects_below_it_with_the_mean_score()
 
 
 def test_judge_pass_on_the_embedded_model(recorded):
-    """The embedded 135M model as judge (its replies recorded, tests/recorded.py): it does not
-    keep to the rubric's form, and a reply without a score rejects the task with the reply."""
+    """The embedded 135M model as judge (its replies recorded, tests/recorded.py), asked in text
+    (no reply schema: the fallback path; tests/test_structured.py covers constrained decoding): it
+    does not keep to the rubric's form, and a reply without a score rejects the task with the reply."""
     from datagen.teachers import TeacherConfig
 
     tasks = [task("What is the capital of France?", ("", "Paris is the capital of France."), task_id="good"),
              task("What is the capital of France?", ("", "Bananas are yellow."), task_id="bad")]
-    with recorded("judge_pass").teacher(TeacherConfig(cache="off")) as teacher:
+    with recorded("judge_pass").teacher(TeacherConfig(cache="off", structured_outputs=False)) as teacher:
         kept, rejected = judge_pass(tasks, teacher, JudgeConfig(threshold=3.0))
     assert kept == []
     assert [(r.task.id, r.reason) for r in rejected] == [("good", "judge reply unparseable"),

@@ -33,6 +33,8 @@ from datagen.finetune.losses import LOSS_PATH_FAST, LOSS_PATH_FULL, check_fast_l
 from datagen.finetune.model import Precision, choose_precision
 from datagen.finetune.optim import lr_factor, optimizer_step
 from datagen.finetune.sft import train
+from datagen.structured import VERDICT_SCHEMA
+from datagen.teachers.teacher import schema_text
 from tests.helpers import run_cli
 
 
@@ -151,7 +153,7 @@ def test_every_training_format_loads(tmp_path):
 @pytest.mark.parametrize("line, problem", [
     ('{"messages": [{"role": "user", "content": "hi"}]}', "the last message must be the assistant's reply"),
     ('{"messages": [{"role": "robot", "content": "hi"}]}', "messages[0]: role must be one of"),
-    ('{"text": "hi"}', "not a training example"),
+    ('{"text": "hi"}', 'not a messages row (expected messages: [{role, content}])'),
     ('{"messages": [', "invalid JSON"),
 ])
 def test_bad_example_names_file_and_line(tmp_path, line, problem):
@@ -608,7 +610,8 @@ def test_eval_compares_base_and_tuned_on_held_out_data(trained, tmp_path, monkey
     for sample in samples:
         orders = (("A", (sample["tuned"], sample["base"])), ("B", (sample["base"], sample["tuned"])))
         for tuned_label, answers in orders:
-            request = Request.build(judge_messages(sample["request"], *answers), params, 0)
+            request = Request.build(judge_messages(sample["request"], *answers), params, 0,
+                                            schema=schema_text(VERDICT_SCHEMA))
             reply = cache.get(request_key("local", "smollm2-135m", request))
             assert reply is not None, f"the judge was not asked about sample {sample['request']!r} that way"
             verdict = parse_verdict(reply.text)
@@ -621,5 +624,6 @@ def test_eval_compares_base_and_tuned_on_held_out_data(trained, tmp_path, monkey
     assert (judge["judgements"], judge["unreadable"]) == (len(points), unreadable)
     assert judge["win_rate"] == (round(sum(points) / len(points), 4) if points else None)
     markdown = (tmp_path / "eval" / "report.md").read_text()
-    assert "| loss on teacher replies (lower is better) |" in markdown and "## Sample 1" in markdown
+    # arithmetic rows without a teacher's lineage: their outputs are named reference replies, not teacher's
+    assert "| loss on reference replies (lower is better) |" in markdown and "## Sample 1" in markdown
     assert json.loads((tmp_path / "eval" / "report.json").read_text())["tuned"]["loss"] == report["tuned"]["loss"]

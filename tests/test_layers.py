@@ -26,9 +26,10 @@ PACKAGE_DIRS = {
 LAYERS: list[tuple[str, ...]] = [
     # the vocabulary: task shape, errors, templates, ROUGE, model paths, chat views, progress
     ("datagen", "datagen.records", "datagen.errors", "datagen.prompts", "datagen.rouge",
-     "datagen.model_paths", "datagen.templates", "datagen.chat", "datagen.progress", "datagen.rejects"),
+     "datagen.model_paths", "datagen.templates", "datagen.chat", "datagen.progress", "datagen.rejects",
+     "datagen.structured"),
     # config sections' building blocks; reading and atomic writing
-    ("datagen.config", "datagen.io"),
+    ("datagen.config", "datagen.io", "datagen.readers"),
     # the Backend protocol, Teacher (cache, stats), the backends and their registry
     ("datagen.teachers", "datagen.vllm_server"),
     # the work: filter passes, generation methods, training components (config, data, pairs,
@@ -36,7 +37,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("datagen.filters", "datagen.generators", "datagen.finetune", "datagen.finetune.config",
      "datagen.finetune.data", "datagen.finetune.pairs", "datagen.finetune.model", "datagen.finetune.losses",
      "datagen.finetune.optim", "datagen.finetune.checkpoints", "datagen.finetune.distributed",
-     "datagen.finetune.run"),
+     "datagen.finetune.run", "datagen.finetune.harness", "datagen.finetune.ni_bench", "datagen.finetune.judged",
+     "datagen.finetune.benchmarks"),
     # where work runs: this process, Ray (teacher calls), datatrove on processes / Ray / Slurm (filter shards)
     ("datagen.engines",),
     # stage runners, each owning its config section

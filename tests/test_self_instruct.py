@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from datagen.config import SamplingParams
+from datagen.generators.alpaca import AlpacaConfig
 from datagen.generators.common import COPY_OVERLAP, InputTally, RunContext, TaskSink
 from datagen.generators.self_instruct import (
     INPUT_FIRST_DEMONSTRATIONS,
@@ -321,8 +322,9 @@ def test_copy_overlap_is_a_threshold_on_the_sentence_share():
     # shares "keep your phone" and "your phone in" of the sentence's four trigrams
     assert copied_demonstration(partial, INPUT_FIRST_DEMONSTRATIONS, COPY_OVERLAP) is None
     assert copied_demonstration(partial, INPUT_FIRST_DEMONSTRATIONS, 0.5) == "Keep your phone in another room."
-    # off by default (whole copies only) until the recorded replies are recorded again with it
-    assert SelfInstructConfig().copy_overlap is None
+    # on by default in both generators that show demonstrations; null turns it off (whole copies only)
+    assert SelfInstructConfig().copy_overlap == AlpacaConfig().copy_overlap == COPY_OVERLAP
+    assert SelfInstructConfig(copy_overlap=None).copy_overlap is None
     whole_list = Instance(output="Tips:\n1. Keep your phone in another room.\n2. Sleep early.")
     assert copied_demonstration(whole_list, INPUT_FIRST_DEMONSTRATIONS) is None
     with pytest.raises(ValueError):
@@ -621,6 +623,9 @@ def test_later_rounds_grow_a_task_that_passes_natural_instructions_strict(tmp_pa
         more_prompts_per_task=3,
         more_samples_per_prompt=4,
         instance_sampling=SamplingParams(temperature=0.0, max_tokens=64, stop=INSTANCE_STOP),
+        # recorded with whole-copy detection (166 live replies); partial copies are covered
+        # by the other recordings and test_copy_overlap_is_a_threshold_on_the_sentence_share
+        copy_overlap=None,
     )
     runs = {}
     recording = recorded("self_instruct_later_rounds")

@@ -38,6 +38,7 @@ The package, one module per piece:
 | `languages` | ISO 639 names and the language detector |
 | `hf` | the `hf` format's typed rows and `tasks_from_rows` |
 | `card` | the dataset card |
+| `hub` | `--push-to-hub`: the upload plan (`--dry-run`) and the upload to the Hugging Face Hub |
 | `run` | `run_export` and `format_export_summary` |
 """  # noqa: E501 - markdown table rows cannot be wrapped
 

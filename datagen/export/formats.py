@@ -75,22 +75,39 @@ def chat_examples(
     ]
 
 
+def single_turn_only(tasks: list[Task], fmt: str) -> None:
+    """Alpaca and prompt-completion rows hold one exchange: a multi-turn conversation is refused
+    (one line naming it) rather than cut to its first turn."""
+    for task in tasks:
+        for index, instance in enumerate(task.instances):
+            if instance.followups:
+                raise ConfigError(f"--format {fmt}: task {task.id!r} (instance {index}) is a conversation of "
+                                  f"{len(instance.followups) + 1} turns, and {fmt} rows hold one; export it with "
+                                  "--format messages or hf")
+
+
 def alpaca_examples(tasks: list[Task], **chat: Any) -> list[dict]:
     """Alpaca's `{instruction, input, output}`; an Orca output carries its explanation and the
     "Final answer:" line, as in the chat view (Alpaca has no system message). The prompt
-    to train on is `datagen.chat.user_turn(instruction, input)`, the messages' user turn."""
-    return [
-        {"instruction": task.instruction, "input": task.instances[example["instance_index"]].input,
-         "output": example["messages"][-1]["content"]}
-        for task in tasks
-        for example in chat_examples([task], **chat)
-    ]
+    to train on is `datagen.chat.user_turn(instruction, input)`, the messages' user turn.
+    Keys an instance was read with and does not use (an Alpaca file's `text`, `category`...)
+    come back out after them, so a file read, filtered and exported as Alpaca keeps its fields."""
+    single_turn_only(tasks, "alpaca")
+    rows = []
+    for task in tasks:
+        for example in chat_examples([task], **chat):
+            instance = task.instances[example["instance_index"]]
+            row = {"instruction": task.instruction, "input": instance.input,
+                   "output": example["messages"][-1]["content"]}
+            rows.append({**row, **{k: v for k, v in (instance.model_extra or {}).items() if k not in row}})
+    return rows
 
 
 def prompt_completion_examples(tasks: list[Task], **chat: Any) -> list[dict]:
     """`{prompt, completion, system, task_id, instance_index}`: the user turn as the prompt,
     the assistant turn as the completion, and the system message (None when there is none)
     beside them, so the prompt is the same user turn as in the messages view."""
+    single_turn_only(tasks, "prompt-completion")
     examples = []
     for example in chat_examples(tasks, **chat):
         messages = example["messages"]

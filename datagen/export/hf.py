@@ -8,13 +8,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from datagen.chat import instance_messages
 from datagen.export.formats import SPLITS
 from datagen.io import write_dir_atomic, write_file_atomic
+from datagen.readers import tasks_from_rows  # noqa: F401 (the reading side lives with the readers)
 from datagen.records import Instance, Lineage, Task
 
 
@@ -60,32 +61,17 @@ def hf_rows(tasks: Sequence[Task], **chat: Any) -> list[dict[str, Any]]:
                 "judge_score": lineage.judge_score,
                 "lineage": task.lineage.model_dump_json() if task.lineage else None,
                 "task_extra": task_extra,
-                "instance_extra": json.dumps(instance.model_extra or {}, ensure_ascii=False, sort_keys=True),
+                "instance_extra": json.dumps(_instance_extra(instance), ensure_ascii=False, sort_keys=True),
             })
     return rows
 
 
-def tasks_from_rows(rows: Iterable[dict[str, Any]]) -> list[Task]:
-    """The task records back from `hf` rows (e.g. a split loaded with `datasets`)."""
-    grouped: dict[str, list[dict[str, Any]]] = {}
-    for row in rows:
-        grouped.setdefault(row["task_id"], []).append(row)
-    tasks = []
-    for task_id, task_rows in grouped.items():
-        task_rows.sort(key=lambda row: row["instance_index"])
-        first = task_rows[0]
-        instances = [
-            Instance(input=row["input"], output=row["output"], explanation=row["explanation"],
-                     **json.loads(row["instance_extra"] or "{}"))
-            for row in task_rows
-        ]
-        tasks.append(Task(
-            id=task_id, name=first["task_name"], instruction=first["instruction"], instances=instances,
-            is_classification=first["is_classification"], system=first["system"],
-            lineage=Lineage.model_validate_json(first["lineage"]) if first["lineage"] else None,
-            **json.loads(first["task_extra"] or "{}"),
-        ))
-    return tasks
+def _instance_extra(instance: Instance) -> dict[str, Any]:
+    """Unknown keys, and a multi-turn instance's later turns (no column of their own)."""
+    extra = dict(instance.model_extra or {})
+    if instance.followups:
+        extra["followups"] = [turn.model_dump() for turn in instance.followups]
+    return extra
 
 
 def write_hf_files(splits: dict[str, list[Task]], out_dir: Path, chat: dict) -> list[Path]:

@@ -19,7 +19,8 @@ from datagen.export.formats import split_by_task, write_split_files
 from datagen.export.hf import write_hf_files
 from datagen.export.natural_instructions import write_natural_instructions
 from datagen.export.negatives import read_rejects
-from datagen.io import atomic_write_json, read_tasks, rejects_path, stats_path, summary_path
+from datagen.io import atomic_write_json, rejects_path, stats_path, summary_path
+from datagen.readers import read_tasks_any
 
 FORMATS = ("natural-instructions", "alpaca", "messages", "prompt-completion", "hf", "preferences")
 MANIFEST = "export.json"
@@ -50,7 +51,8 @@ def provenance_paths(source: Path) -> dict[str, Any]:
 
 
 def run_export(
-    config, source: Path, fmt: str, out_dir: Path, *, strict: bool = False, command_line: str = ""
+    config, source: Path, fmt: str, out_dir: Path, *, strict: bool = False, command_line: str = "",
+    input_format: str | None = None, split: str | None = None,
 ) -> dict[str, Any]:
     """Export the tasks in `source` as `fmt` into `out_dir`, with a dataset card; return the
     summary also written to `out_dir/export.json`. Every file is written atomically; files a
@@ -73,7 +75,7 @@ def run_export(
         _remove_stale(out_dir, summary["files"])
         atomic_write_json(out_dir / MANIFEST, summary)
         return summary
-    tasks = read_tasks(source)
+    tasks = read_tasks_any(source, input_format, split)  # any format (datagen.readers)
     seen: set[str] = set()
     for task in tasks:  # one id, two tasks: file names, negatives and row groups would mix them
         if task.id in seen:

@@ -30,7 +30,7 @@ The reference is `generate_instruction.py` and `prompt.txt` of that repository. 
 4. *Copying* (not in the reference): an item whose instruction equals one of its prompt's
    tasks, or whose input or output equals the input or output shown with them (texts of
    three words or more; whitespace, case and final punctuation folded) or holds
-   `copy_overlap` (off by default; 0.7 suggested) of the word trigrams of one of their
+   `copy_overlap` (0.7 by default; null for whole copies only) of the word trigrams of one of their
    sentences, is rejected as
    "copies a demonstration"; an item whose non-empty input more than `max_other_tasks_per_input`
    other tasks of the run already carry (tasks on disk, counted again on resume, and items
@@ -103,6 +103,7 @@ from pydantic import Field, model_validator
 from datagen.config import SamplingParams, Strict
 from datagen.errors import DatagenError
 from datagen.generators.common import (
+    COPY_OVERLAP,
     InputTally,
     InstructionPool,
     RunContext,
@@ -185,8 +186,8 @@ class AlpacaConfig(Strict):
     # is rejected (weak teachers paste one input into every task); not in the reference
     max_other_tasks_per_input: int = Field(2, ge=0)
     # an item holding this share of the word trigrams of a sentence of the input or output
-    # shown in its prompt copies it ("copies a demonstration"); not in the reference
-    copy_overlap: float | None = Field(None, gt=0.0, le=1.0)
+    # shown in its prompt copies it ("copies a demonstration"); not in the reference; None: whole copies only
+    copy_overlap: float | None = Field(COPY_OVERLAP, gt=0.0, le=1.0)
     # answer this many whole batches in one teacher call (into the request cache) before
     # running them one by one from there, so the engine gets prompts_per_batch x batches_ahead
     # requests at once; 1 = one batch at a time. Only with `teacher.cache: use` (else 1). The

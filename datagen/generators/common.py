@@ -52,8 +52,7 @@ def normalised_text(text: str) -> str:
 
 
 # "copies a demonstration": a text holding this share of the word trigrams of a sentence of
-# its prompt's demonstrations (the suggested `copy_overlap` of the generators' settings; off
-# by default until the recorded replies the tests replay are recorded again with it)
+# its prompt's demonstrations (the default `copy_overlap` of the generators that show them)
 COPY_OVERLAP = 0.7
 COPY_NGRAM = 3  # words per n-gram
 _COPY_MIN_WORDS = COPY_NGRAM + 1  # shorter sentences ("Curiosity drives discovery.") count only whole

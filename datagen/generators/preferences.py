@@ -115,6 +115,7 @@ from datagen.rejects import (
     TEACHER_ERROR,
     VERDICT_UNPARSEABLE,
 )
+from datagen.structured import RATING_SCHEMA, VERDICT_SCHEMA, json_field, json_rationale, looks_like_json
 from datagen.teachers.base import Completion, Message
 from datagen.teachers.teacher import Teacher, TeacherConfig, make_teacher
 
@@ -262,11 +263,16 @@ def parse_rating(text: str) -> Rating | str:
 
     The score is the last line starting `Rating:` (or `Score:`, `Overall rating:`; markdown
     marks and `/10` allowed) and must lie in 1..10. The rationale is the text after
-    `Rationale:` up to the rating line, else the text before the rating line.
+    `Rationale:` up to the rating line, else the text before the rating line. A JSON reply
+    (asked for with RATING_SCHEMA) is read as JSON: `{"rating": N, "rationale": "..."}`.
     """
+    if looks_like_json(text):
+        value = json_field(text, "rating")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and MIN_SCORE <= value <= MAX_SCORE:
+            return Rating(float(value), json_rationale(text))
     matches = list(_RATING_LINE.finditer(text))
     if not matches:
-        return 'no "Rating: N" line'
+        return 'no "rating" from 1 to 10 in the JSON reply' if looks_like_json(text) else 'no "Rating: N" line'
     last = matches[-1]
     score = float(last.group(1))
     if not MIN_SCORE <= score <= MAX_SCORE:
@@ -418,11 +424,17 @@ def parse_verdict(text: str) -> Verdict | str:
     The verdict is the last line starting `Verdict:` (markdown marks, `[[A]]`, `Response A`
     and a final full stop allowed) and must name exactly one of A, B, tie; a later `Verdict:`
     line that names none (`Verdict: A or B`) makes the reply unreadable rather than falling
-    back to an earlier one. The rationale is read as `parse_rating` reads it.
+    back to an earlier one. The rationale is read as `parse_rating` reads it. A JSON reply
+    (asked for with VERDICT_SCHEMA) is read as JSON: `{"verdict": "A", "rationale": "..."}`.
     """
+    if looks_like_json(text):
+        value = json_field(text, "verdict")
+        if isinstance(value, str) and value.strip().lower() in ("a", "b", "tie"):
+            word = value.strip().lower()
+            return Verdict("tie" if word == "tie" else word.upper(), json_rationale(text))  # type: ignore[arg-type]
     lines = list(_ANY_VERDICT_LINE.finditer(text))
     if not lines:
-        return 'no "Verdict: A|B|tie" line'
+        return 'no "verdict" of A, B, tie in the JSON reply' if looks_like_json(text) else 'no "Verdict: A|B|tie" line'
     last = _VERDICT_LINE.match(text, lines[-1].start())
     if last is None:
         shown = text[lines[-1].start():].splitlines()[0].strip()
@@ -678,7 +690,8 @@ def _rate_each(jobs: list[_Job], settings: PreferencesConfig, judge: Teacher, pa
     """Rate every usable reply alone, all in one judge call; reject the unreadable ratings."""
     asks = [(job, number) for job in jobs for number, candidate in enumerate(job.candidates) if candidate.usable]
     verdicts = judge.complete([rating_messages(job.prompt, job.candidates[number].reply.text,
-                                               _reference(job, settings)) for job, number in asks], params)
+                                               _reference(job, settings)) for job, number in asks], params,
+                              schema=RATING_SCHEMA)
     for (job, number), [verdict] in zip(asks, verdicts):
         candidate = job.candidates[number]
         candidate.judge_reply = verdict
@@ -725,7 +738,7 @@ def _compare(jobs: list[_Job], settings: PreferencesConfig, judge: Teacher, para
             asks.append((job, first, second))
             conversations += [pairwise_messages(job.prompt, a, b, reference),
                               pairwise_messages(job.prompt, b, a, reference)]
-    replies = judge.complete(conversations, params) if conversations else []
+    replies = judge.complete(conversations, params, schema=VERDICT_SCHEMA) if conversations else []
     for number, (job, first, second) in enumerate(asks):
         verdicts: list[Verdict | None] = []
         for reply, (shown_a, shown_b) in ((replies[2 * number][0], (first, second)),

@@ -33,7 +33,7 @@ Copying from the prompt (not in the reference; weak teachers do it often, strong
 sometimes): a new instruction equal to one the bootstrap prompt listed, and an instance
 (of any round) whose input or output equals a text of the instance prompts'
 demonstrations (texts of three words or more; whitespace, case and final punctuation
-folded) or, with `copy_overlap` set (0.7 suggested), holds that share of the word trigrams
+folded) or (`copy_overlap`, 0.7 by default; null for whole copies only) holds that share of the word trigrams
 of one of their sentences of four words or more, are rejected as
 "copies a demonstration"; an instance whose non-empty input more than
 `max_other_tasks_per_input` other tasks of the run already carry (accepted tasks, counted
@@ -77,6 +77,7 @@ from datagen.filters.heuristics import (  # the reference rules live with the ot
     instruction_reject_reason,
 )
 from datagen.generators.common import (
+    COPY_OVERLAP,
     InputTally,
     InstructionPool,
     RunContext,
@@ -184,8 +185,8 @@ class SelfInstructConfig(Strict):
     # carry is rejected (weak teachers paste one input into every task); not in the reference
     max_other_tasks_per_input: int = Field(2, ge=0)
     # an instance holding this share of the word trigrams of a sentence of its prompt's
-    # demonstrations copies it ("copies a demonstration"; not in the reference)
-    copy_overlap: float | None = Field(None, gt=0.0, le=1.0)
+    # demonstrations copies it ("copies a demonstration"; not in the reference); None: whole copies only
+    copy_overlap: float | None = Field(COPY_OVERLAP, gt=0.0, le=1.0)
     # "lenient": any reply containing "yes" marks a classification task, so a chat teacher's
     # "Yes." counts; "reference": only "Yes", "yes" or "YES" after stripping, as the reference
     classification_match: Literal["lenient", "reference"] = "lenient"

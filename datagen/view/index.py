@@ -38,9 +38,11 @@ from datagen.io import REJECTS_SUFFIX, STATS_SUFFIX, SUMMARY_SUFFIX
 from datagen.rejects import INVALID_LINE, STAGE_READ
 from datagen.view.index_cache import CACHE_MIN_BYTES, load_rows, save_rows
 
+# The judge's tags a record may carry in its `tags` column (Magpie), each a facet of its own.
+TAG_FACETS = ("task_category", "difficulty", "quality")
 # Columns with a facet: value counts shown beside the table, a click filters on them.
 FACETS = ("status", "method", "operation", "round", "teacher", "stage", "reason", "classification",
-          "language", "mark", "file")
+          "language", "mark", "file", *TAG_FACETS)
 SORTABLE = ("id", "instruction", "instances", *FACETS)
 STATUS_KEPT, STATUS_REJECTED = "kept", "rejected"
 NO_VALUE = "-"  # a facet value for "not set" (e.g. the stage of a kept task)
@@ -133,7 +135,8 @@ def _teacher(backend: Any, model: Any) -> str:
 
 # The facets a row's own line fixes, in the order of a row's interned tuple (`TaskIndex._combos`);
 # the language and mark facets are set later (detection, curation), one code a row.
-PARSED_FACETS = ("status", "method", "operation", "round", "teacher", "stage", "reason", "classification", "file")
+PARSED_FACETS = ("status", "method", "operation", "round", "teacher", "stage", "reason", "classification", "file",
+                 *TAG_FACETS)
 SET_LATER = ("language", "mark")
 FIRST_BATCH_LINES = 200  # published at once: the first page must not wait for the rest of the file
 BATCH_LINES = 5000  # then rows are published this many lines at a time
@@ -230,10 +233,10 @@ def _lenient(raw: bytes) -> Any:
 
 def _normal_combo(key: tuple) -> tuple[str, ...]:
     """A row's facet values as the table shows them, from the raw values `_parse` keyed on."""
-    status, generator, operation, round_number, backend, model, stage, reason, classification, name = key
+    status, generator, operation, round_number, backend, model, stage, reason, classification, name, *tags = key
     return (status, str(generator or NO_VALUE), str(operation or NO_VALUE),
             NO_VALUE if round_number is None else str(round_number), _teacher(backend, model),
-            stage, reason, "yes" if classification else "no", name)
+            stage, reason, "yes" if classification else "no", name, *(str(tag or NO_VALUE) for tag in tags))
 
 
 class TaskIndex:
@@ -532,9 +535,12 @@ class TaskIndex:
                 reason, stage = str(record.get("reason") or NO_VALUE), str(record.get("stage") or NO_VALUE)
             else:
                 reason = stage = NO_VALUE
+            tags = task.get("tags")
+            if not isinstance(tags, dict):
+                tags = _NO_LINEAGE
             key = (STATUS_REJECTED if rejected else STATUS_KEPT, lineage.get("generator"), lineage.get("operation"),
                    lineage.get("round"), lineage.get("teacher_backend"), lineage.get("teacher_model"), stage, reason,
-                   task.get("is_classification"), name)
+                   task.get("is_classification"), name, *(tags.get(facet) for facet in TAG_FACETS))
             try:
                 code = combo_of.get(key)
             except TypeError:  # an unhashable value (a list where a string belongs): key on its text

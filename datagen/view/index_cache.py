@@ -26,7 +26,7 @@ from typing import Any
 
 from datagen.io import atomic_write_text
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the tag facets (Magpie)
 CACHE_MIN_BYTES = 8 * 2**20  # smaller files parse in a fraction of a second: no file beside them
 COLUMNS = {"offsets": int, "lines": int, "ids": str, "texts": str, "instances": int, "combos": int, "rejected": bool}
 PLACES = ("end", "next_line", "torn")

@@ -62,15 +62,38 @@ def overrides_file(path: Path) -> Path:
     return path.with_name(path.name.removesuffix(".jsonl") + ".overrides.jsonl")
 
 
+TASKS_NAME = "tasks.jsonl"  # what a file in another format is shown as
+
+
+def _as_tasks(path: Path, input_format: str | None, split: str | None):
+    """The tasks of `path` (any format `datagen.readers` reads) as a task JSONL in a temporary
+    folder, removed with the returned object; ids are the readers' stable ones, so marks made
+    here apply when `datagen filter --overrides` reads the same file."""
+    import tempfile
+
+    from datagen.io import write_jsonl_atomic
+    from datagen.readers import read_tasks_any
+
+    tasks = read_tasks_any(path, input_format, split)
+    folder = tempfile.TemporaryDirectory(prefix="datagen-view-")
+    write_jsonl_atomic(Path(folder.name) / TASKS_NAME, tasks)
+    return folder
+
+
 class ViewState:
     """The index (filled in a background thread), the task details, the marks file, and the
     lock that serialises changes to them (the index's own)."""
 
-    def __init__(self, path: Path) -> None:
-        if not Path(path).exists():
+    def __init__(self, path: Path, input_format: str | None = None, split: str | None = None) -> None:
+        from datagen.readers import is_task_jsonl
+
+        if not Path(path).exists() and is_task_jsonl(path):
             raise InputError(f"{path}: no such file or folder")
         self.path = Path(path)
-        self.files: DataFiles = discover(self.path)
+        self._converted = None
+        if not is_task_jsonl(self.path, input_format, split):  # another format: its tasks, read once
+            self._converted = _as_tasks(self.path, input_format, split)
+        self.files: DataFiles = discover(Path(self._converted.name) / TASKS_NAME if self._converted else self.path)
         self.overrides = overrides_file(self.path)
         self.index = TaskIndex(self.files, self._read_marks())
         self.lock = self.index.lock
@@ -286,9 +309,11 @@ def make_server(path: Path, host: str = "127.0.0.1", port: int = 8765,
     return server, state
 
 
-def serve(path: Path, host: str = "127.0.0.1", port: int = 8765, announce=print) -> None:
-    """Serve PATH until interrupted; `announce` gets the URL and any warning lines."""
-    state = ViewState(Path(path))  # reading the run first: its errors are not the server's
+def serve(path: Path, host: str = "127.0.0.1", port: int = 8765, announce=print, input_format: str | None = None,
+          split: str | None = None) -> None:
+    """Serve PATH (a run folder, or data in any format `datagen.readers` reads) until interrupted;
+    `announce` gets the URL and any warning lines."""
+    state = ViewState(Path(path), input_format, split)  # reading the run first: its errors are not the server's
     try:
         server, state = make_server(path, host, port, state)
     except OSError as error:

@@ -263,7 +263,14 @@ async function showTask(query) {
         el("h4", {}, `#${number + 1}`),
         instance.input ? [el("div", { class: "label" }, "input"), textBlock(instance.input)] : [],
         el("div", { class: "label" }, "output"), textBlock(instance.output),
-        instance.explanation ? [el("div", { class: "label" }, "explanation"), textBlock(instance.explanation)] : []))));
+        instance.explanation ? [el("div", { class: "label" }, "explanation"), textBlock(instance.explanation)] : [],
+        // a multi-turn conversation (Magpie): the exchanges after the first
+        (instance.followups || []).map((turn, k) => el("div", { class: "followup" },
+          el("div", { class: "label" }, `user, turn ${k + 2}`), textBlock(turn.user),
+          el("div", { class: "label" }, `assistant, turn ${k + 2}`), textBlock(turn.assistant)))))));
+  }
+  if (task.tags && typeof task.tags === "object") {  // the judge's tags (Magpie): datagen filter keeps by them
+    view.append(section("Tags", keyValues(Object.entries(task.tags).map(([key, value]) => [key, show(value)]))));
   }
   let lineageSection = null; // shown last on the side, after the chain and the neighbours
   if (Object.keys(lineage).length) {
@@ -390,17 +397,41 @@ function evalReport(item, sampleColumns) {
   const report = item.data;
   const metrics = ["loss", "perplexity", "rouge_l"];
   const models = ["base", "tuned", "dpo"].filter((name) => report[name] && typeof report[name] === "object");
-  const samples = report.samples || [];
+  // "teacher replies" only when the held-out tasks' lineage says so; reports older than that field keep "teacher"
+  const reference = report.reference && report.reference.label ? report.reference.label : null;
+  const heldOut = report.data !== null && report.data !== undefined;
+  return el("div", { class: "report" }, el("h4", {}, item.file),
+    heldOut ? el("table", { class: "grid" }, el("tr", {}, el("th", {}, "metric"), models.map((name) => el("th", {}, name))),
+      metrics.map((metric) => el("tr", {}, el("td", {}, metric),
+        models.map((name) => el("td", { class: "num" }, show(report[name][metric])))))) : [],
+    report.judge ? el("p", {}, `judged win rate of tuned over base: ${show(report.judge.win_rate)}`) : [],
+    (report.benchmarks || []).length ? benchmarkTable(report.benchmarks) : [],
+    sampleTable(report.samples || [], sampleColumns.map(([key, label]) =>
+      [key, key === "reference" && reference ? reference : label]), "samples"),
+    (report.benchmarks || []).filter((entry) => (entry.samples || []).length).map((entry) => [
+      el("h5", {}, `${entry.name}: samples`),
+      sampleTable(entry.samples, sampleColumns.map(([key, label]) => [key, key === "reference" ? "reference" : label]))]));
+}
+
+function sampleTable(samples, sampleColumns, id) {
+  if (!samples.length) return [];
   const known = new Set(sampleColumns.map(([key]) => key));
   const extra = [...new Set(samples.flatMap((sample) => Object.keys(sample)))]
     .filter((key) => !known.has(key) && samples.some((sample) => typeof sample[key] === "string"));
   const columns = sampleColumns.concat(extra.map((key) => [key, key]));
-  return el("div", { class: "report" }, el("h4", {}, item.file),
-    el("table", { class: "grid" }, el("tr", {}, el("th", {}, "metric"), models.map((name) => el("th", {}, name))),
-      metrics.map((metric) => el("tr", {}, el("td", {}, metric),
-        models.map((name) => el("td", { class: "num" }, show(report[name][metric])))))),
-    report.judge ? el("p", {}, `judged win rate of tuned over base: ${show(report.judge.win_rate)}`) : [],
-    el("table", { class: "grid samples", id: "samples" },
-      el("tr", {}, columns.map(([, label]) => el("th", {}, label))),
-      samples.map((sample) => el("tr", {}, columns.map(([key]) => el("td", {}, textBlock(sample[key])))))));
+  return el("table", id ? { class: "grid samples", id } : { class: "grid samples" },
+    el("tr", {}, columns.map(([, label]) => el("th", {}, label))),
+    samples.map((sample) => el("tr", {}, columns.map(([key]) => el("td", {}, textBlock(sample[key]))))));
+}
+
+function benchmarkTable(entries) {
+  return [
+    el("table", { class: "grid benchmarks" },
+      el("tr", {}, ["benchmark", "metric", "base", "tuned"].map((name) => el("th", {}, name))),
+      entries.flatMap((entry) => (entry.metrics || []).map((row) => el("tr", {},
+        el("td", { title: `${entry.title}; ${entry.source || ""}` }, entry.name), el("td", {}, row.label || row.metric),
+        el("td", { class: "num" }, show(row.base)), el("td", { class: "num" }, show(row.tuned)))))),
+    entries.flatMap((entry) => (entry.warnings || []).map((warning) =>
+      el("p", { class: "warning" }, `${entry.name}: ${warning}`))),
+  ];
 }
