@@ -235,14 +235,17 @@ def test_raw_completion_through_vllms_server(vllm_server, tmp_path, tokenizer):
 
 
 @pytest.mark.slow
-def test_installed_script_makes_two_turn_conversations_and_exports_them_as_messages(tmp_path):
+def test_installed_script_makes_two_turn_conversations_and_exports_them_as_messages(tmp_path, vllm_server):
+    # The embedded model behind the shared vLLM server (raw prefixes through /v1/completions): the same
+    # run on the local backend costs about a minute of this suite
     config = tmp_path / "magpie.yaml"
     config.write_text(json.dumps({
         "generate": {"method": "magpie", "num": 2, "magpie": {
             "turns": 2, "items_per_batch": 2, "reject_cut_replies": False, "tags": False,
             "instruction_sampling": {"temperature": 1.0, "max_tokens": 64},
             "response_sampling": {"temperature": 0.0, "max_tokens": 16}}},
-        "teacher": {"cache_dir": str(tmp_path / "cache")}}))
+        "teacher": {"backend": "openai", "base_url": vllm_server, "model": "smollm2-135m",
+                    "cache_dir": str(tmp_path / "cache")}}))
     script = Path(sys.executable).with_name("datagen")
     raw, exported = tmp_path / "raw.jsonl", tmp_path / "dataset"
     result = subprocess.run([str(script), "generate", "-c", str(config), "--out", str(raw)],

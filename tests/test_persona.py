@@ -60,9 +60,10 @@ def test_the_label_a_chat_model_repeats_is_dropped_and_prompts_name_the_persona(
 
 
 @pytest.mark.slow
-def test_persona_run_on_the_embedded_model_through_the_installed_script_resumes_and_exports(tmp_path):
-    """2 personas x 1 kind on the live 135M teacher: each task keeps its persona and kind; a
-    rerun sends nothing (every reply from the request cache); export writes both."""
+def test_persona_run_on_the_embedded_model_through_the_installed_script_resumes_and_exports(tmp_path, vllm_server):
+    """2 personas x 1 kind on the live 135M teacher (behind the shared vLLM server: three local-backend
+    processes cost about a minute): each task keeps its persona and kind; a rerun sends nothing (every
+    reply from the request cache); export writes both."""
     personas = tmp_path / "personas.txt"
     personas.write_text("A beekeeper who sells honey at farmers' markets\n"
                         "a beekeeper who sells honey at farmers markets.\n"  # a near-duplicate: dropped
@@ -70,7 +71,8 @@ def test_persona_run_on_the_embedded_model_through_the_installed_script_resumes_
     out = tmp_path / "raw.jsonl"
     env = {**os.environ, "DATAGEN_CACHE_DIR": str(tmp_path / "cache")}
     config = tmp_path / "persona.yaml"
-    config.write_text(f"generate:\n  method: persona\n  num: 2\n  persona:\n    personas: {personas}\n"
+    config.write_text(f"teacher:\n  backend: openai\n  base_url: {vllm_server}\n  model: smollm2-135m\n"
+                      f"generate:\n  method: persona\n  num: 2\n  persona:\n    personas: {personas}\n"
                       "    prompt_sampling: {temperature: 0.7, max_tokens: 40, seed: 0}\n"
                       "    answer_sampling: {temperature: 0.0, max_tokens: 24}\n")
     command = [str(INSTALLED_SCRIPT), "generate", "-c", str(config), "--out", str(out)]
