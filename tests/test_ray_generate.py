@@ -148,6 +148,14 @@ def local_ray(_ray_for_this_module):
         ray.shutdown()  # an actor a failed test left holding a CPU would starve the next test
 
 
+def restart_ray() -> None:
+    """A new local cluster for the rerun after a killed run, as a rerun after a crash gets: an actor
+    of the killed pipeline still holding a CPU starved the rerun's pipeline once (a hang in
+    Ray Data's executor, Ray logging "Mismatched ActorID: ignoring KillActor")."""
+    ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+
 ORCA = {"items_per_batch": 8, "check_labels": False}
 
 
@@ -212,6 +220,7 @@ def test_evol_killed_on_ray_resumes_like_local(tmp_path, local_ray):
     with pytest.raises(TeacherError, match="replica killed"):
         run_ray(on_ray, ScriptedReplicas(killing_evol_reply, tmp_path / "killed.log"))
     assert len(list(read_records(on_ray.generate.out, Task))) == 1  # the first window's batches were flushed
+    restart_ray()
     log = tmp_path / "answered.log"
     summary = run_ray(on_ray, ScriptedReplicas(test_evol_instruct.faulty_reply, log))
     local = config_for(tmp_path, "local", "evol-instruct", 2, **EVOL)
@@ -234,6 +243,7 @@ def test_killed_run_resumes_without_repeating_finished_shards(tmp_path, local_ra
     finished = list(read_records(config.generate.out, Task))
     assert 0 < len(finished) < 30
     log.unlink()
+    restart_ray()
 
     run_ray(config, ScriptedReplicas(orca_reply, log))
     again = set(answered(log)) & set(first)
@@ -277,6 +287,7 @@ def test_replies_that_reached_the_driver_are_cached_before_the_loop_asks(tmp_pat
     first = answered(log)
     assert len(first) == 60 and len(list(read_records(config.generate.out, Task))) == 7  # t3 failed
     log.unlink()
+    restart_ray()
 
     summary = run_ray(config, ScriptedReplicas(orca_reply, log))
     assert not set(answered(log)) & set(first)
